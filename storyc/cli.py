@@ -1,0 +1,231 @@
+"""The storyc command line. One handler turns every StorycError into ``error:``/``hint:`` lines."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import SpecError, StorycError
+
+
+def _out(msg: str = "", err: bool = False) -> None:
+    print(msg, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+def _print_diags(diags, severity="error"):
+    for d in diags:
+        lines = d.render().split("\n")
+        _out(f"{severity}: {lines[0]}", err=True)
+        for ln in lines[1:]:
+            _out(ln.replace("  hint:", "hint:", 1), err=True)
+
+
+# ---------------------------------------------------------------- commands
+
+def cmd_validate(args) -> int:
+    from .spec import load_story
+
+    bad = 0
+    for spec in args.specs:
+        try:
+            story = load_story(spec)
+        except SpecError as e:
+            bad += 1
+            _print_diags(e.diagnostics)
+            continue
+        _print_diags(story.warnings, "warning")
+        if not args.quiet:
+            _out(f"ok: {spec}: story `{story.id}`, {len(story.scenes)} scenes")
+    if bad:
+        _out(f"{bad} of {len(args.specs)} spec{'s' if len(args.specs) > 1 else ''} invalid", err=True)
+    return 1 if bad else 0
+
+
+def _load_plan(args):
+    from .compiler import compile
+    from .spec import load_story
+
+    story = load_story(args.spec)
+    _print_diags(story.warnings, "warning")
+    out = Path(args.output) / story.id if getattr(args, "output", None) else None
+    return compile(story, out)
+
+
+def cmd_compile(args) -> int:
+    from .compiler import write_plan
+
+    plan = _load_plan(args)
+    written = write_plan(plan)
+    for n in plan.notes:
+        _out(f"note: {n}")
+    _out(f"compiled {plan.story.spec_path.name} -> {plan.story.rel(plan.build_dir)}/ "
+         f"({len(plan.artifacts)} artifacts, {len(written)} changed)")
+    for rel in written:
+        _out(f"  wrote {rel}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .plan_view import show_plan
+
+    show_plan(_load_plan(args))
+    return 0
+
+
+def cmd_schema(args) -> int:
+    from importlib import resources
+
+    sys.stdout.write(resources.files("storyc").joinpath("schema/story.schema.json").read_text("utf-8"))
+    return 0
+
+
+def cmd_init(args) -> int:
+    from importlib import resources
+
+    from .render import atomic_write
+
+    target = Path(args.dir) / "story.yaml"
+    if target.exists() and not args.force:
+        raise StorycError(f"{target} already exists", "pass --force to overwrite it")
+    atomic_write(target, resources.files("storyc").joinpath("templates/starter.yaml").read_text("utf-8"))
+    _out(f"wrote {target}; next: storyc validate {target}")
+    return 0
+
+
+def cmd_ops(args) -> int:
+    from .rules import dj_registry
+
+    reg = dj_registry()
+    for name, info in sorted(reg["ops"].items()):
+        if args.filter and args.filter not in name:
+            continue
+        _out(f"{name}: {', '.join(info['params'])}")
+    return 0
+
+
+def cmd_build(args) -> int:
+    from .runner import build
+
+    return build(_load_plan(args), args)
+
+
+def cmd_status(args) -> int:
+    from .runner import status
+
+    return status(_load_plan(args), args)
+
+
+def cmd_run(args) -> int:
+    from .runner import build
+
+    args.only = args.stage
+    return build(_load_plan(args), args)
+
+
+def cmd_score(args) -> int:
+    from .stages.score import score_folder_cli
+
+    return score_folder_cli(args)
+
+
+def cmd_publish(args) -> int:
+    from .stages.bundle import publish
+
+    return publish(_load_plan(args), args)
+
+
+# ---------------------------------------------------------------- parser
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="storyc", description="Compile a story.yaml into a Kolors LoRA story pipeline.")
+    p.add_argument("--version", action="version", version=f"storyc {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    v = sub.add_parser("validate", help="check specs; report every problem")
+    v.add_argument("specs", nargs="+", metavar="SPEC")
+    v.add_argument("-q", "--quiet", action="store_true")
+    v.set_defaults(func=cmd_validate)
+
+    def spec_cmd(name, func, help):
+        c = sub.add_parser(name, help=help)
+        c.add_argument("spec", metavar="SPEC")
+        c.add_argument("-o", "--output", metavar="DIR", help="build folder (default: build/ in the project)")
+        c.set_defaults(func=func)
+        return c
+
+    spec_cmd("compile", cmd_compile, "write every artifact to build/<story-id>/")
+    spec_cmd("plan", cmd_plan, "show scenes, prompts, seeds and stage hashes")
+
+    def run_opts(c):
+        c.add_argument("--force", nargs="?", const="all", metavar="STAGE", help="rerun STAGE (or everything)")
+        c.add_argument("--dry-run", action="store_true", help="say what would run and why; change nothing")
+        c.add_argument("--until", metavar="STAGE", help="stop after this stage")
+        c.add_argument("--keep-going", action="store_true", help="run independent stages after a failure")
+        c.add_argument("--quiet", action="store_true")
+        c.add_argument("--cache", metavar="DIR", help="content-addressed cache (default: .storyc/cache)")
+        c.add_argument("--device", default=None, help="torch device for GPU stages (default: cuda if available)")
+
+    b = spec_cmd("build", cmd_build, "compile, then run the stale stages")
+    run_opts(b)
+    b.set_defaults(only=None)
+    s = spec_cmd("status", cmd_status, "list stages as up to date or stale, and why")
+    s.add_argument("--cache", metavar="DIR")
+    r = sub.add_parser("run", help="run one stage (and its stale inputs)")
+    r.add_argument("stage", metavar="STAGE")
+    r.add_argument("spec", metavar="SPEC")
+    r.add_argument("-o", "--output", metavar="DIR")
+    run_opts(r)
+    r.set_defaults(func=cmd_run)
+
+    sc = sub.add_parser("score", help="score a folder of images with the aesthetic predictor")
+    sc.add_argument("dir", metavar="DIR")
+    sc.add_argument("--model", help="aesthetic predictor folder (or use --spec)")
+    sc.add_argument("--spec", help="take the model and threshold from this spec")
+    sc.add_argument("--min", type=float, default=None, help="pass mark (default: the spec's, else 6.0)")
+    sc.add_argument("--device", default=None)
+    sc.set_defaults(func=cmd_score)
+
+    pb = spec_cmd("publish", cmd_publish, "upload the bundle's LoRA and README to ModelScope")
+    pb.add_argument("--model-id", required=True, metavar="OWNER/NAME")
+
+    sub.add_parser("schema", help="print the JSON Schema of the spec").set_defaults(func=cmd_schema)
+    i = sub.add_parser("init", help="write a commented starter spec")
+    i.add_argument("dir", metavar="DIR")
+    i.add_argument("--force", action="store_true")
+    i.set_defaults(func=cmd_init)
+    o = sub.add_parser("ops", help="list the Data-Juicer ops a spec may use")
+    o.add_argument("filter", nargs="?", default="")
+    o.set_defaults(func=cmd_ops)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecError as e:
+        _print_diags(e.diagnostics)
+        return 1
+    except StorycError as e:
+        _out(f"error: {e.message}", err=True)
+        if e.hint:
+            _out(f"hint: {e.hint}", err=True)
+        return 1
+    except KeyboardInterrupt:
+        _out("interrupted: finished outputs are kept; run the same command again to resume", err=True)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # a bug in storyc, not in the user's input
+        if os.environ.get("STORYC_DEBUG"):
+            raise
+        _out(f"error: internal error: {type(e).__name__}: {e}", err=True)
+        _out("hint: this is a storyc bug; rerun with STORYC_DEBUG=1 for the traceback and report it", err=True)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,252 @@
+"""Cross-field rules beyond the schema. Each ``check_*`` is one named rule returning diagnostics.
+
+Rules run on the defaulted data even when the schema found problems, so a user sees every problem in one
+pass; a rule that meets a value of the wrong type skips it (the schema already reported it).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+from . import tokens
+from .errors import Diagnostic, did_you_mean
+from .model import ModelRef
+from .yamlio import Located, json_path
+
+TINY_NAMES = {"kolors": "kolors", "vae": "sdxl-vae", "aesthetic": "aesthetic"}
+
+
+@dataclass
+class Context:
+    data: dict
+    loc: Located
+    root: Path
+    spec: Path
+    schema_ok: bool
+    models: dict = field(default_factory=dict)
+    dataset_path: Path | None = None
+
+    def diag(self, path, message, hint=None, rule="", severity="error", key=False):
+        return Diagnostic(message, self.loc.mark(path, prefer_key=key), json_path(path), hint, rule, severity)
+
+    def source_dir(self, path) -> Path:
+        """Folder of the file the value at ``path`` came from (paths are relative to their own file)."""
+        m = self.loc.mark(path)
+        return Path(m.file).resolve().parent if m else self.spec.parent
+
+
+def _scenes(ctx):
+    sc = ctx.data.get("scenes")
+    return [s for s in sc if isinstance(s, dict)] if isinstance(sc, list) else []
+
+
+def check_unique_scene_ids(ctx):
+    seen, out = {}, []
+    for i, s in enumerate(ctx.data.get("scenes") or []):
+        sid = s.get("id") if isinstance(s, dict) else None
+        if not isinstance(sid, str):
+            continue
+        if sid in seen:
+            out.append(ctx.diag(("scenes", i, "id"), f"scene id `{sid}` is already used by scenes[{seen[sid]}]",
+                                "scene ids name image files; make each one unique", "unique_scene_ids"))
+        else:
+            seen[sid] = i
+    return out
+
+
+def check_unique_seeds(ctx):
+    gen = ctx.data.get("generation")
+    if isinstance(gen, dict) and gen.get("allow_duplicate_seeds") is True:
+        return []
+    seen, out = {}, []
+    for i, s in enumerate(ctx.data.get("scenes") or []):
+        seed = s.get("seed") if isinstance(s, dict) else None
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            continue
+        if seed in seen:
+            out.append(ctx.diag(("scenes", i, "seed"), f"seed {seed} is already used by scenes[{seen[seed]}]",
+                                "give each scene its own seed, or set `generation.allow_duplicate_seeds: true`",
+                                "unique_seeds"))
+        else:
+            seen[seed] = i
+    return out
+
+
+def check_scene_count(ctx):
+    sc, sub = ctx.data.get("scenes"), ctx.data.get("submission")
+    if not isinstance(sc, list) or not sc or not isinstance(sub, dict):
+        return []
+    want = sub.get("images")
+    if isinstance(want, int) and len(sc) != want:
+        return [ctx.diag(("scenes",), f"the story has {len(sc)} scenes but `submission.images` is {want}",
+                         f"add or remove scenes, or set `submission.images: {len(sc)}`", "scene_count")]
+    return []
+
+
+def check_dataset_fields(ctx):
+    ds = ctx.data.get("dataset")
+    if not isinstance(ds, dict):
+        return []
+    src = ds.get("source")
+    if src == "modelscope" and not ds.get("id"):
+        return [ctx.diag(("dataset",), "`source: modelscope` needs a dataset `id`",
+                         "e.g. `id: AI-ModelScope/lowres_anime`", "dataset_fields")]
+    if src in ("folder", "jsonl") and not ds.get("path"):
+        what = "a folder of images" if src == "folder" else "a .jsonl file"
+        return [ctx.diag(("dataset",), f"`source: {src}` needs a `path` to {what}", rule="dataset_fields")]
+    return []
+
+
+def _local_path(ctx, path, raw, rule):
+    """Resolve a relative path from a spec; return (Path | None, diagnostics)."""
+    if Path(raw).is_absolute() or raw.startswith("~"):
+        return None, [ctx.diag(path, f"`{raw}` is an absolute path", "paths are relative to the spec file", rule)]
+    p = (ctx.source_dir(path) / raw).resolve()
+    try:
+        p.relative_to(ctx.root)
+    except ValueError:
+        return None, [ctx.diag(path, f"`{raw}` points outside the project folder",
+                               "keep data and models inside the project (a symlink inside it is fine)", rule)]
+    return p, []
+
+
+def check_paths(ctx):
+    out = []
+    ds = ctx.data.get("dataset")
+    if isinstance(ds, dict) and isinstance(ds.get("path"), str) and ds.get("source") in ("folder", "jsonl"):
+        p, errs = _local_path(ctx, ("dataset", "path"), ds["path"], "paths")
+        out += errs
+        if p is not None:
+            ctx.dataset_path = p
+            if not p.exists():
+                near = did_you_mean(p.name, [c.name for c in p.parent.iterdir()]) if p.parent.is_dir() else None
+                out.append(ctx.diag(("dataset", "path"), f"`{ds['path']}` does not exist", near, "paths"))
+            elif ds["source"] == "folder" and not p.is_dir():
+                out.append(ctx.diag(("dataset", "path"), f"`{ds['path']}` is a file; `source: folder` needs a folder",
+                                    "use `source: jsonl` for a jsonl file", "paths"))
+            elif ds["source"] == "jsonl" and not p.is_file():
+                out.append(ctx.diag(("dataset", "path"), f"`{ds['path']}` is a folder; `source: jsonl` needs a file",
+                                    "use `source: folder` for a folder of images", "paths"))
+    models = ctx.data.get("models")
+    if not isinstance(models, dict):
+        return out
+    for key in ("kolors", "vae", "aesthetic"):
+        raw = models.get(key)
+        if not isinstance(raw, str) or not raw:
+            continue
+        path = ("models", key)
+        if raw.startswith("modelscope:"):
+            mid = raw.split(":", 1)[1]
+            if "/" not in mid:
+                out.append(ctx.diag(path, f"`{raw}`: a ModelScope model id is OWNER/NAME", rule="paths"))
+            ctx.models[key] = ModelRef(raw, "modelscope", None, mid)
+        elif raw.startswith("tiny:"):
+            name = raw.split(":", 1)[1]
+            if name != TINY_NAMES[key]:
+                out.append(ctx.diag(path, f"`{raw}`: no tiny model of that name for `models.{key}`",
+                                    f"use `tiny:{TINY_NAMES[key]}`", "paths"))
+            ctx.models[key] = ModelRef(raw, "tiny", ctx.root / ".storyc" / "models" / f"tiny-{TINY_NAMES[key]}", name)
+        else:
+            p, errs = _local_path(ctx, path, raw, "paths")
+            out += errs
+            if p is not None:
+                ctx.models[key] = ModelRef(raw, "local", p)
+                if not p.exists():
+                    out.append(ctx.diag(path, f"model folder `{raw}` does not exist yet",
+                                        "download it before `storyc build` (see README: models), "
+                                        "or use `modelscope:<id>`", "paths", severity="warning"))
+    return out
+
+
+@lru_cache(maxsize=1)
+def dj_registry() -> dict:
+    return json.loads(resources.files("storyc").joinpath("data/dj_ops.json").read_text("utf-8"))
+
+
+def check_dj_ops(ctx):
+    filters = ctx.data.get("filters")
+    if not isinstance(filters, list):
+        return []
+    ops = dj_registry()["ops"]
+    out = []
+    for i, item in enumerate(filters):
+        if not isinstance(item, dict) or len(item) != 1:
+            continue
+        (name, params), = item.items()
+        if name not in ops:
+            out.append(ctx.diag(("filters", i, name), f"unknown Data-Juicer op `{name}`",
+                                did_you_mean(name, ops) or "see `storyc ops` for the ops Data-Juicer has",
+                                "dj_ops", key=True))
+            continue
+        allowed = ops[name]["params"]
+        for p in (params or {}) if isinstance(params, dict) else ():
+            if p not in allowed and not ops[name].get("var_kwargs_ok", False):
+                out.append(ctx.diag(("filters", i, name, p), f"`{name}` has no parameter `{p}`",
+                                    did_you_mean(p, allowed) or f"its parameters: {', '.join(allowed)}",
+                                    "dj_op_params", key=True))
+    return out
+
+
+def check_prompt_length(ctx):
+    scenes = ctx.data.get("scenes")
+    style = ctx.data.get("style")
+    if not isinstance(scenes, list) or not isinstance(style, dict):
+        return []
+    counter = tokens.counter()
+    if counter is None:
+        return [ctx.diag(("scenes",), "prompt length check skipped: " + tokens.why_unavailable(),
+                         "install the run extra (`pip install -e .[run]`) to count Kolors tokens",
+                         "prompt_length", "warning")]
+    prefix, neg = style.get("prefix"), style.get("negative")
+    if not isinstance(prefix, str) or not isinstance(neg, str):
+        return []
+    out = []
+    for i, s in enumerate(scenes):
+        if not isinstance(s, dict):
+            continue
+        for key, text in (("prompt", prefix + (s.get("prompt") or "")), ("negative", join_negative(neg, s.get("negative") or ""))):
+            if not isinstance(text, str):
+                continue
+            n = counter(text)
+            if n > tokens.LIMIT:
+                what = "style prefix + prompt" if key == "prompt" else "style negative + scene negative"
+                out.append(ctx.diag(("scenes", i, key) if key in s else ("scenes", i),
+                                    f"{what} is {n} tokens; Kolors reads at most {tokens.LIMIT}",
+                                    f"Kolors reads at most {tokens.LIMIT} tokens; this {key} has {n}: "
+                                    f"the last {n - tokens.LIMIT} would be cut off", "prompt_length"))
+    return out
+
+
+def check_storyboard(ctx):
+    sub = ctx.data.get("submission")
+    if not isinstance(sub, dict) or not isinstance(sub.get("storyboard"), dict):
+        return []
+    cols, n = sub["storyboard"].get("columns"), sub.get("images")
+    if isinstance(cols, int) and isinstance(n, int) and cols > 0 and n % cols:
+        return [ctx.diag(("submission", "storyboard", "columns"),
+                         f"{n} images in {cols} columns leave the last row with {n % cols}",
+                         rule="storyboard", severity="warning")]
+    return []
+
+
+def join_negative(style_neg: str, scene_neg: str) -> str:
+    """The negative prompt of a scene: style negative, then the scene's own (joined with a Chinese comma)."""
+    parts = [p for p in (style_neg.strip(), scene_neg.strip()) if p]
+    return "，".join(parts)
+
+
+RULES = [check_unique_scene_ids, check_unique_seeds, check_scene_count, check_dataset_fields, check_paths,
+         check_dj_ops, check_prompt_length, check_storyboard]
+
+
+def run_all(ctx: Context) -> list[Diagnostic]:
+    out = []
+    for rule in RULES:
+        try:
+            out.extend(rule(ctx))
+        except (TypeError, KeyError, AttributeError, ValueError):
+            continue  # a value of the wrong shape: the schema has already said so
+    return out

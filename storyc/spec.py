@@ -1,0 +1,260 @@
+"""Load a story spec: YAML with positions, ``extends`` merging, JSON Schema validation, named rules.
+
+``load_story(path)`` returns a :class:`Story` or raises one :class:`SpecError` listing every problem.
+Light on purpose: no torch, diffsynth, data_juicer or transformers on this path.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+from . import rules
+from .errors import Diagnostic, Mark, SpecError, did_you_mean
+from .model import ModelRef, Scene, Story
+from .yamlio import Located, json_path, load, type_name
+
+TINY_MODELS = ("kolors", "sdxl-vae", "aesthetic")
+ROOT_MARKERS = (".git", ".storyc", "storyc.toml")
+
+
+@lru_cache(maxsize=1)
+def schema() -> dict:
+    return json.loads(resources.files("storyc").joinpath("schema/story.schema.json").read_text("utf-8"))
+
+
+def project_root(spec: Path) -> Path:
+    """The nearest folder above the spec holding .git, .storyc or storyc.toml; else the spec's folder."""
+    start = spec.resolve().parent
+    for d in (start, *start.parents):
+        if any((d / m).exists() for m in ROOT_MARKERS):
+            return d
+    return start
+
+
+# ---------------------------------------------------------------- extends
+
+def _merge(base: Located, child: Located) -> Located:
+    def deep(b, c):
+        if isinstance(b, dict) and isinstance(c, dict):
+            out = dict(b)
+            for k, v in c.items():
+                out[k] = deep(b[k], v) if k in b else v
+            return out
+        return c  # scalars and lists replace
+
+    data = deep(base.data, child.data)
+
+    def shadowed(p):  # a base position hidden by a child value that replaced (not merged) it
+        for i in range(len(p) + 1):
+            pre = p[:i]
+            if pre in child.values and not isinstance(_get(child.data, pre), dict):
+                return True
+        return False
+
+    values = {p: m for p, m in base.values.items() if not shadowed(p)}
+    keys = {p: m for p, m in base.keys.items() if not shadowed(p)}
+    values.update(child.values)
+    keys.update(child.keys)
+    return Located(data, values, keys)
+
+
+def _get(data, path):
+    for p in path:
+        data = data[p]
+    return data
+
+
+def _load_chain(path: Path, root: Path, display, stack: tuple) -> tuple[Located, tuple]:
+    loc = load(path, display(path))
+    ext = loc.data.get("extends")
+    if ext is None:
+        return loc, (path,)
+    mark = loc.values.get(("extends",))
+    if not isinstance(ext, str) or not ext:
+        return loc, (path,)  # the schema reports the type
+    base_path = (path.parent / ext).resolve()
+    if base_path in stack or base_path == path:
+        chain = " -> ".join(display(p) for p in (*stack, path, base_path))
+        raise SpecError([Diagnostic(f"`extends` cycle: {chain}", mark, "$.extends", rule="extends_cycle",
+                                    hint="a spec may not extend itself, directly or through others")])
+    if not _inside(base_path, root):
+        raise SpecError([Diagnostic(f"`{ext}` is outside the project folder", mark, "$.extends", rule="paths")])
+    if not base_path.is_file():
+        near = did_you_mean(Path(ext).stem, [p.stem for p in base_path.parent.glob("*.y*ml")]) if base_path.parent.is_dir() else None
+        raise SpecError([Diagnostic(f"`extends: {ext}`: no such file", mark, "$.extends", hint=near, rule="paths")])
+    base, chain = _load_chain(base_path, root, display, (*stack, path))
+    merged = _merge(base, loc)
+    merged.data.pop("extends", None)
+    return merged, (path, *chain)
+
+
+def _inside(p: Path, root: Path) -> bool:
+    try:
+        p.resolve().relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------- schema
+
+def _schema_diagnostics(loc: Located) -> list[Diagnostic]:
+    from jsonschema import Draft202012Validator
+
+    validator = Draft202012Validator(schema())
+    out = []
+    for err in validator.iter_errors(loc.data):
+        out.extend(_explain(err, loc))
+    return out
+
+
+_SLUG_HINT = "use lowercase letters, digits and `-`, starting with a letter or digit"
+
+
+def _explain(err, loc: Located) -> list[Diagnostic]:
+    path = tuple(err.absolute_path)
+    v, kw, sub = err.instance, err.validator, err.schema
+    mark = loc.mark(path)
+
+    def d(msg, hint=None, p=path, m=None):
+        return Diagnostic(msg, m or mark, json_path(p), hint)
+
+    if kw == "additionalProperties":
+        allowed = list(err.schema.get("properties", {}))
+        extra = [k for k in v if k not in allowed]
+        if not allowed:  # typed additionalProperties (e.g. dj op params): explained by the sub-errors
+            return [d(err.message)]
+        return [d(f"unknown key `{k}`", did_you_mean(k, allowed) or f"allowed keys: {', '.join(allowed)}",
+                  path + (k,), loc.mark(path + (k,), prefer_key=True)) for k in extra]
+    if kw == "required":
+        key = err.message.split("'")[1]
+        what = "mapping" if path else "spec"
+        example = {"version": "version: 1", "scenes": "scenes: [{id: ..., prompt: ..., seed: ...}]"}.get(key, f"{key}: ...")
+        return [d(f"missing required key `{key}`", f"add `{example}` to this {what}")]
+    if kw == "type":
+        want = sub["type"] if isinstance(sub["type"], list) else [sub["type"]]
+        names = {"string": "a string", "integer": "an integer", "number": "a number", "boolean": "true or false",
+                 "object": "a mapping", "array": "a list", "null": "null"}
+        hint = None
+        if isinstance(v, str) and "integer" in want and v.strip().lstrip("-").isdigit():
+            hint = f"write {v.strip()} without quotes"
+        elif isinstance(v, str) and "number" in want:
+            hint = "write the number without quotes (1.0e-4, not \"1e-4\")" if _is_num(v) else None
+        return [d(f"expected {' or '.join(names[t] for t in want)}, got {type_name(v)} `{_short(v)}`", hint)]
+    if kw == "enum":
+        opts = sub["enum"]
+        return [d(f"`{_short(v)}` is not one of: {', '.join(map(str, opts))}", did_you_mean(v, opts))]
+    if kw == "const":
+        if path == ("version",):
+            return [d(f"unsupported spec version `{_short(v)}`; this storyc reads version 1", "write `version: 1`")]
+        return [d(f"expected `{sub['const']}`, got `{_short(v)}`")]
+    if kw in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        rel = {"minimum": "at least", "maximum": "at most", "exclusiveMinimum": "greater than",
+               "exclusiveMaximum": "less than"}[kw]
+        return [d(f"must be {rel} {sub[kw]}, got {_short(v)}")]
+    if kw == "multipleOf":
+        m = sub["multipleOf"]
+        lo, hi = int(v // m * m), int(v // m * m + m)
+        return [d(f"{v} is not a multiple of {m}", f"use {lo} or {hi}")]
+    if kw == "pattern":
+        return [d(f"`{_short(v)}` is not a valid slug", _SLUG_HINT + (f", e.g. `{_slugify(v)}`" if _slugify(v) else ""))]
+    if kw == "minLength":
+        return [d("must not be empty")]
+    if kw == "maxLength":
+        return [d(f"is longer than {sub['maxLength']} characters")]
+    if kw == "minItems":
+        return [d(f"needs at least {sub['minItems']} item{'s' if sub['minItems'] > 1 else ''}, got {len(v)}")]
+    if kw == "maxItems":
+        return [d(f"takes at most {sub['maxItems']} items, got {len(v)}")]
+    if kw == "uniqueItems":
+        return [d("items must be unique", "remove the repeated entry")]
+    if kw in ("minProperties", "maxProperties") and len(path) == 2 and path[0] == "filters":
+        return [d(f"each filter is one `op_name: {{params}}` mapping; this item has {len(v)} keys",
+                  "start each op with its own `- ` line")]
+    if kw == "oneOf":
+        if path and path[-1] == "devices":
+            return [d(f"expected \"auto\", a GPU count or a list of GPU indices, got `{_short(v)}`")]
+        if path and path[-1] == "resolution":
+            return [d(f"expected one side (multiple of 8, 256..4096) or [width, height], got `{_short(v)}`")]
+    return [d(err.message)]
+
+
+def _is_num(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _short(v) -> str:
+    s = json.dumps(v, ensure_ascii=False) if not isinstance(v, str) else v
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _slugify(v) -> str:
+    import re
+
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", str(v).lower())).strip("-")
+
+
+# ---------------------------------------------------------------- defaults
+
+def apply_defaults(data: dict) -> dict:
+    """A deep copy of the spec with every schema default filled in (the schema is the one source)."""
+    sch = schema()
+
+    def resolve(s):
+        while "$ref" in s:
+            ref = s["$ref"].split("/")[-1]
+            s = {**sch["$defs"][ref], **{k: v for k, v in s.items() if k != "$ref"}}
+        return s
+
+    def fill(s, value):
+        s = resolve(s)
+        if isinstance(value, dict) and "properties" in s:
+            for k, ps in s["properties"].items():
+                ps = resolve(ps)
+                if k not in value and "default" in ps:
+                    value[k] = copy.deepcopy(ps["default"])
+                if k in value:
+                    value[k] = fill(ps, value[k])
+        elif isinstance(value, list) and isinstance(s.get("items"), dict):
+            value = [fill(s["items"], x) for x in value]
+        return value
+
+    return fill(sch, copy.deepcopy(data))
+
+
+# ---------------------------------------------------------------- entry point
+
+def load_story(path, display=None) -> Story:
+    path = Path(path)
+    spec = path.resolve()
+    root = project_root(spec)
+    show = display or (lambda p: _display(p))
+    loc, chain = _load_chain(spec, root, show, ())
+    diags = _schema_diagnostics(loc)
+    data = apply_defaults(loc.data)
+    ctx = rules.Context(data=data, loc=loc, root=root, spec=spec, schema_ok=not diags)
+    diags.extend(rules.run_all(ctx))
+    errors = [d for d in diags if d.severity == "error"]
+    if errors:
+        raise SpecError(errors)
+    scenes = tuple(Scene(index=i, **s) for i, s in enumerate(data["scenes"]))
+    return Story(spec_path=spec, root=root, sources=chain, data=data, models=ctx.models,
+                 dataset_path=ctx.dataset_path, scenes=scenes,
+                 warnings=tuple(d for d in diags if d.severity == "warning"))
+
+
+def _display(p: Path) -> str:
+    try:
+        return str(Path(p).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)
+
+
+__all__ = ["load_story", "schema", "apply_defaults", "project_root", "ModelRef", "Mark"]
