@@ -34,6 +34,8 @@ def cmd_validate(args) -> int:
         except SpecError as e:
             bad += 1
             _print_diags(e.diagnostics)
+            n = len(e.diagnostics)
+            _out(f"{spec}: {n} problem{'s' if n != 1 else ''}", err=True)
             continue
         _print_diags(story.warnings, "warning")
         if not args.quiet:
@@ -164,7 +166,7 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("--dry-run", action="store_true", help="say what would run and why; change nothing")
         c.add_argument("--until", metavar="STAGE", help="stop after this stage")
         c.add_argument("--keep-going", action="store_true", help="run independent stages after a failure")
-        c.add_argument("--quiet", action="store_true")
+        c.add_argument("-q", "--quiet", action="store_true")
         c.add_argument("--cache", metavar="DIR", help="content-addressed cache (default: .storyc/cache)")
         c.add_argument("--device", default=None, help="torch device for GPU stages (default: cuda if available)")
 

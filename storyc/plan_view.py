@@ -6,9 +6,12 @@ import json
 
 def show_plan(plan) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     con = Console()
+    if not con.is_terminal:
+        con = Console(width=160)  # piped or captured: don't wrap scene ids
     st = plan.story
     gen = json.loads(plan.artifacts["generate/generation_plan.json"])
     tr = json.loads(plan.artifacts["train/train_config.json"])
@@ -26,12 +29,12 @@ def show_plan(plan) -> None:
         table.add_column(col, overflow="fold")
     for s in gen["scenes"]:
         seeds = str(s["seed"]) if len(s["seeds"]) == 1 else f"{s['seeds'][0]}..{s['seeds'][-1]}"
-        table.add_row(str(s["index"] + 1), s["id"], seeds, s["prompt"], s["negative_prompt"])
+        table.add_row(str(s["index"] + 1), escape(s["id"]), seeds, escape(s["prompt"]), escape(s["negative_prompt"]))
     con.print(table)
     stages = Table(title="stages")
     for col in ("stage", "depends on", "input hash"):
         stages.add_column(col)
     for name, s in plan.stages.items():
         deps = ", ".join(s.deps) if len(s.deps) <= 2 else f"{s.deps[0]} +{len(s.deps) - 1}"
-        stages.add_row(name, deps, s.params_hash[:12])
+        stages.add_row(escape(name), escape(deps), s.params_hash[:12])
     con.print(stages)

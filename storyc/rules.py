@@ -225,11 +225,25 @@ def check_storyboard(ctx):
     if not isinstance(sub, dict) or not isinstance(sub.get("storyboard"), dict):
         return []
     cols, n = sub["storyboard"].get("columns"), sub.get("images")
-    if isinstance(cols, int) and isinstance(n, int) and cols > 0 and n % cols:
+    if isinstance(cols, int) and isinstance(n, int) and n > cols > 0 and n % cols:
         return [ctx.diag(("submission", "storyboard", "columns"),
                          f"{n} images in {cols} columns leave the last row with {n % cols}",
                          rule="storyboard", severity="warning")]
     return []
+
+
+def check_small_sizes(ctx):
+    """Kolors is trained at 1024 px; tiny sizes only make sense with tiny test models."""
+    gen, models = ctx.data.get("generation"), ctx.data.get("models")
+    if not isinstance(gen, dict) or not isinstance(models, dict) or str(models.get("kolors", "")).startswith("tiny:"):
+        return []
+    out = []
+    for key in ("width", "height"):
+        v = gen.get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and v < 512:
+            out.append(ctx.diag(("generation", key), f"{key} {v} is far below Kolors' 1024 px training size",
+                                "images under 512 px come out blurry; use 768-1536", "small_sizes", "warning"))
+    return out
 
 
 def join_negative(style_neg: str, scene_neg: str) -> str:
@@ -239,7 +253,7 @@ def join_negative(style_neg: str, scene_neg: str) -> str:
 
 
 RULES = [check_unique_scene_ids, check_unique_seeds, check_scene_count, check_dataset_fields, check_paths,
-         check_dj_ops, check_prompt_length, check_storyboard]
+         check_dj_ops, check_prompt_length, check_storyboard, check_small_sizes]
 
 
 def run_all(ctx: Context) -> list[Diagnostic]:

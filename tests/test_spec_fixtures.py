@@ -38,10 +38,10 @@ def test_every_problem_in_one_pass(cli, project):
         "  - {id: a, prompt: x, seed: 1}\n  - {id: a, prompt: y, seed: 1}\n", "utf-8")
     code, _, err = cli("validate", spec)
     assert code == 1
-    for needle in ("2:14: $.story.id: `Bad` is not a valid slug", "3:15: $.lora.rank: must be at least 1",
-                   "3:24: $.lora.alpah: unknown key `alpah`", "hint: did you mean `alpha`?",
+    for needle in ("2:13: $.story.id: `Bad` is not a valid slug", "3:14: $.lora.rank: must be at least 1",
+                   "3:17: $.lora.alpah: unknown key `alpah`", "hint: did you mean `alpha`?",
                    "$.scenes[1].id: scene id `a` is already used", "$.scenes[1].seed: seed 1 is already used",
-                   "$.scenes: the story has 2 scenes but `submission.images` is 3", "6 problems found"):
+                   "$.scenes: the story has 2 scenes but `submission.images` is 3", "6 problems"):
         assert needle in err, (needle, err)
 
 

@@ -1,0 +1,128 @@
+"""Hashing, model fingerprints and the lock file beside the spec (``story.yaml`` -> ``story.lock``).
+
+The lock records per stage: the spec slice it read, the digests of its inputs, its output files (sha256 and
+size), and stage-specific facts (chosen seeds, scores). It is YAML with sorted keys, rewritten atomically and
+only when its content changed, so `git diff` shows exactly what a build changed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+from . import __version__
+from .errors import StorycError
+from .render import atomic_write
+
+LOCK_FORMAT = 1
+
+
+def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
+
+
+class Hasher:
+    """sha256 of files, cached by (path, size, mtime_ns): multi-GB weights are read once, not every status."""
+
+    def __init__(self, cache_file: Path):
+        self.cache_file = Path(cache_file)
+        self.reads = 0  # full-content reads done (tests assert status does none)
+        try:
+            self.cache = json.loads(self.cache_file.read_text("utf-8"))
+        except (OSError, ValueError):
+            self.cache = {}
+        self.dirty = False
+
+    def file(self, path: Path) -> str:
+        path = Path(path)
+        st = path.stat()
+        key = str(path.resolve())
+        hit = self.cache.get(key)
+        if isinstance(hit, list) and len(hit) == 3 and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+            return hit[2]
+        self.reads += 1
+        sha = sha256_file(path)
+        self.cache[key] = [st.st_size, st.st_mtime_ns, sha]
+        self.dirty = True
+        return sha
+
+    def tree(self, folder: Path) -> str:
+        """Digest of a folder: every file's relative path and sha256 (hidden files skipped)."""
+        folder = Path(folder)
+        if folder.is_file():
+            return self.file(folder)
+        items = []
+        for root, dirs, files in os.walk(folder):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for f in sorted(files):
+                if f.startswith("."):
+                    continue
+                p = Path(root) / f
+                items.append((p.relative_to(folder).as_posix(), self.file(p)))
+        return digest(sorted(items))
+
+    def save(self) -> None:
+        if self.dirty:
+            atomic_write(self.cache_file, json.dumps(self.cache, sort_keys=True, indent=0) + "\n")
+            self.dirty = False
+
+
+def lock_path(spec: Path) -> Path:
+    return Path(spec).with_suffix(".lock")
+
+
+class Lock:
+    def __init__(self, path: Path, stages: dict | None = None, problem: str | None = None):
+        self.path = Path(path)
+        self.stages = stages or {}
+        self.problem = problem  # why the file on disk could not be used, if it could not
+
+    @classmethod
+    def load(cls, path: Path) -> "Lock":
+        path = Path(path)
+        if not path.exists():
+            return cls(path)
+        try:
+            data = yaml.safe_load(path.read_text("utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            return cls(path, problem=f"{path.name} is not valid YAML ({type(e).__name__}); every stage is rechecked")
+        if not isinstance(data, dict) or not isinstance(data.get("stages", {}), dict):
+            return cls(path, problem=f"{path.name} is not a storyc lock; every stage is rechecked")
+        fmt = data.get("format")
+        if isinstance(fmt, int) and fmt > LOCK_FORMAT:
+            raise StorycError(f"{path} was written by a newer storyc (lock format {fmt}; this storyc reads {LOCK_FORMAT})",
+                              "upgrade storyc (pip install -U storyc), or delete the lock to rebuild from scratch")
+        if fmt != LOCK_FORMAT:
+            return cls(path, problem=f"{path.name} has lock format {fmt!r}, expected {LOCK_FORMAT}; every stage is rechecked")
+        return cls(path, dict(data.get("stages") or {}))
+
+    def entry(self, name: str) -> dict | None:
+        e = self.stages.get(name)
+        return e if isinstance(e, dict) else None
+
+    def text(self, spec_name: str) -> str:
+        doc = {"format": LOCK_FORMAT, "storyc": __version__, "spec": spec_name,
+               "stages": {k: self.stages[k] for k in self.stages}}
+        header = "# storyc lock file: commit it beside the spec. Written by `storyc build`; do not edit.\n"
+        return header + yaml.safe_dump(doc, sort_keys=True, allow_unicode=True, default_flow_style=False, width=120)
+
+    def save(self, spec_name: str) -> bool:
+        text = self.text(spec_name)
+        try:
+            if self.path.read_text("utf-8") == text:
+                return False
+        except (OSError, UnicodeDecodeError):
+            pass
+        atomic_write(self.path, text)
+        return True

@@ -1,0 +1,131 @@
+"""LoRA on the diffsynth Kolors UNet: inject (peft), save, merge, and export to diffusers / kohya layouts.
+
+Key layouts:
+- diffsynth: peft names on diffsynth's UNet, ``blocks.N....to_q.lora_A.default.weight`` (what the notebook's
+  ``load_lora`` reads with ``inject_adapter_in_model`` + ``load_state_dict``); alpha in the file's metadata.
+- diffusers: ``unet.<diffusers module>.lora_A.weight`` / ``lora_B.weight`` with alpha/rank folded into lora_B,
+  so ``pipeline.load_lora_weights`` gives the trained strength at scale 1.
+- kohya: ``lora_unet_<diffusers module with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+ADAPTER = "default"
+
+
+def inject(unet, rank: int, alpha: float, targets, init: str = "gaussian"):
+    """Add a trainable LoRA to ``unet`` exactly as diffsynth's trainer does (LoRA params in fp32)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True if init == "default" else init,
+                     target_modules=list(targets))
+    unet = inject_adapter_in_model(cfg, unet)
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(torch.float32)
+    return unet
+
+
+def lora_state_dict(unet) -> dict:
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in unet.state_dict().items() if ".lora_" in k}
+
+
+def metadata(rank, alpha, base_model: str, fmt: str, targets) -> dict:
+    from . import __version__
+
+    return {"format": fmt, "rank": str(rank), "alpha": f"{alpha:g}", "base_model": base_model,
+            "target_modules": ",".join(targets), "storyc_version": __version__, "ss_network_dim": str(rank),
+            "ss_network_alpha": f"{alpha:g}"}
+
+
+def pairs(state: dict):
+    """(module path, A, B) for every adapted module of a diffsynth/peft LoRA state dict."""
+    for k in sorted(state):
+        if k.endswith(f".lora_A.{ADAPTER}.weight"):
+            mod = k[: -len(f".lora_A.{ADAPTER}.weight")]
+            yield mod, state[k], state[f"{mod}.lora_B.{ADAPTER}.weight"]
+
+
+@torch.no_grad()
+def merge(unet, state: dict, scale: float) -> int:
+    """W += scale * B @ A for every adapted Linear (scale = alpha/rank * lora_scale). Returns modules merged."""
+    mods = dict(unet.named_modules())
+    n = 0
+    for mod, a, b in pairs(state):
+        lin = mods[mod]
+        delta = (b.to(torch.float32) @ a.to(torch.float32)) * scale
+        lin.weight.add_(delta.to(lin.weight.device, lin.weight.dtype))
+        n += 1
+    return n
+
+
+def diffusers_names(unet_weights: Path) -> dict:
+    """diffsynth parameter name -> diffusers parameter name, from the UNet file's own key list."""
+    from diffsynth.models.sdxl_unet import SDXLUNetStateDictConverter
+    from safetensors import safe_open
+
+    with safe_open(str(unet_weights), "pt") as f:
+        keys = list(f.keys())
+    out = SDXLUNetStateDictConverter().from_diffusers({k: torch.empty(0) for k in keys})
+    out = out[0] if isinstance(out, tuple) else out
+    return dict(zip(out.keys(), keys))
+
+
+def _module_map(unet_weights: Path, state: dict) -> dict:
+    names = diffusers_names(unet_weights)
+    out = {}
+    for mod, _, _ in pairs(state):
+        target = names.get(f"{mod}.weight")
+        if target is None:
+            raise KeyError(f"no diffusers name for {mod}")
+        out[mod] = target[: -len(".weight")]
+    return out
+
+
+def to_diffusers(state: dict, rank: int, alpha: float, unet_weights: Path) -> dict:
+    scale = alpha / rank
+    mapping = _module_map(unet_weights, state)
+    out = {}
+    for mod, a, b in pairs(state):
+        name = mapping[mod]
+        out[f"unet.{name}.lora_A.weight"] = a.contiguous()
+        out[f"unet.{name}.lora_B.weight"] = (b * scale).contiguous()
+    return out
+
+
+def to_kohya(state: dict, rank: int, alpha: float, unet_weights: Path) -> dict:
+    mapping = _module_map(unet_weights, state)
+    out = {}
+    for mod, a, b in pairs(state):
+        key = "lora_unet_" + mapping[mod].replace(".", "_")
+        out[f"{key}.lora_down.weight"] = a.contiguous()
+        out[f"{key}.lora_up.weight"] = b.contiguous()
+        out[f"{key}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def save(path: Path, tensors: dict, meta: dict) -> None:
+    """safetensors (never pickle), written to a temp name and renamed."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={k: str(v) for k, v in meta.items()})
+    tmp.replace(path)
+
+
+def load(path: Path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        return {k: f.get_tensor(k) for k in f.keys()}, meta
+
+
+def describe(meta: dict) -> str:
+    return json.dumps(meta, sort_keys=True)

@@ -1,0 +1,126 @@
+"""Load Kolors (ChatGLM text encoder, UNet, VAE) from local folders into diffsynth's SDXLImagePipeline.
+
+Real Kolors folders and the tiny test folders go through the same code: the text encoder through diffsynth's
+ModelManager (transformers folder), the UNet and VAE from diffusers-layout safetensors through diffsynth's own
+state-dict converters.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import StorycError
+
+KOLORS_UNET = {  # used when a Kolors unet/ folder has no config.json
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [320, 640, 1280], "layers_per_block": 2, "transformer_layers_per_block": [1, 2, 10],
+    "attention_head_dim": [5, 10, 20], "cross_attention_dim": 2048, "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 5632, "encoder_hid_dim": 4096,
+}
+REQUIRED = {
+    "kolors": ["text_encoder/config.json", "unet/diffusion_pytorch_model.safetensors",
+               "vae/diffusion_pytorch_model.safetensors"],
+    "vae": ["diffusion_pytorch_model.safetensors"],
+    "aesthetic": ["config.json", "preprocessor_config.json"],
+}
+HOW_TO_GET = {
+    "kolors": "download Kwai-Kolors/Kolors (e.g. `modelscope download --model Kwai-Kolors/Kolors --local_dir DIR`)",
+    "vae": "download AI-ModelScope/sdxl-vae-fp16-fix",
+    "aesthetic": "download AI-ModelScope/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE",
+}
+
+
+def check_folder(kind: str, folder: Path) -> None:
+    """Raise a clear error listing what a model folder lacks."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise StorycError(f"model folder {folder} does not exist", f"{HOW_TO_GET[kind]}, or point `models.{kind}` at it")
+    missing = [f for f in REQUIRED[kind] if not (folder / f).exists()]
+    if kind == "kolors" and not any((folder / "text_encoder").glob("*.safetensors")) and not any(
+            (folder / "text_encoder").glob("*.bin")):
+        missing.append("text_encoder/*.safetensors or *.bin")
+    if missing:
+        raise StorycError(f"model folder {folder} is incomplete: missing {', '.join(missing)}", HOW_TO_GET[kind])
+
+
+def unet_config(folder: Path) -> dict:
+    p = Path(folder) / "config.json"
+    return json.loads(p.read_text("utf-8")) if p.is_file() else KOLORS_UNET
+
+
+def load_vae(path: Path, which: str, dtype, device):
+    """diffsynth SDXL VAE encoder or decoder from a diffusers AutoencoderKL safetensors file."""
+    import torch
+    from diffsynth.models.sdxl_vae_decoder import SDXLVAEDecoder
+    from diffsynth.models.sdxl_vae_encoder import SDXLVAEEncoder
+    from safetensors.torch import load_file
+
+    cls = SDXLVAEEncoder if which == "encoder" else SDXLVAEDecoder
+    state = load_file(str(path))
+    converted = cls.state_dict_converter().from_diffusers(state)
+    converted = converted[0] if isinstance(converted, tuple) else converted
+    with torch.device("meta"):
+        model = cls()
+    model.load_state_dict(converted, strict=True, assign=True)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_unet_for(kolors: Path, dtype, device):
+    from .unet import load_unet
+
+    check_folder("kolors", kolors)
+    return load_unet(Path(kolors) / "unet", dtype, device)
+
+
+def load_pipeline(kolors: Path, dtype, device, vae_encoder: Path | None = None, decoder: bool = True,
+                  text_encoder: bool = True):
+    """An SDXLImagePipeline in Kolors mode (KolorsPrompter, 1100-step scheduler)."""
+    import contextlib
+    import io
+
+    from diffsynth import ModelManager, SDXLImagePipeline
+    from diffsynth.models.kolors_text_encoder import ChatGLMModel
+
+    from .unet import load_unet
+
+    kolors = Path(kolors)
+    check_folder("kolors", kolors)
+    mm = ModelManager(torch_dtype=dtype, device=device)
+    with contextlib.redirect_stdout(io.StringIO()):  # diffsynth prints every load
+        if text_encoder:
+            mm.load_model_from_huggingface_folder(str(kolors / "text_encoder"), ["kolors_text_encoder"], [ChatGLMModel])
+        else:  # a placeholder keeps the pipeline in Kolors mode (prompter, scheduler) without 6B weights
+            mm.model.append(_NoTextEncoder())
+            mm.model_path.append("none")
+            mm.model_name.append("kolors_text_encoder")
+
+        def add(model, path, name):
+            mm.model.append(model)
+            mm.model_path.append(str(path))
+            mm.model_name.append(name)
+
+        add(load_unet(kolors / "unet", dtype, device), kolors / "unet", "sdxl_unet")
+        if decoder:
+            add(load_vae(kolors / "vae/diffusion_pytorch_model.safetensors", "decoder", dtype, device),
+                kolors / "vae", "sdxl_vae_decoder")
+        if vae_encoder is not None:
+            add(load_vae(vae_encoder, "encoder", dtype, device), vae_encoder, "sdxl_vae_encoder")
+        pipe = SDXLImagePipeline.from_model_manager(mm)
+    return pipe
+
+
+class _NoTextEncoder:
+    """Stands in for ChatGLM when prompt embeddings come from a cache."""
+
+    def __call__(self, *a, **k):
+        raise RuntimeError("text encoder was released; embeddings must come from the cache")
+
+    def to(self, *a, **k):
+        return self
+
+    def eval(self):
+        return self
+
+    def parameters(self):
+        return iter(())

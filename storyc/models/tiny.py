@@ -1,0 +1,145 @@
+"""Tiny random-init models in the real on-disk layouts, for tests and the offline demo.
+
+Each runs the real diffsynth / transformers / simple-aesthetics-predictor code; only the widths are small
+(the VAE is diffsynth's full-size SDXL VAE, which is fine on CPU at small sizes). Weights are seeded, so the
+same call builds byte-identical files.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+TINY_UNET = {
+    "_class_name": "UNet2DConditionModel", "sample_size": 32, "in_channels": 4, "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [32, 64, 64], "layers_per_block": 2, "transformer_layers_per_block": [1, 1, 1],
+    "attention_head_dim": [2, 2, 2], "cross_attention_dim": 64, "use_linear_projection": True,
+    "addition_embed_type": "text_time", "addition_time_embed_dim": 16,
+    "projection_class_embeddings_input_dim": 64 + 6 * 16, "encoder_hid_dim": 64, "encoder_hid_dim_type": "text_proj",
+    "norm_num_groups": 32,
+}
+SDXL_VAE = {
+    "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "sample_size": 1024,
+    "scaling_factor": 0.13025, "force_upcast": False, "norm_num_groups": 32,
+}
+
+
+def _glm_config():
+    from diffsynth.models.kolors_text_encoder import ChatGLMConfig
+
+    return ChatGLMConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128, kv_channels=16, num_attention_heads=4,
+                         multi_query_attention=True, multi_query_group_num=2, padded_vocab_size=65024,
+                         seq_length=256, original_rope=True, use_cache=True, architectures=["ChatGLMModel"])
+
+
+def _done(folder: Path) -> bool:
+    return (folder / ".complete").is_file()
+
+
+def _finish(tmp: Path, folder: Path) -> Path:
+    (tmp / ".complete").write_text("tiny random-init model built by storyc\n")
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return folder
+
+
+def build_text_encoder(folder: Path, seed: int = 0) -> None:
+    import torch
+    from diffsynth.models.kolors_text_encoder import ChatGLMModel, RMSNorm
+
+    torch.manual_seed(seed)
+    model = ChatGLMModel(_glm_config())
+    for m in model.modules():
+        if isinstance(m, RMSNorm):  # diffsynth leaves these torch.empty: NaN without this
+            torch.nn.init.ones_(m.weight)
+    model.save_pretrained(folder, safe_serialization=True)
+
+
+def build_unet(folder: Path, seed: int = 0) -> None:
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    cfg = {k: v for k, v in TINY_UNET.items() if not k.startswith("_")}
+    UNet2DConditionModel(**cfg).save_pretrained(folder, safe_serialization=True)
+
+
+def build_vae(folder: Path, seed: int = 0) -> None:
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    cfg = {k: v for k, v in SDXL_VAE.items() if not k.startswith("_")}
+    vae = AutoencoderKL(**cfg)
+    with torch.no_grad():  # keep random activations in a sane range through 4 down/up levels
+        for p in vae.parameters():
+            if p.dim() > 1:
+                p.mul_(0.5)
+    vae.to(torch.float16).save_pretrained(folder, safe_serialization=True)
+
+
+def tiny_kolors(folder: Path, seed: int = 0) -> Path:
+    """Kolors layout: text_encoder/, unet/, vae/ (diffusers/transformers key names)."""
+    folder = Path(folder)
+    if _done(folder):
+        return folder
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_text_encoder(tmp / "text_encoder", seed)
+    build_unet(tmp / "unet", seed + 1)
+    build_vae(tmp / "vae", seed + 2)
+    return _finish(tmp, folder)
+
+
+def tiny_sdxl_vae(folder: Path, seed: int = 0) -> Path:
+    """The sdxl-vae-fp16-fix layout: config.json + diffusion_pytorch_model.safetensors at the top."""
+    folder = Path(folder)
+    if _done(folder):
+        return folder
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_vae(tmp, seed + 2)
+    return _finish(tmp, folder)
+
+
+def tiny_aesthetic(folder: Path, seed: int = 0) -> Path:
+    """aesthetics-predictor-v2 layout: AestheticsPredictorV2Linear + CLIPProcessor files."""
+    folder = Path(folder)
+    if _done(folder):
+        return folder
+    import torch
+    from aesthetics_predictor import AestheticsPredictorV2Linear
+    from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer, CLIPVisionConfig
+
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.manual_seed(seed)
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=64, patch_size=32, projection_dim=32)
+    AestheticsPredictorV2Linear(cfg).save_pretrained(tmp, safe_serialization=True)
+    # a byte-level vocabulary and an empty merge list make a valid CLIP tokenizer offline
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
+    for tok in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[tok] = len(vocab)
+    (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), "utf-8")
+    (tmp / "merges.txt").write_text("#version: 0.2\n", "utf-8")
+    tok = CLIPTokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt"))
+    img = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+    CLIPProcessor(image_processor=img, tokenizer=tok).save_pretrained(tmp)
+    return _finish(tmp, folder)
+
+
+BUILDERS = {"kolors": tiny_kolors, "sdxl-vae": tiny_sdxl_vae, "aesthetic": tiny_aesthetic}
+
+
+def ensure(name: str, folder: Path) -> Path:
+    """Build tiny model ``name`` into ``folder`` unless it is already complete there."""
+    return BUILDERS[name](Path(folder))

@@ -1,0 +1,89 @@
+"""A diffsynth SDXL/Kolors UNet built from a diffusers ``unet/config.json``.
+
+diffsynth's ``SDXLUNet(is_kolors=True)`` hard-codes the full 2.6 B-parameter widths. This builds the same block
+sequence (the one diffsynth's ``SDXLUNetStateDictConverter.from_diffusers`` maps onto) at the widths the config
+names, so a real Kolors UNet and a tiny test UNet load through one code path.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffsynth.models.sd_unet import (AttentionBlock, DownSampler, PopBlock, PushBlock, ResnetBlock, Timesteps,
+                                      UpSampler)
+from diffsynth.models.sdxl_unet import SDXLUNet, SDXLUNetStateDictConverter
+
+
+def _per_block(v, n):
+    return list(v) if isinstance(v, (list, tuple)) else [v] * n
+
+
+class ConfigSDXLUNet(SDXLUNet):
+    """diffsynth's SDXLUNet (same forward) with widths from a diffusers config."""
+
+    def __init__(self, cfg: dict):
+        torch.nn.Module.__init__(self)
+        C = list(cfg["block_out_channels"])
+        n, L = len(C), cfg.get("layers_per_block", 2)
+        heads = _per_block(cfg["attention_head_dim"], n)  # diffusers' SDXL config stores head counts here
+        T = _per_block(cfg.get("transformer_layers_per_block", 1), n)
+        cross = cfg["cross_attention_dim"]
+        groups = cfg.get("norm_num_groups", 32)
+        temb = C[0] * 4
+        self.time_proj = Timesteps(C[0])
+        self.time_embedding = torch.nn.Sequential(torch.nn.Linear(C[0], temb), torch.nn.SiLU(), torch.nn.Linear(temb, temb))
+        self.add_time_proj = Timesteps(cfg["addition_time_embed_dim"])
+        self.add_time_embedding = torch.nn.Sequential(
+            torch.nn.Linear(cfg["projection_class_embeddings_input_dim"], temb), torch.nn.SiLU(), torch.nn.Linear(temb, temb))
+        self.conv_in = torch.nn.Conv2d(cfg.get("in_channels", 4), C[0], kernel_size=3, padding=1)
+        hid = cfg.get("encoder_hid_dim")
+        self.text_intermediate_proj = torch.nn.Linear(hid, cross) if hid else None
+
+        blocks, ch, skips = [], C[0], [C[0]]
+        for i, typ in enumerate(cfg["down_block_types"]):
+            for _ in range(L):
+                blocks.append(ResnetBlock(ch, C[i], temb, groups))
+                ch = C[i]
+                if "CrossAttn" in typ:
+                    blocks.append(AttentionBlock(heads[i], ch // heads[i], ch, T[i], cross, groups))
+                blocks.append(PushBlock())
+                skips.append(ch)
+            if i < n - 1:
+                blocks += [DownSampler(ch), PushBlock()]
+                skips.append(ch)
+        blocks += [ResnetBlock(ch, ch, temb, groups), AttentionBlock(heads[-1], ch // heads[-1], ch, T[-1], cross, groups),
+                   ResnetBlock(ch, ch, temb, groups)]
+        rC, rH, rT = C[::-1], heads[::-1], T[::-1]
+        for i, typ in enumerate(cfg["up_block_types"]):
+            for _ in range(L + 1):
+                skip = skips.pop()
+                blocks += [PopBlock(), ResnetBlock(ch + skip, rC[i], temb, groups)]
+                ch = rC[i]
+                if "CrossAttn" in typ:
+                    blocks.append(AttentionBlock(rH[i], ch // rH[i], ch, rT[i], cross, groups))
+            if i < n - 1:
+                blocks.append(UpSampler(ch))
+        self.blocks = torch.nn.ModuleList(blocks)
+        self.conv_norm_out = torch.nn.GroupNorm(num_channels=C[0], num_groups=groups, eps=1e-5)
+        self.conv_act = torch.nn.SiLU()
+        self.conv_out = torch.nn.Conv2d(C[0], cfg.get("out_channels", 4), kernel_size=3, padding=1)
+        self.is_kolors = hid is not None
+
+
+def load_unet(folder: Path, dtype=torch.float16, device="cpu") -> ConfigSDXLUNet:
+    """Load ``folder/config.json`` + ``diffusion_pytorch_model.safetensors`` (diffusers layout) into diffsynth."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg = json.loads((folder / "config.json").read_text("utf-8"))
+    with torch.device("meta"):
+        unet = ConfigSDXLUNet(cfg)
+    state = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    converted = SDXLUNetStateDictConverter().from_diffusers(state)
+    if isinstance(converted, tuple):
+        converted = converted[0]
+    missing, unexpected = unet.load_state_dict(converted, strict=False, assign=True)
+    if missing or unexpected:
+        raise ValueError(f"UNet weights do not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return unet.to(device=device, dtype=dtype).eval()

@@ -1,0 +1,154 @@
+"""filter: run Data-Juicer itself (dj-process) on the compiled config, then lay out DiffSynth's training folder.
+
+Data-Juicer runs as its own process (exactly the notebook's `dj-process --config ...`), so its logger, worker
+pool and Ray client never leak into storyc; its per-op "Left N samples" lines give the per-filter counts.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from ..errors import StageError
+from ..render import canonical_json
+
+_LEFT = re.compile(r"OP \[(\w+)\] Done in [\d.]+s\. Left (\d+) samples")
+_ERR = re.compile(r"(\w+Error|Exception): (.+)")
+
+
+def dj_command(config: Path, dataset: Path, export: Path, np: int, ray: bool) -> list[str]:
+    cmd = [sys.executable, "-c", "from data_juicer.tools.process_data import main; main()",
+           "--config", str(config), "--dataset_path", str(dataset), "--export_path", str(export), "--np", str(np),
+           "--work_dir", str(export.parent)]
+    if ray:
+        cmd += ["--executor_type", "ray", "--ray_address", "auto"]
+    return cmd
+
+
+def _op_line(ctx, index: int) -> str:
+    from ..yamlio import load
+
+    try:
+        loc = load(ctx.story.spec_path)
+        m = loc.mark(("filters", index), prefer_key=False)
+        return f"{ctx.story.rel(Path(m.file))}:{m.line}:{m.col}: $.filters[{index}]" if m else f"$.filters[{index}]"
+    except Exception:  # the spec may extend another file; fall back to the path
+        return f"$.filters[{index}]"
+
+
+def run(ctx, names):
+    build = ctx.build_dir
+    data = build / "data"
+    inp = data / "input" / "metadata.jsonl"
+    out_dir = data / "output"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    proc = ctx.story.data["processing"]
+    ops = [next(iter(op)) for op in ctx.story.data["filters"]]
+    n_in = sum(1 for ln in inp.read_text("utf-8").splitlines() if ln.strip())
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONUNBUFFERED="1")
+    ray = proc["executor"] == "ray"
+    ray_ctx = _start_ray(ctx, proc["workers"]) if ray else None
+    try:
+        cmd = dj_command(data / "data_juicer.yaml", inp, out_dir / "result.jsonl", proc["workers"], ray)
+        p = subprocess.Popen(cmd, cwd=build, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, errors="replace")
+        log, left = [], {}
+        for line in p.stdout:
+            log.append(line)
+            m = _LEFT.search(line)
+            if m:
+                left[len(left)] = (m.group(1), int(m.group(2)))
+                ctx.report.update(len(left), len(ops), f"{m.group(1)}: {m.group(2)} left")
+        code = p.wait()
+    finally:
+        if ray_ctx:
+            ray_ctx()
+    (out_dir / "dj.log").write_text("".join(log), "utf-8")
+    if code != 0:
+        raise _dj_error(ctx, "".join(log), ops, out_dir / "dj.log")
+
+    result = out_dir / "result.jsonl"
+    rows = [json.loads(ln) for ln in result.read_text("utf-8").splitlines() if ln.strip()] if result.exists() else []
+    report = {"format": "storyc.filter_report/1", "input": n_in, "kept": len(rows), "executor": proc["executor"],
+              "ops": []}
+    prev = n_in
+    for i, name in enumerate(ops):
+        if i in left:
+            kept = left[i][1]
+            report["ops"].append({"op": name, "in": prev, "kept": kept, "dropped": prev - kept})
+            prev = kept
+        else:
+            report["ops"].append({"op": name, "in": None, "kept": None, "dropped": None})
+    _print_table(ctx, report)
+    if not rows:
+        culprit = next((o["op"] for o in report["ops"] if o["kept"] == 0), ops[-1] if ops else "the filters")
+        raise StageError("filter", f"no image survived the filters: `{culprit}` removed the last record",
+                         "relax that op's parameters in `filters`")
+
+    # DiffSynth's layout: train/metadata.csv (file_name,text; utf-8-sig like the notebook) + images beside it
+    train = data / "train"
+    tmp = data / "train.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    names_out, buf = [], io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["file_name", "text"])
+    for i, row in enumerate(rows):
+        src = Path(row["image"][0])
+        src = src if src.is_absolute() else (data / "input" / src)
+        name = f"{i:06d}{src.suffix}"
+        try:
+            os.link(src, tmp / name)  # same bytes, no copy
+        except OSError:
+            shutil.copyfile(src, tmp / name)
+        w.writerow([name, row.get("text", "")])
+        names_out.append(name)
+    (tmp / "metadata.csv").write_text(buf.getvalue(), encoding="utf-8-sig")
+    shutil.rmtree(train, ignore_errors=True)
+    tmp.rename(train)
+    (data / "filter_report.json").write_text(canonical_json(report), "utf-8")
+    outputs = ["data/train", "data/filter_report.json"]
+    ctx.finish("filter", outputs, {"kept": len(rows), "input": n_in})
+    return f"kept {len(rows)} of {n_in}"
+
+
+def _print_table(ctx, report):
+    ctx.report.line(f"     filter: {report['input']} records in")
+    for o in report["ops"]:
+        if o["kept"] is None:
+            ctx.report.line(f"       {o['op']:<32} (count not reported by the {report['executor']} executor)")
+        else:
+            ctx.report.line(f"       {o['op']:<32} kept {o['kept']:>6} of {o['in']:<6} (dropped {o['dropped']})")
+    ctx.report.line(f"     filter: {report['kept']} records kept")
+
+
+def _dj_error(ctx, log: str, ops, log_path: Path) -> StageError:
+    """Data-Juicer's own complaint, pointed at the spec line of the op it names."""
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    msg = next((m.group(0) for ln in reversed(lines) for m in [_ERR.search(ln)] if m), lines[-1] if lines else "failed")
+    for i, op in enumerate(ops):
+        if op in msg or f"[{op}]" in log.split("Error")[-1] if "Error" in log else False:
+            return StageError("filter", f"{_op_line(ctx, i)}: Data-Juicer rejected `{op}`: {msg}",
+                              f"full log: {ctx.story.rel(log_path)}")
+    return StageError("filter", f"Data-Juicer failed: {msg}", f"full log: {ctx.story.rel(log_path)}")
+
+
+def _start_ray(ctx, workers: int):
+    """Start a local Ray head for Data-Juicer's Ray executor; return a function that stops it."""
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--num-cpus={workers}",
+           "--include-dashboard=false", "--disable-usage-stats"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise StageError("filter", "could not start a local Ray instance for `processing.executor: ray`",
+                         (r.stderr or r.stdout).strip().splitlines()[-1] if (r.stderr or r.stdout).strip() else None)
+    return lambda: subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], env=env,
+                                  capture_output=True)

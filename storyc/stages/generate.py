@@ -1,0 +1,227 @@
+"""generate: render every stale scene with diffsynth's Kolors pipeline and the trained LoRA merged in.
+
+Fast path (same function as the notebook's pipeline call at the same seed, to float tolerance):
+- the LoRA is merged into the UNet weights once (alpha/rank * lora_scale): no per-step adapter overhead;
+- scenes are rendered in batches and classifier-free guidance is batched with them: one UNet call per step
+  for 2 x batch samples instead of two batch-1 calls per image;
+- each scene's starting noise comes from its own seed (diffsynth's generate_noise), so an image depends on
+  its seed alone, never on batch size, order or GPU count.
+With several GPUs, scenes are sharded across them as Ray tasks (one pipeline per GPU).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+from ..errors import StageError
+from ..render import atomic_write, canonical_json
+from ._quiet import quiet_libraries, silent_stdout
+
+
+def plan_scenes(ctx) -> dict:
+    gen = json.loads(ctx.plan.artifacts["generate/generation_plan.json"])
+    return gen
+
+
+def lora_file(ctx) -> Path:
+    return ctx.path(f"lora/{ctx.story.id}.diffsynth.safetensors")
+
+
+def load_merged_pipeline(kolors: Path, lora_path: Path | None, strength: float, dtype, device):
+    """Kolors pipeline with the LoRA merged into the UNet at ``strength`` (= alpha/rank * lora_scale)."""
+    from .. import lora as L
+    from ..models.kolors import load_pipeline
+
+    with silent_stdout():
+        pipe = load_pipeline(kolors, dtype, device)
+    if lora_path is not None and strength:
+        state, _ = L.load(lora_path)
+        if not L.merge(pipe.unet, state, strength):
+            raise StageError("generate", f"{lora_path.name} holds no LoRA weights for this UNet")
+    return pipe
+
+
+def render(pipe, items: list[dict], gen: dict, batch_size: int, progress=None):
+    """Render items [{prompt, negative_prompt, seed}] -> list of PIL images, batched with CFG."""
+    import torch
+
+    h, w, steps, cfg = gen["height"], gen["width"], gen["steps"], gen["cfg_scale"]
+    dev, dt = pipe.device, pipe.torch_dtype
+    images = []
+    total = len(items) * steps
+    done = 0
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        b = len(chunk)
+        with torch.no_grad():
+            pos = [pipe.encode_prompt(it["prompt"], positive=True) for it in chunk]
+            neg = [pipe.encode_prompt(it["negative_prompt"], positive=False) for it in chunk]
+            embs = pos + neg if cfg != 1.0 else pos
+            ehs = torch.cat([e["encoder_hidden_states"] for e in embs])
+            ate = torch.cat([e["add_text_embeds"] for e in embs])
+            latents = torch.cat([pipe.generate_noise((1, 4, h // 8, w // 8), seed=it["seed"], device=dev, dtype=dt)
+                                 for it in chunk])
+            pipe.scheduler.set_timesteps(steps)
+            n = ehs.shape[0]
+            add_time_id = torch.tensor([h, w, 0, 0, h, w], device=dev).repeat(n)
+            for t in pipe.scheduler.timesteps:
+                timestep = t.unsqueeze(0).to(dev)
+                x = torch.cat([latents, latents]) if cfg != 1.0 else latents
+                pred = pipe.unet(x, timestep=timestep, encoder_hidden_states=ehs, add_time_id=add_time_id,
+                                 add_text_embeds=ate)
+                if cfg != 1.0:
+                    posi, nega = pred[:b], pred[b:]
+                    pred = nega + cfg * (posi - nega)
+                latents = pipe.scheduler.step(pred, timestep, latents)
+                done += b
+                if progress:
+                    progress(done, total)
+            for i in range(b):
+                images.append(pipe.decode_image(latents[i:i + 1]))
+    return images
+
+
+def _device(ctx):
+    import torch
+
+    return ctx.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run(ctx, names):
+    import torch
+
+    quiet_libraries()
+    gen = plan_scenes(ctx)
+    by_id = {s["id"]: s for s in gen["scenes"]}
+    todo = [by_id[ctx.plan.stages[n].scene] for n in names]
+    device = _device(ctx)
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    kolors = ctx.model("kolors")
+    lpath = lora_file(ctx)
+    if not lpath.exists():
+        raise StageError("generate", f"{ctx.story.rel(lpath)} is missing", "run the train stage first")
+    lora_sha = ctx.hasher.file(lpath)
+    items = [{"scene": s["id"], "prompt": s["prompt"], "negative_prompt": s["negative_prompt"], "seed": seed}
+             for s in todo for seed in s["seeds"]]
+    _warn_truncation(ctx, todo)
+    shards = _gpu_count(device)
+    if shards > 1 and len(items) > 1:
+        results = _render_ray(ctx, kolors, lpath, gen, items, shards)
+    else:
+        pipe = load_merged_pipeline(kolors, lpath, gen["lora_strength"], dtype, device)
+        results = _render_local(ctx, pipe, gen, items)
+    scorer = None
+    if gen["candidates"] > 1:
+        from .score import Scorer
+
+        scorer = Scorer(ctx.model("aesthetic"), device)
+    for s in todo:
+        cands = [(it, img) for it, img in results if it["scene"] == s["id"]]
+        chosen_seed, cand_scores = s["seed"], None
+        if scorer is not None:
+            folder = ctx.path("images/candidates")
+            scores = scorer.score([img for _, img in cands])
+            cand_scores = {}
+            for (it, img), sc in zip(cands, scores):
+                _save_png(img, folder / f"{Path(s['file']).stem}-s{it['seed']}.png")
+                cand_scores[str(it["seed"])] = round(sc, 6)
+            best = max(range(len(cands)), key=lambda i: (scores[i], -cands[i][0]["seed"]))
+            chosen_seed, image = cands[best][0]["seed"], cands[best][1]
+        else:
+            image = cands[0][1]
+        _save_png(image, ctx.path(s["file"]))
+        rec = {"format": "storyc.scene/1", "scene": s["id"], "index": s["index"], "prompt": s["prompt"],
+               "negative_prompt": s["negative_prompt"], "seed": chosen_seed, "steps": gen["steps"],
+               "cfg_scale": gen["cfg_scale"], "width": gen["width"], "height": gen["height"],
+               "lora_scale": gen["lora_scale"], "lora_sha256": lora_sha, "caption": s["caption"]}
+        if cand_scores:
+            rec["candidate_scores"] = cand_scores
+        meta = str(Path(s["file"]).with_suffix(".json"))
+        atomic_write(ctx.path(meta), canonical_json(rec))
+        extra = {"seed": chosen_seed, "digest_extra": chosen_seed}
+        if cand_scores:
+            extra["candidate_scores"] = cand_scores
+        ctx.finish(f"generate[{s['id']}]", [s["file"], meta], extra)
+    return f"{len(todo)} scene(s), {len(items)} image(s) on {device}" + (f" x{shards} GPUs" if shards > 1 else "")
+
+
+def _save_png(img, path: Path):
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write(path, buf.getvalue(), "wb")
+
+
+def _render_local(ctx, pipe, gen, items):
+    bs = max(1, gen["batch_size"])
+    imgs = render(pipe, items, gen, bs, progress=lambda d, t: ctx.report.update(d, t, "denoising"))
+    return list(zip(items, imgs))
+
+
+def _gpu_count(device: str) -> int:
+    import torch
+
+    forced = os.environ.get("STORYC_GENERATE_SHARDS")
+    if forced:
+        return int(forced)
+    if device == "cuda" and torch.cuda.is_available():
+        return torch.cuda.device_count()
+    return 1
+
+
+def _render_ray(ctx, kolors, lpath, gen, items, shards):
+    """Shard items over GPUs as Ray tasks; a scene's image depends only on its seed, so results are equal."""
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        started = True
+    try:
+        use_gpu = shards <= int(ray.cluster_resources().get("GPU", 0))
+        task = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1)(_shard_task)
+        parts = [items[i::shards] for i in range(shards)]
+        refs = [task.remote(str(kolors), str(lpath), gen, p, "cuda" if use_gpu else "cpu") for p in parts if p]
+        out = []
+        for r in ray.get(refs):
+            out.extend(r)
+    finally:
+        if started:
+            ray.shutdown()
+    from PIL import Image
+
+    order = {(it["scene"], it["seed"]): i for i, it in enumerate(items)}
+    res = sorted(((it, Image.open(io.BytesIO(png))) for it, png in out), key=lambda x: order[(x[0]["scene"], x[0]["seed"])])
+    return res
+
+
+def _shard_task(kolors, lpath, gen, items, device):
+    import torch
+
+    quiet_libraries()
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    pipe = load_merged_pipeline(Path(kolors), Path(lpath), gen["lora_strength"], dtype, device)
+    out = []
+    for it, img in zip(items, render(pipe, items, gen, max(1, gen["batch_size"]))):
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        out.append((it, buf.getvalue()))
+    return out
+
+
+def _warn_truncation(ctx, scenes):
+    from .. import tokens
+
+    count = tokens.counter()
+    if count is None:
+        return
+    for s in scenes:
+        for what in ("prompt", "negative_prompt"):
+            n = count(s[what])
+            if n > tokens.LIMIT:
+                ctx.report.line(f"warning: scene {s['id']}: {what} is {n} tokens; Kolors truncates it to {tokens.LIMIT}")
+
+
+__all__ = ["run", "render", "load_merged_pipeline", "shutil"]

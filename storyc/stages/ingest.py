@@ -1,0 +1,121 @@
+"""ingest: dataset -> data/input/metadata.jsonl + images, in Data-Juicer's {text, image: [path]} layout.
+
+Replaces the notebook's MsDataset loop. Images are normalised to RGB once; an unreadable image is skipped and
+reported by name and reason, never fatal for the rest.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ..errors import StageError
+from ..render import canonical_json
+
+EXTS = {".jpg", ".jpeg", ".png", ".webp"}
+OUT = "data/input"
+
+
+def _folder_records(root: Path, caption: str):
+    if not root.is_dir():
+        raise StageError("ingest", f"dataset folder {root} does not exist")
+    files = sorted((p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in EXTS),
+                   key=lambda p: p.relative_to(root).as_posix())
+    for p in files:
+        txt = p.with_suffix(".txt")
+        text = txt.read_text("utf-8").strip() if txt.is_file() else caption
+        yield p.relative_to(root).as_posix(), p, text or caption
+
+
+def _jsonl_records(path: Path, caption: str):
+    if not path.is_file():
+        raise StageError("ingest", f"dataset file {path} does not exist")
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise StageError("ingest", f"{path.name}:{n}: not valid JSON ({e.msg})",
+                                 "each line must be one {\"text\": ..., \"image\": [path]} object") from None
+            imgs = rec.get("image") if isinstance(rec, dict) else None
+            if isinstance(imgs, str):
+                imgs = [imgs]
+            if not isinstance(imgs, list) or not imgs or not all(isinstance(i, str) for i in imgs):
+                raise StageError("ingest", f"{path.name}:{n}: expected {{\"text\": ..., \"image\": [path]}}")
+            text = rec.get("text") if isinstance(rec.get("text"), str) and rec.get("text") else caption
+            yield f"{path.name}:{n}", (path.parent / imgs[0]).resolve(), text
+
+
+def _modelscope_records(ds: dict, cache: Path):
+    import os
+    import socket
+
+    try:  # fail fast offline instead of hanging in retries
+        socket.create_connection(("www.modelscope.cn", 443), timeout=5).close()
+    except OSError:
+        raise StageError("ingest", f"cannot reach ModelScope to load dataset `{ds['id']}` (no network)",
+                         "download it where you have network, then use `dataset: {source: folder, path: ...}` "
+                         "or `source: jsonl` to point at the local copy") from None
+    os.environ.setdefault("HF_HUB_OFFLINE", "0")
+    from modelscope.msdatasets import MsDataset
+
+    data = MsDataset.load(ds["id"], subset_name=ds["subset"], split=ds["split"], cache_dir=str(cache),
+                          **({"version": ds["revision"]} if ds.get("revision") else {}))
+    for i, rec in enumerate(data):
+        yield f"{ds['id']}[{i}]", rec["image"], ds["caption"]
+
+
+def run(ctx, names):
+    from PIL import Image, UnidentifiedImageError
+
+    ds = ctx.story.data["dataset"]
+    out = ctx.path(OUT)
+    tmp = out.with_name("input.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "images").mkdir(parents=True)
+    if ds["source"] == "folder":
+        records = _folder_records(ctx.story.dataset_path, ds["caption"])
+    elif ds["source"] == "jsonl":
+        records = _jsonl_records(ctx.story.dataset_path, ds["caption"])
+    else:
+        records = _modelscope_records(ds, ctx.story.root / ".storyc" / "datasets")
+
+    lines, skipped = [], []
+    limit = ds.get("limit")
+    for name, src, text in records:
+        if limit and len(lines) >= limit:
+            break
+        dst_stem = f"images/{len(lines):06d}"
+        try:
+            if isinstance(src, Path):
+                with Image.open(src) as im:
+                    im.load()
+                    if im.mode == "RGB" and im.format == "JPEG":  # already RGB JPEG: keep the bytes
+                        rel = dst_stem + ".jpg"
+                        shutil.copyfile(src, tmp / rel)
+                    else:
+                        rel = dst_stem + ".png"
+                        im.convert("RGB").save(tmp / rel, compress_level=1)
+            else:  # a PIL image from a dataset
+                rel = dst_stem + ".png"
+                src.convert("RGB").save(tmp / rel, compress_level=1)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            skipped.append({"source": name, "reason": f"{type(e).__name__}: {e}"})
+            continue
+        lines.append(json.dumps({"text": text, "image": [rel]}, ensure_ascii=False))
+    for s in skipped:
+        ctx.report.line(f"warning: ingest skipped {s['source']}: {s['reason']}")
+    if not lines:
+        raise StageError("ingest", f"the dataset has no usable images ({len(skipped)} unreadable)"
+                         if skipped else "the dataset is empty", "check `dataset.path` / `dataset.id`")
+    (tmp / "metadata.jsonl").write_text("\n".join(lines) + "\n", "utf-8")
+    (tmp / "ingest_report.json").write_text(canonical_json(
+        {"format": "storyc.ingest_report/1", "records": len(lines), "skipped": skipped}), "utf-8")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)  # the whole folder appears at once
+    outputs = [f"{OUT}/metadata.jsonl", f"{OUT}/ingest_report.json", f"{OUT}/images"]
+    ctx.finish("ingest", outputs, {"records": len(lines), "skipped": len(skipped)})
+    return f"{len(lines)} records, {len(skipped)} skipped"
+

@@ -1,0 +1,117 @@
+"""score: the competition's aesthetic score (simple-aesthetics-predictor V2 linear head on CLIP ViT-L/14).
+
+Same model and preprocessing as the notebook's ``get_aesthetics_score``, but batched, and only over the story's
+own images (``evaluate()`` scores every file in a folder, so a storyboard there would skew the mean).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..render import atomic_write, canonical_json
+from ._quiet import quiet_libraries
+
+
+class Scorer:
+    def __init__(self, folder: Path, device: str | None = None, batch_size: int = 16):
+        import torch
+        from aesthetics_predictor import AestheticsPredictorV2Linear
+        from transformers import CLIPProcessor
+
+        quiet_libraries()
+        from ..models.kolors import check_folder
+
+        check_folder("aesthetic", folder)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = AestheticsPredictorV2Linear.from_pretrained(str(folder)).to(self.device).eval()
+        self.processor = CLIPProcessor.from_pretrained(str(folder))
+        self.batch_size = batch_size
+
+    def score_and_embed(self, images) -> tuple[list[float], list[list[float]]]:
+        import torch
+
+        scores, embeds = [], []
+        for i in range(0, len(images), self.batch_size):
+            inputs = self.processor(images=images[i:i + self.batch_size], return_tensors="pt")
+            inputs = {k: v.to(self.device) for k, v in inputs.items()}
+            with torch.no_grad():
+                out = self.model(**inputs)
+            scores += out.logits[:, 0].float().cpu().tolist()
+            embeds += out.hidden_states.float().cpu().tolist()
+        return scores, embeds
+
+    def score(self, images) -> list[float]:
+        return self.score_and_embed(images)[0]
+
+
+def run(ctx, names):
+    from PIL import Image
+
+    scorer = Scorer(ctx.model("aesthetic"), ctx.device)
+    gen = json.loads(ctx.plan.artifacts["generate/generation_plan.json"])
+    by_id = {s["id"]: s for s in gen["scenes"]}
+    scenes = [by_id[ctx.plan.stages[n].scene] for n in names]
+    images = [Image.open(ctx.path(s["file"])).convert("RGB") for s in scenes]
+    scores, embeds = scorer.score_and_embed(images)
+    for s, sc, emb in zip(scenes, scores, embeds):
+        rel = f"scores/{Path(s['file']).stem}.json"
+        atomic_write(ctx.path(rel), canonical_json({"format": "storyc.score/1", "scene": s["id"], "file": s["file"],
+                                                     "score": sc, "clip_embedding": [round(x, 6) for x in emb]}))
+        ctx.finish(f"score[{s['id']}]", [rel], {"score": round(sc, 6), "digest_extra": round(sc, 6)})
+    return ", ".join(f"{s['id']} {sc:.3f}" for s, sc in zip(scenes, scores))
+
+
+def coherence(embeds: list[list[float]]) -> tuple[float, int]:
+    """Mean pairwise cosine similarity of (unit) CLIP embeddings, and the index of the least similar image."""
+    n = len(embeds)
+    if n < 2:
+        return 1.0, 0
+    import math
+
+    unit = []
+    for e in embeds:
+        norm = math.sqrt(sum(x * x for x in e)) or 1.0
+        unit.append([x / norm for x in e])
+    sims = [[sum(a * b for a, b in zip(unit[i], unit[j])) for j in range(n)] for i in range(n)]
+    pairs = [sims[i][j] for i in range(n) for j in range(i + 1, n)]
+    per = [sum(sims[i][j] for j in range(n) if j != i) / (n - 1) for i in range(n)]
+    return sum(pairs) / len(pairs), min(range(n), key=lambda i: per[i])
+
+
+def score_folder_cli(args) -> int:
+    """`storyc score DIR`: score a folder of images standalone."""
+    from PIL import Image
+
+    from ..errors import StorycError
+
+    folder = Path(args.dir)
+    if not folder.is_dir():
+        raise StorycError(f"{folder} is not a folder")
+    gate = args.min
+    model = Path(args.model) if args.model else None
+    if args.spec:
+        from ..runner import Context, Hasher, Lock, Reporter, lock_path
+        from ..compiler import compile
+        from ..spec import load_story
+
+        story = load_story(args.spec)
+        plan = compile(story)
+        ctx = Context(plan, args, Lock.load(lock_path(story.spec_path)), Hasher(story.root / ".storyc" / "fp.json"),
+                      Reporter(quiet=True))
+        model = model or ctx.model("aesthetic")
+        gate = story.data["submission"]["min_aesthetic"] if gate is None else gate
+    if model is None:
+        raise StorycError("no aesthetic model given", "pass --model DIR or --spec story.yaml")
+    gate = 6.0 if gate is None else gate
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    if not files:
+        raise StorycError(f"no images in {folder}")
+    scorer = Scorer(model, args.device)
+    scores = scorer.score([Image.open(p).convert("RGB") for p in files])
+    width = max(len(p.name) for p in files)
+    for p, s in zip(files, scores):
+        print(f"{p.name:<{width}}  {s:8.4f}")
+    mean = sum(scores) / len(scores)
+    verdict = "PASS" if mean >= gate else "FAIL"
+    print(f"{'mean':<{width}}  {mean:8.4f}  {verdict} (gate {gate:g})")
+    return 0 if verdict == "PASS" else 1

@@ -1,0 +1,264 @@
+"""train: Kolors LoRA training with diffsynth's Kolors parts, peft and Lightning.
+
+Same math as diffsynth's ``LightningModelForT2ILoRA`` (the notebook's ``train_kolors_lora.py``): peft LoRA on the
+UNet with fp32 adapter weights, 1100-step scheduler, one random timestep per batch, MSE on the scheduler's
+training target. What differs is where the time goes:
+  1. a cache pass encodes every training image with the VAE and every caption with ChatGLM once (content-hash
+     keyed under the cache folder, reused by later runs), then releases both models;
+  2. the UNet trains on cached latents and embeddings: no 6B text encoder or VAE in the loop;
+  3. every per-sample random draw comes from a generator seeded by (seed, sample index), so a resumed run
+     draws exactly what an uninterrupted one would.
+Outputs are stored content-addressed (cache/train/<key>/), so a story with identical data/lora/train slices
+reuses them without training.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from ..compiler import resolution
+from ..errors import StageError
+from ..lock import digest
+from ..render import atomic_write, canonical_json
+
+CACHE_VERSION = 1
+
+
+def train_key(ctx) -> str:
+    st = ctx.plan.stages["train"]
+    return digest({"params": st.params_hash, "data": ctx.upstream("filter").get("digest"),
+                   "kolors": ctx.fingerprint("kolors"), "vae": ctx.fingerprint("vae")})
+
+
+def output_names(ctx) -> dict:
+    sid = ctx.story.id
+    fmts = ["diffsynth"] + [f for f in ctx.story.data["submission"]["lora_formats"] if f != "diffsynth"]
+    return {f: f"{sid}.{f}.safetensors" for f in fmts}
+
+
+def run(ctx, names):
+    ctx.model("kolors"), ctx.model("vae")  # build/download/check before fingerprinting
+    key = train_key(ctx)
+    final = ctx.cache_dir / "train" / key
+    reused = (final / "DONE").exists()
+    if not reused:
+        work = final.with_name(key + ".partial")
+        work.mkdir(parents=True, exist_ok=True)
+        _train(ctx, work)
+        (work / "DONE").write_text(key + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        shutil.rmtree(work / "checkpoints", ignore_errors=True)
+        work.rename(final)
+    out = ctx.path("lora")
+    out.mkdir(parents=True, exist_ok=True)
+    files = list(output_names(ctx).values()) + ["train_log.csv", "train_report.json"]
+    for f in files:
+        tmp = out / f".{f}.tmp"
+        shutil.copyfile(final / f, tmp)
+        tmp.replace(out / f)
+    rep = json.loads((final / "train_report.json").read_text("utf-8"))
+    ctx.finish("train", [f"lora/{f}" for f in files], {"cache_key": key, "reused": reused,
+                                                        "final_loss": rep.get("final_loss")})
+    return f"reused cached LoRA {key[:12]}" if reused else f"trained {rep['steps']} steps, loss {rep['final_loss']:.4f}"
+
+
+# ---------------------------------------------------------------- training
+
+def _device(ctx):
+    import torch
+
+    if ctx.device:
+        return ctx.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _precision(ctx, device: str):
+    import torch
+
+    p = ctx.story.data["train"]["precision"]
+    if device == "cpu" and p == "16-mixed":
+        ctx.report.line("warning: train.precision 16-mixed needs a GPU; training in 32-bit on the CPU")
+        p = "32"
+    dtype = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16, "32": torch.float32}[p]
+    return ("32-true" if p == "32" else p), dtype
+
+
+def _train(ctx, work: Path):
+    import torch
+
+    tr, lo = ctx.story.data["train"], ctx.story.data["lora"]
+    device = _device(ctx)
+    precision, dtype = _precision(ctx, device)
+    kolors, vae = ctx.model("kolors"), ctx.model("vae")
+    t0 = time.monotonic()
+    data = cache_pass(ctx, kolors, vae, device, dtype)
+    cache_s = time.monotonic() - t0
+    ctx.report.line(f"     cache: {data['n_images']} latents, {len(data['texts'])} prompt embeddings "
+                    f"({data['encoded_images']} images and {data['encoded_texts']} prompts encoded now) in {cache_s:.1f}s")
+    t1 = time.monotonic()
+    steps, final_loss = fit(ctx, work, kolors, data, device, precision, dtype)
+    train_s = time.monotonic() - t1
+    _save_outputs(ctx, work, kolors)
+    atomic_write(work / "train_report.json", canonical_json({
+        "format": "storyc.train_report/1", "steps": steps, "final_loss": final_loss, "device": device,
+        "precision": precision, "lora": lo, "train": tr, "images": data["n_images"],
+        "encoded_images": data["encoded_images"], "encoded_texts": data["encoded_texts"],
+        "cache_seconds": round(cache_s, 3), "train_seconds": round(train_s, 3)}))
+
+
+def _load_image(path: Path, w: int, h: int, center_crop: bool):
+    """The image as diffsynth's TextImageDataset prepares it (resize to cover, then crop), in [-1, 1]."""
+    import torch
+    import torchvision
+    from PIL import Image
+    from torchvision import transforms
+
+    image = Image.open(path).convert("RGB")
+    iw, ih = image.size
+    scale = max(w / iw, h / ih)
+    image = torchvision.transforms.functional.resize(image, [round(ih * scale), round(iw * scale)],
+                                                     interpolation=transforms.InterpolationMode.BILINEAR)
+    if center_crop:
+        image = transforms.CenterCrop((h, w))(image)
+    t = transforms.Normalize([0.5], [0.5])(transforms.ToTensor()(image))
+    return t.unsqueeze(0).to(torch.float32)
+
+
+def cache_pass(ctx, kolors: Path, vae: Path, device: str, dtype) -> dict:
+    """Latents of every training image and embeddings of every caption, from the cache or encoded now."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tr = ctx.story.data["train"]
+    w, h = resolution(tr)
+    train_dir = ctx.path("data/train")
+    with open(train_dir / "metadata.csv", encoding="utf-8-sig", newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise StageError("train", "data/train/metadata.csv has no images")
+    root = ctx.cache_dir
+    vae_fp, kolors_fp = ctx.fingerprint("vae"), ctx.fingerprint("kolors")
+    lat_keys, lat_missing = [], []
+    for r in rows:
+        k = digest({"v": CACHE_VERSION, "image": ctx.hasher.file(train_dir / r["file_name"]), "size": [w, h],
+                    "center_crop": tr["center_crop"], "flip": tr["random_flip"], "vae": vae_fp, "dtype": str(dtype)})
+        lat_keys.append(k)
+        if not (root / "latents" / f"{k}.safetensors").exists():
+            lat_missing.append((r, k))
+    texts = sorted({r["text"] for r in rows})
+    txt_keys = {t: digest({"v": CACHE_VERSION, "text": t, "kolors": kolors_fp, "dtype": str(dtype)}) for t in texts}
+    txt_missing = [t for t in texts if not (root / "text" / f"{txt_keys[t]}.safetensors").exists()]
+
+    if lat_missing:
+        from ..models.kolors import load_vae
+
+        enc = load_vae(vae / "diffusion_pytorch_model.safetensors" if vae.is_dir() else vae, "encoder", dtype, device)
+        with torch.no_grad():
+            for i, (r, k) in enumerate(lat_missing):
+                img = _load_image(train_dir / r["file_name"], w, h, tr["center_crop"]).to(device, dtype)
+                out = {"latent": enc(img).to("cpu", torch.float16).contiguous()}
+                if tr["random_flip"]:
+                    out["latent_flip"] = enc(torch.flip(img, dims=[3])).to("cpu", torch.float16).contiguous()
+                _save_atomic(save_file, out, root / "latents" / f"{k}.safetensors")
+                ctx.report.update(i + 1, len(lat_missing), "encoding images")
+        del enc
+    if txt_missing:
+        import contextlib
+        import io
+
+        from diffsynth import ModelManager
+        from diffsynth.models.kolors_text_encoder import ChatGLMModel
+        from diffsynth.prompters import KolorsPrompter
+
+        mm = ModelManager(torch_dtype=dtype, device=device)
+        with contextlib.redirect_stdout(io.StringIO()):
+            mm.load_model_from_huggingface_folder(str(kolors / "text_encoder"), ["kolors_text_encoder"], [ChatGLMModel])
+        prompter = KolorsPrompter()
+        prompter.fetch_models(mm.fetch_model("kolors_text_encoder"))
+        with torch.no_grad():
+            for t in txt_missing:
+                pooled, emb = prompter.encode_prompt(t, device=device, positive=True)
+                _save_atomic(save_file, {"encoder_hidden_states": emb.to("cpu", torch.float16).contiguous(),
+                                         "add_text_embeds": pooled.to("cpu", torch.float16).contiguous()},
+                             root / "text" / f"{txt_keys[t]}.safetensors")
+        del mm, prompter
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()  # the text encoder and VAE are gone before the UNet trains
+
+    latents = [load_file(str(root / "latents" / f"{k}.safetensors")) for k in lat_keys]
+    emb = {t: load_file(str(root / "text" / f"{txt_keys[t]}.safetensors")) for t in texts}
+    return {"latents": latents, "texts": texts, "text_of": [texts.index(r["text"]) for r in rows], "emb": emb,
+            "n_images": len(rows), "encoded_images": len(lat_missing), "encoded_texts": len(txt_missing),
+            "size": (w, h)}
+
+
+def _save_atomic(save_file, tensors, path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
+
+
+def fit(ctx, work: Path, kolors: Path, data: dict, device: str, precision: str, dtype):
+    """Train the LoRA with Lightning; resume from work/checkpoints/last.ckpt when present."""
+    import lightning as L
+    import torch
+
+    from ..models.kolors import load_unet_for
+    from .lightning_lora import LoRAModule, StoryCallbacks
+
+    tr, lo = ctx.story.data["train"], ctx.story.data["lora"]
+    unet = load_unet_for(kolors, dtype, "cpu")
+    module = LoRAModule(unet, data, lora=lo, train=tr)
+    ckpt_dir = work / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    resume = None
+    if last.exists():
+        try:
+            torch.load(last, map_location="cpu", weights_only=False)
+            resume = str(last)
+        except Exception as e:  # a checkpoint cut off mid-write: start over rather than crash
+            ctx.report.line(f"warning: checkpoint {last.name} unreadable ({type(e).__name__}); training from step 0")
+    total = tr["epochs"] * -(-tr["steps_per_epoch"] // tr["batch_size"])
+    cb = StoryCallbacks(ctx, work / "train_log.csv", total // tr["accumulate_grad_batches"], resume is not None)
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step}", every_n_train_steps=tr["checkpoint_every"],
+                                               save_last=True, save_top_k=0, save_on_train_epoch_end=False)
+    strategy = tr["strategy"]
+    if strategy == "ddp":
+        strategy = "ddp_spawn"  # a plain ddp launcher would re-run the whole storyc command in every rank
+    accel = "cpu" if device == "cpu" else "gpu"
+    devices = 1 if accel == "cpu" else tr["devices"]
+    trainer = L.Trainer(accelerator=accel, devices=devices, strategy=strategy, precision=precision,
+                        max_epochs=tr["epochs"], accumulate_grad_batches=tr["accumulate_grad_batches"],
+                        callbacks=[ckpt, cb], logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, default_root_dir=str(work), deterministic=False)
+    loader = torch.utils.data.DataLoader(list(range(tr["steps_per_epoch"])), batch_size=tr["batch_size"],
+                                         shuffle=False, num_workers=0)
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=resume)
+    state = module.lora_state()
+    from .. import lora as lora_mod
+
+    lora_mod.save(work / "lora.tmp.safetensors", state, {"rank": lo["rank"], "alpha": lo["alpha"]})
+    return int(trainer.global_step), cb.last_loss
+
+
+def _save_outputs(ctx, work: Path, kolors: Path):
+    from .. import lora as L
+
+    lo = ctx.story.data["lora"]
+    state, _ = L.load(work / "lora.tmp.safetensors")
+    base = ctx.story.data["models"]["kolors"]
+    unet_file = kolors / "unet" / "diffusion_pytorch_model.safetensors"
+    for fmt, name in output_names(ctx).items():
+        if fmt == "diffsynth":
+            tensors = state
+        elif fmt == "diffusers":
+            tensors = L.to_diffusers(state, lo["rank"], lo["alpha"], unet_file)
+        else:
+            tensors = L.to_kohya(state, lo["rank"], lo["alpha"], unet_file)
+        L.save(work / name, tensors, L.metadata(lo["rank"], lo["alpha"], base, fmt, lo["target_modules"]))
+    (work / "lora.tmp.safetensors").unlink()
