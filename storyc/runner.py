@@ -265,6 +265,9 @@ def build(plan: Plan, args) -> int:
                 state[n] = "would run"
             will_run |= set(todo)
             continue
+        from .stages._quiet import quiet_libraries
+
+        quiet_libraries()
         executor = importlib.import_module(f".stages.{kind}", __package__)
         label = kind if len(todo) > 1 else next(iter(todo))
         reporter.start(label, sorted({r for why in todo.values() for r in why})[:4] if len(todo) > 1 else todo[label])

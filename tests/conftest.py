@@ -35,3 +35,73 @@ def project(tmp_path):
     """An empty project folder (a .storyc marker makes it the project root)."""
     (tmp_path / ".storyc").mkdir()
     return tmp_path
+
+
+# ---------------------------------------------------------------- projects with tiny models
+
+BASE_SPEC = """\
+version: 1
+story: {id: t}
+models: {kolors: "tiny:kolors", vae: "tiny:sdxl-vae", aesthetic: "tiny:aesthetic"}
+dataset: {source: folder, path: data, caption: 二次元}
+filters:
+  - image_shape_filter: {min_width: 1024, min_height: 1024, any_or_all: any}
+  - image_aspect_ratio_filter: {min_ratio: 0.5, max_ratio: 2.0, any_or_all: any}
+processing: {workers: 1}
+lora: {rank: 4, alpha: 4.0}
+train: {epochs: 1, steps_per_epoch: 4, resolution: 64, precision: "32", gradient_checkpointing: false, checkpoint_every: 2}
+style: {prefix: "二次元，", negative: 丑陋}
+generation: {width: 64, height: 64, steps: 2, cfg_scale: 4.0, batch_size: 8}
+submission: {images: 3, min_aesthetic: -1.0, lora_formats: [diffsynth]}
+scenes:
+  - {id: home, prompt: 一个紫色短发小女孩在家, seed: 0, caption: 在家}
+  - {id: concert, prompt: 一个紫色短发小女孩在演唱会, seed: 1, caption: 演唱会}
+  - {id: stage, prompt: 一个紫色长发少女在舞台上, seed: 2, caption: 舞台}
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """The three tiny random-init models, built once per test session."""
+    from storyc.models import tiny
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    for name in ("kolors", "sdxl-vae", "aesthetic"):
+        tiny.ensure(name, root / f"tiny-{name}")
+    return root
+
+
+def write_images(folder, sizes):
+    """Flat-colour PNGs of the given sizes (cheap to write, a few kB each)."""
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (w, h) in enumerate(sizes):
+        im = Image.new("RGB", (w, h), (40 * i % 255, 90, 160))
+        ImageDraw.Draw(im).ellipse([w // 4, h // 4, w // 2, h // 2], fill=(200, 30 * i % 255, 90))
+        im.save(folder / f"img{i:02d}.png")
+
+
+def make_project(root, tiny_models, spec=BASE_SPEC, sizes=((1024, 1024), (1100, 1024), (512, 512))):
+    root.mkdir(parents=True, exist_ok=True)
+    (root / ".storyc" / "models").mkdir(parents=True, exist_ok=True)
+    for d in tiny_models.iterdir():
+        link = root / ".storyc" / "models" / d.name
+        if not link.exists():
+            link.symlink_to(d)
+    write_images(root / "data", sizes)
+    (root / "story.yaml").write_text(spec, "utf-8")
+    return root / "story.yaml"
+
+
+def build_report(spec) -> dict:
+    import json
+
+    from storyc.spec import load_story
+
+    story = load_story(spec)
+    return json.loads((story.root / "build" / story.id / "build_report.json").read_text("utf-8"))["stages"]
+
+
+def ran(spec) -> set:
+    return {k for k, v in build_report(spec).items() if v == "ran"}

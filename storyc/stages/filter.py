@@ -76,7 +76,7 @@ def run(ctx, names):
         raise _dj_error(ctx, "".join(log), ops, out_dir / "dj.log")
 
     result = out_dir / "result.jsonl"
-    rows = [json.loads(ln) for ln in result.read_text("utf-8").splitlines() if ln.strip()] if result.exists() else []
+    rows = _read_result(result)
     report = {"format": "storyc.filter_report/1", "input": n_in, "kept": len(rows), "executor": proc["executor"],
               "ops": []}
     prev = n_in
@@ -120,6 +120,13 @@ def run(ctx, names):
     return f"kept {len(rows)} of {n_in}"
 
 
+def _read_result(result: Path) -> list[dict]:
+    """Data-Juicer's export: one jsonl file (default executor) or a folder of json parts (Ray), in input order."""
+    files = sorted(result.iterdir()) if result.is_dir() else ([result] if result.exists() else [])
+    rows = [json.loads(ln) for f in files for ln in f.read_text("utf-8").splitlines() if ln.strip()]
+    return sorted(rows, key=lambda r: Path(r["image"][0]).name)  # ingest names images in dataset order
+
+
 def _print_table(ctx, report):
     ctx.report.line(f"     filter: {report['input']} records in")
     for o in report["ops"]:
@@ -130,15 +137,25 @@ def _print_table(ctx, report):
     ctx.report.line(f"     filter: {report['kept']} records kept")
 
 
+_PREFLIGHT = re.compile(r"✗ \[(\w+)\] (.+)")
+
+
 def _dj_error(ctx, log: str, ops, log_path: Path) -> StageError:
     """Data-Juicer's own complaint, pointed at the spec line of the op it names."""
+    hint = f"full log: {ctx.story.rel(log_path)}"
+    found = list(dict.fromkeys(m.groups() for m in _PREFLIGHT.finditer(log)))  # its preflight check, per op
+    if found:
+        msgs = []
+        for op, msg in found:
+            where = _op_line(ctx, ops.index(op)) if op in ops else "$.filters"
+            msgs.append(f"{where}: Data-Juicer rejected `{op}`: {msg.strip()}")
+        return StageError("filter", "\n".join(msgs), hint)
     lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
     msg = next((m.group(0) for ln in reversed(lines) for m in [_ERR.search(ln)] if m), lines[-1] if lines else "failed")
     for i, op in enumerate(ops):
-        if op in msg or f"[{op}]" in log.split("Error")[-1] if "Error" in log else False:
-            return StageError("filter", f"{_op_line(ctx, i)}: Data-Juicer rejected `{op}`: {msg}",
-                              f"full log: {ctx.story.rel(log_path)}")
-    return StageError("filter", f"Data-Juicer failed: {msg}", f"full log: {ctx.story.rel(log_path)}")
+        if op in msg:
+            return StageError("filter", f"{_op_line(ctx, i)}: Data-Juicer rejected `{op}`: {msg}", hint)
+    return StageError("filter", f"Data-Juicer failed: {msg}", hint)
 
 
 def _start_ray(ctx, workers: int):

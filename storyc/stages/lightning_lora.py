@@ -28,6 +28,7 @@ class LoRAModule(L.LightningModule):
         self.data, self.cfg = data, train
         self.lr, self.gc = train["learning_rate"], train["gradient_checkpointing"]
         self.strict_loading = False  # checkpoints hold only the LoRA weights
+        self.micro_batches = 0  # micro-batches consumed; saved in checkpoints so a resume draws the same samples
 
     def _sample(self, index: int):
         g = torch.Generator().manual_seed(sample_seed(self.cfg["seed"], index))
@@ -46,7 +47,10 @@ class LoRAModule(L.LightningModule):
         return lat, self.data["text_of"][data_id], g
 
     def training_step(self, batch, batch_idx):
-        lats, texts, gens = zip(*(self._sample(int(i) + self.current_epoch * 10**9) for i in batch))
+        b = len(batch)
+        first = self.micro_batches * b
+        self.micro_batches += 1
+        lats, texts, gens = zip(*(self._sample(first + j) for j in range(b)))
         dev = self.device
         wdtype = next(p for p in self.unet.parameters() if not p.requires_grad).dtype
         latents = torch.cat(lats).to(dev, wdtype)
@@ -74,6 +78,10 @@ class LoRAModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if ".lora_" in k}
+        checkpoint["storyc_micro_batches"] = self.micro_batches
+
+    def on_load_checkpoint(self, checkpoint):
+        self.micro_batches = int(checkpoint.get("storyc_micro_batches", 0))
 
     def lora_state(self) -> dict:
         return lora_mod.lora_state_dict(self.unet)

@@ -178,7 +178,8 @@ def cache_pass(ctx, kolors: Path, vae: Path, device: str, dtype) -> dict:
         with contextlib.redirect_stdout(io.StringIO()):
             mm.load_model_from_huggingface_folder(str(kolors / "text_encoder"), ["kolors_text_encoder"], [ChatGLMModel])
         prompter = KolorsPrompter()
-        prompter.fetch_models(mm.fetch_model("kolors_text_encoder"))
+        with contextlib.redirect_stdout(io.StringIO()):
+            prompter.fetch_models(mm.fetch_model("kolors_text_encoder"))
         with torch.no_grad():
             for t in txt_missing:
                 pooled, emb = prompter.encode_prompt(t, device=device, positive=True)
@@ -223,20 +224,26 @@ def fit(ctx, work: Path, kolors: Path, data: dict, device: str, precision: str, 
             resume = str(last)
         except Exception as e:  # a checkpoint cut off mid-write: start over rather than crash
             ctx.report.line(f"warning: checkpoint {last.name} unreadable ({type(e).__name__}); training from step 0")
-    total = tr["epochs"] * -(-tr["steps_per_epoch"] // tr["batch_size"])
-    cb = StoryCallbacks(ctx, work / "train_log.csv", total // tr["accumulate_grad_batches"], resume is not None)
+    micro = tr["epochs"] * -(-tr["steps_per_epoch"] // tr["batch_size"])  # batches, as diffsynth counts them
+    total = max(1, micro // tr["accumulate_grad_batches"])  # optimizer steps
+    cb = StoryCallbacks(ctx, work / "train_log.csv", total, resume is not None)
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step}", every_n_train_steps=tr["checkpoint_every"],
                                                save_last=True, save_top_k=0, save_on_train_epoch_end=False)
+    import logging
+
+    for name in ("lightning.pytorch", "lightning.fabric"):  # Lightning resets these to INFO on import
+        logging.getLogger(name).setLevel(logging.ERROR)
     strategy = tr["strategy"]
     if strategy == "ddp":
         strategy = "ddp_spawn"  # a plain ddp launcher would re-run the whole storyc command in every rank
     accel = "cpu" if device == "cpu" else "gpu"
     devices = 1 if accel == "cpu" else tr["devices"]
     trainer = L.Trainer(accelerator=accel, devices=devices, strategy=strategy, precision=precision,
-                        max_epochs=tr["epochs"], accumulate_grad_batches=tr["accumulate_grad_batches"],
+                        max_epochs=1, max_steps=total, accumulate_grad_batches=tr["accumulate_grad_batches"],
                         callbacks=[ckpt, cb], logger=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, default_root_dir=str(work), deterministic=False)
-    loader = torch.utils.data.DataLoader(list(range(tr["steps_per_epoch"])), batch_size=tr["batch_size"],
+    # The loader only paces the loop; what each step trains on is drawn from (seed, sample index).
+    loader = torch.utils.data.DataLoader(list(range(micro * tr["batch_size"])), batch_size=tr["batch_size"],
                                          shuffle=False, num_workers=0)
     trainer.fit(module, train_dataloaders=loader, ckpt_path=resume)
     state = module.lora_state()
