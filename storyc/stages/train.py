@@ -34,7 +34,11 @@ def train_key(ctx) -> str:
                    "kolors": ctx.fingerprint("kolors"), "vae": ctx.fingerprint("vae")})
 
 
+FORMATS = ("diffsynth", "diffusers", "kohya")  # the cache holds all three: stories sharing it may ship any
+
+
 def output_names(ctx) -> dict:
+    """format -> file name in build/<id>/lora/ (the cache names them by format alone)."""
     sid = ctx.story.id
     fmts = ["diffsynth"] + [f for f in ctx.story.data["submission"]["lora_formats"] if f != "diffsynth"]
     return {f: f"{sid}.{f}.safetensors" for f in fmts}
@@ -55,11 +59,13 @@ def run(ctx, names):
         work.rename(final)
     out = ctx.path("lora")
     out.mkdir(parents=True, exist_ok=True)
-    files = list(output_names(ctx).values()) + ["train_log.csv", "train_report.json"]
-    for f in files:
-        tmp = out / f".{f}.tmp"
-        shutil.copyfile(final / f, tmp)
-        tmp.replace(out / f)
+    copies = {f"{fmt}.safetensors": name for fmt, name in output_names(ctx).items()}
+    copies.update({"train_log.csv": "train_log.csv", "train_report.json": "train_report.json"})
+    for src, dst in copies.items():
+        tmp = out / f".{dst}.tmp"
+        shutil.copyfile(final / src, tmp)
+        tmp.replace(out / dst)
+    files = list(copies.values())
     rep = json.loads((final / "train_report.json").read_text("utf-8"))
     ctx.finish("train", [f"lora/{f}" for f in files], {"cache_key": key, "reused": reused,
                                                         "final_loss": rep.get("final_loss")})
@@ -214,6 +220,7 @@ def fit(ctx, work: Path, kolors: Path, data: dict, device: str, precision: str, 
 
     tr, lo = ctx.story.data["train"], ctx.story.data["lora"]
     unet = load_unet_for(kolors, dtype, "cpu")
+    L.seed_everything(tr["seed"], workers=True, verbose=False)  # the LoRA's initial weights come from the seed
     module = LoRAModule(unet, data, lora=lo, train=tr)
     ckpt_dir = work / "checkpoints"
     last = ckpt_dir / "last.ckpt"
@@ -260,7 +267,8 @@ def _save_outputs(ctx, work: Path, kolors: Path):
     state, _ = L.load(work / "lora.tmp.safetensors")
     base = ctx.story.data["models"]["kolors"]
     unet_file = kolors / "unet" / "diffusion_pytorch_model.safetensors"
-    for fmt, name in output_names(ctx).items():
+    for fmt in FORMATS:
+        name = f"{fmt}.safetensors"
         if fmt == "diffsynth":
             tensors = state
         elif fmt == "diffusers":

@@ -1,0 +1,215 @@
+"""train stage on tiny random-init Kolors-architecture models, through the CLI and the real libraries."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import BASE_SPEC, make_project, ran, run_cli
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_models):
+    spec = make_project(tmp_path_factory.mktemp("train"), tiny_models,
+                        BASE_SPEC.replace("lora_formats: [diffsynth]", "lora_formats: [diffsynth, diffusers, kohya]"))
+    from storyc.cli import main
+
+    assert main(["build", str(spec), "--until", "train", "-q"]) == 0
+    return spec
+
+
+def _lora(spec, fmt="diffsynth"):
+    from storyc import lora
+
+    return lora.load(spec.parent / f"build/t/lora/t.{fmt}.safetensors")
+
+
+def test_lora_files_are_safetensors_with_metadata(trained):
+    for fmt in ("diffsynth", "diffusers", "kohya"):
+        state, meta = _lora(trained, fmt)
+        assert state and meta["format"] == fmt and meta["rank"] == "4" and meta["alpha"] == "4"
+        assert meta["base_model"] == "tiny:kolors" and meta["storyc_version"]
+    state, _ = _lora(trained)
+    assert any(k.endswith("to_q.lora_A.default.weight") for k in state)
+    assert any(k.endswith("to_out.lora_B.default.weight") for k in state)
+    # gaussian init starts lora_B at zero: training moved it
+    assert max(float(v.abs().max()) for k, v in state.items() if "lora_B" in k) > 0
+    log = (trained.parent / "build/t/lora/train_log.csv").read_text("utf-8").splitlines()
+    assert log[0] == "step,loss" and len(log) == 5
+
+
+def _unet_and_inputs(tiny_models, seed=0):
+    from storyc.models.kolors import load_unet_for
+
+    unet = load_unet_for(tiny_models / "tiny-kolors", torch.float32, "cpu")
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    ehs = torch.randn(2, 256, 64, generator=g)
+    ate = torch.randn(2, 64, generator=g)
+    tid = torch.tensor([64, 64, 0, 0, 64, 64]).repeat(2)
+    return unet, (x, torch.tensor([500.0]), ehs, tid, ate)
+
+
+def test_diffsynth_lora_loads_with_the_notebooks_load_lora(trained, tiny_models):
+    """The notebook's load_lora (peft inject + load_state_dict) and storyc's merge give the same UNet."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from storyc import lora
+
+    state, meta = _lora(trained)
+    unet_a, inp = _unet_and_inputs(tiny_models)
+    cfg = LoraConfig(r=4, lora_alpha=4.0, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out"])
+    unet_a = inject_adapter_in_model(cfg, unet_a)
+    missing, unexpected = unet_a.load_state_dict(state, strict=False)
+    assert not unexpected
+    unet_b, _ = _unet_and_inputs(tiny_models)
+    base = unet_b(*inp).detach().clone()
+    assert lora.merge(unet_b, state, 4.0 / 4) > 0
+    with torch.no_grad():
+        out_a, out_b = unet_a(*inp), unet_b(*inp)
+    assert torch.allclose(out_a, out_b, atol=1e-4), (out_a - out_b).abs().max()
+    assert not torch.allclose(base, out_b, atol=1e-6)  # the LoRA does something
+
+
+def _diffusers_unet(tiny_models):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(tiny_models / "tiny-kolors" / "unet").eval()
+
+
+def _diffusers_out(unet, inp):
+    x, t, ehs, tid, ate = inp
+    with torch.no_grad():
+        return unet(x, t, encoder_hidden_states=ehs,
+                    added_cond_kwargs={"text_embeds": ate, "time_ids": tid.reshape(2, 6).float()}).sample
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def test_exports_load_into_diffusers_and_match(trained, tiny_models, fmt):
+    from diffusers import StableDiffusionXLPipeline
+
+    from storyc import lora
+
+    state, _ = _lora(trained)
+    ours, inp = _unet_and_inputs(tiny_models)
+    lora.merge(ours, state, 1.0)
+    with torch.no_grad():
+        want = ours(*inp)
+    exported, _ = _lora(trained, fmt)
+    sd, alphas = StableDiffusionXLPipeline.lora_state_dict(exported)
+    unet = _diffusers_unet(tiny_models)
+    base = _diffusers_out(unet, inp)
+    unet.load_lora_adapter(sd, prefix="unet", network_alphas=alphas, adapter_name="story")
+    got = _diffusers_out(unet, inp)
+    assert torch.allclose(got, want, atol=2e-4), (got - want).abs().max()
+    assert not torch.allclose(base, got, atol=1e-6)
+
+
+def test_cache_is_reused_and_text_encoder_not_called_again(trained):
+    rep = json.loads((trained.parent / "build/t/lora/train_report.json").read_text("utf-8"))
+    assert rep["encoded_images"] == 2 and rep["encoded_texts"] == 1
+    spec2 = trained.parent / "story2.yaml"
+    spec2.write_text(trained.read_text("utf-8").replace("{rank: 4, alpha: 4.0}", "{rank: 2, alpha: 2.0}")
+                     .replace("story: {id: t}", "story: {id: t2}"), "utf-8")
+    from storyc.cli import main
+
+    assert main(["build", str(spec2), "--until", "train", "-q"]) == 0
+    rep2 = json.loads((trained.parent / "build/t2/lora/train_report.json").read_text("utf-8"))
+    assert rep2["encoded_images"] == 0 and rep2["encoded_texts"] == 0  # no VAE, no ChatGLM this time
+    assert rep2["lora"]["rank"] == 2
+
+
+def _eval_loss(unet, latent, emb, seeds=range(8)):
+    """Mean diffusion loss over fixed (noise, timestep) draws: the same batch every call."""
+    from diffsynth.schedulers import EnhancedDDIMScheduler
+
+    sch = EnhancedDDIMScheduler(beta_end=0.014, num_train_timesteps=1100)
+    sch.set_timesteps(1100)
+    tid = torch.tensor([64, 64, 0, 0, 64, 64])
+    total = 0.0
+    for s in seeds:
+        g = torch.Generator().manual_seed(s)
+        noise = torch.randn(latent.shape, generator=g)
+        t = sch.timesteps[torch.randint(0, 1100, (1,), generator=g)]
+        with torch.no_grad():
+            pred = unet(sch.add_noise(latent, noise, t), t, emb["encoder_hidden_states"].float(), tid,
+                        emb["add_text_embeds"].float())
+        total += float(torch.nn.functional.mse_loss(pred, sch.training_target(latent, noise, t)))
+    return total / len(seeds)
+
+
+def test_training_lowers_the_loss_on_a_repeated_image(tmp_path, tiny_models):
+    from safetensors.torch import load_file
+
+    from storyc import lora
+    from storyc.models.kolors import load_unet_for
+
+    spec = make_project(tmp_path, tiny_models, BASE_SPEC.replace(
+        "train: {epochs: 1, steps_per_epoch: 4,", "train: {epochs: 1, steps_per_epoch: 80, learning_rate: 1.0e-2,"),
+        sizes=((1024, 1024),))
+    from storyc.cli import main
+
+    assert main(["build", str(spec), "--until", "train", "-q"]) == 0
+    latent = load_file(str(next((tmp_path / ".storyc/cache/latents").glob("*.safetensors"))))["latent"].float()
+    emb = load_file(str(next((tmp_path / ".storyc/cache/text").glob("*.safetensors"))))
+    unet = load_unet_for(tiny_models / "tiny-kolors", torch.float32, "cpu")
+    before = _eval_loss(unet, latent, emb)
+    state, _ = lora.load(tmp_path / "build/t/lora/t.diffsynth.safetensors")
+    lora.merge(unet, state, 1.0)
+    after = _eval_loss(unet, latent, emb)
+    assert after < before * 0.95, (before, after)
+
+
+def test_resume_continues_from_checkpoint_and_matches_uninterrupted(tmp_path, tiny_models):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    spec_text = BASE_SPEC.replace("steps_per_epoch: 4,", "steps_per_epoch: 120,").replace("checkpoint_every: 2", "checkpoint_every: 20")
+    a = make_project(tmp_path / "a", tiny_models, spec_text, sizes=((1024, 1024),))
+    b = make_project(tmp_path / "b", tiny_models, spec_text, sizes=((1024, 1024),))
+    from storyc.cli import main
+
+    assert main(["build", str(a), "--until", "train", "-q"]) == 0
+    assert main(["build", str(b), "--until", "filter", "-q"]) == 0
+    p = subprocess.Popen([sys.executable, "-m", "storyc", "build", str(b), "--until", "train"], cwd=tmp_path / "b",
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    ckpts = []
+    while time.time() < deadline and not ckpts:
+        ckpts = list((tmp_path / "b/.storyc/cache/train").glob("*.partial/checkpoints/last.ckpt"))
+        time.sleep(0.05)
+    assert ckpts, "no checkpoint appeared"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    r = run_cli("build", b, "--until", "train", cwd=tmp_path / "b")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "resuming training at step" in r.stdout
+    log = (tmp_path / "b/build/t/lora/train_log.csv").read_text().splitlines()
+    assert [int(x.split(",")[0]) for x in log[1:]] == list(range(1, 121))
+    sa, _ = _lora(a)
+    sb, _ = _lora(b)
+    assert sa.keys() == sb.keys()
+    assert max(float((sa[k] - sb[k]).abs().max()) for k in sa) < 1e-5
+
+
+def test_two_stories_share_one_trained_lora(trained):
+    spec3 = trained.parent / "story3.yaml"
+    spec3.write_text(trained.read_text("utf-8").replace("story: {id: t}", "story: {id: t3}")
+                     .replace("seed: 0,", "seed: 10,"), "utf-8")
+    from storyc.cli import main
+
+    assert main(["build", str(spec3), "--until", "train", "-q"]) == 0
+    lock = (trained.parent / "story3.lock").read_text("utf-8")
+    assert "reused: true" in lock
+    assert "train" in ran(spec3)  # it ran, but only to copy the cached LoRA
+    a = (trained.parent / "build/t/lora/t.diffsynth.safetensors").read_bytes()
+    b = (trained.parent / "build/t3/lora/t3.diffsynth.safetensors").read_bytes()
+    assert _strip_meta(a) == _strip_meta(b)
+
+
+def _strip_meta(raw: bytes):
+    from safetensors.torch import load
+
+    return {k: v.tolist() for k, v in load(raw).items()}
