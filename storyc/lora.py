@@ -108,15 +108,28 @@ def to_kohya(state: dict, rank: int, alpha: float, unet_weights: Path) -> dict:
     return out
 
 
-def save(path: Path, tensors: dict, meta: dict) -> None:
-    """safetensors (never pickle), written to a temp name and renamed."""
-    from safetensors.torch import save_file
+def deterministic_safetensors(tensors: dict, meta: dict) -> bytes:
+    """safetensors bytes with a stable header: the library writes metadata in hash-map order, which would
+    make identical LoRAs differ byte for byte (and so in the lock)."""
+    import struct
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={k: str(v) for k, v in meta.items()})
-    tmp.replace(path)
+    from safetensors.torch import save
+
+    raw = save(tensors, metadata={k: str(v) for k, v in meta.items()})
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(dict(sorted(header.items())), separators=(",", ":")).encode()
+    text += b" " * (-(len(text)) % 8)
+    return struct.pack("<Q", len(text)) + text + raw[8 + n:]
+
+
+def save(path: Path, tensors: dict, meta: dict) -> None:
+    """safetensors (never pickle), byte-stable, written to a temp name and renamed."""
+    from .render import atomic_write
+
+    atomic_write(Path(path), deterministic_safetensors(tensors, meta), "wb")
 
 
 def load(path: Path) -> tuple[dict, dict]:

@@ -144,7 +144,9 @@ def reasons(ctx: Context, name: str, will_run: set) -> list[str]:
     out = []
     if entry.get("params_hash") != st.params_hash:
         changed = _diff(entry.get("params"), st.params)
-        scene = f"scenes[{[s.id for s in plan.story.scenes].index(st.scene)}]: " if st.scene else ""
+        own = {"prompt", "negative_prompt", "seeds", "file"}  # keys that come from the scene itself
+        scene = (f"scenes[{[s.id for s in plan.story.scenes].index(st.scene)}]: "
+                 if st.scene and changed and all(c.split(".")[0] in own for c in changed) else "")
         out.append(f"{scene}{', '.join(changed) or 'stage version'} changed")
     for d in st.deps:
         if d in will_run:

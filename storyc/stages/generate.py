@@ -46,11 +46,15 @@ def load_merged_pipeline(kolors: Path, lora_path: Path | None, strength: float, 
 
 def render(pipe, items: list[dict], gen: dict, batch_size: int, progress=None):
     """Render items [{prompt, negative_prompt, seed}] -> list of PIL images, batched with CFG."""
+    return list(render_iter(pipe, items, gen, batch_size, progress))
+
+
+def render_iter(pipe, items: list[dict], gen: dict, batch_size: int, progress=None):
+    """Yield each item's PIL image as soon as its batch is decoded (so finished scenes can be saved at once)."""
     import torch
 
     h, w, steps, cfg = gen["height"], gen["width"], gen["steps"], gen["cfg_scale"]
     dev, dt = pipe.device, pipe.torch_dtype
-    images = []
     total = len(items) * steps
     done = 0
     for start in range(0, len(items), batch_size):
@@ -79,9 +83,8 @@ def render(pipe, items: list[dict], gen: dict, batch_size: int, progress=None):
                 done += b
                 if progress:
                     progress(done, total)
-            for i in range(b):
-                images.append(pipe.decode_image(latents[i:i + 1]))
-    return images
+            decoded = [pipe.decode_image(latents[i:i + 1]) for i in range(b)]
+        yield from decoded
 
 
 def _device(ctx):
@@ -108,56 +111,63 @@ def run(ctx, names):
              for s in todo for seed in s["seeds"]]
     _warn_truncation(ctx, todo)
     shards = _gpu_count(device)
-    if shards > 1 and len(items) > 1:
-        results = _render_ray(ctx, kolors, lpath, gen, items, shards)
-    else:
-        pipe = load_merged_pipeline(kolors, lpath, gen["lora_strength"], dtype, device)
-        results = _render_local(ctx, pipe, gen, items)
     scorer = None
     if gen["candidates"] > 1:
         from .score import Scorer
 
         scorer = Scorer(ctx.model("aesthetic"), device)
-    for s in todo:
-        cands = [(it, img) for it, img in results if it["scene"] == s["id"]]
-        chosen_seed, cand_scores = s["seed"], None
-        if scorer is not None:
-            folder = ctx.path("images/candidates")
-            scores = scorer.score([img for _, img in cands])
-            cand_scores = {}
-            for (it, img), sc in zip(cands, scores):
-                _save_png(img, folder / f"{Path(s['file']).stem}-s{it['seed']}.png")
-                cand_scores[str(it["seed"])] = round(sc, 6)
-            best = max(range(len(cands)), key=lambda i: (scores[i], -cands[i][0]["seed"]))
-            chosen_seed, image = cands[best][0]["seed"], cands[best][1]
-        else:
-            image = cands[0][1]
-        _save_png(image, ctx.path(s["file"]))
-        rec = {"format": "storyc.scene/1", "scene": s["id"], "index": s["index"], "prompt": s["prompt"],
-               "negative_prompt": s["negative_prompt"], "seed": chosen_seed, "steps": gen["steps"],
-               "cfg_scale": gen["cfg_scale"], "width": gen["width"], "height": gen["height"],
-               "lora_scale": gen["lora_scale"], "lora_sha256": lora_sha, "caption": s["caption"]}
-        if cand_scores:
-            rec["candidate_scores"] = cand_scores
-        meta = str(Path(s["file"]).with_suffix(".json"))
-        atomic_write(ctx.path(meta), canonical_json(rec))
-        extra = {"seed": chosen_seed, "digest_extra": chosen_seed}
-        if cand_scores:
-            extra["candidate_scores"] = cand_scores
-        ctx.finish(f"generate[{s['id']}]", [s["file"], meta], extra)
+    pending = {s["id"]: [] for s in todo}
+    by_scene = {s["id"]: s for s in todo}
+
+    def arrived(item, image):  # save and record a scene as soon as all its candidates are rendered
+        pending[item["scene"]].append((item, image))
+        s = by_scene[item["scene"]]
+        if len(pending[s["id"]]) == len(s["seeds"]):
+            _finish_scene(ctx, gen, s, pending.pop(s["id"]), scorer, lora_sha)
+
+    if shards > 1 and len(items) > 1:
+        for it, img in _render_ray(ctx, kolors, lpath, gen, items, shards):
+            arrived(it, img)
+    else:
+        pipe = load_merged_pipeline(kolors, lpath, gen["lora_strength"], dtype, device)
+        progress = lambda d, t: ctx.report.update(d, t, "denoising")  # noqa: E731
+        for it, img in zip(items, render_iter(pipe, items, gen, max(1, gen["batch_size"]), progress)):
+            arrived(it, img)
     return f"{len(todo)} scene(s), {len(items)} image(s) on {device}" + (f" x{shards} GPUs" if shards > 1 else "")
+
+
+def _finish_scene(ctx, gen, s, cands, scorer, lora_sha):
+    chosen_seed, cand_scores = s["seed"], None
+    if scorer is not None:
+        folder = ctx.path("images/candidates")
+        scores = scorer.score([img for _, img in cands])
+        cand_scores = {}
+        for (it, img), sc in zip(cands, scores):
+            _save_png(img, folder / f"{Path(s['file']).stem}-s{it['seed']}.png")
+            cand_scores[str(it["seed"])] = round(sc, 6)
+        best = max(range(len(cands)), key=lambda i: (scores[i], -cands[i][0]["seed"]))
+        chosen_seed, image = cands[best][0]["seed"], cands[best][1]
+    else:
+        image = cands[0][1]
+    _save_png(image, ctx.path(s["file"]))
+    rec = {"format": "storyc.scene/1", "scene": s["id"], "index": s["index"], "prompt": s["prompt"],
+           "negative_prompt": s["negative_prompt"], "seed": chosen_seed, "steps": gen["steps"],
+           "cfg_scale": gen["cfg_scale"], "width": gen["width"], "height": gen["height"],
+           "lora_scale": gen["lora_scale"], "lora_sha256": lora_sha, "caption": s["caption"]}
+    if cand_scores:
+        rec["candidate_scores"] = cand_scores
+    meta = str(Path(s["file"]).with_suffix(".json"))
+    atomic_write(ctx.path(meta), canonical_json(rec))
+    extra = {"seed": chosen_seed, "digest_extra": chosen_seed}
+    if cand_scores:
+        extra["candidate_scores"] = cand_scores
+    ctx.finish(f"generate[{s['id']}]", [s["file"], meta], extra)
 
 
 def _save_png(img, path: Path):
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     atomic_write(path, buf.getvalue(), "wb")
-
-
-def _render_local(ctx, pipe, gen, items):
-    bs = max(1, gen["batch_size"])
-    imgs = render(pipe, items, gen, bs, progress=lambda d, t: ctx.report.update(d, t, "denoising"))
-    return list(zip(items, imgs))
 
 
 def _gpu_count(device: str) -> int:

@@ -67,8 +67,7 @@ def run(ctx, names):
         tmp.replace(out / dst)
     files = list(copies.values())
     rep = json.loads((final / "train_report.json").read_text("utf-8"))
-    ctx.finish("train", [f"lora/{f}" for f in files], {"cache_key": key, "reused": reused,
-                                                        "final_loss": rep.get("final_loss")})
+    ctx.finish("train", [f"lora/{f}" for f in files], {"cache_key": key, "final_loss": rep.get("final_loss")})
     return f"reused cached LoRA {key[:12]}" if reused else f"trained {rep['steps']} steps, loss {rep['final_loss']:.4f}"
 
 
@@ -112,8 +111,9 @@ def _train(ctx, work: Path):
     atomic_write(work / "train_report.json", canonical_json({
         "format": "storyc.train_report/1", "steps": steps, "final_loss": final_loss, "device": device,
         "precision": precision, "lora": lo, "train": tr, "images": data["n_images"],
-        "encoded_images": data["encoded_images"], "encoded_texts": data["encoded_texts"],
-        "cache_seconds": round(cache_s, 3), "train_seconds": round(train_s, 3)}))
+        "encoded_images": data["encoded_images"], "encoded_texts": data["encoded_texts"]}))
+    # timings go to the console, not into outputs: outputs must be byte-identical run to run
+    ctx.report.line(f"     cache pass {cache_s:.1f}s, training {train_s:.1f}s ({steps / max(train_s, 1e-9):.2f} steps/s)")
 
 
 def _load_image(path: Path, w: int, h: int, center_crop: bool):

@@ -1,0 +1,194 @@
+"""generate -> score -> bundle on tiny random-init Kolors and a tiny aesthetic predictor, 64x64, 2 steps."""
+import hashlib
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import BASE_SPEC, make_project, ran, run_cli
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_models):
+    spec = make_project(tmp_path_factory.mktemp("gen"), tiny_models,
+                        BASE_SPEC.replace("lora_formats: [diffsynth]", "lora_formats: [diffsynth, kohya]")
+                        .replace("negative: 丑陋}", "negative: 丑陋}\ngeneration: {width: 64, height: 64, steps: 2, "
+                                 "cfg_scale: 4.0, batch_size: 8, lora_scale: 0.5}").replace(
+                            "generation: {width: 64, height: 64, steps: 2, cfg_scale: 4.0, batch_size: 8}\n", ""))
+    from storyc.cli import main
+
+    assert main(["build", str(spec), "-q"]) == 0
+    return spec
+
+
+def _arr(p):
+    return np.asarray(Image.open(p).convert("RGB")).astype(np.int16)
+
+
+def test_submission_folder_and_manifest(built):
+    sub = built.parent / "build/t/submission/t"
+    files = sorted(p.name for p in sub.iterdir())
+    assert files == sorted(["01-home.png", "02-concert.png", "03-stage.png", "README.md", "manifest.json",
+                            "prompts.csv", "prompts.json", "prompts.txt", "report.html", "scores.json",
+                            "storyboard.png", "t.diffsynth.safetensors", "t.kohya.safetensors"])
+    manifest = json.loads((sub / "manifest.json").read_text("utf-8"))
+    assert set(manifest["files"]) == set(files) - {"manifest.json"}
+    for name, rec in manifest["files"].items():
+        assert rec["sha256"] == hashlib.sha256((sub / name).read_bytes()).hexdigest()
+    csv_text = (sub / "prompts.csv").read_text("utf-8-sig")
+    assert "home,01-home.png,二次元，一个紫色短发小女孩在家,丑陋,0,在家" in csv_text
+    board = Image.open(sub / "storyboard.png")
+    assert board.width == 2 * 64 and board.height > 2 * 64  # 2 columns, 2 rows plus captions
+    scores = json.loads((sub / "scores.json").read_text("utf-8"))
+    assert scores["valid"] is True and len(scores["images"]) == 3
+    assert 0 < scores["style_coherence"]["mean_pairwise_cosine"] <= 1
+    readme = (sub / "README.md").read_text("utf-8")
+    assert "storyc build story.yaml" in readme and "VALID" in readme
+
+
+def test_images_reproducible_across_batch_sizes(built, tiny_models):
+    from storyc.stages.generate import load_merged_pipeline, render
+
+    gen = json.loads((built.parent / "build/t/generate/generation_plan.json").read_text("utf-8"))
+    pipe = load_merged_pipeline(tiny_models / "tiny-kolors", built.parent / "build/t/lora/t.diffsynth.safetensors",
+                                gen["lora_strength"], torch.float32, "cpu")
+    items = [{"prompt": s["prompt"], "negative_prompt": s["negative_prompt"], "seed": s["seed"]} for s in gen["scenes"]]
+    one = render(pipe, items, gen, batch_size=1)
+    three = render(pipe, list(reversed(items)), gen, batch_size=3)[::-1]
+    for a, b, s in zip(one, three, gen["scenes"]):
+        diff = np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max()
+        assert diff <= 2, diff
+        assert np.abs(_arr(built.parent / "build/t" / s["file"]) - np.asarray(a).astype(int)).max() <= 2
+
+
+def test_merged_lora_equals_the_notebooks_unmerged_peft_path(built, tiny_models):
+    """The notebook: peft inject at alpha = training alpha * lora_scale, then pipe(...) one image at a time."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from safetensors.torch import load_file
+
+    from storyc.models.kolors import load_pipeline
+
+    gen = json.loads((built.parent / "build/t/generate/generation_plan.json").read_text("utf-8"))
+    pipe = load_pipeline(tiny_models / "tiny-kolors", torch.float32, "cpu")
+    cfg = LoraConfig(r=4, lora_alpha=gen["lora_alpha"], init_lora_weights="gaussian",
+                     target_modules=["to_q", "to_k", "to_v", "to_out"])
+    pipe.unet = inject_adapter_in_model(cfg, pipe.unet)
+    pipe.unet.load_state_dict(load_file(str(built.parent / "build/t/lora/t.diffsynth.safetensors")), strict=False)
+    for s in gen["scenes"]:
+        img = pipe(prompt=s["prompt"], negative_prompt=s["negative_prompt"], cfg_scale=gen["cfg_scale"],
+                   num_inference_steps=gen["steps"], height=64, width=64, seed=s["seed"], progress_bar_cmd=lambda x: x)
+        diff = np.abs(np.asarray(img).astype(int) - _arr(built.parent / "build/t" / s["file"])).max()
+        assert diff <= 2, (s["id"], diff)
+
+
+def test_scores_match_the_notebooks_evaluate(built, tiny_models, tmp_path):
+    """The competition's own scoring code, verbatim but for the model folder and device."""
+    from aesthetics_predictor import AestheticsPredictorV2Linear
+    from transformers import CLIPProcessor
+
+    model_id = str(tiny_models / "tiny-aesthetic")
+    predictor = AestheticsPredictorV2Linear.from_pretrained(model_id)
+    processor = CLIPProcessor.from_pretrained(model_id)
+    device = "cpu"
+    predictor = predictor.to(device)
+
+    def get_aesthetics_score(image):
+        inputs = processor(images=image, return_tensors="pt")
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        with torch.no_grad():
+            outputs = predictor(**inputs)
+        prediction = outputs.logits
+        return prediction.tolist()[0][0]
+
+    def evaluate(folder):
+        scores = []
+        for file_name in os.listdir(folder):
+            if os.path.isfile(os.path.join(folder, file_name)):
+                image = Image.open(os.path.join(folder, file_name))
+                scores.append(get_aesthetics_score(image))
+        if len(scores) == 0:
+            return 0
+        else:
+            return sum(scores) / len(scores)
+
+    sub = built.parent / "build/t/submission/t"
+    images = tmp_path / "images"
+    images.mkdir()
+    for p in sub.glob("0*.png"):
+        shutil.copy(p, images / p.name)
+    ours = json.loads((sub / "scores.json").read_text("utf-8"))
+    assert abs(evaluate(str(images)) - ours["mean"]) < 1e-5
+    for name, score in ours["images"].items():
+        assert abs(get_aesthetics_score(Image.open(images / name)) - score) < 1e-5
+
+
+def test_score_cli_on_a_folder(built, tiny_models):
+    r = run_cli("score", built.parent / "build/t/images", "--model", tiny_models / "tiny-aesthetic", "--min", "-5")
+    assert r.returncode == 0, r.stderr
+    assert "01-home.png" in r.stdout and "PASS (gate -5)" in r.stdout
+    r = run_cli("score", built.parent / "build/t/images", "--model", tiny_models / "tiny-aesthetic")
+    assert r.returncode == 1 and "FAIL (gate 6)" in r.stdout
+
+
+def test_invalid_gate_writes_bundle_and_fails_naming_weakest(built, tmp_path):
+    proj = tmp_path / "p"
+    shutil.copytree(built.parent, proj, symlinks=True)
+    spec = proj / "story.yaml"
+    spec.write_text(spec.read_text("utf-8").replace("min_aesthetic: -1.0", "min_aesthetic: 6.0"), "utf-8")
+    r = run_cli("build", spec, cwd=proj)
+    assert r.returncode == 3
+    assert "submission INVALID: mean aesthetic" in r.stdout and "weakest:" in r.stdout
+    assert ran(spec) == {"bundle"}
+    manifest = json.loads((proj / "build/t/submission/t/manifest.json").read_text("utf-8"))
+    assert manifest["valid"] is False
+    r = run_cli("publish", spec, "--model-id", "me/story", cwd=proj)
+    assert r.returncode == 1 and "refusing to publish" in r.stderr
+
+
+def test_candidates_keep_the_best_scoring_seed(tmp_path, tiny_models):
+    spec = make_project(tmp_path, tiny_models, BASE_SPEC.replace("batch_size: 8}", "batch_size: 8, candidates: 3}"))
+    from storyc.cli import main
+
+    assert main(["build", str(spec), "-q"]) == 0
+    lock = __import__("yaml").safe_load((tmp_path / "story.lock").read_text("utf-8"))
+    for sid, file in (("home", "01-home"), ("concert", "02-concert"), ("stage", "03-stage")):
+        extra = lock["stages"][f"generate[{sid}]"]["extra"]
+        scores = {int(k): v for k, v in extra["candidate_scores"].items()}
+        assert len(scores) == 3
+        best = max(scores, key=lambda k: scores[k])
+        assert extra["seed"] == best
+        chosen = tmp_path / f"build/t/images/{file}.png"
+        assert chosen.read_bytes() == (tmp_path / f"build/t/images/candidates/{file}-s{best}.png").read_bytes()
+        rec = json.loads(chosen.with_suffix(".json").read_text("utf-8"))
+        assert rec["seed"] == best
+
+
+def test_report_renders_in_headless_chromium(built, tmp_path):
+    import subprocess
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if not chromium:
+        pytest.skip("Chromium is not installed (apt-get install chromium to run this check)")
+    shot = tmp_path / "report.png"
+    html = built.parent / "build/t/submission/t/report.html"
+    r = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                        f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1000,1400",
+                        html.as_uri()], capture_output=True, text=True, timeout=120)
+    assert shot.exists(), r.stderr
+    img = np.asarray(Image.open(shot).convert("L"))
+    assert img.std() > 10  # not a blank page
+    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
+                          f"--user-data-dir={tmp_path / 'profile2'}", html.as_uri()], capture_output=True, text=True,
+                         timeout=120).stdout
+    assert 'id="verdict"' in dom and "VALID" in dom and "storyboard" in dom
+
+
+def test_publish_offline_fails_fast(built, monkeypatch):
+    r = run_cli("publish", built, "--model-id", "me/story", cwd=built.parent, env={"MODELSCOPE_API_TOKEN": "x"},
+                timeout=60)
+    assert r.returncode == 1 and "cannot reach ModelScope" in r.stderr
+    assert "x" not in r.stdout.split()  # the token is never printed
