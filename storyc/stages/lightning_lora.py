@@ -20,6 +20,7 @@ class LoRAModule(L.LightningModule):
         from diffsynth.schedulers import EnhancedDDIMScheduler
 
         self.unet = lora_mod.inject(unet, lora["rank"], lora["alpha"], lora["target_modules"], lora["init"])
+        self.unet.train()  # diffsynth's UNet checkpoints activations only in training mode
         self.unet.requires_grad_(False)
         for n, p in self.unet.named_parameters():
             p.requires_grad_(".lora_" in n)
@@ -29,6 +30,12 @@ class LoRAModule(L.LightningModule):
         self.lr, self.gc = train["learning_rate"], train["gradient_checkpointing"]
         self.strict_loading = False  # checkpoints hold only the LoRA weights
         self.micro_batches = 0  # micro-batches consumed; saved in checkpoints so a resume draws the same samples
+        self.compiled = False
+
+    def setup(self, stage):
+        if self.cfg.get("compile") and self.device.type == "cuda" and not self.compiled:
+            self.unet.compile()  # in place: parameter names (and so checkpoints) stay the same
+            self.compiled = True
 
     def _sample(self, index: int):
         g = torch.Generator().manual_seed(sample_seed(self.cfg["seed"], index))

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Run the GPU benchmarks on the lent GPU machine (device tool), from the repository root:
+#   run(command="bash bench/gpu.sh generate train", carry=[".whl"])
+# .whl/ holds the wheels the GPU image lacks or has in an incompatible version (its transformers 5.x breaks
+# diffsynth 1.1.9), fetched here with:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     diffsynth==1.1.9 transformers==4.57.6 tokenizers==0.22.2 huggingface_hub==0.36.2 peft==0.17.1 ftfy==6.3.1 \
+#     wcwidth==0.2.13 simple-aesthetics-predictor==0.1.2
+set -o pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-bench/out}; mkdir -p "$OUT"; export OUT
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv | tee "$OUT/nvidia_smi.txt"
+for b in "$@"; do
+  case "$b" in
+    generate) python3 bench/generate_bench.py ${GEN_ARGS:-} 2>&1 | tee "$OUT/generate_log.txt" ;;
+    train) python3 bench/train_bench.py ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/train_log.txt" ;;
+    *) echo "unknown bench $b"; exit 2 ;;
+  esac
+done

@@ -1,0 +1,202 @@
+#!/usr/bin/env python3
+"""Training speed: diffsynth's LightningModelForT2ILoRA (the notebook's train_kolors_lora.py) vs storyc's train
+stage, same card, same run. Full-size Kolors-architecture models, random weights, 1024x1024, rank 16, batch 1.
+
+  baseline  LightningModelForT2ILoRA, 16-mixed, gradient checkpointing, prompt through ChatGLM-6B and image
+            through the VAE at every step (as the notebook runs it)
+  storyc    storyc.stages.lightning_lora.LoRAModule (what `storyc build` trains with): cached latents and
+            embeddings, same LoRA / loss / timestep sampling, fused AdamW; variants: gradient checkpointing
+            on/off, torch.compile on/off
+Also the one-off cost of the cache pass (per image and per prompt) and the largest batch that fits.
+Run on the GPU machine: bash bench/gpu.sh train
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from common import (SMOKE, DEV, DT, PROMPT, build_text_encoder, build_unet, build_vae, gpu_info, make_pipe, matmul_tflops,
+                    out_dir, sync, torch, write)
+
+p = argparse.ArgumentParser()
+p.add_argument("--steps", type=int, default=12, help="timed steps per variant (after warm-up)")
+p.add_argument("--warmup", type=int, default=4)
+p.add_argument("--size", type=int, default=1024)
+p.add_argument("--skip", default="")
+args = p.parse_args()
+skip = set(args.skip.split(",")) if args.skip else set()
+import lightning as L  # noqa: E402
+
+R = {"meta": {**gpu_info(), "size": args.size, "steps": args.steps}, "variants": {}}
+R["meta"]["matmul_fp16_tflops"] = round(matmul_tflops(), 1)
+out = out_dir()
+t_all = time.perf_counter()
+print("card", R["meta"], flush=True)
+
+
+class StepTimer(L.Callback):
+    def __init__(self):
+        self.t = []
+        self._s = 0.0
+
+    def on_train_batch_start(self, trainer, module, batch, idx):
+        sync()
+        self._s = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, idx):
+        sync()
+        self.t.append(time.perf_counter() - self._s)
+
+
+def fit(module, loader_len, gc_note):
+    timer = StepTimer()
+    (SMOKE or torch.cuda.reset_peak_memory_stats())
+    trainer = L.Trainer(accelerator="cpu" if SMOKE else "gpu", devices=1, precision="32-true" if SMOKE else "16-mixed", max_steps=args.warmup + args.steps,
+                        callbacks=[timer], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0)
+    t0 = time.perf_counter()
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(list(range(loader_len)), batch_size=1))
+    wall = time.perf_counter() - t0
+    steady = timer.t[args.warmup:]
+    return {"s_per_step": statistics.median(steady), "steps": steady, "first_steps": timer.t[:args.warmup],
+            "peak_gib": (0 if SMOKE else round(torch.cuda.max_memory_allocated() / 2**30, 2)), "wall_s": wall, "note": gc_note}
+
+
+te = build_text_encoder()
+enc = build_vae("encoder")
+S = args.size
+
+# ---------------- (a) baseline: diffsynth's own LightningModule, encoding every step
+if "baseline" not in skip:
+    from diffsynth.trainers.text_to_image import LightningModelForT2ILoRA
+
+    class Baseline(LightningModelForT2ILoRA):
+        def __init__(self):
+            super().__init__(learning_rate=1e-4, use_gradient_checkpointing=True)
+            self.pipe = make_pipe(te, build_unet(seed=2), None, enc)
+            self.pipe.scheduler.set_timesteps(1100)  # as train_kolors_lora.py does
+            self.freeze_parameters()
+            self.add_lora_to_model(self.pipe.denoising_model(), lora_rank=16, lora_alpha=4.0,
+                                   lora_target_modules="to_q,to_k,to_v,to_out", init_lora_weights="gaussian")
+
+        def train_dataloader(self):
+            return None
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self):
+            return 10_000
+
+        def __getitem__(self, i):
+            return {"text": PROMPT, "image": torch.randn(3, S, S)}
+
+    base = Baseline()
+    timer = StepTimer()
+    (SMOKE or torch.cuda.reset_peak_memory_stats())
+    trainer = L.Trainer(accelerator="cpu" if SMOKE else "gpu", devices=1, precision="32-true" if SMOKE else "16-mixed", max_steps=args.warmup + args.steps,
+                        callbacks=[timer], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(base, train_dataloaders=torch.utils.data.DataLoader(Images(), batch_size=1))
+    R["variants"]["baseline"] = {"s_per_step": statistics.median(timer.t[args.warmup:]), "steps": timer.t[args.warmup:],
+                                 "peak_gib": (0 if SMOKE else round(torch.cuda.max_memory_allocated() / 2**30, 2)),
+                                 "note": "LightningModelForT2ILoRA, 16-mixed, GC on, ChatGLM + VAE every step"}
+    print("baseline", R["variants"]["baseline"]["s_per_step"], flush=True)
+    del base, trainer
+    (SMOKE or torch.cuda.empty_cache())
+
+# ---------------- cache pass cost (what storyc pays once per image / prompt)
+from diffsynth.prompters import KolorsPrompter  # noqa: E402
+
+te.to(DEV)  # Lightning's teardown moved the baseline's modules to the CPU
+enc.to(DEV)
+prompter = KolorsPrompter()
+prompter.fetch_models(te)
+img = torch.randn(1, 3, S, S, device=DEV, dtype=DT)
+with torch.no_grad():
+    for _ in range(2):
+        lat = enc(img)
+        pooled, emb = prompter.encode_prompt(PROMPT, device=DEV, positive=True)
+    sync()
+    t = time.perf_counter()
+    for _ in range(5):
+        enc(img)
+    sync()
+    per_img = (time.perf_counter() - t) / 5
+    t = time.perf_counter()
+    for _ in range(5):
+        prompter.encode_prompt(PROMPT, device=DEV, positive=True)
+    sync()
+    per_txt = (time.perf_counter() - t) / 5
+R["cache_pass"] = {"s_per_image": per_img, "s_per_prompt": per_txt}
+data = {"latents": [{"latent": lat.to("cpu", torch.float16)}], "texts": [PROMPT], "text_of": [0],
+        "emb": {PROMPT: {"encoder_hidden_states": emb.cpu(), "add_text_embeds": pooled.cpu()}}, "size": (S, S)}
+del te, prompter, enc
+(SMOKE or torch.cuda.empty_cache())
+
+# ---------------- (b) storyc's LoRAModule on cached data
+from storyc.stages.lightning_lora import LoRAModule  # noqa: E402
+
+LORA = {"rank": 16, "alpha": 4.0, "target_modules": ["to_q", "to_k", "to_v", "to_out"], "init": "gaussian"}
+variants = [("storyc_gc_on", True, False), ("storyc", False, False), ("storyc_compiled", False, True)]
+for name, gc, comp in variants:
+    if name in skip:
+        continue
+    tr = {"learning_rate": 1e-4, "gradient_checkpointing": gc, "seed": 0, "random_flip": False, "center_crop": True,
+          "compile": comp}
+    try:
+        m = LoRAModule(build_unet(seed=2), data, lora=LORA, train=tr)
+        R["variants"][name] = fit(m, 10_000, f"cached latents/embeddings, GC {'on' if gc else 'off'}, "
+                                             f"{'torch.compile' if comp else 'eager'}, fused AdamW")
+        print(name, R["variants"][name]["s_per_step"], "first", R["variants"][name]["first_steps"][:2], flush=True)
+    except Exception as e:
+        R["variants"][name] = {"error": repr(e)[:500]}
+        print(name, "failed", repr(e)[:300], flush=True)
+    del m
+    (SMOKE or torch.cuda.empty_cache())
+
+# ---------------- largest batch that fits (storyc, GC off, eager) and images/s
+if "batch" not in skip:
+    best = None
+    for bs in (2, 4, 8):
+        try:
+            d = dict(data, latents=data["latents"] * bs, text_of=[0] * bs)
+            m = LoRAModule(build_unet(seed=2), d, lora=LORA, train={"learning_rate": 1e-4, "gradient_checkpointing": False,
+                                                                   "seed": 0, "random_flip": False, "center_crop": True})
+            timer = StepTimer()
+            trainer = L.Trainer(accelerator="cpu" if SMOKE else "gpu", devices=1, precision="32-true" if SMOKE else "16-mixed", max_steps=5, callbacks=[timer],
+                                logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                enable_model_summary=False)
+            trainer.fit(m, train_dataloaders=torch.utils.data.DataLoader(list(range(10_000)), batch_size=bs))
+            best = {"batch": bs, "s_per_step": statistics.median(timer.t[2:]),
+                    "img_per_s": bs / statistics.median(timer.t[2:])}
+            del m, trainer
+            (SMOKE or torch.cuda.empty_cache())
+        except (torch.cuda.OutOfMemoryError, RuntimeError):
+            (SMOKE or torch.cuda.empty_cache())
+            break
+    R["largest_batch"] = best
+
+# ---------------- summary: the notebook's 10 epochs x 500 steps
+v = R["variants"]
+fwd_tflop = 7.0  # measured by generate_bench (UNet forward at 1024x1024, batch 1)
+R["floor_s_per_step"] = 3 * fwd_tflop / R["meta"]["matmul_fp16_tflops"]  # fwd + bwd(activations) + recompute-free
+if "baseline" in v:
+    for name in ("storyc", "storyc_compiled", "storyc_gc_on"):
+        if name in v and "s_per_step" in v[name]:
+            v[name]["speedup_per_step"] = v["baseline"]["s_per_step"] / v[name]["s_per_step"]
+            compile_s = sum(v[name]["first_steps"]) - args.warmup * v[name]["s_per_step"]
+            total = 5000 * v[name]["s_per_step"] + max(compile_s, 0) + 100 * R["cache_pass"]["s_per_image"]
+            v[name]["run_5000_steps_s"] = total
+            v[name]["speedup_5000_steps"] = 5000 * v["baseline"]["s_per_step"] / total
+R["meta"]["wall_s"] = time.perf_counter() - t_all
+write(out, "train_results.json", R)
+print("\n== train bench ==")
+print(f"card: {R['meta']['gpu']}  torch {R['meta']['torch']}  fp16 matmul {R['meta']['matmul_fp16_tflops']} TFLOP/s")
+for name, r in v.items():
+    if "s_per_step" in r:
+        extra = "".join(f"  {k} {r[k]:.2f}" for k in ("speedup_per_step", "speedup_5000_steps") if k in r)
+        print(f"{name:<16} {r['s_per_step']:.3f} s/step  peak {r['peak_gib']} GiB{extra}  ({r['note']})")
+    else:
+        print(f"{name:<16} {r}")
+print("cache pass:", R["cache_pass"], " largest batch:", R.get("largest_batch"))
+print(f"floor ~{R['floor_s_per_step']:.3f} s/step (3 x 7.0 TFLOP at the fp16 matmul rate)")
