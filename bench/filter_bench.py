@@ -88,7 +88,8 @@ def notebook(root: Path, src: Path, np_: int) -> float:
 
 def storyc(root: Path, src: Path, np_: int) -> float:
     proj = root / "sc"
-    (proj / ".storyc").mkdir(parents=True)
+    proj.mkdir(parents=True)
+    (root / ".storyc").mkdir(exist_ok=True)  # the project is root/, so root/images is inside it
     (proj / "story.yaml").write_text(
         "version: 1\nstory: {id: bench}\n"
         f"dataset: {{source: folder, path: {src}, caption: 二次元}}\n".replace(str(src), os.path.relpath(src, proj))
@@ -99,7 +100,7 @@ def storyc(root: Path, src: Path, np_: int) -> float:
     wall = time.perf_counter() - t
     if r.returncode != 0:
         raise SystemExit(r.stdout + r.stderr)
-    kept = json.loads((proj / "build/bench/data/filter_report.json").read_text())["kept"]
+    kept = json.loads((root / "build/bench/data/filter_report.json").read_text())["kept"]
     return wall, kept
 
 
