@@ -1,6 +1,5 @@
 """train stage on tiny random-init Kolors-architecture models, through the CLI and the real libraries."""
 import json
-import shutil
 
 import pytest
 import torch

@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 from pathlib import Path
 
 from ..errors import StageError
@@ -233,5 +232,3 @@ def _warn_truncation(ctx, scenes):
             if n > tokens.LIMIT:
                 ctx.report.line(f"warning: scene {s['id']}: {what} is {n} tokens; Kolors truncates it to {tokens.LIMIT}")
 
-
-__all__ = ["run", "render", "load_merged_pipeline", "shutil"]

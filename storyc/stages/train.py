@@ -93,8 +93,6 @@ def _precision(ctx, device: str):
 
 
 def _train(ctx, work: Path):
-    import torch
-
     tr, lo = ctx.story.data["train"], ctx.story.data["lora"]
     device = _device(ctx)
     precision, dtype = _precision(ctx, device)
