@@ -83,42 +83,43 @@ def build_vae(folder: Path, seed: int = 0) -> None:
     vae.to(torch.float16).save_pretrained(folder, safe_serialization=True)
 
 
-def tiny_kolors(folder: Path, seed: int = 0) -> Path:
-    """Kolors layout: text_encoder/, unet/, vae/ (diffusers/transformers key names)."""
+def _build_once(folder: Path, build) -> Path:
+    """Build into folder.partial, then rename: a half-built model is never taken as complete."""
     folder = Path(folder)
     if _done(folder):
         return folder
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    build_text_encoder(tmp / "text_encoder", seed)
-    build_unet(tmp / "unet", seed + 1)
-    build_vae(tmp / "vae", seed + 2)
+    tmp.mkdir(parents=True)
+    build(tmp)
     return _finish(tmp, folder)
+
+
+def tiny_kolors(folder: Path, seed: int = 0) -> Path:
+    """Kolors layout: text_encoder/, unet/, vae/ (diffusers/transformers key names)."""
+    def build(tmp):
+        build_text_encoder(tmp / "text_encoder", seed)
+        build_unet(tmp / "unet", seed + 1)
+        build_vae(tmp / "vae", seed + 2)
+
+    return _build_once(folder, build)
 
 
 def tiny_sdxl_vae(folder: Path, seed: int = 0) -> Path:
     """The sdxl-vae-fp16-fix layout: config.json + diffusion_pytorch_model.safetensors at the top."""
-    folder = Path(folder)
-    if _done(folder):
-        return folder
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    build_vae(tmp, seed + 2)
-    return _finish(tmp, folder)
+    return _build_once(folder, lambda tmp: build_vae(tmp, seed + 2))
 
 
 def tiny_aesthetic(folder: Path, seed: int = 0) -> Path:
     """aesthetics-predictor-v2 layout: AestheticsPredictorV2Linear + CLIPProcessor files."""
-    folder = Path(folder)
-    if _done(folder):
-        return folder
+    return _build_once(folder, lambda tmp: _build_aesthetic(tmp, seed))
+
+
+def _build_aesthetic(tmp: Path, seed: int) -> None:
     import torch
     from aesthetics_predictor import AestheticsPredictorV2Linear
     from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer, CLIPVisionConfig
 
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     torch.manual_seed(seed)
     cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            image_size=64, patch_size=32, projection_dim=32)
@@ -134,7 +135,6 @@ def tiny_aesthetic(folder: Path, seed: int = 0) -> Path:
     tok = CLIPTokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt"))
     img = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
     CLIPProcessor(image_processor=img, tokenizer=tok).save_pretrained(tmp)
-    return _finish(tmp, folder)
 
 
 BUILDERS = {"kolors": tiny_kolors, "sdxl-vae": tiny_sdxl_vae, "aesthetic": tiny_aesthetic}
