@@ -65,23 +65,31 @@ def test_shell_values_are_quoted(project, cli):
     assert "'my models/$(rm -rf x)/unet/diffusion_pytorch_model.safetensors'" in sh
 
 
-def test_compiled_data_juicer_config_loads_with_data_juicer(tmp_path, cli, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_compiled_data_juicer_config_loads_with_data_juicer(tmp_path, cli):
+    import subprocess
+    import sys
+
     cli("compile", REPO / "specs/camp.yaml", "-o", tmp_path)
     build = tmp_path / "purple-girl-concert"
     (build / "data/input").mkdir(parents=True)
     (build / "data/input/metadata.jsonl").write_text('{"text": "x", "image": []}\n', "utf-8")
-    monkeypatch.chdir(build)  # its paths are relative to the build folder
-    from data_juicer.config import init_configs
-
-    cfg = init_configs(args=["--config", "data/data_juicer.yaml"])
     assert "\nnp: 4\n" in (build / "data/data_juicer.yaml").read_text("utf-8")
-    assert 1 <= cfg.np <= 4 and cfg.text_keys == "text" and cfg.image_key == "image"
-    assert cfg.image_special_token == "<__dj__image>"
-    assert cfg.export_path.endswith("data/output/result.jsonl")
-    names = [next(iter(op)) for op in cfg.process]
+    # Data-Juicer's own parser, in its own process (it installs process-wide log sinks); paths are relative
+    # to the build folder
+    code = ("import json; from data_juicer.config import init_configs; "
+            "c = init_configs(args=['--config', 'data/data_juicer.yaml']); "
+            "open('cfg.json', 'w').write(json.dumps({'np': c.np, 'text_keys': c.text_keys, 'image_key': c.image_key, "
+            "'token': c.image_special_token, 'export': c.export_path, 'process': c.process}, default=str))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=build, capture_output=True, text=True,
+                       env=dict(__import__("os").environ, HF_HUB_OFFLINE="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = json.loads((build / "cfg.json").read_text("utf-8"))  # its stdout goes to Data-Juicer's logger
+    assert 1 <= cfg["np"] <= 4 and cfg["text_keys"] == "text" and cfg["image_key"] == "image"
+    assert cfg["token"] == "<__dj__image>"
+    assert cfg["export"].endswith("data/output/result.jsonl")
+    names = [next(iter(op)) for op in cfg["process"]]
     assert names == ["image_shape_filter", "image_aspect_ratio_filter"]
-    assert cfg.process[0]["image_shape_filter"]["min_width"] == 1024
+    assert cfg["process"][0]["image_shape_filter"]["min_width"] == 1024
 
 
 def test_plan_lists_scenes_and_stage_hashes(cli):
