@@ -96,7 +96,7 @@ def score_folder_cli(args) -> int:
 
         story = load_story(args.spec)
         plan = compile(story)
-        ctx = Context(plan, args, Lock.load(lock_path(story.spec_path)), Hasher(story.root / ".storyc" / "fp.json"),
+        ctx = Context(plan, args, Lock.load(lock_path(story.spec_path)), Hasher(story.root / ".storyc" / "fingerprints.json"),
                       Reporter(quiet=True))
         model = model or ctx.model("aesthetic")
         gate = story.data["submission"]["min_aesthetic"] if gate is None else gate
