@@ -23,6 +23,7 @@ p.add_argument("--images", type=int, default=8)
 p.add_argument("--steps", type=int, default=50)
 p.add_argument("--size", type=int, default=1024)
 p.add_argument("--batch", type=int, default=8)
+p.add_argument("--skip", default="", help="comma list: compile")
 p.add_argument("--baseline-images", type=int, default=3, help="timed baseline images (each ~10 s on an H100)")
 args = p.parse_args()
 R = {"meta": {**gpu_info(), "steps": args.steps, "size": args.size, "images": args.images, "batch": args.batch}}
@@ -83,21 +84,6 @@ with torch.no_grad():
         base_pred.append(no + 4.0 * (po - no))
     base_pred = torch.cat(base_pred)
 
-# one denoising step, the notebook's way: two batch-1 UNet calls per scene, unmerged LoRA, CFG 4
-g = torch.Generator(device=DEV).manual_seed(123)
-probe_lat = torch.randn(2, 4, args.size // 8, args.size // 8, device=DEV, dtype=DT, generator=g)
-probe_t = torch.tensor([500], device=DEV)
-tid1 = torch.tensor([args.size, args.size, 0, 0, args.size, args.size], device=DEV)
-probe_emb = [(pipe_b.encode_prompt(prompts[i][0]), pipe_b.encode_prompt(prompts[i][1], positive=False)) for i in range(2)]
-with torch.no_grad():
-    base_pred = []
-    for i in range(2):
-        (pe, ne) = probe_emb[i]
-        po = unet_b(probe_lat[i:i + 1], probe_t, pe["encoder_hidden_states"], tid1, pe["add_text_embeds"]).float()
-        no = unet_b(probe_lat[i:i + 1], probe_t, ne["encoder_hidden_states"], tid1, ne["add_text_embeds"]).float()
-        base_pred.append(no + 4.0 * (po - no))
-    base_pred = torch.cat(base_pred)
-
 # ---------------- storyc: merged LoRA, scenes + CFG batched
 from storyc import lora
 from storyc.stages.generate import render
@@ -106,7 +92,8 @@ del pipe_b, unet_b
 (SMOKE or torch.cuda.empty_cache())
 unet_s = build_unet(seed=2)  # same random weights as the baseline's base UNet
 lora.merge(unet_s, lora_state, alpha_train * lora_scale / rank)
-pipe_s = make_pipe(te, unet_s, dec)
+dec16 = build_vae("decoder").to(DT)  # the stage loads the fp16-fix VAE in the pipeline's dtype (load_vae)
+pipe_s = make_pipe(te, unet_s, dec16)
 items = [{"prompt": pr, "negative_prompt": ng, "seed": s} for pr, ng, s in prompts]
 
 # the same step, storyc's way: merged LoRA, both scenes and CFG in one batch-4 call
@@ -121,15 +108,24 @@ R["equality_step"] = {"rel_err_cfg_noise_pred": float((ours - base_pred).norm() 
 print("one-step CFG noise prediction, storyc vs notebook, relative error:", R["equality_step"], flush=True)
 
 
-def timed_render(tag):
-    render(pipe_s, items[:min(2, len(items))], {**gen, "steps": 2}, args.batch)  # warm-up at the batch shapes
-    render(pipe_s, items, {**gen, "steps": 1}, args.batch)
-    sync()
-    t = time.perf_counter()
-    render(pipe_s, items, gen, args.batch)
-    sync()
-    R.setdefault("storyc_variants", {})[tag] = time.perf_counter() - t
-    print(f"storyc {tag}: {R['storyc_variants'][tag]:.2f}s for {args.images}", flush=True)
+def timed_render(tag, pipe=None, ctx=None):
+    """Warm up at the batch shapes, then time the 8 images; returns seconds (also kept in R)."""
+    import contextlib
+
+    pipe = pipe or pipe_s
+    with (ctx or contextlib.nullcontext()):
+        sync()
+        t = time.perf_counter()
+        render(pipe, items[:min(2, len(items))], {**gen, "steps": 2}, args.batch)
+        render(pipe, items, {**gen, "steps": 1}, args.batch)
+        sync()
+        warm = time.perf_counter() - t
+        t = time.perf_counter()
+        render(pipe, items, gen, args.batch)
+        sync()
+    R.setdefault("storyc_variants", {})[tag] = {"s_for_8": time.perf_counter() - t, "warmup_s": warm}
+    print(f"storyc {tag}: {R['storyc_variants'][tag]}", flush=True)
+    return R["storyc_variants"][tag]["s_for_8"]
 
 
 render(pipe_s, items[:min(2, len(items))], {**gen, "steps": 2}, args.batch)  # warm-up at the batch shapes
@@ -148,6 +144,36 @@ t = time.perf_counter()
 render(pipe_s, items[:1], gen, 1)
 sync()
 R["storyc"]["s_single_image_b1"] = time.perf_counter() - t
+
+# where storyc's time goes: prompt encoding, the denoising loop, the VAE decode (fp16 vs the notebook's fp32)
+with torch.no_grad():
+    R["storyc"]["encode_16_prompts_s"] = timed(lambda: [pipe_s.encode_prompt(p_, positive=True) for p_, _, _ in prompts * 2],
+                                               reps=2, warmup=1)[0]
+    lat8 = torch.randn(1, 4, args.size // 8, args.size // 8, device=DEV, dtype=DT)
+    R["storyc"]["decode_fp16_s_per_image"] = timed(lambda: pipe_s.decode_image(lat8), reps=4, warmup=1)[0]
+    pipe_s.vae_decoder = dec
+    R["storyc"]["decode_fp32_s_per_image"] = timed(lambda: pipe_s.decode_image(lat8), reps=4, warmup=1)[0]
+    pipe_s.vae_decoder = dec16
+print("breakdown:", {k: v for k, v in R["storyc"].items() if k.startswith(("encode", "decode"))}, flush=True)
+if not SMOKE:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for tag, backend in (("cudnn_attention", SDPBackend.CUDNN_ATTENTION), ("flash_attention", SDPBackend.FLASH_ATTENTION)):
+        try:
+            timed_render(tag, ctx=sdpa_kernel([backend]))
+        except Exception as e:
+            R.setdefault("storyc_variants", {})[tag] = {"error": repr(e)[:300]}
+            print(tag, "failed", repr(e)[:300], flush=True)
+    if "compile" not in args.skip:
+        from storyc.models.unet import compile_regions
+
+        compile_regions(unet_s)
+        try:
+            timed_render("regional_compile")
+            timed_render("regional_compile_2nd")
+        except Exception as e:
+            R.setdefault("storyc_variants", {})["regional_compile"] = {"error": repr(e)[:300]}
+            print("regional compile failed", repr(e)[:300], flush=True)
 
 # same images? (same seeds, merged vs unmerged, batched vs not; fp16)
 diffs = []

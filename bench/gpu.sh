@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Run the GPU benchmarks on the lent GPU machine (device tool), from the repository root:
 #   run(command="bash bench/gpu.sh generate train", carry=[".whl"])
+#   run(command="bash bench/gpu.sh multigpu", kind="nvidia-h100-x2", carry=[".whl", "build/two-gpu", "build/one-gpu",
+#       "bench/multigpu/two-gpu.lock", "bench/multigpu/one-gpu.lock"])   (see bench/multigpu.py)
 # .whl/ holds the wheels the GPU image lacks or has in an incompatible version (its transformers 5.x breaks
 # diffsynth 1.1.9), fetched here with:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -10,6 +12,16 @@
 set -o pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+# Ray (for the multi-GPU check) as a stripped archive: its wheel (76 MB) is over the device tool's 64 MiB carry limit.
+#   unzip ray-2.60.0-cp312-*.whl; rm -r ray/jars ray/dashboard/client/build ray/{rllib,serve,tune,data,train}; tar -cJf
+for t in .whl/*.tar.xz; do [ -e "$t" ] && tar -xJf "$t" -C /tmp/site; done
+# diffsynth imports modelscope at module level (hub downloads only); the GPU image lacks it and nothing is downloaded
+if ! python3 -c "import modelscope" 2>/dev/null; then
+  mkdir -p /tmp/site/modelscope/hub
+  printf 'def snapshot_download(*a, **k):\n    raise RuntimeError("modelscope is not installed here")\n' > /tmp/site/modelscope/__init__.py
+  printf 'class HubApi:\n    def __init__(self, *a, **k):\n        raise RuntimeError("modelscope is not installed here")\n' > /tmp/site/modelscope/hub/api.py
+  touch /tmp/site/modelscope/hub/__init__.py
+fi
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-bench/out}; mkdir -p "$OUT"; export OUT
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv | tee "$OUT/nvidia_smi.txt"
@@ -17,6 +29,7 @@ for b in "$@"; do
   case "$b" in
     generate) python3 bench/generate_bench.py ${GEN_ARGS:-} 2>&1 | tee "$OUT/generate_log.txt" ;;
     train) python3 bench/train_bench.py ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/train_log.txt" ;;
+    multigpu) python3 bench/multigpu.py 2>&1 | tee "$OUT/multigpu_log.txt" ;;
     *) echo "unknown bench $b"; exit 2 ;;
   esac
 done

@@ -49,17 +49,43 @@ class StepTimer(L.Callback):
         self.t.append(time.perf_counter() - self._s)
 
 
+class KernelTime(L.Callback):
+    """GPU kernel time of the last 3 timed steps (torch.profiler): how far a step is from launch-bound."""
+
+    def __init__(self, first):
+        self.first, self.prof, self.n = first, None, 0
+
+    def on_train_batch_start(self, trainer, module, batch, idx):
+        if idx == self.first and not SMOKE:
+            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+            self.prof.start()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, idx):
+        if self.prof is not None:
+            self.n += 1
+
+    def on_train_end(self, trainer, module):
+        if self.prof is not None:
+            sync()
+            self.prof.stop()
+            evs = self.prof.key_averages()
+            self.kernel_s = sum(e.self_device_time_total for e in evs) / 1e6 / max(self.n, 1)
+            self.kernels = sum(e.count for e in evs if e.device_type.name == "CUDA") / max(self.n, 1)
+
+
 def fit(module, loader_len, gc_note):
     timer = StepTimer()
+    kt = KernelTime(args.warmup + args.steps - 3)
     (SMOKE or torch.cuda.reset_peak_memory_stats())
     trainer = L.Trainer(accelerator="cpu" if SMOKE else "gpu", devices=1, precision="32-true" if SMOKE else "16-mixed", max_steps=args.warmup + args.steps,
-                        callbacks=[timer], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        callbacks=[timer, kt], logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0)
     t0 = time.perf_counter()
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(list(range(loader_len)), batch_size=1))
     wall = time.perf_counter() - t0
-    steady = timer.t[args.warmup:]
+    steady = timer.t[args.warmup:-3] or timer.t[args.warmup:]  # the last 3 run under the profiler
     return {"s_per_step": statistics.median(steady), "steps": steady, "first_steps": timer.t[:args.warmup],
+            "gpu_kernel_s_per_step": getattr(kt, "kernel_s", None), "kernels_per_step": getattr(kt, "kernels", None),
             "peak_gib": (0 if SMOKE else round(torch.cuda.max_memory_allocated() / 2**30, 2)), "wall_s": wall, "note": gc_note}
 
 
@@ -137,14 +163,21 @@ del te, prompter, enc
 from storyc.stages.lightning_lora import LoRAModule  # noqa: E402
 
 LORA = {"rank": 16, "alpha": 4.0, "target_modules": ["to_q", "to_k", "to_v", "to_out"], "init": "gaussian"}
-variants = [("storyc_gc_on", True, False), ("storyc", False, False), ("storyc_compiled", False, True)]
+# storyc_compiled: train.compile (regional: the repeated blocks); _cg: the same with CUDA graphs (reduce-overhead)
+variants = [("storyc_gc_on", True, False), ("storyc", False, False), ("storyc_compiled", False, True),
+            ("storyc_compiled_cg", False, "reduce-overhead")]
 for name, gc, comp in variants:
     if name in skip:
         continue
     tr = {"learning_rate": 1e-4, "gradient_checkpointing": gc, "seed": 0, "random_flip": False, "center_crop": True,
-          "compile": comp}
+          "compile": comp is True}
+    m = None
     try:
         m = LoRAModule(build_unet(seed=2), data, lora=LORA, train=tr)
+        if isinstance(comp, str) and not SMOKE:
+            from storyc.models.unet import compile_regions
+
+            compile_regions(m.unet, mode=comp)
         R["variants"][name] = fit(m, 10_000, f"cached latents/embeddings, GC {'on' if gc else 'off'}, "
                                              f"{'torch.compile' if comp else 'eager'}, fused AdamW")
         print(name, R["variants"][name]["s_per_step"], "first", R["variants"][name]["first_steps"][:2], flush=True)
@@ -181,7 +214,7 @@ v = R["variants"]
 fwd_tflop = 7.0  # measured by generate_bench (UNet forward at 1024x1024, batch 1)
 R["floor_s_per_step"] = 3 * fwd_tflop / R["meta"]["matmul_fp16_tflops"]  # fwd + bwd(activations) + recompute-free
 if "baseline" in v:
-    for name in ("storyc", "storyc_compiled", "storyc_gc_on"):
+    for name in ("storyc", "storyc_compiled", "storyc_compiled_cg", "storyc_gc_on"):
         if name in v and "s_per_step" in v[name]:
             v[name]["speedup_per_step"] = v["baseline"]["s_per_step"] / v[name]["s_per_step"]
             compile_s = sum(v[name]["first_steps"]) - args.warmup * v[name]["s_per_step"]
@@ -195,7 +228,8 @@ print(f"card: {R['meta']['gpu']}  torch {R['meta']['torch']}  fp16 matmul {R['me
 for name, r in v.items():
     if "s_per_step" in r:
         extra = "".join(f"  {k} {r[k]:.2f}" for k in ("speedup_per_step", "speedup_5000_steps") if k in r)
-        print(f"{name:<16} {r['s_per_step']:.3f} s/step  peak {r['peak_gib']} GiB{extra}  ({r['note']})")
+        print(f"{name:<18} {r['s_per_step']:.3f} s/step  peak {r['peak_gib']} GiB{extra}  gpu kernels "
+              f"{r.get('gpu_kernel_s_per_step')} s/step, {r.get('kernels_per_step')} kernels  ({r['note']})")
     else:
         print(f"{name:<16} {r}")
 print("cache pass:", R["cache_pass"], " largest batch:", R.get("largest_batch"))

@@ -210,3 +210,24 @@ def _strip_meta(raw: bytes):
     from safetensors.torch import load
 
     return {k: v.tolist() for k, v in load(raw).items()}
+
+
+def test_ddp_on_two_processes_equals_one_process_at_the_global_batch(tmp_path, tiny_models):
+    """train.strategy ddp runs Lightning's ddp_spawn (here 2 CPU processes over gloo): rank r draws the samples
+    one process at batch 2 would draw, so the two LoRAs agree to float tolerance."""
+    base = BASE_SPEC.replace("steps_per_epoch: 4,", "steps_per_epoch: 6,")
+    ddp = make_project(tmp_path / "ddp", tiny_models, base.replace("checkpoint_every: 2}",
+                                                                   "checkpoint_every: 2, strategy: ddp, devices: 2}"))
+    one = make_project(tmp_path / "one", tiny_models, base.replace("checkpoint_every: 2}",
+                                                                   "checkpoint_every: 2, batch_size: 2}"))
+    r = run_cli("build", ddp, "--until", "train", cwd=ddp.parent)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ddp_spawn on 2 CPU processes: 3 optimizer steps of 2 x 1 images" in r.stdout
+    assert run_cli("build", one, "--until", "train", cwd=one.parent).returncode == 0
+    rep = json.loads((ddp.parent / "build/t/lora/train_report.json").read_text())
+    assert rep["steps"] == 3
+    sa, _ = _lora(ddp)
+    sb, _ = _lora(one)
+    assert sa.keys() == sb.keys()
+    assert max(float(v.abs().max()) for k, v in sa.items() if "lora_B" in k) > 0
+    assert max(float((sa[k] - sb[k]).abs().max()) for k in sa) < 1e-5

@@ -181,7 +181,10 @@ def _gpu_count(device: str) -> int:
 
 
 def _render_ray(ctx, kolors, lpath, gen, items, shards):
-    """Shard items over GPUs as Ray tasks; a scene's image depends only on its seed, so results are equal."""
+    """Shard items over GPUs as Ray tasks; a scene's image depends only on its seed, so results are equal.
+
+    Uses the Ray cluster this process is connected to, else starts a local one (the GPUs of this machine).
+    """
     import ray
 
     started = False
@@ -194,8 +197,9 @@ def _render_ray(ctx, kolors, lpath, gen, items, shards):
         parts = [items[i::shards] for i in range(shards)]
         refs = [task.remote(str(kolors), str(lpath), gen, p, "cuda" if use_gpu else "cpu") for p in parts if p]
         out = []
-        for r in ray.get(refs):
-            out.extend(r)
+        for i, (rendered, where, secs) in enumerate(ray.get(refs)):
+            ctx.report.line(f"     shard {i}: {len(rendered)} image(s) on {where} in {secs:.1f}s")
+            out.extend(rendered)
     finally:
         if started:
             ray.shutdown()
@@ -207,8 +211,12 @@ def _render_ray(ctx, kolors, lpath, gen, items, shards):
 
 
 def _shard_task(kolors, lpath, gen, items, device):
+    import socket
+    import time
+
     import torch
 
+    t0 = time.monotonic()
     quiet_libraries()
     dtype = torch.float16 if device == "cuda" else torch.float32
     pipe = load_merged_pipeline(Path(kolors), Path(lpath), gen["lora_strength"], dtype, device)
@@ -217,7 +225,10 @@ def _shard_task(kolors, lpath, gen, items, device):
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         out.append((it, buf.getvalue()))
-    return out
+    where = socket.gethostname()
+    if device == "cuda":  # Ray sets CUDA_VISIBLE_DEVICES to the GPU it gave this task
+        where += f" GPU {os.environ.get('CUDA_VISIBLE_DEVICES', '?')} ({torch.cuda.get_device_name()})"
+    return out, where, time.monotonic() - t0
 
 
 def _warn_truncation(ctx, scenes):

@@ -15,15 +15,19 @@ def sample_seed(seed: int, index: int) -> int:
 
 
 class LoRAModule(L.LightningModule):
-    def __init__(self, unet, data: dict, lora: dict, train: dict):
+    """LoRA training on cached latents/embeddings.
+
+    ``unet`` is a UNet or a picklable zero-argument loader: with a loader, each process (every DDP rank) builds
+    its own UNet in ``configure_model`` instead of receiving a pickled 2.6 B-parameter copy.
+    """
+
+    def __init__(self, unet, data: dict, lora: dict, train: dict, export=None):
         super().__init__()
         from diffsynth.schedulers import EnhancedDDIMScheduler
 
-        self.unet = lora_mod.inject(unet, lora["rank"], lora["alpha"], lora["target_modules"], lora["init"])
-        self.unet.train()  # diffsynth's UNet checkpoints activations only in training mode
-        self.unet.requires_grad_(False)
-        for n, p in self.unet.named_parameters():
-            p.requires_grad_(".lora_" in n)
+        self._loader = None if isinstance(unet, torch.nn.Module) else unet
+        self.unet = None
+        self.lora_cfg = lora
         self.scheduler = EnhancedDDIMScheduler(beta_end=0.014, num_train_timesteps=1100)  # Kolors' scheduler
         self.scheduler.set_timesteps(1100)  # training samples from all 1100 timesteps
         self.data, self.cfg = data, train
@@ -31,11 +35,36 @@ class LoRAModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold only the LoRA weights
         self.micro_batches = 0  # micro-batches consumed; saved in checkpoints so a resume draws the same samples
         self.compiled = False
+        self.export = export  # rank 0 writes the trained LoRA here at the end (the main process may hold no copy)
+        if self._loader is None:
+            self._attach(unet)
 
-    def setup(self, stage):
-        if self.cfg.get("compile") and self.device.type == "cuda" and not self.compiled:
-            self.unet.compile()  # in place: parameter names (and so checkpoints) stay the same
+    def _attach(self, unet):
+        lo = self.lora_cfg
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg["seed"])  # the LoRA's initial weights: the same in every rank and run
+            self.unet = lora_mod.inject(unet, lo["rank"], lo["alpha"], lo["target_modules"], lo["init"])
+        self.unet.train()  # diffsynth's UNet checkpoints activations only in training mode
+        self.unet.requires_grad_(False)
+        for n, p in self.unet.named_parameters():
+            p.requires_grad_(".lora_" in n)
+
+    def configure_model(self):
+        if self.unet is None:
+            with torch.device("cpu"):  # LoRA init on the CPU generator: identical on every rank and device
+                self._attach(self._loader())
+        if self.cfg.get("compile") and self.trainer.strategy.root_device.type == "cuda" and not self.compiled:
+            from ..models.unet import compile_regions
+
+            compile_regions(self.unet)  # in place: parameter names (and so checkpoints) stay the same
             self.compiled = True
+
+    def state_dict(self, *args, **kwargs):
+        # Only the LoRA is ever saved or sent between processes (checkpoints, ddp_spawn's hand-back).
+        sd = super().state_dict(*args, **kwargs)
+        for k in [k for k in sd if ".lora_" not in k]:
+            del sd[k]
+        return sd
 
     def _sample(self, index: int):
         g = torch.Generator().manual_seed(sample_seed(self.cfg["seed"], index))
@@ -54,16 +83,20 @@ class LoRAModule(L.LightningModule):
         return lat, self.data["text_of"][data_id], g
 
     def training_step(self, batch, batch_idx):
+        # Sample indices are global: rank r of W takes samples (m*W + r)*b ... so W ranks at batch b draw
+        # exactly what one process at batch W*b draws; the timestep is drawn once per global batch.
         b = len(batch)
-        first = self.micro_batches * b
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        m = self.micro_batches
         self.micro_batches += 1
+        first = (m * world + rank) * b
         lats, texts, gens = zip(*(self._sample(first + j) for j in range(b)))
         dev = self.device
         wdtype = next(p for p in self.unet.parameters() if not p.requires_grad).dtype
         latents = torch.cat(lats).to(dev, wdtype)
-        g = gens[0]
-        noise = torch.randn(latents.shape, generator=g).to(dev, wdtype)
-        tid = torch.randint(0, self.scheduler.num_train_timesteps, (1,), generator=g)
+        noise = torch.cat([torch.randn(x.shape, generator=g) for x, g in zip(lats, gens)]).to(dev, wdtype)
+        tg = torch.Generator().manual_seed(sample_seed(self.cfg["seed"] + 0x7F4A7C15, m))
+        tid = torch.randint(0, self.scheduler.num_train_timesteps, (1,), generator=tg)
         timestep = self.scheduler.timesteps[tid].to(dev)
         emb = [self.data["emb"][self.data["texts"][t]] for t in texts]
         ehs = torch.cat([e["encoder_hidden_states"] for e in emb]).to(dev, wdtype)
@@ -84,8 +117,11 @@ class LoRAModule(L.LightningModule):
         return torch.optim.AdamW(params, lr=self.lr, fused=fused)
 
     def on_save_checkpoint(self, checkpoint):
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if ".lora_" in k}
         checkpoint["storyc_micro_batches"] = self.micro_batches
+
+    def on_train_end(self):
+        if self.export is not None and self.trainer.is_global_zero:
+            lora_mod.save(self.export, self.lora_state(), {"rank": self.lora_cfg["rank"], "alpha": self.lora_cfg["alpha"]})
 
     def on_load_checkpoint(self, checkpoint):
         self.micro_batches = int(checkpoint.get("storyc_micro_batches", 0))
@@ -95,21 +131,32 @@ class LoRAModule(L.LightningModule):
 
 
 class StoryCallbacks(L.Callback):
-    """Loss log (CSV beside the LoRA) and storyc's progress line (step, loss, it/s, ETA)."""
+    """Loss log (CSV beside the LoRA), the fit result, and storyc's progress line (step, loss, it/s, ETA).
 
-    def __init__(self, ctx, log_path, total: int, resumed: bool):
-        self.ctx, self.log_path, self.total = ctx, log_path, total
+    Under ddp_spawn the trainer is pickled into each rank: there the callback reports through a plain
+    line printer instead of the build's live display.
+    """
+
+    def __init__(self, report, log_path, result_path, total: int, resumed: bool):
+        self.report, self.log_path, self.result_path, self.total = report, log_path, result_path, total
         self.last_loss = float("nan")
         self.t0 = None
         self.first = 0
         if not resumed and log_path.exists():
             log_path.unlink()
 
+    def __getstate__(self):
+        from ..progress import Reporter
+
+        state = dict(self.__dict__)
+        state["report"] = Reporter(quiet=getattr(self.report, "quiet", False), live=False)
+        return state
+
     def on_train_start(self, trainer, module):
         self.t0 = time.monotonic()
         self.first = trainer.global_step
-        if trainer.global_step:
-            self.ctx.report.line(f"     resuming training at step {trainer.global_step} of {self.total}")
+        if trainer.global_step and trainer.is_global_zero:
+            self.report.line(f"     resuming training at step {trainer.global_step} of {self.total}")
             if self.log_path.exists():  # drop log lines past the checkpoint
                 lines = self.log_path.read_text("utf-8").splitlines()
                 keep = [ln for ln in lines[1:] if int(ln.split(",")[0]) <= trainer.global_step]
@@ -127,4 +174,20 @@ class StoryCallbacks(L.Callback):
                 f.write("step,loss\n")
             f.write(f"{step},{loss:.6f}\n")
         rate = (step - self.first) / max(time.monotonic() - self.t0, 1e-9)
-        self.ctx.report.update(step, self.total, f"loss {loss:.4f}  {rate:.2f} it/s")
+        self.report.update(step, self.total, f"loss {loss:.4f}  {rate:.2f} it/s")
+
+    def on_train_end(self, trainer, module):
+        # every rank reports its device and peak memory: the evidence that each GPU trained
+        dev = module.device
+        peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else 0.0
+        peaks = trainer.strategy.all_gather(torch.tensor([peak], device=dev)) if trainer.world_size > 1 else None
+        if trainer.is_global_zero:
+            import json
+
+            from ..render import atomic_write
+
+            if peaks is not None:
+                per = ", ".join(f"rank {r}: {float(g):.2f} GiB" for r, g in enumerate(peaks.flatten()))
+                self.report.line(f"     {trainer.world_size} ranks on {dev.type}; peak memory {per}")
+            atomic_write(self.result_path, json.dumps({"steps": int(trainer.global_step), "final_loss": self.last_loss,
+                                                       "world_size": trainer.world_size}))

@@ -209,7 +209,14 @@ def _save_atomic(save_file, tensors, path: Path):
 
 
 def fit(ctx, work: Path, kolors: Path, data: dict, device: str, precision: str, dtype):
-    """Train the LoRA with Lightning; resume from work/checkpoints/last.ckpt when present."""
+    """Train the LoRA with Lightning; resume from work/checkpoints/last.ckpt when present.
+
+    With ``strategy: ddp`` and several devices, Lightning's ddp_spawn runs one process per device; each builds its
+    own UNet (``LoRAModule.configure_model``), rank 0 writes the LoRA and the fit result, this process reads them.
+    """
+    import functools
+    import logging
+
     import lightning as L
     import torch
 
@@ -217,9 +224,13 @@ def fit(ctx, work: Path, kolors: Path, data: dict, device: str, precision: str, 
     from .lightning_lora import LoRAModule, StoryCallbacks
 
     tr, lo = ctx.story.data["train"], ctx.story.data["lora"]
-    unet = load_unet_for(kolors, dtype, "cpu")
-    L.seed_everything(tr["seed"], workers=True, verbose=False)  # the LoRA's initial weights come from the seed
-    module = LoRAModule(unet, data, lora=lo, train=tr)
+    L.seed_everything(tr["seed"], workers=True, verbose=False)
+    accel = "cpu" if device == "cpu" else "gpu"
+    strategy, devices, world = _strategy(tr, accel)
+    export, result = work / "lora.tmp.safetensors", work / "fit_result.json"
+    for f in (export, result):
+        f.unlink(missing_ok=True)
+    module = LoRAModule(functools.partial(load_unet_for, kolors, dtype, "cpu"), data, lora=lo, train=tr, export=export)
     ckpt_dir = work / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     resume = None
@@ -230,19 +241,16 @@ def fit(ctx, work: Path, kolors: Path, data: dict, device: str, precision: str, 
         except Exception as e:  # a checkpoint cut off mid-write: start over rather than crash
             ctx.report.line(f"warning: checkpoint {last.name} unreadable ({type(e).__name__}); training from step 0")
     micro = tr["epochs"] * -(-tr["steps_per_epoch"] // tr["batch_size"])  # batches, as diffsynth counts them
-    total = max(1, micro // tr["accumulate_grad_batches"])  # optimizer steps
-    cb = StoryCallbacks(ctx, work / "train_log.csv", total, resume is not None)
+    per_rank = -(-micro // world)  # each rank takes every world-th batch (DistributedSampler)
+    total = max(1, per_rank // tr["accumulate_grad_batches"])  # optimizer steps
+    cb = StoryCallbacks(ctx.report, work / "train_log.csv", result, total, resume is not None)
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step}", every_n_train_steps=tr["checkpoint_every"],
                                                save_last=True, save_top_k=0, save_on_train_epoch_end=False)
-    import logging
-
     for name in ("lightning.pytorch", "lightning.fabric"):  # Lightning resets these to INFO on import
         logging.getLogger(name).setLevel(logging.ERROR)
-    strategy = tr["strategy"]
-    if strategy == "ddp":
-        strategy = "ddp_spawn"  # a plain ddp launcher would re-run the whole storyc command in every rank
-    accel = "cpu" if device == "cpu" else "gpu"
-    devices = 1 if accel == "cpu" else tr["devices"]
+    if world > 1:
+        ctx.report.line(f"     {strategy} on {world} {'GPUs' if accel == 'gpu' else 'CPU processes'}: "
+                        f"{total} optimizer steps of {world} x {tr['batch_size']} images")
     trainer = L.Trainer(accelerator=accel, devices=devices, strategy=strategy, precision=precision,
                         max_epochs=1, max_steps=total, accumulate_grad_batches=tr["accumulate_grad_batches"],
                         callbacks=[ckpt, cb], logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -251,11 +259,32 @@ def fit(ctx, work: Path, kolors: Path, data: dict, device: str, precision: str, 
     loader = torch.utils.data.DataLoader(list(range(micro * tr["batch_size"])), batch_size=tr["batch_size"],
                                          shuffle=False, num_workers=0)
     trainer.fit(module, train_dataloaders=loader, ckpt_path=resume)
-    state = module.lora_state()
-    from .. import lora as lora_mod
+    if not export.exists() or not result.exists():
+        raise StageError("train", "training ended without writing the LoRA (a rank failed?)")
+    res = json.loads(result.read_text("utf-8"))
+    return int(res["steps"]), res["final_loss"]
 
-    lora_mod.save(work / "lora.tmp.safetensors", state, {"rank": lo["rank"], "alpha": lo["alpha"]})
-    return int(trainer.global_step), cb.last_loss
+
+def _strategy(tr: dict, accel: str):
+    """(Lightning strategy, devices, world size) for train.strategy / train.devices."""
+    import torch
+
+    strategy, devices = tr["strategy"], tr["devices"]
+    if accel == "cpu":  # on the CPU only ddp runs several processes (how the tests check DDP without GPUs)
+        n = devices if isinstance(devices, int) and strategy == "ddp" else 1
+        return ("ddp_spawn" if n > 1 else "auto"), n, n
+    if isinstance(devices, list):
+        world = len(devices)
+    elif devices == "auto":
+        world = torch.cuda.device_count() if strategy != "auto" else 1
+        devices = world
+    else:
+        world = devices
+    if strategy == "ddp":
+        strategy = "ddp_spawn"  # a plain ddp launcher would re-run the whole storyc command in every rank
+    elif strategy == "auto" and world > 1:
+        strategy = "ddp_spawn"
+    return strategy, devices, world
 
 
 def _save_outputs(ctx, work: Path, kolors: Path):
