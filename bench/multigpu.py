@@ -84,6 +84,7 @@ R["lora_ddp_vs_1gpu_max_abs_diff"] = max(float((a[k] - b[k]).abs().max()) for k 
 R["lora_ddp_vs_1gpu_rel_diff"] = float(sum(float((a[k] - b[k]).norm()) ** 2 for k in a) ** 0.5
                                        / sum(float(b[k].norm()) ** 2 for k in b) ** 0.5)
 R["lora_max_abs_B"] = max(float(v.abs().max()) for k, v in a.items() if "lora_B" in k)
+R["lora_finite"] = all(bool(v.isfinite().all()) for v in (*a.values(), *b.values()))
 for s in ("two-gpu", "one-gpu"):
     R[f"{s}_train_report"] = json.loads((ROOT / f"build/{s}/lora/train_report.json").read_text())
 print("LoRA, DDP on 2 GPUs vs 1 GPU at the same global batch:", {k: v for k, v in R.items() if k.startswith("lora")})

@@ -54,9 +54,18 @@ def build_text_encoder(folder: Path, seed: int = 0) -> None:
 
     torch.manual_seed(seed)
     model = ChatGLMModel(_glm_config())
-    for m in model.modules():
-        if isinstance(m, RMSNorm):  # diffsynth leaves these torch.empty: NaN without this
-            torch.nn.init.ones_(m.weight)
+    # ChatGLM builds its layers with skip_init (empty_init) and diffsynth's RMSNorm with torch.empty: every
+    # weight is uninitialised memory (zeros on one machine, NaN/1e38 on another). Initialise all of it.
+    g = torch.Generator().manual_seed(seed)
+    norms = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
+    with torch.no_grad():
+        for p in model.parameters():
+            if id(p) in norms:
+                p.fill_(1.0)
+            elif p.dim() >= 2:
+                p.normal_(0.0, 0.02, generator=g)
+            else:
+                p.zero_()
     model.save_pretrained(folder, safe_serialization=True)
 
 

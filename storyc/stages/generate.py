@@ -132,7 +132,7 @@ def run(ctx, names):
         progress = lambda d, t: ctx.report.update(d, t, "denoising")  # noqa: E731
         for it, img in zip(items, render_iter(pipe, items, gen, max(1, gen["batch_size"]), progress)):
             arrived(it, img)
-    return f"{len(todo)} scene(s), {len(items)} image(s) on {device}" + (f" x{shards} GPUs" if shards > 1 else "")
+    return f"{len(todo)} scene(s), {len(items)} image(s) on {device}" + (f", {shards} Ray shards" if shards > 1 else "")
 
 
 def _finish_scene(ctx, gen, s, cands, scorer, lora_sha):
