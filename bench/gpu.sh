@@ -30,6 +30,7 @@ for b in "$@"; do
     generate) python3 bench/generate_bench.py ${GEN_ARGS:-} 2>&1 | tee "$OUT/generate_log.txt" ;;
     train) python3 bench/train_bench.py ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/train_log.txt" ;;
     multigpu) python3 bench/multigpu.py 2>&1 | tee "$OUT/multigpu_log.txt" ;;
+    graphs) python3 bench/graphs_check.py 2>&1 | tee "$OUT/graphs_log.txt" ;;
     *) echo "unknown bench $b"; exit 2 ;;
   esac
 done

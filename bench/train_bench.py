@@ -37,7 +37,7 @@ print("card", R["meta"], flush=True)
 
 class StepTimer(L.Callback):
     def __init__(self):
-        self.t = []
+        self.t, self.loss = [], []
         self._s = 0.0
 
     def on_train_batch_start(self, trainer, module, batch, idx):
@@ -47,6 +47,7 @@ class StepTimer(L.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, idx):
         sync()
         self.t.append(time.perf_counter() - self._s)
+        self.loss.append(float(outputs["loss"]) if isinstance(outputs, dict) else None)
 
 
 class KernelTime(L.Callback):
@@ -85,7 +86,7 @@ def fit(module, loader_len, gc_note):
     wall = time.perf_counter() - t0
     steady = timer.t[args.warmup:-3] or timer.t[args.warmup:]  # the last 3 run under the profiler
     return {"s_per_step": statistics.median(steady), "steps": steady, "first_steps": timer.t[:args.warmup],
-            "gpu_kernel_s_per_step": getattr(kt, "kernel_s", None), "kernels_per_step": getattr(kt, "kernels", None),
+            "losses": timer.loss, "gpu_kernel_s_per_step": getattr(kt, "kernel_s", None), "kernels_per_step": getattr(kt, "kernels", None),
             "peak_gib": (0 if SMOKE else round(torch.cuda.max_memory_allocated() / 2**30, 2)), "wall_s": wall, "note": gc_note}
 
 
@@ -163,23 +164,22 @@ del te, prompter, enc
 from storyc.stages.lightning_lora import LoRAModule  # noqa: E402
 
 LORA = {"rank": 16, "alpha": 4.0, "target_modules": ["to_q", "to_k", "to_v", "to_out"], "init": "gaussian"}
-# storyc_compiled: train.compile (regional: the repeated blocks); _cg: the same with CUDA graphs (reduce-overhead)
-variants = [("storyc_gc_on", True, False), ("storyc", False, False), ("storyc_compiled", False, True),
-            ("storyc_compiled_cg", False, "reduce-overhead")]
-for name, gc, comp in variants:
+# storyc: eager; storyc_graphs: train.cuda_graphs (what `storyc build` does by default on one GPU);
+# storyc_compiled: train.compile (regional: the repeated blocks)
+variants = [("storyc_gc_on", {"gradient_checkpointing": True}), ("storyc", {}), ("storyc_graphs", {"cuda_graphs": True}),
+            ("storyc_compiled", {"compile": True})]
+for name, over in variants:
     if name in skip:
         continue
-    tr = {"learning_rate": 1e-4, "gradient_checkpointing": gc, "seed": 0, "random_flip": False, "center_crop": True,
-          "compile": comp is True}
+    tr = {"learning_rate": 1e-4, "gradient_checkpointing": False, "seed": 0, "random_flip": False, "center_crop": True,
+          "compile": False, "cuda_graphs": False, **over}
     m = None
     try:
         m = LoRAModule(build_unet(seed=2), data, lora=LORA, train=tr)
-        if isinstance(comp, str) and not SMOKE:
-            from storyc.models.unet import compile_regions
-
-            compile_regions(m.unet, mode=comp)
-        R["variants"][name] = fit(m, 10_000, f"cached latents/embeddings, GC {'on' if gc else 'off'}, "
-                                             f"{'torch.compile' if comp else 'eager'}, fused AdamW")
+        R["variants"][name] = fit(m, 10_000, f"cached latents/embeddings, GC {'on' if tr['gradient_checkpointing'] else 'off'}, "
+                                             f"{'regional torch.compile' if tr['compile'] else 'CUDA graphs' if tr['cuda_graphs'] else 'eager'}, fused AdamW")
+        if tr["cuda_graphs"]:
+            R["variants"][name]["graphed"] = bool(m.graphed)
         print(name, R["variants"][name]["s_per_step"], "first", R["variants"][name]["first_steps"][:2], flush=True)
     except Exception as e:
         R["variants"][name] = {"error": repr(e)[:500]}
@@ -194,7 +194,8 @@ if "batch" not in skip:
         try:
             d = dict(data, latents=data["latents"] * bs, text_of=[0] * bs)
             m = LoRAModule(build_unet(seed=2), d, lora=LORA, train={"learning_rate": 1e-4, "gradient_checkpointing": False,
-                                                                   "seed": 0, "random_flip": False, "center_crop": True})
+                                                                   "seed": 0, "random_flip": False, "center_crop": True,
+                                                                   "cuda_graphs": True})
             timer = StepTimer()
             trainer = L.Trainer(accelerator="cpu" if SMOKE else "gpu", devices=1, precision="32-true" if SMOKE else "16-mixed", max_steps=5, callbacks=[timer],
                                 logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -214,13 +215,16 @@ v = R["variants"]
 fwd_tflop = 7.0  # measured by generate_bench (UNet forward at 1024x1024, batch 1)
 R["floor_s_per_step"] = 3 * fwd_tflop / R["meta"]["matmul_fp16_tflops"]  # fwd + bwd(activations) + recompute-free
 if "baseline" in v:
-    for name in ("storyc", "storyc_compiled", "storyc_compiled_cg", "storyc_gc_on"):
+    for name in ("storyc", "storyc_graphs", "storyc_compiled", "storyc_gc_on"):
         if name in v and "s_per_step" in v[name]:
             v[name]["speedup_per_step"] = v["baseline"]["s_per_step"] / v[name]["s_per_step"]
             compile_s = sum(v[name]["first_steps"]) - args.warmup * v[name]["s_per_step"]
             total = 5000 * v[name]["s_per_step"] + max(compile_s, 0) + 100 * R["cache_pass"]["s_per_image"]
             v[name]["run_5000_steps_s"] = total
             v[name]["speedup_5000_steps"] = 5000 * v["baseline"]["s_per_step"] / total
+if "losses" in v.get("storyc", {}) and "losses" in v.get("storyc_graphs", {}):
+    # same seeds, same data, same LoRA init: the graphed steps should track the eager ones
+    R["graphs_vs_eager_max_loss_diff"] = max(abs(a - b) for a, b in zip(v["storyc"]["losses"], v["storyc_graphs"]["losses"]))
 R["meta"]["wall_s"] = time.perf_counter() - t_all
 write(out, "train_results.json", R)
 print("\n== train bench ==")
@@ -233,4 +237,5 @@ for name, r in v.items():
     else:
         print(f"{name:<16} {r}")
 print("cache pass:", R["cache_pass"], " largest batch:", R.get("largest_batch"))
+print("graphs vs eager, max |loss diff| per step:", R.get("graphs_vs_eager_max_loss_diff"))
 print(f"floor ~{R['floor_s_per_step']:.3f} s/step (3 x 7.0 TFLOP at the fp16 matmul rate)")

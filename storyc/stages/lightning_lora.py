@@ -35,6 +35,7 @@ class LoRAModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold only the LoRA weights
         self.micro_batches = 0  # micro-batches consumed; saved in checkpoints so a resume draws the same samples
         self.compiled = False
+        self.graphed = None  # the CUDA-graphed UNet once captured (False: not used)
         self.export = export  # rank 0 writes the trained LoRA here at the end (the main process may hold no copy)
         if self._loader is None:
             self._attach(unet)
@@ -105,11 +106,45 @@ class LoRAModule(L.LightningModule):
         add_time_id = torch.tensor([h, w, 0, 0, h, w], device=dev).repeat(latents.shape[0])
         noisy = self.scheduler.add_noise(latents, noise, timestep)
         target = self.scheduler.training_target(latents, noise, timestep)
-        pred = self.unet(noisy, timestep=timestep, encoder_hidden_states=ehs, add_time_id=add_time_id,
-                         add_text_embeds=ate, use_gradient_checkpointing=self.gc)
+        pred = self._unet(noisy, timestep, ehs, add_time_id, ate)
         loss = torch.nn.functional.mse_loss(pred.float(), target.float()) * self.scheduler.training_weight(timestep)
         self.log("loss", loss.detach(), prog_bar=False, on_step=True)
         return loss
+
+    def _unet(self, x, t, ehs, tid, ate):
+        if self.graphed is None:  # object.__setattr__: keep the graphed wrapper out of the module tree
+            object.__setattr__(self, "graphed", self._capture(x, t, ehs, tid, ate) if self._graphs_apply() else False)
+        if self.graphed:
+            with _autocast_no_cache():
+                return self.graphed(x, t, ehs, tid, ate)
+        return self.unet(x, timestep=t, encoder_hidden_states=ehs, add_time_id=tid, add_text_embeds=ate,
+                         use_gradient_checkpointing=self.gc)
+
+    def _graphs_apply(self) -> bool:
+        # Shapes are fixed for a run (fixed resolution and batch), so one capture serves every step. The
+        # gradients come back in the graph's static buffers: fine when each step's backward is consumed by the
+        # optimizer before the next replay, not when micro-batches accumulate into them.
+        return (self.cfg.get("cuda_graphs", False) and self.device.type == "cuda" and not self.gc
+                and not self.compiled and self.trainer.world_size == 1 and self.trainer.accumulate_grad_batches == 1)
+
+    def _capture(self, *sample):
+        """The UNet's forward and backward captured as CUDA graphs (torch.cuda.make_graphed_callables).
+
+        A batch-1 step launches ~15k kernels and the GPU idles between them; replaying a graph launches them
+        at once. Same kernels, same math. The LoRA weights are graph inputs, so optimizer updates are seen.
+        """
+        try:
+            wrapped = _Positional(self.unet)
+            with _autocast_no_cache():
+                graphed = torch.cuda.make_graphed_callables(wrapped, tuple(a.detach().clone() for a in sample),
+                                                            num_warmup_iters=3)
+            return graphed
+        except Exception as e:  # unsupported op or out of memory: the step still runs, eagerly
+            import warnings
+
+            warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {e}); training eagerly", stacklevel=2)
+            torch.cuda.empty_cache()
+            return False
 
     def configure_optimizers(self):
         params = [p for p in self.unet.parameters() if p.requires_grad]
@@ -128,6 +163,27 @@ class LoRAModule(L.LightningModule):
 
     def lora_state(self) -> dict:
         return lora_mod.lora_state_dict(self.unet)
+
+
+class _Positional(torch.nn.Module):
+    """diffsynth's UNet with positional inputs only, as make_graphed_callables needs."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, t, ehs, tid, ate):
+        return self.unet(x, timestep=t, encoder_hidden_states=ehs, add_time_id=tid, add_text_embeds=ate)
+
+
+def _autocast_no_cache():
+    # Under Lightning's mixed precision: the same autocast, without its weight-cast cache, whose tensors would
+    # be freed behind a captured graph's back (the documented requirement of make_graphed_callables).
+    import contextlib
+
+    if not torch.is_autocast_enabled("cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
 
 
 class StoryCallbacks(L.Callback):
@@ -186,6 +242,8 @@ class StoryCallbacks(L.Callback):
 
             from ..render import atomic_write
 
+            if getattr(module, "graphed", None):
+                self.report.line("     the UNet's forward and backward ran as CUDA graphs (train.cuda_graphs)")
             if peaks is not None:
                 per = ", ".join(f"rank {r}: {float(g):.2f} GiB" for r, g in enumerate(peaks.flatten()))
                 self.report.line(f"     {trainer.world_size} ranks on {dev.type}; peak memory {per}")
