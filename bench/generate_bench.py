@@ -24,6 +24,7 @@ p.add_argument("--steps", type=int, default=50)
 p.add_argument("--size", type=int, default=1024)
 p.add_argument("--batch", type=int, default=8)
 p.add_argument("--skip", default="", help="comma list: compile")
+p.add_argument("--quick", action="store_true", help="only baseline vs storyc timings (no variants, fp32 checks, scorer)")
 p.add_argument("--baseline-images", type=int, default=3, help="timed baseline images (each ~10 s on an H100)")
 args = p.parse_args()
 R = {"meta": {**gpu_info(), "steps": args.steps, "size": args.size, "images": args.images, "batch": args.batch}}
@@ -149,13 +150,17 @@ R["storyc"]["s_single_image_b1"] = time.perf_counter() - t
 with torch.no_grad():
     R["storyc"]["encode_16_prompts_s"] = timed(lambda: [pipe_s.encode_prompt(p_, positive=True) for p_, _, _ in prompts * 2],
                                                reps=2, warmup=1)[0]
+    from storyc.stages.generate import encode_prompts
+
+    R["storyc"]["encode_16_prompts_batched_s"] = timed(lambda: encode_prompts(pipe_s, [p_ for p_, _, _ in prompts],
+                                                                              [n_ for _, n_, _ in prompts]), reps=2, warmup=1)[0]
     lat8 = torch.randn(1, 4, args.size // 8, args.size // 8, device=DEV, dtype=DT)
     R["storyc"]["decode_fp16_s_per_image"] = timed(lambda: pipe_s.decode_image(lat8), reps=4, warmup=1)[0]
     pipe_s.vae_decoder = dec
     R["storyc"]["decode_fp32_s_per_image"] = timed(lambda: pipe_s.decode_image(lat8), reps=4, warmup=1)[0]
     pipe_s.vae_decoder = dec16
 print("breakdown:", {k: v for k, v in R["storyc"].items() if k.startswith(("encode", "decode"))}, flush=True)
-if not SMOKE:
+if not SMOKE and not args.quick:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     for tag, backend in (("cudnn_attention", SDPBackend.CUDNN_ATTENTION), ("flash_attention", SDPBackend.FLASH_ATTENTION)):
@@ -206,24 +211,26 @@ def rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-eq = {}
-eq["fp16_batched_vs_b1_same_merged_unet"] = rel(cfg_pred(unet_s, probe_lat, probe_emb, True, DT),
-                                                cfg_pred(unet_s, probe_lat, probe_emb, False, DT))
-del pipe_s, unet_s
-(SMOKE or torch.cuda.empty_cache())
-u_base = build_unet(seed=2).float()
-u_base = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha_train * lora_scale, init_lora_weights="gaussian",
-                                            target_modules=["to_q", "to_k", "to_v", "to_out"]), u_base)
-u_base.load_state_dict({k: v.to(DEV) for k, v in lora_state.items()}, strict=False)
-ref32 = cfg_pred(u_base, probe_lat, probe_emb, False, torch.float32)
-del u_base
-(SMOKE or torch.cuda.empty_cache())
-u_ours = build_unet(seed=2).float()
-lora.merge(u_ours, lora_state, alpha_train * lora_scale / rank)
-eq["fp32_storyc_vs_notebook"] = rel(cfg_pred(u_ours, probe_lat, probe_emb, True, torch.float32), ref32)
-R["equality_step"].update(eq)
-print("one-step equality:", R["equality_step"], flush=True)
-unet_s = u_ours.to(DT)
+if not args.quick:
+    eq = {}
+    eq["fp16_batched_vs_b1_same_merged_unet"] = rel(cfg_pred(unet_s, probe_lat, probe_emb, True, DT),
+                                                    cfg_pred(unet_s, probe_lat, probe_emb, False, DT))
+    del pipe_s, unet_s
+    (SMOKE or torch.cuda.empty_cache())
+    u_base = build_unet(seed=2).float()
+    u_base = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha_train * lora_scale, init_lora_weights="gaussian",
+                                                target_modules=["to_q", "to_k", "to_v", "to_out"]), u_base)
+    u_base.load_state_dict({k: v.to(DEV) for k, v in lora_state.items()}, strict=False)
+    ref32 = cfg_pred(u_base, probe_lat, probe_emb, False, torch.float32)
+    del u_base
+    (SMOKE or torch.cuda.empty_cache())
+    u_ours = build_unet(seed=2).float()
+    lora.merge(u_ours, lora_state, alpha_train * lora_scale / rank)
+    eq["fp32_storyc_vs_notebook"] = rel(cfg_pred(u_ours, probe_lat, probe_emb, True, torch.float32), ref32)
+    R["equality_step"].update(eq)
+    print("one-step equality:", R["equality_step"], flush=True)
+    unet_s = u_ours.to(DT)
+
 
 # ---------------- UNet FLOPs and floor
 from torch.utils.flop_counter import FlopCounterMode
@@ -244,17 +251,20 @@ from transformers import CLIPVisionConfig
 
 from aesthetics_predictor import AestheticsPredictorV2Linear  # noqa: E402
 
-try:
-    cfg = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                           image_size=224, patch_size=14, projection_dim=768)
-    sc = AestheticsPredictorV2Linear(cfg).to(DEV, DT).eval()
-    x = torch.randn(8, 3, 224, 224, device=DEV, dtype=DT)
-    with torch.no_grad():
-        t8, _ = timed(lambda: sc(pixel_values=x), reps=10, warmup=2)
-        t1, _ = timed(lambda: sc(pixel_values=x[:1]), reps=10, warmup=2)
-    R["score"] = {"img_per_s_b1": 1 / t1, "img_per_s_b8": 8 / t8}
-except Exception as e:  # the scorer wheel may be missing on the GPU image
-    R["score"] = {"error": repr(e)}
+if args.quick:
+    R["score"] = {"skipped": "--quick"}
+else:
+    try:
+        cfg = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                               image_size=224, patch_size=14, projection_dim=768)
+        sc = AestheticsPredictorV2Linear(cfg).to(DEV, DT).eval()
+        x = torch.randn(8, 3, 224, 224, device=DEV, dtype=DT)
+        with torch.no_grad():
+            t8, _ = timed(lambda: sc(pixel_values=x), reps=10, warmup=2)
+            t1, _ = timed(lambda: sc(pixel_values=x[:1]), reps=10, warmup=2)
+        R["score"] = {"img_per_s_b1": 1 / t1, "img_per_s_b8": 8 / t8}
+    except Exception as e:  # the scorer wheel may be missing on the GPU image
+        R["score"] = {"error": repr(e)}
 R["meta"]["wall_s"] = time.perf_counter() - t_all
 write(out, "generate_results.json", R)
 print("\n== generate bench ==")

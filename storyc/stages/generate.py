@@ -60,11 +60,8 @@ def render_iter(pipe, items: list[dict], gen: dict, batch_size: int, progress=No
         chunk = items[start:start + batch_size]
         b = len(chunk)
         with torch.no_grad():
-            pos = [pipe.encode_prompt(it["prompt"], positive=True) for it in chunk]
-            neg = [pipe.encode_prompt(it["negative_prompt"], positive=False) for it in chunk]
-            embs = pos + neg if cfg != 1.0 else pos
-            ehs = torch.cat([e["encoder_hidden_states"] for e in embs])
-            ate = torch.cat([e["add_text_embeds"] for e in embs])
+            ehs, ate = encode_prompts(pipe, [it["prompt"] for it in chunk],
+                                      [it["negative_prompt"] for it in chunk] if cfg != 1.0 else [])
             latents = torch.cat([pipe.generate_noise((1, 4, h // 8, w // 8), seed=it["seed"], device=dev, dtype=dt)
                                  for it in chunk])
             pipe.scheduler.set_timesteps(steps)
@@ -84,6 +81,23 @@ def render_iter(pipe, items: list[dict], gen: dict, batch_size: int, progress=No
                     progress(done, total)
             decoded = [pipe.decode_image(latents[i:i + 1]) for i in range(b)]
         yield from decoded
+
+
+def encode_prompts(pipe, positive: list[str], negative: list[str]):
+    """ChatGLM embeddings of every prompt in one text-encoder call (positives first, then negatives).
+
+    The same as the pipeline's one-prompt encode_prompt per prompt: Kolors pads every prompt to 256 tokens, so
+    the rows of the batch are independent.
+    """
+    import torch
+
+    pr = pipe.prompter
+    texts = [pr.process_prompt(t, positive=True) for t in positive] + [pr.process_prompt(t, positive=False) for t in negative]
+    if not hasattr(pr, "encode_prompt_using_ChatGLM"):  # not Kolors: one prompt at a time through the pipeline
+        embs = [pipe.encode_prompt(t, positive=i < len(positive)) for i, t in enumerate(positive + negative)]
+        return (torch.cat([e["encoder_hidden_states"] for e in embs]), torch.cat([e["add_text_embeds"] for e in embs]))
+    emb, pooled = pr.encode_prompt_using_ChatGLM(texts, pr.text_encoder, pr.tokenizer, 256, 2, pipe.device)
+    return emb, pooled
 
 
 def _device(ctx):
