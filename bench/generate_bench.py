@@ -170,7 +170,7 @@ if not SMOKE and not args.quick:
             R.setdefault("storyc_variants", {})[tag] = {"error": repr(e)[:300]}
             print(tag, "failed", repr(e)[:300], flush=True)
     if "compile" not in args.skip:
-        from storyc.models.unet import compile_regions
+        from common import compile_regions
 
         compile_regions(unet_s)
         try:

@@ -216,11 +216,10 @@ def _kill_when(spec, predicate, sig, extra=(), timeout=300):
     return p.returncode, out
 
 
-@pytest.mark.parametrize("when", ["filter", "train", "between-scenes"])
+# (an interruption during training: tests/test_train.py::test_resume_continues_from_checkpoint_and_matches_uninterrupted)
+@pytest.mark.parametrize("when", ["filter", "between-scenes"])
 def test_interrupted_build_resumes_to_the_same_lock(base, tmp_path, tiny_models, when):
     spec_text = SPEC1
-    if when == "train":
-        spec_text = spec_text.replace("steps_per_epoch: 4,", "steps_per_epoch: 150,").replace("checkpoint_every: 2", "checkpoint_every: 10")
     if when == "between-scenes":
         spec_text = spec_text.replace("steps: 2, cfg_scale: 4.0, batch_size: 1", "steps: 12, cfg_scale: 4.0, batch_size: 1")
     ref = make_project(tmp_path / "ref", tiny_models, spec_text)
@@ -231,34 +230,16 @@ def test_interrupted_build_resumes_to_the_same_lock(base, tmp_path, tiny_models,
     if when == "filter":
         code, out = _kill_when(spec, lambda: (root / "build/t/data/output").exists(), signal.SIGINT)
         assert "interrupted" in out
-    elif when == "train":
-        code, out = _kill_when(spec, lambda: any((root / ".storyc/cache/train").glob("*.partial/checkpoints/last.ckpt")),
-                               signal.SIGKILL)
     else:
         code, out = _kill_when(spec, lambda: "generate[home]" in _read(root / "story.lock"), signal.SIGKILL)
         first = (root / "build/t/images/01-home.png").stat().st_mtime_ns
     assert code != 0
     r = run_cli("build", spec, cwd=root)
     assert r.returncode == 0, r.stdout + r.stderr
-    if when == "train":
-        assert "resuming training at step" in r.stdout
     if when == "between-scenes":
         assert build_report(spec)["generate[home]"] == "up to date"
         assert (root / "build/t/images/01-home.png").stat().st_mtime_ns == first
-    got, want = _outputs(spec), _outputs(ref)
-    if when == "train":
-        # a resumed run reproduces the uninterrupted one to float rounding, not bit for bit
-        from storyc import lora
-
-        a, _ = lora.load(root / "build/t/lora/t.diffsynth.safetensors")
-        b, _ = lora.load(ref.parent / "build/t/lora/t.diffsynth.safetensors")
-        assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
-        for k in ("ingest", "filter"):
-            assert got[k] == want[k]
-        log = (root / "build/t/lora/train_log.csv").read_text().splitlines()
-        assert [int(x.split(",")[0]) for x in log[1:]] == list(range(1, 151))
-    else:
-        assert got == want
+    assert _outputs(spec) == _outputs(ref)
 
 
 def test_the_offline_demo_builds_end_to_end(tmp_path, tiny_models):

@@ -231,3 +231,16 @@ def test_ddp_on_two_processes_equals_one_process_at_the_global_batch(tmp_path, t
     assert sa.keys() == sb.keys()
     assert max(float(v.abs().max()) for k, v in sa.items() if "lora_B" in k) > 0
     assert max(float((sa[k] - sb[k]).abs().max()) for k in sa) < 1e-5
+
+
+def test_tiny_text_encoder_has_every_weight_initialised(tiny_models):
+    """ChatGLM builds its layers with skip_init: a builder that trusts its init saves uninitialised memory
+    (zeros on one machine, NaN and 1e38 on another)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(tiny_models / "tiny-kolors/text_encoder/model.safetensors"))
+    assert all(bool(torch.isfinite(v).all()) for v in state.values())
+    mats = {k: v for k, v in state.items() if v.dim() >= 2}
+    assert mats and all(0.01 < float(v.float().std()) < 0.05 for v in mats.values()), {k: float(v.std()) for k, v in mats.items()}
+    norms = [v for k, v in state.items() if "layernorm" in k]
+    assert norms and all(bool((v == 1).all()) for v in norms)

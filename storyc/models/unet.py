@@ -88,22 +88,3 @@ def load_unet(folder: Path, dtype=torch.float16, device="cpu") -> ConfigSDXLUNet
         raise ValueError(f"UNet weights do not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return unet.to(device=device, dtype=dtype).eval()
 
-
-def compile_regions(unet, mode: str | None = None) -> int:
-    """torch.compile the UNet's repeated blocks (regional compilation), in place.
-
-    The 70 transformer blocks of Kolors share two input shapes and the resnet blocks a dozen, and instances of a
-    class share one compiled graph per shape, so this compiles ~14 small graphs instead of one 2.6 B-parameter
-    graph: a fraction of the compile time for most of the speed. Parameter names do not change.
-    """
-    import torch._dynamo
-    from diffsynth.models.sd_unet import BasicTransformerBlock
-
-    # one cache entry per distinct block shape (SDXL has ~12 resnet shapes, over dynamo's default of 8)
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    n = 0
-    for m in unet.modules():
-        if isinstance(m, (BasicTransformerBlock, ResnetBlock)):
-            m.compile(dynamic=False, mode=mode)
-            n += 1
-    return n

@@ -55,9 +55,8 @@ class LoRAModule(L.LightningModule):
             with torch.device("cpu"):  # LoRA init on the CPU generator: identical on every rank and device
                 self._attach(self._loader())
         if self.cfg.get("compile") and self.trainer.strategy.root_device.type == "cuda" and not self.compiled:
-            from ..models.unet import compile_regions
-
-            compile_regions(self.unet)  # in place: parameter names (and so checkpoints) stay the same
+            # The whole UNet as one graph: measured faster per step than compiling its repeated blocks alone.
+            self.unet.compile()  # in place: parameter names (and so checkpoints) stay the same
             self.compiled = True
 
     def state_dict(self, *args, **kwargs):

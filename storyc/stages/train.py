@@ -270,6 +270,12 @@ def _strategy(tr: dict, accel: str):
     import torch
 
     strategy, devices = tr["strategy"], tr["devices"]
+    if strategy.startswith("deepspeed"):
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise StageError("train", f"train.strategy {strategy} needs the deepspeed package, which is not installed",
+                             "pip install deepspeed, or use strategy ddp (one process per GPU) or auto")
     if accel == "cpu":  # on the CPU only ddp runs several processes (how the tests check DDP without GPUs)
         n = devices if isinstance(devices, int) and strategy == "ddp" else 1
         return ("ddp_spawn" if n > 1 else "auto"), n, n
