@@ -94,6 +94,14 @@ def make_project(root, tiny_models, spec=BASE_SPEC, sizes=((1024, 1024), (1100, 
     return root / "story.yaml"
 
 
+def copy_project(spec, root):
+    """A copy of a project (as a clone would be) with what it has built so far; returns the copy's spec."""
+    import shutil
+
+    shutil.copytree(spec.parent, root, symlinks=True)
+    return root / spec.name
+
+
 def build_report(spec) -> dict:
     import json
 

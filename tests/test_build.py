@@ -9,7 +9,7 @@ import time
 import pytest
 import yaml
 
-from conftest import BASE_SPEC, REPO, build_report, make_project, ran, run_cli
+from conftest import BASE_SPEC, REPO, build_report, copy_project, make_project, ran, run_cli
 
 ALL = {"ingest", "filter", "train", "generate[home]", "generate[concert]", "generate[stage]", "score[home]",
        "score[concert]", "score[stage]", "bundle"}
@@ -223,7 +223,11 @@ def test_interrupted_build_resumes_to_the_same_lock(base, tmp_path, tiny_models,
     if when == "between-scenes":
         spec_text = spec_text.replace("steps: 2, cfg_scale: 4.0, batch_size: 1", "steps: 12, cfg_scale: 4.0, batch_size: 1")
     ref = make_project(tmp_path / "ref", tiny_models, spec_text)
-    spec = make_project(tmp_path / "cut", tiny_models, spec_text)
+    if when == "between-scenes":  # both start from the same trained LoRA: build it once, copy the project
+        assert run_cli("build", ref, "--until", "train", cwd=ref.parent).returncode == 0
+        spec = copy_project(ref, tmp_path / "cut")
+    else:
+        spec = make_project(tmp_path / "cut", tiny_models, spec_text)
     r = run_cli("build", ref, cwd=ref.parent)  # a subprocess like the interrupted build: same threads, same floats
     assert r.returncode == 0, r.stdout + r.stderr
     root = spec.parent

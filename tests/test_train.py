@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import BASE_SPEC, make_project, ran, run_cli
+from conftest import BASE_SPEC, copy_project, make_project, ran, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -167,11 +167,11 @@ def test_resume_continues_from_checkpoint_and_matches_uninterrupted(tmp_path, ti
 
     spec_text = BASE_SPEC.replace("steps_per_epoch: 4,", "steps_per_epoch: 120,").replace("checkpoint_every: 2", "checkpoint_every: 20")
     a = make_project(tmp_path / "a", tiny_models, spec_text, sizes=((1024, 1024),))
-    b = make_project(tmp_path / "b", tiny_models, spec_text, sizes=((1024, 1024),))
     from storyc.cli import main
 
+    assert main(["build", str(a), "--until", "filter", "-q"]) == 0
+    b = copy_project(a, tmp_path / "b")
     assert main(["build", str(a), "--until", "train", "-q"]) == 0
-    assert main(["build", str(b), "--until", "filter", "-q"]) == 0
     p = subprocess.Popen([sys.executable, "-m", "storyc", "build", str(b), "--until", "train"], cwd=tmp_path / "b",
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
@@ -218,8 +218,11 @@ def test_ddp_on_two_processes_equals_one_process_at_the_global_batch(tmp_path, t
     base = BASE_SPEC.replace("steps_per_epoch: 4,", "steps_per_epoch: 6,")
     ddp = make_project(tmp_path / "ddp", tiny_models, base.replace("checkpoint_every: 2}",
                                                                    "checkpoint_every: 2, strategy: ddp, devices: 2}"))
-    one = make_project(tmp_path / "one", tiny_models, base.replace("checkpoint_every: 2}",
-                                                                   "checkpoint_every: 2, batch_size: 2}"))
+    from storyc.cli import main
+
+    assert main(["build", str(ddp), "--until", "filter", "-q"]) == 0  # the same data for both: filter once
+    one = copy_project(ddp, tmp_path / "one")
+    one.write_text(base.replace("checkpoint_every: 2}", "checkpoint_every: 2, batch_size: 2}"), "utf-8")
     r = run_cli("build", ddp, "--until", "train", cwd=ddp.parent)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "ddp_spawn on 2 CPU processes: 3 optimizer steps of 2 x 1 images" in r.stdout
