@@ -6,8 +6,9 @@ training target. What differs is where the time goes:
   1. a cache pass encodes every training image with the VAE and every caption with ChatGLM once (content-hash
      keyed under the cache folder, reused by later runs), then releases both models;
   2. the UNet trains on cached latents and embeddings: no 6B text encoder or VAE in the loop;
-  3. every per-sample random draw comes from a generator seeded by (seed, sample index), so a resumed run
-     draws exactly what an uninterrupted one would.
+  3. on one GPU the UNet's forward and backward are replayed as CUDA graphs (batch-1 steps are launch-bound);
+  4. every per-sample random draw comes from a generator seeded by (seed, sample index), so a resumed run
+     draws exactly what an uninterrupted one would, and N DDP ranks draw what one process at N x batch would.
 Outputs are stored content-addressed (cache/train/<key>/), so a story with identical data/lora/train slices
 reuses them without training.
 """
