@@ -23,9 +23,8 @@ SPEC1 = BASE_SPEC.replace("batch_size: 8}", "batch_size: 1}")
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, tiny_models):
     spec = make_project(tmp_path_factory.mktemp("base") / "p", tiny_models, SPEC1)
-    from storyc.cli import main
-
-    assert main(["build", str(spec), "-q"]) == 0
+    r = run_cli("build", spec, "-q", cwd=spec.parent)  # a subprocess, as the interruption tests' builds are
+    assert r.returncode == 0, r.stdout + r.stderr
     assert ran(spec) == ALL
     return spec
 
@@ -222,14 +221,15 @@ def test_interrupted_build_resumes_to_the_same_lock(base, tmp_path, tiny_models,
     spec_text = SPEC1
     if when == "between-scenes":
         spec_text = spec_text.replace("steps: 2, cfg_scale: 4.0, batch_size: 1", "steps: 12, cfg_scale: 4.0, batch_size: 1")
-    ref = make_project(tmp_path / "ref", tiny_models, spec_text)
     if when == "between-scenes":  # both start from the same trained LoRA: build it once, copy the project
+        ref = make_project(tmp_path / "ref", tiny_models, spec_text)
         assert run_cli("build", ref, "--until", "train", cwd=ref.parent).returncode == 0
         spec = copy_project(ref, tmp_path / "cut")
+        r = run_cli("build", ref, cwd=ref.parent)  # a subprocess like the interrupted build: same threads, same floats
+        assert r.returncode == 0, r.stdout + r.stderr
     else:
+        ref = base  # the uninterrupted build of the same spec, also built in a subprocess
         spec = make_project(tmp_path / "cut", tiny_models, spec_text)
-    r = run_cli("build", ref, cwd=ref.parent)  # a subprocess like the interrupted build: same threads, same floats
-    assert r.returncode == 0, r.stdout + r.stderr
     root = spec.parent
     if when == "filter":
         code, out = _kill_when(spec, lambda: (root / "build/t/data/output").exists(), signal.SIGINT)

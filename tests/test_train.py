@@ -165,7 +165,7 @@ def test_resume_continues_from_checkpoint_and_matches_uninterrupted(tmp_path, ti
     import sys
     import time
 
-    spec_text = BASE_SPEC.replace("steps_per_epoch: 4,", "steps_per_epoch: 120,").replace("checkpoint_every: 2", "checkpoint_every: 20")
+    spec_text = BASE_SPEC.replace("steps_per_epoch: 4,", "steps_per_epoch: 80,").replace("checkpoint_every: 2", "checkpoint_every: 20")
     a = make_project(tmp_path / "a", tiny_models, spec_text, sizes=((1024, 1024),))
     from storyc.cli import main
 
@@ -186,7 +186,7 @@ def test_resume_continues_from_checkpoint_and_matches_uninterrupted(tmp_path, ti
     assert r.returncode == 0, r.stdout + r.stderr
     assert "resuming training at step" in r.stdout
     log = (tmp_path / "b/build/t/lora/train_log.csv").read_text().splitlines()
-    assert [int(x.split(",")[0]) for x in log[1:]] == list(range(1, 121))
+    assert [int(x.split(",")[0]) for x in log[1:]] == list(range(1, 81))
     sa, _ = _lora(a)
     sb, _ = _lora(b)
     assert sa.keys() == sb.keys()
