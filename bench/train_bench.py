@@ -165,7 +165,7 @@ from storyc.stages.lightning_lora import LoRAModule  # noqa: E402
 
 LORA = {"rank": 16, "alpha": 4.0, "target_modules": ["to_q", "to_k", "to_v", "to_out"], "init": "gaussian"}
 # storyc: eager; storyc_graphs: train.cuda_graphs (what `storyc build` does by default on one GPU);
-# storyc_compiled: train.compile (regional: the repeated blocks)
+# storyc_compiled: train.compile (torch.compile of the whole UNet)
 variants = [("storyc_gc_on", {"gradient_checkpointing": True}), ("storyc", {}), ("storyc_graphs", {"cuda_graphs": True}),
             ("storyc_compiled", {"compile": True})]
 for name, over in variants:
@@ -177,7 +177,7 @@ for name, over in variants:
     try:
         m = LoRAModule(build_unet(seed=2), data, lora=LORA, train=tr)
         R["variants"][name] = fit(m, 10_000, f"cached latents/embeddings, GC {'on' if tr['gradient_checkpointing'] else 'off'}, "
-                                             f"{'regional torch.compile' if tr['compile'] else 'CUDA graphs' if tr['cuda_graphs'] else 'eager'}, fused AdamW")
+                                             f"{'torch.compile' if tr['compile'] else 'CUDA graphs' if tr['cuda_graphs'] else 'eager'}, fused AdamW")
         if tr["cuda_graphs"]:
             R["variants"][name]["graphed"] = bool(m.graphed)
         print(name, R["variants"][name]["s_per_step"], "first", R["variants"][name]["first_steps"][:2], flush=True)

@@ -87,4 +87,3 @@ def load_unet(folder: Path, dtype=torch.float16, device="cpu") -> ConfigSDXLUNet
     if missing or unexpected:
         raise ValueError(f"UNet weights do not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return unet.to(device=device, dtype=dtype).eval()
-

@@ -89,15 +89,10 @@ def encode_prompts(pipe, positive: list[str], negative: list[str]):
     The same as the pipeline's one-prompt encode_prompt per prompt: Kolors pads every prompt to 256 tokens, so
     the rows of the batch are independent.
     """
-    import torch
-
-    pr = pipe.prompter
+    pr = pipe.prompter  # KolorsPrompter: storyc's pipelines are always in Kolors mode
     texts = [pr.process_prompt(t, positive=True) for t in positive] + [pr.process_prompt(t, positive=False) for t in negative]
-    if not hasattr(pr, "encode_prompt_using_ChatGLM"):  # not Kolors: one prompt at a time through the pipeline
-        embs = [pipe.encode_prompt(t, positive=i < len(positive)) for i, t in enumerate(positive + negative)]
-        return (torch.cat([e["encoder_hidden_states"] for e in embs]), torch.cat([e["add_text_embeds"] for e in embs]))
-    emb, pooled = pr.encode_prompt_using_ChatGLM(texts, pr.text_encoder, pr.tokenizer, 256, 2, pipe.device)
-    return emb, pooled
+    # 256 tokens and hidden state -2, as SDXLImagePipeline.encode_prompt asks of the Kolors prompter
+    return pr.encode_prompt_using_ChatGLM(texts, pr.text_encoder, pr.tokenizer, 256, 2, pipe.device)
 
 
 def _device(ctx):
