@@ -82,7 +82,7 @@ def fit(module, loader_len, gc_note):
                         callbacks=[timer, kt], logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0)
     t0 = time.perf_counter()
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(list(range(loader_len)), batch_size=1))
+    trainer.fit(module, train_dataloaders=make_loader(module.data, module.cfg, loader_len, module))
     wall = time.perf_counter() - t0
     steady = timer.t[args.warmup:-3] or timer.t[args.warmup:]  # the last 3 run under the profiler
     return {"s_per_step": statistics.median(steady), "steps": steady, "first_steps": timer.t[:args.warmup],
@@ -161,7 +161,7 @@ del te, prompter, enc
 (SMOKE or torch.cuda.empty_cache())
 
 # ---------------- (b) storyc's LoRAModule on cached data
-from storyc.stages.lightning_lora import LoRAModule  # noqa: E402
+from storyc.stages.lightning_lora import LoRAModule, make_loader  # noqa: E402
 
 LORA = {"rank": 16, "alpha": 4.0, "target_modules": ["to_q", "to_k", "to_v", "to_out"], "init": "gaussian"}
 # storyc: eager; storyc_graphs: train.cuda_graphs (what `storyc build` does by default on one GPU);
@@ -200,7 +200,7 @@ if "batch" not in skip:
             trainer = L.Trainer(accelerator="cpu" if SMOKE else "gpu", devices=1, precision="32-true" if SMOKE else "16-mixed", max_steps=5, callbacks=[timer],
                                 logger=False, enable_checkpointing=False, enable_progress_bar=False,
                                 enable_model_summary=False)
-            trainer.fit(m, train_dataloaders=torch.utils.data.DataLoader(list(range(10_000)), batch_size=bs))
+            trainer.fit(m, train_dataloaders=make_loader(d, {**m.cfg, "batch_size": bs}, 10_000, m))
             best = {"batch": bs, "s_per_step": statistics.median(timer.t[2:]),
                     "img_per_s": bs / statistics.median(timer.t[2:])}
             del m, trainer

@@ -51,8 +51,18 @@ def _load_plan(args):
 
     story = load_story(args.spec)
     _print_diags(story.warnings, "warning")
-    out = Path(args.output) / story.id if getattr(args, "output", None) else None
+    out = Path(args.output) / story.id if args.output else None
     return compile(story, out)
+
+
+def run_options(args, plan):
+    """The one place argparse values become RunOptions (nothing below the CLI sees a Namespace)."""
+    from .options import RunOptions
+
+    a = vars(args)
+    return RunOptions(build_dir=plan.build_dir, lock_path=a.get("lock"), cache_dir=a.get("cache"), device=a.get("device"),
+                      target=a.get("stage") or a.get("until"), force=a.get("force"), dry_run=a.get("dry_run", False),
+                      keep_going=a.get("keep_going", False), quiet=a.get("quiet", False))
 
 
 def cmd_compile(args) -> int:
@@ -107,35 +117,40 @@ def cmd_ops(args) -> int:
     return 0
 
 
-def cmd_build(args) -> int:
+def cmd_build(args) -> int:  # also `storyc run STAGE`: a build with a target
     from .runner import build
 
-    return build(_load_plan(args), args)
+    plan = _load_plan(args)
+    return build(plan, run_options(args, plan))
 
 
 def cmd_status(args) -> int:
     from .runner import status
 
-    return status(_load_plan(args), args)
-
-
-def cmd_run(args) -> int:
-    from .runner import build
-
-    args.only = args.stage
-    return build(_load_plan(args), args)
+    plan = _load_plan(args)
+    return status(plan, run_options(args, plan))
 
 
 def cmd_score(args) -> int:
-    from .stages.score import score_folder_cli
+    from .stages.score import score_folder
 
-    return score_folder_cli(args)
+    model, gate = Path(args.model) if args.model else None, args.min
+    if args.spec:
+        from .context import model_folder
+        from .spec import load_story
+
+        story = load_story(args.spec)
+        model = model or model_folder(story, "aesthetic")
+        gate = story.data["submission"]["min_aesthetic"] if gate is None else gate
+    if model is None:
+        raise StorycError("no aesthetic model given", "pass --model DIR or --spec story.yaml")
+    return score_folder(Path(args.dir), model, 6.0 if gate is None else gate, args.device)
 
 
 def cmd_publish(args) -> int:
     from .stages.bundle import publish
 
-    return publish(_load_plan(args), args)
+    return publish(_load_plan(args), args.model_id)
 
 
 # ---------------------------------------------------------------- parser
@@ -168,19 +183,20 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("--keep-going", action="store_true", help="run independent stages after a failure")
         c.add_argument("-q", "--quiet", action="store_true")
         c.add_argument("--cache", metavar="DIR", help="content-addressed cache (default: .storyc/cache)")
+        c.add_argument("--lock", metavar="FILE", help="lock file (default: the spec's name with .lock)")
         c.add_argument("--device", default=None, help="torch device for GPU stages (default: cuda if available)")
 
     b = spec_cmd("build", cmd_build, "compile, then run the stale stages")
     run_opts(b)
-    b.set_defaults(only=None)
     s = spec_cmd("status", cmd_status, "list stages as up to date or stale, and why")
     s.add_argument("--cache", metavar="DIR")
+    s.add_argument("--lock", metavar="FILE")
     r = sub.add_parser("run", help="run one stage (and its stale inputs)")
     r.add_argument("stage", metavar="STAGE")
     r.add_argument("spec", metavar="SPEC")
     r.add_argument("-o", "--output", metavar="DIR")
     run_opts(r)
-    r.set_defaults(func=cmd_run)
+    r.set_defaults(func=cmd_build)
 
     sc = sub.add_parser("score", help="score a folder of images with the aesthetic predictor")
     sc.add_argument("dir", metavar="DIR")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
@@ -82,10 +84,73 @@ def lock_path(spec: Path) -> Path:
     return Path(spec).with_suffix(".lock")
 
 
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _sha_or_none(v) -> bool:
+    return v is None or (isinstance(v, str) and bool(_SHA.match(v)))
+
+
+@dataclass(frozen=True)
+class LockEntry:
+    """One stage's record in the lock. Parsed and checked on load: a malformed entry is stale, never a crash."""
+
+    params: dict  # the spec slice the stage hashed
+    params_hash: str
+    storyc: str  # the storyc version that wrote it
+    deps: dict  # upstream stage -> its digest when this stage ran
+    models: dict  # model key -> fingerprint
+    outputs: dict  # path relative to the build folder -> {sha256, size} (file) or {sha256, files} (folder)
+    digest: str  # what downstream stages depend on: outputs + digest facts
+    extra: dict | None = None  # facts (scores, chosen seeds, the verdict)
+
+    @classmethod
+    def parse(cls, raw) -> "LockEntry | None":
+        if not isinstance(raw, dict):
+            return None
+        try:
+            e = cls(params=raw["params"], params_hash=raw["params_hash"], storyc=raw.get("storyc", ""),
+                    deps=raw.get("deps") or {}, models=raw.get("models") or {}, outputs=raw["outputs"],
+                    digest=raw["digest"], extra=raw.get("extra"))
+        except (KeyError, TypeError):
+            return None
+        ok = (isinstance(e.params, dict) and isinstance(e.params_hash, str) and _sha_or_none(e.digest)
+              and e.digest is not None and isinstance(e.storyc, str)
+              and isinstance(e.deps, dict) and all(isinstance(k, str) and _sha_or_none(v) for k, v in e.deps.items())
+              and isinstance(e.models, dict) and all(isinstance(k, str) and _sha_or_none(v) for k, v in e.models.items())
+              and isinstance(e.outputs, dict) and all(isinstance(k, str) and _output_ok(v) for k, v in e.outputs.items())
+              and (e.extra is None or isinstance(e.extra, dict)))
+        return e if ok else None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if d["extra"] is None:
+            del d["extra"]
+        return d
+
+    @property
+    def facts(self) -> dict:
+        return self.extra or {}
+
+
+def _output_ok(rec) -> bool:
+    if not isinstance(rec, dict) or not _sha_or_none(rec.get("sha256")) or rec.get("sha256") is None:
+        return False
+    n = rec.get("size", rec.get("files"))
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 0
+
+
 class Lock:
     def __init__(self, path: Path, stages: dict | None = None, problem: str | None = None):
         self.path = Path(path)
-        self.stages = stages or {}
+        self.stages: dict = {}  # name -> LockEntry
+        self.malformed: set = set()  # names whose entry on disk could not be used
+        for name, raw in (stages or {}).items():
+            e = raw if isinstance(raw, LockEntry) else LockEntry.parse(raw)
+            if e is None:
+                self.malformed.add(name)
+            else:
+                self.stages[name] = e
         self.problem = problem  # why the file on disk could not be used, if it could not
 
     @classmethod
@@ -97,23 +162,28 @@ class Lock:
             data = yaml.safe_load(path.read_text("utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             return cls(path, problem=f"{path.name} is not valid YAML ({type(e).__name__}); every stage is rechecked")
+        except OSError as e:
+            raise StorycError(f"cannot read {path}: {e.strerror}", "check the file's permissions") from None
         if not isinstance(data, dict) or not isinstance(data.get("stages", {}), dict):
             return cls(path, problem=f"{path.name} is not a storyc lock; every stage is rechecked")
         fmt = data.get("format")
-        if isinstance(fmt, int) and fmt > LOCK_FORMAT:
+        if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt > LOCK_FORMAT:
             raise StorycError(f"{path} was written by a newer storyc (lock format {fmt}; this storyc reads {LOCK_FORMAT})",
                               "upgrade storyc (pip install -U storyc), or delete the lock to rebuild from scratch")
         if fmt != LOCK_FORMAT:
             return cls(path, problem=f"{path.name} has lock format {fmt!r}, expected {LOCK_FORMAT}; every stage is rechecked")
         return cls(path, dict(data.get("stages") or {}))
 
-    def entry(self, name: str) -> dict | None:
-        e = self.stages.get(name)
-        return e if isinstance(e, dict) else None
+    def entry(self, name: str) -> LockEntry | None:
+        return self.stages.get(name)
+
+    def put(self, name: str, entry: LockEntry) -> None:
+        self.stages[name] = entry
+        self.malformed.discard(name)
 
     def text(self, spec_name: str) -> str:
         doc = {"format": LOCK_FORMAT, "storyc": __version__, "spec": spec_name,
-               "stages": {k: self.stages[k] for k in self.stages}}
+               "stages": {k: self.stages[k].to_dict() for k in self.stages}}
         header = "# storyc lock file: commit it beside the spec. Written by `storyc build`; do not edit.\n"
         return header + yaml.safe_dump(doc, sort_keys=True, allow_unicode=True, default_flow_style=False, width=120)
 

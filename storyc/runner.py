@@ -1,38 +1,79 @@
-"""Stale-stage scheduling: decide what must run and why (cheapest checks first), run it, record the lock.
+"""Stale-stage scheduling over the stage graph: decide what must run and why, run it, record the lock.
 
-Stages plug in by kind: ``storyc.stages.<kind>`` provides ``run(ctx, names)`` and calls ``ctx.finish(name,
-outputs, extra)`` as each stage (each scene, for generate/score) completes, so an interruption loses at most
-the stage in flight.
+The Python API (the CLI, tests and sweep trials call it; none passes argparse values):
+    decide(plan, lock, opts) -> [Decision]   what is stale and why (status, --dry-run); reads no weights
+    execute(plan, opts)      -> BuildResult  run the stale stages; the lock is written after every finished stage
+Executors are ``storyc.stages.<kind>.run(ctx, jobs)``; each yields a ``Result`` per finished stage (each scene, for
+generate/score), so an interruption loses at most the stage in flight. Any exception inside a stage is caught
+there, turned into a clear error (or an honest internal error), recorded in the build report, and
+``keep_going`` is honoured.
 """
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 import time
-from pathlib import Path
+import traceback
+from dataclasses import dataclass, field
 
 from . import __version__
 from .compiler import Plan, write_plan
-from .errors import StageError, StorycError
-from .lock import Hasher, Lock, digest, lock_path
+from .context import Context
+from .errors import StageError, StorycError, did_you_mean
+from .lock import Hasher, Lock, LockEntry, digest
+from .options import RunOptions
 from .progress import Reporter
 from .render import atomic_write, canonical_json
+from .stages.registry import KINDS, Result, StageSpec
 
-KINDS = ("ingest", "filter", "train", "generate", "score", "bundle")
+
+@dataclass(frozen=True)
+class Decision:
+    name: str
+    stale: bool
+    reasons: tuple  # why it is stale (empty: up to date)
 
 
-def stage_models(plan: Plan, name: str) -> tuple:
-    """Model keys whose weights a stage's output depends on."""
-    st = plan.stages[name]
-    if st.kind == "ingest":
-        return ("dataset",) if plan.story.dataset_path is not None else ()
-    if st.kind == "train":
-        return ("kolors", "vae")
-    if st.kind == "generate":
-        return ("kolors", "aesthetic") if plan.story.data["generation"]["candidates"] > 1 else ("kolors",)
-    if st.kind == "score":
-        return ("aesthetic",)
-    return ()
+@dataclass(frozen=True)
+class Failure:
+    stage: str  # the kind, or the stage name
+    message: str
+    hint: str | None = None
+    internal: bool = False  # a bug in storyc rather than in the input or the environment
 
+
+@dataclass
+class BuildResult:
+    states: dict  # stage -> ran | up to date | would run | failed | blocked | skipped | not selected
+    failures: list = field(default_factory=list)
+    written: list = field(default_factory=list)  # compiled artifacts that changed
+    verdict: int = 0  # exit code from the stages' verdicts (3: the submission is INVALID)
+    verdict_lines: list = field(default_factory=list)
+
+    @property
+    def ran(self) -> list:
+        return [n for n, s in self.states.items() if s == "ran"]
+
+    @property
+    def exit_code(self) -> int:
+        if self.failures:
+            return 2 if any(f.internal for f in self.failures) else 1
+        return self.verdict
+
+
+# ---------------------------------------------------------------- opening a build
+
+def open_context(plan: Plan, opts: RunOptions, reporter: Reporter | None = None) -> Context:
+    if opts.build_dir is not None and opts.build_dir.resolve() != plan.build_dir.resolve():
+        raise ValueError(f"RunOptions.build_dir {opts.build_dir} differs from the plan's {plan.build_dir}; "
+                         "compile with the same build_dir")
+    lock = Lock.load(opts.lock_for(plan.story))
+    hasher = Hasher(plan.story.root / ".storyc" / "fingerprints.json")
+    return Context(plan, opts, lock, hasher, reporter or Reporter(quiet=True, live=False))
+
+
+# ---------------------------------------------------------------- staleness
 
 def _diff(old, new, prefix="") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
@@ -45,136 +86,62 @@ def _diff(old, new, prefix="") -> list[str]:
     return [prefix.rstrip(".")] if old != new else []
 
 
-class Context:
-    """What a stage executor gets: the plan, folders, models, the lock, progress."""
-
-    def __init__(self, plan: Plan, args, lock: Lock, hasher: Hasher, reporter: Reporter):
-        self.plan, self.story, self.build_dir = plan, plan.story, plan.build_dir
-        self.args = args
-        cache = getattr(args, "cache", None)
-        self.cache_dir = Path(cache).resolve() if cache else plan.story.root / ".storyc" / "cache"
-        self.device = getattr(args, "device", None)
-        self.lock, self.hasher, self.report = lock, hasher, reporter
-        self.finished: list[str] = []
-
-    # ---- models
-    def model_path(self, key: str) -> Path | None:
-        ref = self.story.models.get(key)
-        return ref.path if ref is not None else None
-
-    def model(self, key: str) -> Path:
-        """A usable local folder for ``models.<key>``: builds tiny models, downloads modelscope ones."""
-        ref = self.story.models[key]
-        if ref.scheme == "tiny":
-            from .models import tiny
-
-            if not (ref.path / ".complete").exists():
-                self.report.info(f"     building tiny random-init model `{ref.name}` in {self.story.rel(ref.path)}")
-            return tiny.ensure(ref.name, ref.path)
-        if ref.scheme == "modelscope":
-            from .models.download import snapshot
-
-            return snapshot(ref.name, self.story.root / ".storyc" / "models")
-        from .models.kolors import check_folder
-
-        check_folder(key, ref.path)
-        return ref.path
-
-    def fingerprint(self, key: str) -> str | None:
-        if key == "dataset":  # source content of a folder/jsonl dataset (captions included)
-            p = self.story.dataset_path
-            if p is None or not p.exists():
-                return None
-            return self.hasher.tree(p.parent if p.is_file() else p)
-        ref = self.story.models.get(key)
-        if ref is None:
-            return None
-        path = ref.path
-        if ref.scheme == "modelscope":
-            path = self.story.root / ".storyc" / "models" / ref.name
-        if path is None or not path.exists() or (ref.scheme == "tiny" and not (path / ".complete").exists()):
-            return None
-        return self.hasher.tree(path)
-
-    # ---- lock
-    def record(self, p: Path) -> dict:
-        """What the lock keeps of one output: sha256 and size of a file, tree digest and count of a folder."""
-        if p.is_dir():
-            return {"sha256": self.hasher.tree(p), "files": sum(1 for f in p.rglob("*") if f.is_file()
-                                                                 and not f.name.startswith("."))}
-        return {"sha256": self.hasher.file(p), "size": p.stat().st_size}
-
-    def upstream(self, name: str) -> dict:
-        return self.lock.entry(name) or {}
-
-    def path(self, rel: str) -> Path:
-        return self.build_dir / rel
-
-    def finish(self, name: str, outputs: list[str], extra: dict | None = None) -> None:
-        """Record a finished stage in the lock (and save it) right away."""
-        st = self.plan.stages[name]
-        outs = {}
-        for rel in sorted(outputs):
-            outs[rel] = self.record(self.build_dir / rel)
-        extra = extra or {}
-        entry = {
-            "params": st.params, "params_hash": st.params_hash, "storyc": __version__,
-            "deps": {d: (self.lock.entry(d) or {}).get("digest") for d in st.deps},
-            "models": {k: self.fingerprint(k) for k in stage_models(self.plan, name)},
-            "outputs": outs, "digest": digest({"outputs": outs, "extra": extra.get("digest_extra")}),
-        }
-        if extra:
-            entry["extra"] = {k: v for k, v in extra.items() if k != "digest_extra"} or None
-            if entry["extra"] is None:
-                del entry["extra"]
-        self.lock.stages[name] = entry
-        self.lock.save(self.story.spec_path.name)
-        self.hasher.save()
-        self.finished.append(name)
+def models_of(ctx: Context, job: StageSpec) -> tuple:
+    return KINDS[job.kind].models(job, ctx.story)
 
 
-def reasons(ctx: Context, name: str, will_run: set) -> list[str]:
-    """Why stage ``name`` is stale (empty: up to date). Cheapest checks first, like DVC's status."""
-    plan, st = ctx.plan, ctx.plan.stages[name]
+def dep_digest(ctx: Context, job: StageSpec, dep: str) -> str | None:
+    """What ``job`` depends on of upstream ``dep``: its digest, or of the outputs ``job`` reads."""
+    e = ctx.lock.entry(dep)
+    if e is None:
+        return None
+    if dep not in job.reads:
+        return e.digest
+    return digest({rel: e.outputs.get(rel) for rel in job.reads[dep]})
+
+
+def reasons(ctx: Context, job: StageSpec, will_run: set) -> list[str]:
+    """Why stage ``job`` is stale (empty: up to date). Cheapest checks first, like DVC's status."""
+    plan, name = ctx.plan, job.name
     entry = ctx.lock.entry(name)
     if entry is None:
+        if name in ctx.lock.malformed:
+            return ["lock entry is malformed"]
         return ["never built" if not ctx.lock.problem else "lock unreadable"]
-    if not isinstance(entry.get("outputs"), dict) or not isinstance(entry.get("params"), dict):
-        return ["lock entry is malformed"]
     out = []
-    if entry.get("params_hash") != st.params_hash:
-        changed = _diff(entry.get("params"), st.params)
+    if entry.params_hash != job.params_hash:
+        changed = _diff(entry.params, job.params)
         own = {"prompt", "negative_prompt", "seeds", "file"}  # keys that come from the scene itself
-        scene = (f"scenes[{[s.id for s in plan.story.scenes].index(st.scene)}]: "
-                 if st.scene and changed and all(c.split(".")[0] in own for c in changed) else "")
+        scene = (f"scenes[{[s.id for s in plan.story.scenes].index(job.scene)}]: "
+                 if job.scene and changed and all(c.split(".")[0] in own for c in changed) else "")
         out.append(f"{scene}{', '.join(changed) or 'stage version'} changed")
-    for d in st.deps:
+    for d in job.deps:
         if d in will_run:
             out.append(f"upstream {d} will rerun")
-        elif (ctx.lock.entry(d) or {}).get("digest") != (entry.get("deps") or {}).get(d):
+        elif dep_digest(ctx, job, d) != entry.deps.get(d):
             out.append(f"output of {d} changed")
-    for rel, rec in entry["outputs"].items():
+    for rel, rec in entry.outputs.items():
         p = ctx.build_dir / rel
         if not p.exists():
             out.append(f"{rel} missing")
-        elif not isinstance(rec, dict) or (p.is_file() and p.stat().st_size != rec.get("size")):
+        elif p.is_file() and p.stat().st_size != rec.get("size"):
             out.append(f"{rel} was modified")
     if out:
         return out
-    for key in stage_models(plan, name):
+    for key in models_of(ctx, job):
         fp = ctx.fingerprint(key)
         what = "dataset source" if key == "dataset" else f"model {key}"
         if fp is None:
             out.append(f"{what} not available yet")
-        elif fp != (entry.get("models") or {}).get(key):
+        elif fp != entry.models.get(key):
             out.append(f"{what} changed" if key == "dataset" else f"{what} fingerprint changed")
-    for rel, rec in entry["outputs"].items():
+    for rel, rec in entry.outputs.items():
         if ctx.record(ctx.build_dir / rel).get("sha256") != rec.get("sha256"):
             out.append(f"{rel} was modified")
     return out
 
 
-def _matches(name: str, sel: str, plan: Plan) -> bool:
+def _matches(plan: Plan, name: str, sel: str) -> bool:
     return name == sel or plan.stages[name].kind == sel
 
 
@@ -188,151 +155,274 @@ def _closure(plan: Plan, targets: set) -> set:
     return keep
 
 
-def _select(plan: Plan, sel: str | None) -> set:
-    if not sel:
-        return set(plan.stages)
-    targets = {n for n in plan.stages if _matches(n, sel, plan)}
-    if not targets:
-        from .errors import did_you_mean
-
+def _named(plan: Plan, sel: str) -> set:
+    found = {n for n in plan.stages if _matches(plan, n, sel)}
+    if not found:
         names = list(plan.stages) + list(KINDS)
         raise StorycError(f"no stage `{sel}`", did_you_mean(sel, names) or f"stages: {', '.join(KINDS)}")
-    return _closure(plan, targets)
+    return found
 
 
-def _open(plan: Plan, args, reporter=None):
-    lock = Lock.load(lock_path(plan.story.spec_path))
-    hasher = Hasher(plan.story.root / ".storyc" / "fingerprints.json")
-    ctx = Context(plan, args, lock, hasher, reporter or Reporter(quiet=True))
-    return ctx
+def selected(plan: Plan, opts: RunOptions) -> set:
+    return _closure(plan, _named(plan, opts.target)) if opts.target else set(plan.stages)
 
 
-def status(plan: Plan, args) -> int:
-    write_plan(plan)
-    ctx = _open(plan, args)
-    if ctx.lock.problem:
-        print(f"warning: {ctx.lock.problem}")
-    stale = set()
-    rows = []
-    for name in plan.stages:
-        why = reasons(ctx, name, stale)
+def forced(plan: Plan, opts: RunOptions) -> set:
+    if not opts.force:
+        return set()
+    return set(plan.stages) if opts.force == "all" else _named(plan, opts.force)
+
+
+def order(plan: Plan) -> list[str]:
+    """The stages in dependency order (compile's order where the graph allows it)."""
+    done, out, pending = set(), [], list(plan.stages)
+    while pending:
+        ready = [n for n in pending if all(d in done for d in plan.stages[n].deps)]
+        if not ready:
+            raise StorycError(f"the stage graph has a cycle among {', '.join(pending)}")
+        for n in ready:
+            done.add(n)
+            out.append(n)
+        pending = [n for n in pending if n not in done]
+    return out
+
+
+def _decide(ctx: Context, opts: RunOptions) -> list[Decision]:
+    plan = ctx.plan
+    sel, force = selected(plan, opts), forced(plan, opts)
+    will_run: set = set()
+    out = []
+    for name in order(plan):
+        if name not in sel:
+            continue
+        why = ["forced"] if name in force else reasons(ctx, plan.stages[name], will_run)
         if why:
-            stale.add(name)
-        rows.append((name, "stale" if why else "up to date", "; ".join(why)))
+            will_run.add(name)
+        out.append(Decision(name, bool(why), tuple(why)))
     ctx.hasher.save()
-    width = max(len(r[0]) for r in rows)
-    for name, state, why in rows:
-        print(f"{name:<{width}}  {state:<10}  {why}".rstrip())
-    print(f"{len(stale)} of {len(rows)} stages stale" if stale else "everything up to date")
-    return 0
+    return out
 
 
-def build(plan: Plan, args) -> int:
-    reporter = Reporter(quiet=getattr(args, "quiet", False))
+def decide(plan: Plan, lock: Lock | None = None, opts: RunOptions = RunOptions()) -> list[Decision]:
+    """Each selected stage, stale or not and why, as a build with ``opts`` would see it. Runs nothing."""
+    ctx = open_context(plan, opts)
+    if lock is not None:
+        ctx.lock = lock
+    return _decide(ctx, opts)
+
+
+# ---------------------------------------------------------------- errors inside a stage
+
+def explain(e: BaseException, kind: str) -> Failure:
+    """Turn any exception raised inside a stage into what the user reads."""
+    if isinstance(e, StorycError):
+        return Failure(kind, str(e), e.hint)
+    name, text = type(e).__name__, str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if name == "OutOfMemoryError" or (isinstance(e, RuntimeError) and "out of memory" in text.lower()):
+        hint = KINDS[kind].oom_hint if kind in KINDS else ""
+        return Failure(kind, f"stage {kind}: out of GPU memory ({text[:160]})",
+                       (hint + "; " if hint else "") + "finished outputs are kept: run the same command to resume")
+    if isinstance(e, MemoryError):
+        return Failure(kind, f"stage {kind}: out of memory (RAM)",
+                       "close other programs or lower the batch size; finished outputs are kept")
+    if isinstance(e, OSError):
+        path = e.filename or ""
+        where = f" {path}" if path else ""
+        if e.errno == errno.ENOSPC:
+            return Failure(kind, f"stage {kind}: no space left on the device writing{where}",
+                           "free disk space, then run the same command to resume")
+        if isinstance(e, PermissionError):
+            return Failure(kind, f"stage {kind}: permission denied:{where}",
+                           "make that path writable (or readable) for this user, then run the same command")
+        if isinstance(e, FileNotFoundError):
+            return Failure(kind, f"stage {kind}: no such file:{where}",
+                           "a file the stage needs is missing; `storyc build --force` rebuilds it")
+        return Failure(kind, f"stage {kind}: {e.strerror or name}:{where}", "check the path and run the same command")
+    return Failure(kind, f"stage {kind}: internal error: {name}: {text}",
+                   "this is a storyc bug; the traceback is in build_error.log in the build folder "
+                   "(rerun with STORYC_DEBUG=1 to raise it) — please report it", internal=True)
+
+
+def _log_traceback(ctx: Context, kind: str, e: BaseException) -> None:
+    try:
+        text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+        atomic_write(ctx.build_dir / "build_error.log", f"stage {kind}, storyc {__version__}\n{text}")
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------- running
+
+def record(ctx: Context, job: StageSpec, res: Result) -> LockEntry:
+    """Write a finished stage into the lock (and save it) right away."""
+    outs = {rel: ctx.record(ctx.build_dir / rel) for rel in sorted(res.outputs)}
+    deps = {d: dep_digest(ctx, job, d) for d in job.deps}
+    entry = LockEntry(params=job.params, params_hash=job.params_hash, storyc=__version__, deps=deps,
+                      models={k: ctx.fingerprint(k) for k in models_of(ctx, job)}, outputs=outs,
+                      digest=digest({"outputs": outs, "extra": res.digest_facts}), extra=res.facts or None)
+    ctx.lock.put(job.name, entry)
+    ctx.lock.save(ctx.story.spec_path.name)
+    ctx.hasher.save()
+    return entry
+
+
+def _run_group(ctx: Context, kind: str, todo: dict, state: dict) -> tuple[str | None, Failure | None]:
+    """Run one executor over ``todo`` (name -> reasons); record each result. Returns (note, failure)."""
+    from .stages._quiet import quiet_libraries
+
+    jobs = [ctx.plan.stages[n] for n in todo]
+    done: set = set()
+    try:
+        quiet_libraries()
+        executor = importlib.import_module(f".stages.{kind}", __package__)
+        gen = executor.run(ctx, jobs)
+        note = None
+        while True:
+            try:
+                res = next(gen)
+            except StopIteration as stop:
+                note = stop.value
+                break
+            if res.name not in todo or res.name in done:
+                raise RuntimeError(f"executor {kind} reported an unexpected stage {res.name}")
+            record(ctx, ctx.plan.stages[res.name], res)
+            done.add(res.name)
+            state[res.name] = "ran"
+        missing = [n for n in todo if n not in done]
+        if missing:
+            raise RuntimeError(f"executor {kind} did not finish {', '.join(missing)}")
+        return note, None
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001 - every failure inside a stage is reported, not a crash
+        if os.environ.get("STORYC_DEBUG"):
+            raise
+        failure = explain(e, kind)
+        if failure.internal:
+            _log_traceback(ctx, kind, e)
+        for n in todo:
+            if n not in done:
+                state[n] = "failed"
+        return None, failure
+
+
+def execute(plan: Plan, opts: RunOptions = RunOptions(), reporter: Reporter | None = None) -> BuildResult:
+    """Compile the plan's artifacts to disk, then run what is stale (or, with ``dry_run``, say what would)."""
+    reporter = reporter or Reporter(quiet=opts.quiet, live=opts.live)
     written = write_plan(plan)
-    ctx = _open(plan, args, reporter)
+    ctx = open_context(plan, opts, reporter)
     for n in plan.notes:
         reporter.info(f"note: {n}")
     if ctx.lock.problem:
         reporter.line(f"warning: {ctx.lock.problem}")
-    only = getattr(args, "only", None)
-    selected = _select(plan, only or getattr(args, "until", None))
-    force = getattr(args, "force", None)
-    forced = set(plan.stages) if force == "all" else ({n for n in plan.stages if _matches(n, force, plan)} if force else set())
-    if force and force != "all" and not forced:
-        _select(plan, force)  # raises with a did-you-mean
-    dry = getattr(args, "dry_run", False)
-    keep_going = getattr(args, "keep_going", False)
+    result = BuildResult(states={}, written=written)
+    state = result.states
+    if opts.dry_run:
+        for d in _decide(ctx, opts):
+            state[d.name] = "would run" if d.stale else "up to date"
+            if d.stale:
+                reporter.line(f"would run {d.name}: {'; '.join(d.reasons)}")
+        _report(ctx, state, written)
+        return result
 
-    state: dict[str, str] = {}
-    will_run: set = set()
-    failures: list[str] = []
-    for kind in KINDS:
-        members = [n for n in plan.stages if plan.stages[n].kind == kind and n in selected]
-        todo: dict[str, list[str]] = {}
-        for n in members:
-            if any(state.get(d) in ("failed", "blocked") for d in plan.stages[n].deps):
-                state[n] = "blocked"
+    sel, force = selected(plan, opts), forced(plan, opts)
+    pending = [n for n in order(plan) if n in sel]
+    try:
+        while pending:
+            # the next group: ready stages of the first ready kind (all scenes of generate run as one batch)
+            ready = [n for n in pending if all(d in state or d not in sel for d in plan.stages[n].deps)]
+            kind = plan.stages[ready[0]].kind
+            group = [n for n in ready if plan.stages[n].kind == kind]
+            pending = [n for n in pending if n not in group]
+            todo: dict[str, list[str]] = {}
+            for n in group:
+                if any(state.get(d) in ("failed", "blocked") for d in plan.stages[n].deps):
+                    state[n] = "blocked"
+                    continue
+                why = ["forced"] if n in force else reasons(ctx, plan.stages[n], set())
+                if why:
+                    todo[n] = why
+                else:
+                    state[n] = "up to date"
+            if not todo:
                 continue
-            why = ["forced"] if n in forced else reasons(ctx, n, will_run)
-            if why:
-                todo[n] = why
-            else:
-                state[n] = "up to date"
-        if not todo:
-            continue
-        if dry:
-            for n, why in todo.items():
-                reporter.line(f"would run {n}: {'; '.join(why)}")
-                state[n] = "would run"
-            will_run |= set(todo)
-            continue
-        from .stages._quiet import quiet_libraries
-
-        quiet_libraries()
-        executor = importlib.import_module(f".stages.{kind}", __package__)
-        label = kind if len(todo) > 1 else next(iter(todo))
-        reporter.start(label, sorted({r for why in todo.values() for r in why})[:4] if len(todo) > 1 else todo[label])
-        t0 = time.monotonic()
-        before = len(ctx.finished)
-        try:
-            note = executor.run(ctx, list(todo))
-        except KeyboardInterrupt:
+            label = kind if len(todo) > 1 else next(iter(todo))
+            reporter.start(label, sorted({r for why in todo.values() for r in why})[:4] if len(todo) > 1 else todo[label])
+            t0 = time.monotonic()
+            note, failure = _run_group(ctx, kind, todo, state)
+            if failure is None:
+                reporter.done(label, time.monotonic() - t0, note or "")
+                continue
             reporter.stop()
-            _report(ctx, state | {n: "ran" for n in ctx.finished[before:]}, written)
-            raise
-        except StorycError as e:
-            reporter.stop()
-            done = set(ctx.finished[before:])
-            for n in todo:
-                state[n] = "ran" if n in done else "failed"
-            failures.append(str(e) + (f"\nhint: {e.hint}" if e.hint else ""))
-            reporter.line(f"error: {e}")
-            if e.hint:
-                reporter.line(f"hint: {e.hint}")
-            if not keep_going:
+            result.failures.append(failure)
+            reporter.line(f"error: {failure.message}")
+            if failure.hint:
+                reporter.line(f"hint: {failure.hint}")
+            if not opts.keep_going:
+                for n in pending:
+                    state[n] = "skipped"
                 break
-            continue
-        done = set(ctx.finished[before:])
-        missing = [n for n in todo if n not in done]
-        if missing:
-            raise StageError(kind, f"executor did not finish {', '.join(missing)}")
-        for n in todo:
-            state[n] = "ran"
-        reporter.done(label, time.monotonic() - t0, note or "")
+    except KeyboardInterrupt:
+        reporter.stop()
+        _report(ctx, state, written)
+        raise
     ctx.hasher.save()
     _report(ctx, state, written)
-    ran = [n for n, s in state.items() if s == "ran"]
-    if dry:
-        reporter.line(f"dry run: {len([s for s in state.values() if s == 'would run'])} stage(s) would run; nothing changed")
-        return 0
-    reporter.info(f"{len(ran)} stage(s) ran, {len([s for s in state.values() if s == 'up to date'])} up to date"
-                  + (f", {len(failures)} failed" if failures else ""))
-    if failures:
-        reporter.line("finished outputs are kept; fix the problem and run the same command to resume")
-        return 1
-    return _verdict(ctx, reporter, selected)
+    if not result.failures:
+        result.verdict, result.verdict_lines = _verdicts(ctx, sel)
+    return result
 
 
 def _report(ctx: Context, state: dict, written) -> None:
     """build_report.json: what the last build did (tests and CI read it, not timings)."""
     doc = {"format": "storyc.build_report/1", "compiled": sorted(written),
            "stages": {n: state.get(n, "not selected") for n in ctx.plan.stages}}
-    atomic_write(ctx.build_dir / "build_report.json", canonical_json(doc))
+    try:
+        atomic_write(ctx.build_dir / "build_report.json", canonical_json(doc))
+    except OSError:
+        pass  # the failure that made the folder unwritable is already reported
 
 
-def _verdict(ctx: Context, reporter: Reporter, selected: set) -> int:
-    entry = ctx.lock.entry("bundle")
-    if "bundle" not in selected or not entry:
+def _verdicts(ctx: Context, sel: set) -> tuple[int, list]:
+    """Stages that judge the build (the bundle's aesthetic gate) say their verdict from their own facts."""
+    code, lines = 0, []
+    for name in order(ctx.plan):
+        job = ctx.plan.stages[name]
+        entry = ctx.lock.entry(name)
+        if name in sel and KINDS[job.kind].verdict and entry is not None:
+            module = importlib.import_module(f".stages.{job.kind}", __package__)
+            c, ls = module.verdict(ctx, job, entry)
+            code, lines = max(code, c), lines + ls
+    return code, lines
+
+
+# ---------------------------------------------------------------- the CLI's views
+
+def build(plan: Plan, opts: RunOptions) -> int:
+    reporter = Reporter(quiet=opts.quiet, live=opts.live)
+    res = execute(plan, opts, reporter)
+    st = res.states
+    if opts.dry_run:
+        reporter.line(f"dry run: {sum(1 for s in st.values() if s == 'would run')} stage(s) would run; nothing changed")
         return 0
-    extra = entry.get("extra") or {}
-    folder = ctx.story.rel(ctx.build_dir / "submission" / ctx.story.id)
-    mean, gate = extra.get("mean_aesthetic"), extra.get("min_aesthetic")
-    if extra.get("valid"):
-        reporter.line(f"submission VALID: mean aesthetic {mean:.3f} >= {gate:g} -> {folder}/")
-        return 0
-    weakest = ", ".join(f"{s} ({v:.2f})" for s, v in (extra.get("weakest") or []))
-    reporter.line(f"error: submission INVALID: mean aesthetic {mean:.3f} < {gate:g} (weakest: {weakest}); "
-                  f"the bundle is written to {folder}/ and marked invalid")
-    reporter.line("hint: rework the weakest scenes (prompt, seed, or generation.candidates) and build again")
-    return 3
+    reporter.info(f"{len(res.ran)} stage(s) ran, {sum(1 for s in st.values() if s == 'up to date')} up to date"
+                  + (f", {len(res.failures)} failed" if res.failures else ""))
+    if res.failures:
+        reporter.line("finished outputs are kept; fix the problem and run the same command to resume")
+    for ln in res.verdict_lines:
+        reporter.line(ln)
+    return res.exit_code
+
+
+def status(plan: Plan, opts: RunOptions) -> int:
+    write_plan(plan)
+    ctx = open_context(plan, opts)
+    if ctx.lock.problem:
+        print(f"warning: {ctx.lock.problem}")
+    rows = [(d.name, "stale" if d.stale else "up to date", "; ".join(d.reasons)) for d in _decide(ctx, opts)]
+    width = max(len(r[0]) for r in rows)
+    for name, state, why in rows:
+        print(f"{name:<{width}}  {state:<10}  {why}".rstrip())
+    stale = sum(1 for r in rows if r[1] == "stale")
+    print(f"{stale} of {len(rows)} stages stale" if stale else "everything up to date")
+    return 0

@@ -140,8 +140,52 @@ def test_ray_executor(project):
     for i, (w, h) in enumerate([(1024, 1024), (1024, 2400), (300, 300)]):
         _img(project / f"imgs/{i}.png", w, h)
     (project / "story.yaml").write_text(SPEC.replace("workers: 1", "workers: 2, executor: ray"), "utf-8")
-    r = run_cli("run", "filter", project / "story.yaml", cwd=project, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    users = _users_ray()  # a Ray instance of the user's own: storyc must leave it running
+    try:
+        r = run_cli("run", "filter", project / "story.yaml", cwd=project, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert users[0].poll() is None, "the user's Ray instance was stopped by the build"
+        import socket
+
+        host, port = users[1].rsplit(":", 1)
+        socket.create_connection((host, int(port)), timeout=5).close()  # its GCS still answers
+    finally:
+        users[0].terminate()
+        users[0].wait(timeout=60)
     rows = list(csv.DictReader(open(project / "build/d/data/train/metadata.csv", encoding="utf-8-sig")))
     assert len(rows) == 1
     shutil.rmtree(project / "build", ignore_errors=True)
+
+
+def _users_ray():
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    temp = tempfile.mkdtemp(prefix="user-ray-")
+    p = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
+                          "--num-cpus=1", f"--temp-dir={temp}",
+                          "--include-dashboard=false", "--disable-usage-stats"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env=dict(__import__("os").environ, RAY_USAGE_STATS_ENABLED="0"))
+    deadline = time.time() + 180
+    for line in p.stdout:
+        if "Ray runtime started" in line or time.time() > deadline:
+            break
+    import threading
+
+    threading.Thread(target=p.stdout.read, daemon=True).start()  # keep its pipe drained
+    from pathlib import Path
+
+    address = Path(temp) / "ray_current_cluster"
+    while not address.is_file() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    if p.poll() is not None or not address.is_file():
+        p.terminate()
+        pytest.fail("could not start the user's Ray instance")
+    return p, address.read_text().strip()

@@ -1,3 +1,3 @@
-"""Stage executors, one module per kind. Each exposes ``run(ctx, names)`` and reports each finished stage
-with ``ctx.finish(name, outputs, extra)``. Heavy libraries are imported inside ``run`` only.
+"""Stage executors, one module per kind, declared in ``registry.py``. Each exposes ``run(ctx, jobs)``, a
+generator that yields a ``registry.Result`` per finished stage. Heavy libraries are imported inside ``run`` only.
 """

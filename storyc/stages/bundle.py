@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..errors import StorycError
 from ..render import canonical_json, render
+from .registry import Result
 from .score import coherence
 
 FONT_CANDIDATES = [
@@ -66,30 +67,35 @@ def _fit(draw, text, font, width):
     return text
 
 
-def run(ctx, names):
+def run(ctx, jobs):
     from PIL import Image
 
-    story, d = ctx.story, ctx.story.data
-    sub = d["submission"]
-    gen = json.loads(ctx.plan.artifacts["generate/generation_plan.json"])
-    scenes = gen["scenes"]
-    final = ctx.path(f"submission/{story.id}")
-    tmp = final.with_name(f".{story.id}.partial")
+    job, = jobs
+    p = job.params
+    story, sub = p["story"], p["submission"]
+    sid = story["id"]
+    scenes = [{**s, "caption": cap} for s, cap in zip(p["scenes"], p["captions"])]
+    train_entry = ctx.upstream("train")
+    if train_entry is None:
+        raise StorycError("stage bundle: the train stage has no record in the lock", "run the train stage first")
+    lora_cfg = train_entry.params["lora"]
+    final = ctx.path(f"submission/{sid}")
+    tmp = final.with_name(f".{sid}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
 
     # LoRA files
-    lora_names = [f"{story.id}.{f}.safetensors" for f in sub["lora_formats"]]
+    lora_names = [f"{sid}.{f}.safetensors" for f in sub["lora_formats"]]
     for n in lora_names:
         shutil.copyfile(ctx.path(f"lora/{n}"), tmp / n)
-    # images, prompt records, scores
+    # images, prompt records (what generate rendered; captions from this stage's own slice), scores
     recs, scores, embeds, imgs = [], [], [], []
     for s in scenes:
         rec = json.loads(ctx.path(str(Path(s["file"]).with_suffix(".json"))).read_text("utf-8"))
         sc = json.loads(ctx.path(f"scores/{Path(s['file']).stem}.json").read_text("utf-8"))
         name = Path(s["file"]).name
         shutil.copyfile(ctx.path(s["file"]), tmp / name)
-        recs.append({**rec, "file": name})
+        recs.append({**rec, "file": name, "caption": s["caption"]})
         scores.append(sc["score"])
         embeds.append(sc["clip_embedding"])
         imgs.append(Image.open(tmp / name).convert("RGB"))
@@ -101,7 +107,7 @@ def run(ctx, names):
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["scene", "file", "prompt", "negative_prompt", "seed", "caption"])
     for r in recs:
-        w.writerow([r["scene"], r["file"], r["prompt"], r["negative_prompt"], r["seed"], r.get("caption", "")])
+        w.writerow([r["scene"], r["file"], r["prompt"], r["negative_prompt"], r["seed"], r["caption"]])
     (tmp / "prompts.csv").write_text(buf.getvalue(), encoding="utf-8-sig")
 
     board, font = storyboard(imgs, [s["caption"] for s in scenes], sub["storyboard"]["columns"],
@@ -122,23 +128,41 @@ def run(ctx, names):
                  "style_coherence": {"mean_pairwise_cosine": coh, "least_coherent_scene": scenes[odd]["id"]}}
     (tmp / "scores.json").write_text(canonical_json(score_doc), "utf-8")
 
+    first = recs[0]
+    gen = {k: first[k] for k in ("width", "height", "steps", "cfg_scale", "lora_scale")}
+    gen["lora_alpha"] = lora_cfg["alpha"] * gen["lora_scale"]
     filt = _read_json(ctx.path("data/filter_report.json"))
     train = _read_json(ctx.path("lora/train_report.json"))
-    ctxd = dict(story=story, title=story.title, scenes=scenes, recs=recs, scores=scores, mean=mean, gate=gate,
-                valid=valid, coherence=coh, odd=scenes[odd]["id"], lora_names=lora_names,
-                spec=story.rel(story.spec_path), lora=d["lora"], gen=gen, filt=filt, train=train)
+    ctxd = dict(story=story, title=story.get("title") or sid, scenes=scenes, recs=recs, scores=scores, mean=mean,
+                gate=gate, valid=valid, coherence=coh, odd=scenes[odd]["id"], lora_names=lora_names,
+                spec=ctx.story.rel(ctx.story.spec_path), lora=lora_cfg, gen=gen, filt=filt, train=train)
     (tmp / "README.md").write_text(render("submission_readme.md.j2", **ctxd), "utf-8")
     (tmp / "report.html").write_text(_report_html(ctxd, tmp), "utf-8")
     files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-    manifest = {"format": "storyc.manifest/1", "story": story.id, "valid": valid,
+    manifest = {"format": "storyc.manifest/1", "story": sid, "valid": valid,
                 "files": {f: {"sha256": _sha(tmp / f), "size": (tmp / f).stat().st_size} for f in files}}
     (tmp / "manifest.json").write_text(canonical_json(manifest), "utf-8")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    outputs = [f"submission/{story.id}/{f}" for f in sorted(p.name for p in final.iterdir())]
-    ctx.finish("bundle", outputs, {"valid": valid, "mean_aesthetic": round(mean, 6), "min_aesthetic": gate,
-                                   "weakest": weakest, "style_coherence": round(coh, 6)})
+    outputs = [f"submission/{sid}/{f}" for f in sorted(p.name for p in final.iterdir())]
+    yield Result("bundle", outputs, {"valid": valid, "mean_aesthetic": round(mean, 6), "min_aesthetic": gate,
+                                     "weakest": weakest, "style_coherence": round(coh, 6)})
     return f"mean aesthetic {mean:.3f} ({'valid' if valid else 'INVALID'}), style coherence {coh:.3f}"
+
+
+def verdict(ctx, job, entry) -> tuple[int, list]:
+    """The submission's verdict from the bundle's own facts: (exit code, lines to print)."""
+    facts = entry.facts
+    folder = ctx.story.rel(ctx.path(f"submission/{job.params['story']['id']}"))
+    mean, gate = facts.get("mean_aesthetic"), facts.get("min_aesthetic")
+    if not isinstance(mean, (int, float)) or not isinstance(gate, (int, float)):
+        return 0, []
+    if facts.get("valid"):
+        return 0, [f"submission VALID: mean aesthetic {mean:.3f} >= {gate:g} -> {folder}/"]
+    weakest = ", ".join(f"{s} ({v:.2f})" for s, v in (facts.get("weakest") or []))
+    return 3, [f"error: submission INVALID: mean aesthetic {mean:.3f} < {gate:g} (weakest: {weakest}); "
+               f"the bundle is written to {folder}/ and marked invalid",
+               "hint: rework the weakest scenes (prompt, seed, or generation.candidates) and build again"]
 
 
 def _read_json(p: Path):
@@ -182,7 +206,7 @@ alpha {c['lora']['alpha']:g}, on {e(str(tr.get('device', '?')))} ({e(str(tr.get(
 """
 
 
-def publish(plan, args) -> int:
+def publish(plan, model_id: str) -> int:
     """Upload the bundle's LoRA and README to ModelScope with modelscope's own hub client."""
     import socket
 
@@ -211,6 +235,6 @@ def publish(plan, args) -> int:
     for f in folder.iterdir():
         if f.name.endswith(".safetensors") or f.name == "README.md":
             shutil.copyfile(f, stage / f.name)
-    api.push_model(model_id=args.model_id, model_dir=str(stage))
-    print(f"published {story.id} to {args.model_id}")
+    api.push_model(model_id=model_id, model_dir=str(stage))
+    print(f"published {story.id} to {model_id}")
     return 0

@@ -17,17 +17,18 @@ from pathlib import Path
 
 from ..errors import StageError
 from ..render import canonical_json
+from .registry import Result
 
 _LEFT = re.compile(r"OP \[(\w+)\] Done in [\d.]+s\. Left (\d+) samples")
 _ERR = re.compile(r"(\w+Error|Exception): (.+)")
 
 
-def dj_command(config: Path, dataset: Path, export: Path, np: int, ray: bool) -> list[str]:
+def dj_command(config: Path, dataset: Path, export: Path, np: int, ray_address: str | None) -> list[str]:
     cmd = [sys.executable, "-c", "from data_juicer.tools.process_data import main; main()",
            "--config", str(config), "--dataset_path", str(dataset), "--export_path", str(export), "--np", str(np),
            "--work_dir", str(export.parent)]
-    if ray:
-        cmd += ["--executor_type", "ray", "--ray_address", "auto"]
+    if ray_address:
+        cmd += ["--executor_type", "ray", "--ray_address", ray_address]
     return cmd
 
 
@@ -42,22 +43,25 @@ def _op_line(ctx, index: int) -> str:
         return f"$.filters[{index}]"
 
 
-def run(ctx, names):
+def run(ctx, jobs):
+    job, = jobs
     build = ctx.build_dir
     data = build / "data"
     inp = data / "input" / "metadata.jsonl"
     out_dir = data / "output"
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
-    proc = ctx.story.data["processing"]
-    ops = [next(iter(op)) for op in ctx.story.data["filters"]]
+    proc = job.params["processing"]
+    ops = [next(iter(op)) for op in job.params["filters"]]
     n_in = sum(1 for ln in inp.read_text("utf-8").splitlines() if ln.strip())
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONUNBUFFERED="1")
-    ray = proc["executor"] == "ray"
-    ray_ctx = _start_ray(ctx, proc["workers"]) if ray else None
+    address, stop_ray = None, None
+    if proc["executor"] == "ray":
+        address, stop_ray, ray_env = _start_ray(ctx, proc["workers"])
+        env.update(ray_env)
     try:
-        cmd = dj_command(data / "data_juicer.yaml", inp, out_dir / "result.jsonl", proc["workers"], ray)
+        cmd = dj_command(data / "data_juicer.yaml", inp, out_dir / "result.jsonl", proc["workers"], address)
         p = subprocess.Popen(cmd, cwd=build, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, errors="replace")
         log, left = [], {}
@@ -69,8 +73,8 @@ def run(ctx, names):
                 ctx.report.update(len(left), len(ops), f"{m.group(1)}: {m.group(2)} left")
         code = p.wait()
     finally:
-        if ray_ctx:
-            ray_ctx()
+        if stop_ray:
+            stop_ray()
     (out_dir / "dj.log").write_text("".join(log), "utf-8")
     if code != 0:
         raise _dj_error(ctx, "".join(log), ops, out_dir / "dj.log")
@@ -116,7 +120,7 @@ def run(ctx, names):
     tmp.rename(train)
     (data / "filter_report.json").write_text(canonical_json(report), "utf-8")
     outputs = ["data/train", "data/filter_report.json"]
-    ctx.finish("filter", outputs, {"kept": len(rows), "input": n_in})
+    yield Result("filter", outputs, {"kept": len(rows), "input": n_in})
     return f"kept {len(rows)} of {n_in}"
 
 
@@ -159,13 +163,53 @@ def _dj_error(ctx, log: str, ops, log_path: Path) -> StageError:
 
 
 def _start_ray(ctx, workers: int):
-    """Start a local Ray head for Data-Juicer's Ray executor; return a function that stops it."""
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
-    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--num-cpus={workers}",
-           "--include-dashboard=false", "--disable-usage-stats"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise StageError("filter", "could not start a local Ray instance for `processing.executor: ray`",
-                         (r.stderr or r.stdout).strip().splitlines()[-1] if (r.stderr or r.stdout).strip() else None)
-    return lambda: subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], env=env,
-                                  capture_output=True)
+    """Start a private local Ray head for Data-Juicer's Ray executor; return (its address, a function that stops
+    it, the environment a driver needs to connect).
+
+    `ray start --block` owns the processes it starts (raylet, GCS, workers) and ends them when it gets SIGTERM,
+    so storyc stops exactly its own instance: never `ray stop`, which stops every Ray on the machine (a user's
+    cluster, or the Ray Tune sweep that launched this build). A temp dir of its own keeps `address="auto"`
+    lookups of other Ray users pointed at their own cluster.
+    """
+    import secrets
+    import socket
+    import tempfile
+    import time
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    temp = Path(tempfile.mkdtemp(prefix="storyc-ray-"))  # short: Ray's socket paths must fit 107 bytes
+    log = temp / "ray-start.log"
+    # its own token: Data-Juicer's driver authenticates with it, whatever ~/.ray/auth_token holds
+    ray_env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env = dict(os.environ, **ray_env)
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
+           f"--num-cpus={workers}", f"--temp-dir={temp}", "--include-dashboard=false",
+           "--disable-usage-stats"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop():
+        if proc.poll() is None:
+            proc.terminate()  # its own shutdown handler ends the raylet, GCS and workers it started
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)  # its own process group only (start_new_session)
+                proc.wait()
+        shutil.rmtree(temp, ignore_errors=True)
+
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        text = log.read_text("utf-8", errors="replace")
+        address = temp / "ray_current_cluster"  # the GCS address, as Ray itself wrote it
+        if "Ray runtime started" in text and address.is_file():
+            return address.read_text().strip(), stop, ray_env
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    text = log.read_text("utf-8", errors="replace").strip()
+    stop()
+    raise StageError("filter", "could not start a local Ray instance for `processing.executor: ray`",
+                     text.splitlines()[-1] if text else None)

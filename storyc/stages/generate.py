@@ -11,18 +11,14 @@ With several GPUs, scenes are sharded across them as Ray tasks (one pipeline per
 from __future__ import annotations
 
 import io
-import json
 import os
 from pathlib import Path
 
+from .. import resources
 from ..errors import StageError
 from ..render import atomic_write, canonical_json
 from ._quiet import quiet_libraries, silent_stdout
-
-
-def plan_scenes(ctx) -> dict:
-    gen = json.loads(ctx.plan.artifacts["generate/generation_plan.json"])
-    return gen
+from .registry import GEN_COMMON, Result
 
 
 def lora_file(ctx) -> Path:
@@ -95,21 +91,12 @@ def encode_prompts(pipe, positive: list[str], negative: list[str]):
     return pr.encode_prompt_using_ChatGLM(texts, pr.text_encoder, pr.tokenizer, 256, 2, pipe.device)
 
 
-def _device(ctx):
-    import torch
-
-    return ctx.device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def run(ctx, names):
-    import torch
-
+def run(ctx, jobs):
     quiet_libraries()
-    gen = plan_scenes(ctx)
-    by_id = {s["id"]: s for s in gen["scenes"]}
-    todo = [by_id[ctx.plan.stages[n].scene] for n in names]
-    device = _device(ctx)
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    gen = {k: jobs[0].params[k] for k in GEN_COMMON}  # the same for every scene of a plan
+    todo = [{"id": j.scene, "name": j.name, "index": j.settings["index"], "lora_scale": j.settings["lora_scale"],
+             **{k: j.params[k] for k in ("prompt", "negative_prompt", "seeds", "file")}} for j in jobs]
+    res = resources.for_generate(ctx.device, jobs[0].settings["batch_size"])
     kolors = ctx.model("kolors")
     lpath = lora_file(ctx)
     if not lpath.exists():
@@ -118,34 +105,31 @@ def run(ctx, names):
     items = [{"scene": s["id"], "prompt": s["prompt"], "negative_prompt": s["negative_prompt"], "seed": seed}
              for s in todo for seed in s["seeds"]]
     _warn_truncation(ctx, todo)
-    shards = _gpu_count(device)
+    shards = resources.gpu_count(res.device)
     scorer = None
     if gen["candidates"] > 1:
         from .score import Scorer
 
-        scorer = Scorer(ctx.model("aesthetic"), device)
+        scorer = Scorer(ctx.model("aesthetic"), resources.for_score(res.device))
     pending = {s["id"]: [] for s in todo}
     by_scene = {s["id"]: s for s in todo}
 
-    def arrived(item, image):  # save and record a scene as soon as all its candidates are rendered
+    if shards > 1 and len(items) > 1:
+        rendered = _render_ray(ctx, kolors, lpath, gen, items, shards, res.batch_size)
+    else:
+        pipe = load_merged_pipeline(kolors, lpath, gen["lora_strength"], res.torch_dtype(), res.device)
+        progress = lambda d, t: ctx.report.update(d, t, "denoising")  # noqa: E731
+        rendered = zip(items, render_iter(pipe, items, gen, res.batch_size, progress))
+    for item, image in rendered:  # save and record a scene as soon as all its candidates are rendered
         pending[item["scene"]].append((item, image))
         s = by_scene[item["scene"]]
         if len(pending[s["id"]]) == len(s["seeds"]):
-            _finish_scene(ctx, gen, s, pending.pop(s["id"]), scorer, lora_sha)
-
-    if shards > 1 and len(items) > 1:
-        for it, img in _render_ray(ctx, kolors, lpath, gen, items, shards):
-            arrived(it, img)
-    else:
-        pipe = load_merged_pipeline(kolors, lpath, gen["lora_strength"], dtype, device)
-        progress = lambda d, t: ctx.report.update(d, t, "denoising")  # noqa: E731
-        for it, img in zip(items, render_iter(pipe, items, gen, max(1, gen["batch_size"]), progress)):
-            arrived(it, img)
-    return f"{len(todo)} scene(s), {len(items)} image(s) on {device}" + (f", {shards} Ray shards" if shards > 1 else "")
+            yield _finish_scene(ctx, gen, s, pending.pop(s["id"]), scorer, lora_sha)
+    return f"{len(todo)} scene(s), {len(items)} image(s) on {res.device}" + (f", {shards} Ray shards" if shards > 1 else "")
 
 
-def _finish_scene(ctx, gen, s, cands, scorer, lora_sha):
-    chosen_seed, cand_scores = s["seed"], None
+def _finish_scene(ctx, gen, s, cands, scorer, lora_sha) -> Result:
+    chosen_seed, cand_scores = s["seeds"][0], None
     if scorer is not None:
         folder = ctx.path("images/candidates")
         scores = scorer.score([img for _, img in cands])
@@ -158,18 +142,19 @@ def _finish_scene(ctx, gen, s, cands, scorer, lora_sha):
     else:
         image = cands[0][1]
     _save_png(image, ctx.path(s["file"]))
+    # what was rendered: the scene's hashed values (its caption belongs to the bundle, not to the image)
     rec = {"format": "storyc.scene/1", "scene": s["id"], "index": s["index"], "prompt": s["prompt"],
            "negative_prompt": s["negative_prompt"], "seed": chosen_seed, "steps": gen["steps"],
            "cfg_scale": gen["cfg_scale"], "width": gen["width"], "height": gen["height"],
-           "lora_scale": gen["lora_scale"], "lora_sha256": lora_sha, "caption": s["caption"]}
+           "lora_scale": s["lora_scale"], "lora_sha256": lora_sha}
     if cand_scores:
         rec["candidate_scores"] = cand_scores
     meta = str(Path(s["file"]).with_suffix(".json"))
     atomic_write(ctx.path(meta), canonical_json(rec))
-    extra = {"seed": chosen_seed, "digest_extra": chosen_seed}
+    facts = {"seed": chosen_seed}
     if cand_scores:
-        extra["candidate_scores"] = cand_scores
-    ctx.finish(f"generate[{s['id']}]", [s["file"], meta], extra)
+        facts["candidate_scores"] = cand_scores
+    return Result(s["name"], [s["file"], meta], facts, digest_facts=chosen_seed)
 
 
 def _save_png(img, path: Path):
@@ -178,18 +163,7 @@ def _save_png(img, path: Path):
     atomic_write(path, buf.getvalue(), "wb")
 
 
-def _gpu_count(device: str) -> int:
-    import torch
-
-    forced = os.environ.get("STORYC_GENERATE_SHARDS")
-    if forced:
-        return int(forced)
-    if device == "cuda" and torch.cuda.is_available():
-        return torch.cuda.device_count()
-    return 1
-
-
-def _render_ray(ctx, kolors, lpath, gen, items, shards):
+def _render_ray(ctx, kolors, lpath, gen, items, shards, batch_size):
     """Shard items over GPUs as Ray tasks; a scene's image depends only on its seed, so results are equal.
 
     Uses the Ray cluster this process is connected to, else starts a local one (the GPUs of this machine).
@@ -204,7 +178,8 @@ def _render_ray(ctx, kolors, lpath, gen, items, shards):
         use_gpu = shards <= int(ray.cluster_resources().get("GPU", 0))
         task = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1)(_shard_task)
         parts = [items[i::shards] for i in range(shards)]
-        refs = [task.remote(str(kolors), str(lpath), gen, p, "cuda" if use_gpu else "cpu") for p in parts if p]
+        refs = [task.remote(str(kolors), str(lpath), gen, p, "cuda" if use_gpu else "cpu", batch_size)
+                for p in parts if p]
         out = []
         for i, (rendered, where, secs) in enumerate(ray.get(refs)):
             ctx.report.line(f"     shard {i}: {len(rendered)} image(s) on {where} in {secs:.1f}s")
@@ -219,7 +194,7 @@ def _render_ray(ctx, kolors, lpath, gen, items, shards):
     return res
 
 
-def _shard_task(kolors, lpath, gen, items, device):
+def _shard_task(kolors, lpath, gen, items, device, batch_size):
     import socket
     import time
 
@@ -230,7 +205,7 @@ def _shard_task(kolors, lpath, gen, items, device):
     dtype = torch.float16 if device == "cuda" else torch.float32
     pipe = load_merged_pipeline(Path(kolors), Path(lpath), gen["lora_strength"], dtype, device)
     out = []
-    for it, img in zip(items, render(pipe, items, gen, max(1, gen["batch_size"]))):
+    for it, img in zip(items, render(pipe, items, gen, max(1, batch_size))):
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         out.append((it, buf.getvalue()))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..errors import StageError
 from ..render import canonical_json
+from .registry import Result
 
 EXTS = {".jpg", ".jpeg", ".png", ".webp"}
 OUT = "data/input"
@@ -67,18 +68,20 @@ def _modelscope_records(ds: dict, cache: Path):
         yield f"{ds['id']}[{i}]", rec["image"], ds["caption"]
 
 
-def run(ctx, names):
+def run(ctx, jobs):
     from PIL import Image, UnidentifiedImageError
 
-    ds = ctx.story.data["dataset"]
+    job, = jobs
+    ds = job.params["dataset"]
+    source = ctx.project_path(ds["path"]) if ds.get("path") else None
     out = ctx.path(OUT)
     tmp = out.with_name("input.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "images").mkdir(parents=True)
     if ds["source"] == "folder":
-        records = _folder_records(ctx.story.dataset_path, ds["caption"])
+        records = _folder_records(source, ds["caption"])
     elif ds["source"] == "jsonl":
-        records = _jsonl_records(ctx.story.dataset_path, ds["caption"])
+        records = _jsonl_records(source, ds["caption"])
     else:
         records = _modelscope_records(ds, ctx.story.root / ".storyc" / "datasets")
 
@@ -116,6 +119,6 @@ def run(ctx, names):
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # the whole folder appears at once
     outputs = [f"{OUT}/metadata.jsonl", f"{OUT}/ingest_report.json", f"{OUT}/images"]
-    ctx.finish("ingest", outputs, {"records": len(lines), "skipped": len(skipped)})
+    yield Result("ingest", outputs, {"records": len(lines), "skipped": len(skipped)})
     return f"{len(lines)} records, {len(skipped)} skipped"
 

@@ -14,8 +14,79 @@ def sample_seed(seed: int, index: int) -> int:
     return (seed * 0x9E3779B1 + index * 0x85EBCA77 + 1) % (2**63)
 
 
+class Samples(torch.utils.data.Dataset):
+    """Training sample ``i`` (a global sample index): a cached latent, its caption's index and its noise.
+
+    Every draw for sample i comes from a generator seeded by (seed, i), so a resumed run, any DataLoader worker
+    count and N DDP ranks all draw exactly what one uninterrupted process draws.
+    """
+
+    def __init__(self, data: dict, train: dict, length: int):
+        self.data, self.cfg, self.length = data, train, length
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index: int):
+        g = torch.Generator().manual_seed(sample_seed(self.cfg["seed"], index))
+        n = len(self.data["latents"])
+        data_id = (int(torch.randint(0, n, (1,), generator=g)) + index) % n
+        rec = self.data["latents"][data_id]
+        lat = rec["latent"]
+        if self.cfg["random_flip"] and torch.rand((), generator=g) < 0.5:
+            lat = rec["latent_flip"]
+        if not self.cfg["center_crop"]:  # random crop of the cached full-image latent, 8-px granularity
+            w, h = self.data["size"]
+            lh, lw = h // 8, w // 8
+            y = int(torch.randint(0, lat.shape[2] - lh + 1, (1,), generator=g))
+            x = int(torch.randint(0, lat.shape[3] - lw + 1, (1,), generator=g))
+            lat = lat[:, :, y:y + lh, x:x + lw]
+        return {"latent": lat, "noise": torch.randn(lat.shape, generator=g), "text": self.data["text_of"][data_id]}
+
+
+def collate(items):
+    return {"latent": torch.cat([it["latent"] for it in items]), "noise": torch.cat([it["noise"] for it in items]),
+            "text": [it["text"] for it in items]}
+
+
+class GlobalBatches(torch.utils.data.Sampler):
+    """Micro-batch m of rank r (of W) holds samples (m*W + r)*b ... (m*W + r)*b + b-1: W ranks at batch b draw
+    what one process at batch W*b draws. Starts at ``progress.micro_batches`` (restored from a checkpoint before
+    Lightning iterates the loader), so a resumed run continues with the next unseen samples."""
+
+    def __init__(self, micro_batches: int, batch_size: int, progress):
+        self.total, self.b, self.progress = micro_batches, batch_size, progress
+
+    def _rank(self):
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(), dist.get_rank()
+        return 1, 0
+
+    def __len__(self):
+        world, _ = self._rank()
+        return -(-self.total // world)
+
+    def __iter__(self):
+        world, rank = self._rank()
+        for m in range(self.progress.micro_batches, len(self)):
+            first = (m * world + rank) * self.b
+            yield list(range(first, first + self.b))
+
+
+def make_loader(data: dict, train: dict, micro_batches: int, progress, num_workers: int = 0):
+    """The DataLoader a LoRAModule trains from (``progress`` is the module: it counts consumed micro-batches)."""
+    b = train.get("batch_size", 1)
+    return torch.utils.data.DataLoader(Samples(data, train, micro_batches * b), collate_fn=collate,
+                                       batch_sampler=GlobalBatches(micro_batches, b, progress),
+                                       num_workers=num_workers, persistent_workers=False)
+
+
 class LoRAModule(L.LightningModule):
-    """LoRA training on cached latents/embeddings.
+    """LoRA training on cached latents/embeddings, with the recipe's seams as named hooks:
+    ``compute_loss`` (the objective), ``configure_optimizers`` (optimizer + LR schedule) and, through Lightning,
+    the callbacks passed to the Trainer.
 
     ``unet`` is a UNet or a picklable zero-argument loader: with a loader, each process (every DDP rank) builds
     its own UNet in ``configure_model`` instead of receiving a pickled 2.6 B-parameter copy.
@@ -32,7 +103,7 @@ class LoRAModule(L.LightningModule):
         self.scheduler.set_timesteps(1100)  # training samples from all 1100 timesteps
         self.data, self.cfg = data, train
         self.lr, self.gc = train["learning_rate"], train["gradient_checkpointing"]
-        self.strict_loading = False  # checkpoints hold only the LoRA weights
+        self.strict_loading = False  # checkpoints hold the trained state only, not the frozen UNet
         self.micro_batches = 0  # micro-batches consumed; saved in checkpoints so a resume draws the same samples
         self.compiled = False
         self.graphed = None  # the CUDA-graphed UNet once captured (False: not used)
@@ -60,45 +131,24 @@ class LoRAModule(L.LightningModule):
             self.compiled = True
 
     def state_dict(self, *args, **kwargs):
-        # Only the LoRA is ever saved or sent between processes (checkpoints, ddp_spawn's hand-back).
+        # Checkpoints (and ddp_spawn's hand-back) keep the trained state: the LoRA and anything registered
+        # beside the UNet (e.g. EMA weights), never the frozen 2.6 B base weights.
         sd = super().state_dict(*args, **kwargs)
-        for k in [k for k in sd if ".lora_" not in k]:
+        for k in [k for k in sd if ".lora_" not in k and k.split(".", 1)[0] == "unet"]:
             del sd[k]
         return sd
 
-    def _sample(self, index: int):
-        g = torch.Generator().manual_seed(sample_seed(self.cfg["seed"], index))
-        n = len(self.data["latents"])
-        data_id = (int(torch.randint(0, n, (1,), generator=g)) + index) % n
-        rec = self.data["latents"][data_id]
-        lat = rec["latent"]
-        if self.cfg["random_flip"] and torch.rand((), generator=g) < 0.5:
-            lat = rec["latent_flip"]
-        if not self.cfg["center_crop"]:  # random crop of the cached full-image latent, 8-px granularity
-            w, h = self.data["size"]
-            lh, lw = h // 8, w // 8
-            y = int(torch.randint(0, lat.shape[2] - lh + 1, (1,), generator=g))
-            x = int(torch.randint(0, lat.shape[3] - lw + 1, (1,), generator=g))
-            lat = lat[:, :, y:y + lh, x:x + lw]
-        return lat, self.data["text_of"][data_id], g
-
     def training_step(self, batch, batch_idx):
-        # Sample indices are global: rank r of W takes samples (m*W + r)*b ... so W ranks at batch b draw
-        # exactly what one process at batch W*b draws; the timestep is drawn once per global batch.
-        b = len(batch)
-        world, rank = self.trainer.world_size, self.trainer.global_rank
-        m = self.micro_batches
+        m = self.micro_batches  # the loader's batch is micro-batch m (GlobalBatches): the timestep is drawn per m
         self.micro_batches += 1
-        first = (m * world + rank) * b
-        lats, texts, gens = zip(*(self._sample(first + j) for j in range(b)))
         dev = self.device
         wdtype = next(p for p in self.unet.parameters() if not p.requires_grad).dtype
-        latents = torch.cat(lats).to(dev, wdtype)
-        noise = torch.cat([torch.randn(x.shape, generator=g) for x, g in zip(lats, gens)]).to(dev, wdtype)
+        latents = batch["latent"].to(dev, wdtype)
+        noise = batch["noise"].to(dev, wdtype)
         tg = torch.Generator().manual_seed(sample_seed(self.cfg["seed"] + 0x7F4A7C15, m))
         tid = torch.randint(0, self.scheduler.num_train_timesteps, (1,), generator=tg)
         timestep = self.scheduler.timesteps[tid].to(dev)
-        emb = [self.data["emb"][self.data["texts"][t]] for t in texts]
+        emb = [self.data["emb"][self.data["texts"][t]] for t in batch["text"]]
         ehs = torch.cat([e["encoder_hidden_states"] for e in emb]).to(dev, wdtype)
         ate = torch.cat([e["add_text_embeds"] for e in emb]).to(dev, wdtype)
         h, w = latents.shape[2] * 8, latents.shape[3] * 8
@@ -106,9 +156,13 @@ class LoRAModule(L.LightningModule):
         noisy = self.scheduler.add_noise(latents, noise, timestep)
         target = self.scheduler.training_target(latents, noise, timestep)
         pred = self._unet(noisy, timestep, ehs, add_time_id, ate)
-        loss = torch.nn.functional.mse_loss(pred.float(), target.float()) * self.scheduler.training_weight(timestep)
+        loss = self.compute_loss(pred, target, timestep)
         self.log("loss", loss.detach(), prog_bar=False, on_step=True)
         return loss
+
+    def compute_loss(self, pred, target, timestep):
+        """The objective (a hook): diffsynth's MSE on the scheduler's target, weighted per timestep."""
+        return torch.nn.functional.mse_loss(pred.float(), target.float()) * self.scheduler.training_weight(timestep)
 
     def _unet(self, x, t, ehs, tid, ate):
         if self.graphed is None:  # object.__setattr__: keep the graphed wrapper out of the module tree
@@ -146,6 +200,7 @@ class LoRAModule(L.LightningModule):
             return False
 
     def configure_optimizers(self):
+        """The optimizer and LR schedule (a hook): AdamW at a constant rate, as the notebook trains."""
         params = [p for p in self.unet.parameters() if p.requires_grad]
         fused = self.device.type == "cuda"
         return torch.optim.AdamW(params, lr=self.lr, fused=fused)

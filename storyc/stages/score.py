@@ -5,16 +5,16 @@ own images (``evaluate()`` scores every file in a folder, so a storyboard there 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from .. import resources
 from ..render import atomic_write, canonical_json
 from ._quiet import quiet_libraries
+from .registry import Result
 
 
 class Scorer:
-    def __init__(self, folder: Path, device: str | None = None, batch_size: int = 16):
-        import torch
+    def __init__(self, folder: Path, res: "resources.Resources | None" = None):
         from aesthetics_predictor import AestheticsPredictorV2Linear
         from transformers import CLIPProcessor
 
@@ -22,10 +22,11 @@ class Scorer:
         from ..models.kolors import check_folder
 
         check_folder("aesthetic", folder)
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        res = res or resources.for_score(None)
+        self.device = res.device
         self.model = AestheticsPredictorV2Linear.from_pretrained(str(folder)).to(self.device).eval()
         self.processor = CLIPProcessor.from_pretrained(str(folder))
-        self.batch_size = batch_size
+        self.batch_size = res.batch_size
 
     def score_and_embed(self, images) -> tuple[list[float], list[list[float]]]:
         import torch
@@ -44,21 +45,19 @@ class Scorer:
         return self.score_and_embed(images)[0]
 
 
-def run(ctx, names):
+def run(ctx, jobs):
     from PIL import Image
 
-    scorer = Scorer(ctx.model("aesthetic"), ctx.device)
-    gen = json.loads(ctx.plan.artifacts["generate/generation_plan.json"])
-    by_id = {s["id"]: s for s in gen["scenes"]}
-    scenes = [by_id[ctx.plan.stages[n].scene] for n in names]
-    images = [Image.open(ctx.path(s["file"])).convert("RGB") for s in scenes]
+    scorer = Scorer(ctx.model("aesthetic"), resources.for_score(ctx.device))
+    files = [j.params["file"] for j in jobs]
+    images = [Image.open(ctx.path(f)).convert("RGB") for f in files]
     scores, embeds = scorer.score_and_embed(images)
-    for s, sc, emb in zip(scenes, scores, embeds):
-        rel = f"scores/{Path(s['file']).stem}.json"
-        atomic_write(ctx.path(rel), canonical_json({"format": "storyc.score/1", "scene": s["id"], "file": s["file"],
+    for job, file, sc, emb in zip(jobs, files, scores, embeds):
+        rel = f"scores/{Path(file).stem}.json"
+        atomic_write(ctx.path(rel), canonical_json({"format": "storyc.score/1", "scene": job.scene, "file": file,
                                                      "score": sc, "clip_embedding": [round(x, 6) for x in emb]}))
-        ctx.finish(f"score[{s['id']}]", [rel], {"score": round(sc, 6), "digest_extra": round(sc, 6)})
-    return ", ".join(f"{s['id']} {sc:.3f}" for s, sc in zip(scenes, scores))
+        yield Result(job.name, [rel], {"score": round(sc, 6)}, digest_facts=round(sc, 6))
+    return ", ".join(f"{j.scene} {sc:.3f}" for j, sc in zip(jobs, scores))
 
 
 def coherence(embeds: list[list[float]]) -> tuple[float, int]:
@@ -78,35 +77,19 @@ def coherence(embeds: list[list[float]]) -> tuple[float, int]:
     return sum(pairs) / len(pairs), min(range(n), key=lambda i: per[i])
 
 
-def score_folder_cli(args) -> int:
-    """`storyc score DIR`: score a folder of images standalone."""
+def score_folder(folder: Path, model: Path, gate: float, device: str | None = None) -> int:
+    """`storyc score DIR`: score a folder of images standalone; print per image, the mean and PASS/FAIL."""
     from PIL import Image
 
     from ..errors import StorycError
 
-    folder = Path(args.dir)
+    folder = Path(folder)
     if not folder.is_dir():
         raise StorycError(f"{folder} is not a folder")
-    gate = args.min
-    model = Path(args.model) if args.model else None
-    if args.spec:
-        from ..runner import Context, Hasher, Lock, Reporter, lock_path
-        from ..compiler import compile
-        from ..spec import load_story
-
-        story = load_story(args.spec)
-        plan = compile(story)
-        ctx = Context(plan, args, Lock.load(lock_path(story.spec_path)), Hasher(story.root / ".storyc" / "fingerprints.json"),
-                      Reporter(quiet=True))
-        model = model or ctx.model("aesthetic")
-        gate = story.data["submission"]["min_aesthetic"] if gate is None else gate
-    if model is None:
-        raise StorycError("no aesthetic model given", "pass --model DIR or --spec story.yaml")
-    gate = 6.0 if gate is None else gate
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
     if not files:
         raise StorycError(f"no images in {folder}")
-    scorer = Scorer(model, args.device)
+    scorer = Scorer(model, resources.for_score(device))
     scores = scorer.score([Image.open(p).convert("RGB") for p in files])
     width = max(len(p.name) for p in files)
     for p, s in zip(files, scores):

@@ -21,95 +21,109 @@ import shutil
 import time
 from pathlib import Path
 
-from ..compiler import resolution
+from .. import resources
 from ..errors import StageError
 from ..lock import digest
 from ..render import atomic_write, canonical_json
+from .registry import Result
+from .train_config import TrainConfig
 
 CACHE_VERSION = 1
-
-
-def train_key(ctx) -> str:
-    st = ctx.plan.stages["train"]
-    return digest({"params": st.params_hash, "data": ctx.upstream("filter").get("digest"),
-                   "kolors": ctx.fingerprint("kolors"), "vae": ctx.fingerprint("vae")})
-
-
 FORMATS = ("diffsynth", "diffusers", "kohya")  # the cache holds all three: stories sharing it may ship any
 
 
-def output_names(ctx) -> dict:
+def train_key(ctx, cfg: TrainConfig) -> str:
+    """The content address of a trained LoRA: what its weights depend on, nothing else."""
+    return digest({"params": digest(cfg.cache_key_params()), "data": (ctx.upstream("filter") or _NoEntry).digest,
+                   "kolors": ctx.fingerprint("kolors"), "vae": ctx.fingerprint("vae")})
+
+
+class _NoEntry:
+    digest = None
+
+
+def _legacy_key(ctx, cfg: TrainConfig) -> str:
+    """The cache key storyc <= 0.1.0 (before the stage registry) gave the same training: it hashed the execution
+    settings too. Entries under it are taken over once instead of retraining."""
+    params = {"lora": cfg.lora, "train": {**cfg.train, **cfg.settings}, "models": cfg.models}
+    old_hash = digest({"stage": "train", "version": 1, "params": params})
+    return digest({"params": old_hash, "data": (ctx.upstream("filter") or _NoEntry).digest,
+                   "kolors": ctx.fingerprint("kolors"), "vae": ctx.fingerprint("vae")})
+
+
+def _adopt_legacy(ctx, cfg: TrainConfig, key: str, final: Path) -> bool:
+    old = final.with_name(_legacy_key(ctx, cfg))
+    if final.exists() or not (old / "DONE").exists():
+        return False
+    work = final.with_name(key + ".adopt.partial")
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(old, work)
+    rep = json.loads((work / "train_report.json").read_text("utf-8"))
+    rep["train"] = cfg.train  # the report holds the hashed values only now
+    atomic_write(work / "train_report.json", canonical_json(rep))
+    (work / "DONE").write_text(key + "\n")
+    work.rename(final)
+    ctx.report.line(f"     took over the LoRA trained by an earlier storyc (cache entry {old.name[:12]})")
+    return True
+
+
+def output_names(story_id: str, cfg: TrainConfig) -> dict:
     """format -> file name in build/<id>/lora/ (the cache names them by format alone)."""
-    sid = ctx.story.id
-    fmts = ["diffsynth"] + [f for f in ctx.story.data["submission"]["lora_formats"] if f != "diffsynth"]
-    return {f: f"{sid}.{f}.safetensors" for f in fmts}
+    fmts = ["diffsynth"] + [f for f in cfg.formats if f != "diffsynth"]
+    return {f: f"{story_id}.{f}.safetensors" for f in fmts}
 
 
-def run(ctx, names):
+def run(ctx, jobs):
+    """The recipe: config from the slice -> (cached) train -> export the requested formats into the build."""
+    job, = jobs
+    cfg = TrainConfig.from_job(job)
     ctx.model("kolors"), ctx.model("vae")  # build/download/check before fingerprinting
-    key = train_key(ctx)
+    key = train_key(ctx, cfg)
     final = ctx.cache_dir / "train" / key
+    _adopt_legacy(ctx, cfg, key, final)
     reused = (final / "DONE").exists()
     if not reused:
         work = final.with_name(key + ".partial")
         work.mkdir(parents=True, exist_ok=True)
-        _train(ctx, work)
+        train(ctx, cfg, work)
         (work / "DONE").write_text(key + "\n")
         shutil.rmtree(final, ignore_errors=True)
         shutil.rmtree(work / "checkpoints", ignore_errors=True)
         work.rename(final)
     out = ctx.path("lora")
     out.mkdir(parents=True, exist_ok=True)
-    copies = {f"{fmt}.safetensors": name for fmt, name in output_names(ctx).items()}
+    copies = {f"{fmt}.safetensors": name for fmt, name in output_names(ctx.story.id, cfg).items()}
     copies.update({"train_log.csv": "train_log.csv", "train_report.json": "train_report.json"})
     for src, dst in copies.items():
         tmp = out / f".{dst}.tmp"
         shutil.copyfile(final / src, tmp)
         tmp.replace(out / dst)
-    files = list(copies.values())
     rep = json.loads((final / "train_report.json").read_text("utf-8"))
-    ctx.finish("train", [f"lora/{f}" for f in files], {"cache_key": key, "final_loss": rep.get("final_loss")})
+    yield Result("train", [f"lora/{f}" for f in copies.values()], {"cache_key": key, "final_loss": rep.get("final_loss")})
     return f"reused cached LoRA {key[:12]}" if reused else f"trained {rep['steps']} steps, loss {rep['final_loss']:.4f}"
 
 
 # ---------------------------------------------------------------- training
 
-def _device(ctx):
-    import torch
-
-    if ctx.device:
-        return ctx.device
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _precision(ctx, device: str):
-    import torch
-
-    p = ctx.story.data["train"]["precision"]
-    if device == "cpu" and p == "16-mixed":
-        ctx.report.line("warning: train.precision 16-mixed needs a GPU; training in 32-bit on the CPU")
-        p = "32"
-    dtype = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16, "32": torch.float32}[p]
-    return ("32-true" if p == "32" else p), dtype
-
-
-def _train(ctx, work: Path):
-    tr, lo = ctx.story.data["train"], ctx.story.data["lora"]
-    device = _device(ctx)
-    precision, dtype = _precision(ctx, device)
+def train(ctx, cfg: TrainConfig, work: Path):
+    """setup (resources, cached data) -> fit -> export, into the cache entry's work folder."""
+    res = resources.for_train(ctx.device, cfg["precision"], cfg["batch_size"])
+    if res.note:
+        ctx.report.line(f"warning: {res.note}")
     kolors, vae = ctx.model("kolors"), ctx.model("vae")
     t0 = time.monotonic()
-    data = cache_pass(ctx, kolors, vae, device, dtype)
+    data = cache_pass(ctx, cfg, kolors, vae, res.device, res.torch_dtype())
     cache_s = time.monotonic() - t0
     ctx.report.line(f"     cache: {data['n_images']} latents, {len(data['texts'])} prompt embeddings "
                     f"({data['encoded_images']} images and {data['encoded_texts']} prompts encoded now) in {cache_s:.1f}s")
     t1 = time.monotonic()
-    steps, final_loss = fit(ctx, work, kolors, data, device, precision, dtype)
+    steps, final_loss = fit(ctx, cfg, work, kolors, data, res)
     train_s = time.monotonic() - t1
-    _save_outputs(ctx, work, kolors)
+    export(cfg, work, kolors)
+    # the hashed slice only: execution settings must not change the outputs' bytes
     atomic_write(work / "train_report.json", canonical_json({
-        "format": "storyc.train_report/1", "steps": steps, "final_loss": final_loss, "device": device,
-        "precision": precision, "lora": lo, "train": tr, "images": data["n_images"],
+        "format": "storyc.train_report/1", "steps": steps, "final_loss": final_loss, "device": res.device,
+        "precision": res.precision, "lora": cfg.lora, "train": cfg.train, "images": data["n_images"],
         "encoded_images": data["encoded_images"], "encoded_texts": data["encoded_texts"]}))
     # timings go to the console, not into outputs: outputs must be byte-identical run to run
     ctx.report.line(f"     cache pass {cache_s:.1f}s, training {train_s:.1f}s ({steps / max(train_s, 1e-9):.2f} steps/s)")
@@ -133,13 +147,13 @@ def _load_image(path: Path, w: int, h: int, center_crop: bool):
     return t.unsqueeze(0).to(torch.float32)
 
 
-def cache_pass(ctx, kolors: Path, vae: Path, device: str, dtype) -> dict:
+def cache_pass(ctx, cfg: TrainConfig, kolors: Path, vae: Path, device: str, dtype) -> dict:
     """Latents of every training image and embeddings of every caption, from the cache or encoded now."""
     import torch
     from safetensors.torch import load_file, save_file
 
-    tr = ctx.story.data["train"]
-    w, h = resolution(tr)
+    tr = cfg.train
+    w, h = cfg.size
     train_dir = ctx.path("data/train")
     with open(train_dir / "metadata.csv", encoding="utf-8-sig", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -209,68 +223,97 @@ def _save_atomic(save_file, tensors, path: Path):
     tmp.replace(path)
 
 
-def fit(ctx, work: Path, kolors: Path, data: dict, device: str, precision: str, dtype):
+def fit(ctx, cfg: TrainConfig, work: Path, kolors: Path, data: dict, res) -> tuple[int, float]:
     """Train the LoRA with Lightning; resume from work/checkpoints/last.ckpt when present.
 
     With ``strategy: ddp`` and several devices, Lightning's ddp_spawn runs one process per device; each builds its
     own UNet (``LoRAModule.configure_model``), rank 0 writes the LoRA and the fit result, this process reads them.
     """
+    import lightning as L
+
+    L.seed_everything(cfg["seed"], workers=True, verbose=False)
+    accel = "gpu" if res.cuda else "cpu"
+    strategy, devices, world = setup_strategy(cfg, accel)
+    export_file, result = work / "lora.tmp.safetensors", work / "fit_result.json"
+    for f in (export_file, result):
+        f.unlink(missing_ok=True)
+    module = setup_module(cfg, kolors, data, res, export_file)
+    resume = _resume_point(ctx, work / "checkpoints" / "last.ckpt")
+    total = cfg.optimizer_steps(world)
+    if world > 1:
+        ctx.report.line(f"     {strategy} on {world} {'GPUs' if accel == 'gpu' else 'CPU processes'}: "
+                        f"{total} optimizer steps of {world} x {cfg['batch_size']} images")
+    trainer = setup_trainer(cfg, accel, devices, strategy, res.precision, total,
+                            setup_callbacks(ctx, cfg, work, result, total, resume is not None), work)
+    loader = setup_data(cfg, data, module)
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=resume)
+    if not export_file.exists() or not result.exists():
+        raise StageError("train", "training ended without writing the LoRA (a rank failed?)")
+    out = json.loads(result.read_text("utf-8"))
+    return int(out["steps"]), out["final_loss"]
+
+
+def setup_module(cfg: TrainConfig, kolors: Path, data: dict, res, export_file: Path):
+    """The UNet (loaded per process) with a LoRA, the objective and the optimizer: lightning_lora.LoRAModule."""
     import functools
+
+    from ..models.kolors import load_unet_for
+    from .lightning_lora import LoRAModule
+
+    loader = functools.partial(load_unet_for, kolors, res.torch_dtype(), "cpu")
+    return LoRAModule(loader, data, lora=cfg.lora, train=cfg.module_config(), export=export_file)
+
+
+def setup_data(cfg: TrainConfig, data: dict, module):
+    """The loader: global sample indices in micro-batches, resumable from the module's progress."""
+    from .lightning_lora import make_loader
+
+    return make_loader(data, cfg.module_config(), cfg.micro_batches, module, cfg["num_workers"])
+
+
+def setup_callbacks(ctx, cfg: TrainConfig, work: Path, result: Path, total: int, resumed: bool) -> list:
+    """Checkpoints every ``checkpoint_every`` steps and storyc's log/progress; EMA and previews go here."""
+    import lightning as L
+
+    from .lightning_lora import StoryCallbacks
+
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=work / "checkpoints", filename="step-{step}",
+                                               every_n_train_steps=cfg["checkpoint_every"], save_last=True,
+                                               save_top_k=0, save_on_train_epoch_end=False)
+    return [ckpt, StoryCallbacks(ctx.report, work / "train_log.csv", result, total, resumed)]
+
+
+def setup_trainer(cfg: TrainConfig, accel, devices, strategy, precision, total: int, callbacks: list, work: Path):
     import logging
 
     import lightning as L
-    import torch
 
-    from ..models.kolors import load_unet_for
-    from .lightning_lora import LoRAModule, StoryCallbacks
-
-    tr, lo = ctx.story.data["train"], ctx.story.data["lora"]
-    L.seed_everything(tr["seed"], workers=True, verbose=False)
-    accel = "cpu" if device == "cpu" else "gpu"
-    strategy, devices, world = _strategy(tr, accel)
-    export, result = work / "lora.tmp.safetensors", work / "fit_result.json"
-    for f in (export, result):
-        f.unlink(missing_ok=True)
-    module = LoRAModule(functools.partial(load_unet_for, kolors, dtype, "cpu"), data, lora=lo, train=tr, export=export)
-    ckpt_dir = work / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
-    resume = None
-    if last.exists():
-        try:
-            torch.load(last, map_location="cpu", weights_only=False)
-            resume = str(last)
-        except Exception as e:  # a checkpoint cut off mid-write: start over rather than crash
-            ctx.report.line(f"warning: checkpoint {last.name} unreadable ({type(e).__name__}); training from step 0")
-    micro = tr["epochs"] * -(-tr["steps_per_epoch"] // tr["batch_size"])  # batches, as diffsynth counts them
-    per_rank = -(-micro // world)  # each rank takes every world-th batch (DistributedSampler)
-    total = max(1, per_rank // tr["accumulate_grad_batches"])  # optimizer steps
-    cb = StoryCallbacks(ctx.report, work / "train_log.csv", result, total, resume is not None)
-    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step}", every_n_train_steps=tr["checkpoint_every"],
-                                               save_last=True, save_top_k=0, save_on_train_epoch_end=False)
     for name in ("lightning.pytorch", "lightning.fabric"):  # Lightning resets these to INFO on import
         logging.getLogger(name).setLevel(logging.ERROR)
-    if world > 1:
-        ctx.report.line(f"     {strategy} on {world} {'GPUs' if accel == 'gpu' else 'CPU processes'}: "
-                        f"{total} optimizer steps of {world} x {tr['batch_size']} images")
-    trainer = L.Trainer(accelerator=accel, devices=devices, strategy=strategy, precision=precision,
-                        max_epochs=1, max_steps=total, accumulate_grad_batches=tr["accumulate_grad_batches"],
-                        callbacks=[ckpt, cb], logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, default_root_dir=str(work), deterministic=False)
-    # The loader only paces the loop; what each step trains on is drawn from (seed, sample index).
-    loader = torch.utils.data.DataLoader(list(range(micro * tr["batch_size"])), batch_size=tr["batch_size"],
-                                         shuffle=False, num_workers=0)
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=resume)
-    if not export.exists() or not result.exists():
-        raise StageError("train", "training ended without writing the LoRA (a rank failed?)")
-    res = json.loads(result.read_text("utf-8"))
-    return int(res["steps"]), res["final_loss"]
+    return L.Trainer(accelerator=accel, devices=devices, strategy=strategy, precision=precision, max_epochs=1,
+                     max_steps=total, accumulate_grad_batches=cfg["accumulate_grad_batches"], callbacks=callbacks,
+                     logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                     default_root_dir=str(work), deterministic=False, use_distributed_sampler=False)
 
 
-def _strategy(tr: dict, accel: str):
+def _resume_point(ctx, last: Path) -> str | None:
+    import torch
+
+    if not last.exists():
+        return None
+    try:
+        torch.load(last, map_location="cpu", weights_only=False)
+        return str(last)
+    except Exception as e:  # a checkpoint cut off mid-write: start over rather than crash
+        ctx.report.line(f"warning: checkpoint {last.name} unreadable ({type(e).__name__}); training from step 0")
+        return None
+
+
+def setup_strategy(cfg: TrainConfig, accel: str):
     """(Lightning strategy, devices, world size) for train.strategy / train.devices."""
     import torch
 
-    strategy, devices = tr["strategy"], tr["devices"]
+    strategy, devices = cfg["strategy"], cfg["devices"]
     if strategy.startswith("deepspeed"):
         import importlib.util
 
@@ -280,13 +323,9 @@ def _strategy(tr: dict, accel: str):
     if accel == "cpu":  # on the CPU only ddp runs several processes (how the tests check DDP without GPUs)
         n = devices if isinstance(devices, int) and strategy == "ddp" else 1
         return ("ddp_spawn" if n > 1 else "auto"), n, n
-    if isinstance(devices, list):
-        world = len(devices)
-    elif devices == "auto":
-        world = torch.cuda.device_count() if strategy != "auto" else 1
+    world = cfg.world_size(torch.cuda.device_count())
+    if devices == "auto":
         devices = world
-    else:
-        world = devices
     if strategy == "ddp":
         strategy = "ddp_spawn"  # a plain ddp launcher would re-run the whole storyc command in every rank
     elif strategy == "auto" and world > 1:
@@ -294,20 +333,20 @@ def _strategy(tr: dict, accel: str):
     return strategy, devices, world
 
 
-def _save_outputs(ctx, work: Path, kolors: Path):
+def export(cfg: TrainConfig, work: Path, kolors: Path):
+    """Every LoRA format into the cache entry (stories sharing the entry may ship any of them)."""
     from .. import lora as L
 
-    lo = ctx.story.data["lora"]
+    lo = cfg.lora
     state, _ = L.load(work / "lora.tmp.safetensors")
-    base = ctx.story.data["models"]["kolors"]
     unet_file = kolors / "unet" / "diffusion_pytorch_model.safetensors"
     for fmt in FORMATS:
-        name = f"{fmt}.safetensors"
         if fmt == "diffsynth":
             tensors = state
         elif fmt == "diffusers":
             tensors = L.to_diffusers(state, lo["rank"], lo["alpha"], unet_file)
         else:
             tensors = L.to_kohya(state, lo["rank"], lo["alpha"], unet_file)
-        L.save(work / name, tensors, L.metadata(lo["rank"], lo["alpha"], base, fmt, lo["target_modules"]))
+        L.save(work / f"{fmt}.safetensors", tensors,
+               L.metadata(lo["rank"], lo["alpha"], cfg.models["kolors"], fmt, lo["target_modules"]))
     (work / "lora.tmp.safetensors").unlink()

@@ -1,0 +1,81 @@
+"""What a stage executor may touch: its build folder, the project's models and caches, upstream facts, progress.
+
+Executors read their jobs' params/settings (the hashed slice), write files under ``build_dir`` or ``cache_dir``,
+and yield ``Result``s; they never write the lock (the runner does).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .lock import Hasher, Lock, LockEntry
+from .options import RunOptions
+from .progress import Reporter
+
+
+def model_folder(story, key: str, report: Reporter | None = None) -> Path:
+    """A usable local folder for ``models.<key>``: builds tiny models, downloads modelscope ones."""
+    ref = story.models[key]
+    if ref.scheme == "tiny":
+        from .models import tiny
+
+        if not (ref.path / ".complete").exists() and report is not None:
+            report.info(f"     building tiny random-init model `{ref.name}` in {story.rel(ref.path)}")
+        return tiny.ensure(ref.name, ref.path)
+    if ref.scheme == "modelscope":
+        from .models.download import snapshot
+
+        return snapshot(ref.name, story.root / ".storyc" / "models")
+    from .models.kolors import check_folder
+
+    check_folder(key, ref.path)
+    return ref.path
+
+
+class Context:
+    def __init__(self, plan, opts: RunOptions, lock: Lock, hasher: Hasher, reporter: Reporter):
+        self.plan, self.story, self.build_dir = plan, plan.story, plan.build_dir
+        self.opts = opts
+        self.cache_dir = opts.cache_for(plan.story)
+        self.device = opts.device
+        self.lock, self.hasher, self.report = lock, hasher, reporter
+
+    # ---- paths
+    def path(self, rel: str) -> Path:
+        """A path inside the build folder."""
+        return self.build_dir / rel
+
+    def project_path(self, rel: str) -> Path:
+        """A path written in a spec slice (relative to the project folder)."""
+        return self.story.root / rel
+
+    # ---- models
+    def model(self, key: str) -> Path:
+        return model_folder(self.story, key, self.report)
+
+    def fingerprint(self, key: str) -> str | None:
+        """Digest of a model folder (or, for "dataset", of the folder/jsonl source); None when not there yet."""
+        if key == "dataset":  # source content of a folder/jsonl dataset (captions included)
+            p = self.story.dataset_path
+            if p is None or not p.exists():
+                return None
+            return self.hasher.tree(p.parent if p.is_file() else p)
+        ref = self.story.models.get(key)
+        if ref is None:
+            return None
+        path = ref.path
+        if ref.scheme == "modelscope":
+            path = self.story.root / ".storyc" / "models" / ref.name
+        if path is None or not path.exists() or (ref.scheme == "tiny" and not (path / ".complete").exists()):
+            return None
+        return self.hasher.tree(path)
+
+    # ---- outputs and upstream facts
+    def record(self, p: Path) -> dict:
+        """What the lock keeps of one output: sha256 and size of a file, tree digest and count of a folder."""
+        if p.is_dir():
+            return {"sha256": self.hasher.tree(p), "files": sum(1 for f in p.rglob("*") if f.is_file()
+                                                                 and not f.name.startswith("."))}
+        return {"sha256": self.hasher.file(p), "size": p.stat().st_size}
+
+    def upstream(self, name: str) -> LockEntry | None:
+        return self.lock.entry(name)
