@@ -247,3 +247,18 @@ def test_tiny_text_encoder_has_every_weight_initialised(tiny_models):
     assert mats and all(0.01 < float(v.float().std()) < 0.05 for v in mats.values()), {k: float(v.std()) for k, v in mats.items()}
     norms = [v for k, v in state.items() if "layernorm" in k]
     assert norms and all(bool((v == 1).all()) for v in norms)
+
+
+def test_checkpoints_keep_the_trained_state_not_the_frozen_unet(tiny_models):
+    """The module's state_dict (what checkpoints and ddp_spawn's hand-back hold) keeps the LoRA and any state
+    registered beside the UNet (where EMA weights go), never the frozen base weights."""
+    from storyc.models.kolors import load_unet_for
+    from storyc.stages.lightning_lora import LoRAModule
+
+    unet = load_unet_for(tiny_models / "tiny-kolors", torch.float32, "cpu")
+    m = LoRAModule(unet, {}, lora={"rank": 2, "alpha": 2.0, "target_modules": ["to_q"], "init": "gaussian"},
+                   train={"seed": 0, "learning_rate": 1e-4, "gradient_checkpointing": False})
+    m.ema = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(3), requires_grad=False)])
+    sd = m.state_dict()
+    assert any(".lora_A." in k for k in sd) and "ema.0" in sd
+    assert not [k for k in sd if k.startswith("unet.") and ".lora_" not in k]
