@@ -220,8 +220,27 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminate(signum, frame):
+    # SIGTERM (a kill of storyc) unwinds like Ctrl-C: stages end the processes they started, outputs stay
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
+    import signal
+
     args = parser().parse_args(argv)
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread (an embedding caller): leave its handlers alone
+        previous = None
+    try:
+        return _dispatch(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _dispatch(args) -> int:
     try:
         return args.func(args)
     except SpecError as e:

@@ -12,7 +12,7 @@ from . import __version__
 from .model import Story
 from .render import canonical_json, render, write_if_changed
 from .rules import join_negative
-from .stages.registry import Source, StageSpec, generation_common, stage_jobs  # noqa: F401 - StageSpec re-exported
+from .stages.registry import Source, generation_common, stage_jobs
 from .stages.train_config import TrainConfig
 
 FORMAT = 1

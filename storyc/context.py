@@ -38,6 +38,7 @@ class Context:
         self.cache_dir = opts.cache_for(plan.story)
         self.device = opts.device
         self.lock, self.hasher, self.report = lock, hasher, reporter
+        self.forced: set = set()  # stages the user forced: they must not reuse cached results
 
     # ---- paths
     def path(self, rel: str) -> Path:

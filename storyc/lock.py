@@ -34,6 +34,20 @@ def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
 
 
+def walk_files(folder: Path):
+    """(relative path, path) of every regular file under ``folder``, sorted; hidden files and folders skipped,
+    symlinked folders not followed. What is fingerprinted and what is ingested is this one set."""
+    folder = Path(folder)
+    out = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for f in files:
+            p = Path(root) / f
+            if not f.startswith(".") and p.is_file():  # regular files (or links to them); no FIFOs, no dangling links
+                out.append((p.relative_to(folder).as_posix(), p))
+    return sorted(out)
+
+
 class Hasher:
     """sha256 of files, cached by (path, size, mtime_ns): multi-GB weights are read once, not every status."""
 
@@ -43,6 +57,8 @@ class Hasher:
         try:
             self.cache = json.loads(self.cache_file.read_text("utf-8"))
         except (OSError, ValueError):
+            self.cache = {}
+        if not isinstance(self.cache, dict):  # a damaged cache file is only a cache: start over
             self.cache = {}
         self.dirty = False
 
@@ -60,19 +76,11 @@ class Hasher:
         return sha
 
     def tree(self, folder: Path) -> str:
-        """Digest of a folder: every file's relative path and sha256 (hidden files skipped)."""
+        """Digest of a folder: every file's relative path and sha256 (the files ``walk_files`` yields)."""
         folder = Path(folder)
         if folder.is_file():
             return self.file(folder)
-        items = []
-        for root, dirs, files in os.walk(folder):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for f in sorted(files):
-                if f.startswith("."):
-                    continue
-                p = Path(root) / f
-                items.append((p.relative_to(folder).as_posix(), self.file(p)))
-        return digest(sorted(items))
+        return digest(sorted((rel, self.file(p)) for rel, p in walk_files(folder)))
 
     def save(self) -> None:
         if self.dirty:

@@ -13,7 +13,7 @@ import yaml
 
 def canonical_json(obj) -> str:
     """Stable, diff-friendly JSON: sorted keys, two-space indent, UTF-8 text, trailing newline."""
-    return json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+    return json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n"  # strict JSON
 
 
 def to_yaml(obj, indent: int = 0) -> str:
@@ -34,7 +34,29 @@ def env():
     e.filters["to_yaml"] = to_yaml
     e.filters["shq"] = lambda v: shlex.quote(str(v))
     e.filters["json"] = lambda v: json.dumps(v, ensure_ascii=False)
+    e.filters["comment"] = comment_text
+    e.filters["md"] = markdown_text
     return e
+
+
+def markdown_text(v) -> str:
+    """Text from a spec inside Markdown (a table cell too): no raw HTML, no cell breaks, one line."""
+    import html
+
+    return html.escape(str(v), quote=False).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
+def csv_cell(v):
+    """A spreadsheet-safe CSV cell: text that a spreadsheet would run as a formula gets a leading quote."""
+    if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + v
+    return v
+
+
+def comment_text(v) -> str:
+    """A value on one line of a `#` comment: control characters (a newline in a file name) escaped, so nothing
+    from a spec can end the comment and become code in a shell script or config."""
+    return json.dumps(str(v), ensure_ascii=False)[1:-1]
 
 
 def render(template: str, **ctx) -> str:

@@ -6,6 +6,7 @@ pass; a rule that meets a value of the wrong type skips it (the schema already r
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -86,6 +87,20 @@ def check_scene_count(ctx):
     return []
 
 
+_MS_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def modelscope_id_problem(mid: str) -> str | None:
+    """Why ``mid`` is not a ModelScope OWNER/NAME id (None when it is one). Ids become folder names under
+    .storyc/, so `..`, slashes beyond one and odd characters are refused."""
+    parts = mid.split("/")
+    if len(parts) != 2:
+        return "a ModelScope id is OWNER/NAME"
+    if any(p in (".", "..") or not _MS_PART.match(p) for p in parts):
+        return "a ModelScope id's OWNER and NAME use letters, digits, `_`, `.` and `-` (and are not `.` or `..`)"
+    return None
+
+
 def check_dataset_fields(ctx):
     ds = ctx.data.get("dataset")
     if not isinstance(ds, dict):
@@ -93,6 +108,9 @@ def check_dataset_fields(ctx):
     src = ds.get("source")
     if src == "modelscope" and not ds.get("id"):
         return [ctx.diag(("dataset",), "`source: modelscope` needs a dataset `id`",
+                         "e.g. `id: AI-ModelScope/lowres_anime`", "dataset_fields")]
+    if src == "modelscope" and isinstance(ds.get("id"), str) and modelscope_id_problem(ds["id"]):
+        return [ctx.diag(("dataset", "id"), f"`{ds['id']}`: {modelscope_id_problem(ds['id'])}",
                          "e.g. `id: AI-ModelScope/lowres_anime`", "dataset_fields")]
     if src in ("folder", "jsonl") and not ds.get("path"):
         what = "a folder of images" if src == "folder" else "a .jsonl file"
@@ -140,8 +158,8 @@ def check_paths(ctx):
         path = ("models", key)
         if raw.startswith("modelscope:"):
             mid = raw.split(":", 1)[1]
-            if "/" not in mid:
-                out.append(ctx.diag(path, f"`{raw}`: a ModelScope model id is OWNER/NAME", rule="paths"))
+            if modelscope_id_problem(mid):
+                out.append(ctx.diag(path, f"`{raw}`: {modelscope_id_problem(mid)}", rule="paths"))
             ctx.models[key] = ModelRef(raw, "modelscope", None, mid)
         elif raw.startswith("tiny:"):
             name = raw.split(":", 1)[1]

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from . import __version__
 from .compiler import Plan, write_plan
 from .context import Context
-from .errors import StageError, StorycError, did_you_mean
+from .errors import StorycError, did_you_mean
 from .lock import Hasher, Lock, LockEntry, digest
+from .locks import exclusive
 from .options import RunOptions
 from .progress import Reporter
 from .render import atomic_write, canonical_json
@@ -307,7 +308,15 @@ def _run_group(ctx: Context, kind: str, todo: dict, state: dict) -> tuple[str | 
 
 
 def execute(plan: Plan, opts: RunOptions = RunOptions(), reporter: Reporter | None = None) -> BuildResult:
-    """Compile the plan's artifacts to disk, then run what is stale (or, with ``dry_run``, say what would)."""
+    """Compile the plan's artifacts to disk, then run what is stale (or, with ``dry_run``, say what would).
+    A build holds its build folder exclusively: a second build of it refuses, naming the holder."""
+    if opts.dry_run:
+        return _execute(plan, opts, reporter)
+    with exclusive(plan.build_dir / ".storyc-build.lock", f"a build of {plan.story.rel(plan.build_dir)}/"):
+        return _execute(plan, opts, reporter)
+
+
+def _execute(plan: Plan, opts: RunOptions, reporter: Reporter | None) -> BuildResult:
     reporter = reporter or Reporter(quiet=opts.quiet, live=opts.live)
     written = write_plan(plan)
     ctx = open_context(plan, opts, reporter)
@@ -326,6 +335,7 @@ def execute(plan: Plan, opts: RunOptions = RunOptions(), reporter: Reporter | No
         return result
 
     sel, force = selected(plan, opts), forced(plan, opts)
+    ctx.forced = force
     pending = [n for n in order(plan) if n in sel]
     try:
         while pending:

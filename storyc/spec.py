@@ -67,6 +67,9 @@ def _get(data, path):
     return data
 
 
+MAX_EXTENDS = 32  # far beyond real use; keeps a generated 1500-file chain a clear error, not a recursion error
+
+
 def _load_chain(path: Path, root: Path, display, stack: tuple) -> tuple[Located, tuple]:
     loc = load(path, display(path))
     ext = loc.data.get("extends")
@@ -76,6 +79,9 @@ def _load_chain(path: Path, root: Path, display, stack: tuple) -> tuple[Located,
     if not isinstance(ext, str) or not ext:
         return loc, (path,)  # the schema reports the type
     base_path = (path.parent / ext).resolve()
+    if len(stack) >= MAX_EXTENDS:
+        raise SpecError([Diagnostic(f"`extends` chain is longer than {MAX_EXTENDS} files", mark, "$.extends",
+                                    rule="extends_cycle", hint="merge some of the base specs into one")])
     if base_path in stack or base_path == path:
         chain = " -> ".join(display(p) for p in (*stack, path, base_path))
         raise SpecError([Diagnostic(f"`extends` cycle: {chain}", mark, "$.extends", rule="extends_cycle",

@@ -6,6 +6,7 @@ remember where each value came from.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import yaml
@@ -14,6 +15,7 @@ from .errors import Diagnostic, Mark, SpecError
 
 MAX_BYTES = 4 * 1024 * 1024
 MAX_NODES = 100_000  # far above any real spec; an alias bomb hits it in microseconds
+MAX_EXPANDED = 2 * MAX_BYTES  # text after aliases are expanded: a few aliases to a huge string hit this, not the node cap
 _PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "map", "seq", "merge")}
 
 
@@ -111,7 +113,7 @@ def load(path: Path, display: str | None = None) -> Located:
         loader.dispose()
 
     values, keys, problems = {}, {}, []
-    count = [0]
+    count, size = [0], [0]
 
     def bad_tag(n, path):
         tag = n.tag.replace("tag:yaml.org,2002:", "!!")
@@ -152,7 +154,16 @@ def load(path: Path, display: str | None = None) -> Located:
             return out
         if isinstance(n, yaml.SequenceNode):
             return [convert(item, path + (i,)) for i, item in enumerate(n.value)]
-        return loader.construct_object(n)
+        size[0] += len(n.value)
+        if size[0] > MAX_EXPANDED:
+            raise SpecError([Diagnostic(f"document expands to more than {MAX_EXPANDED} characters of text "
+                                        "(YAML aliases repeating a large value?)", _mark(name, n.start_mark),
+                                        json_path(path), rule="yaml")])
+        v = loader.construct_object(n)
+        if isinstance(v, float) and not math.isfinite(v):
+            problems.append(Diagnostic(f"`{n.value}` is not a finite number", _mark(name, n.start_mark),
+                                       json_path(path), hint="every number in a spec must be finite", rule="finite"))
+        return v
 
     data = convert(node, ())
     if problems:

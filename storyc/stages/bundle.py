@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import StorycError
-from ..render import canonical_json, render
+from ..render import canonical_json, csv_cell, render
 from .registry import Result
 from .score import coherence
 
@@ -107,7 +107,8 @@ def run(ctx, jobs):
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["scene", "file", "prompt", "negative_prompt", "seed", "caption"])
     for r in recs:
-        w.writerow([r["scene"], r["file"], r["prompt"], r["negative_prompt"], r["seed"], r["caption"]])
+        w.writerow([csv_cell(v) for v in (r["scene"], r["file"], r["prompt"], r["negative_prompt"], r["seed"],
+                                          r["caption"])])
     (tmp / "prompts.csv").write_text(buf.getvalue(), encoding="utf-8-sig")
 
     board, font = storyboard(imgs, [s["caption"] for s in scenes], sub["storyboard"]["columns"],
@@ -151,15 +152,20 @@ def run(ctx, jobs):
 
 
 def verdict(ctx, job, entry) -> tuple[int, list]:
-    """The submission's verdict from the bundle's own facts: (exit code, lines to print)."""
-    facts = entry.facts
+    """The submission's verdict, recomputed from the per-scene score files (whose bytes the lock's score entries
+    vouch for) and the gate in this stage's slice: never taken from a `valid` flag someone could edit."""
     folder = ctx.story.rel(ctx.path(f"submission/{job.params['story']['id']}"))
-    mean, gate = facts.get("mean_aesthetic"), facts.get("min_aesthetic")
-    if not isinstance(mean, (int, float)) or not isinstance(gate, (int, float)):
-        return 0, []
-    if facts.get("valid"):
+    gate = job.params["submission"]["min_aesthetic"]
+    scores = {}
+    for s in job.params["scenes"]:
+        doc = _read_json(ctx.path(f"scores/{Path(s['file']).stem}.json"))
+        if not isinstance(doc, dict) or not isinstance(doc.get("score"), (int, float)):
+            return 1, [f"error: no score for scene {s['id']}: rebuild with `storyc build`"]
+        scores[s["id"]] = float(doc["score"])
+    mean = sum(scores.values()) / len(scores)
+    if mean >= gate:
         return 0, [f"submission VALID: mean aesthetic {mean:.3f} >= {gate:g} -> {folder}/"]
-    weakest = ", ".join(f"{s} ({v:.2f})" for s, v in (facts.get("weakest") or []))
+    weakest = ", ".join(f"{s} ({v:.2f})" for s, v in sorted(scores.items(), key=lambda kv: kv[1])[:3])
     return 3, [f"error: submission INVALID: mean aesthetic {mean:.3f} < {gate:g} (weakest: {weakest}); "
                f"the bundle is written to {folder}/ and marked invalid",
                "hint: rework the weakest scenes (prompt, seed, or generation.candidates) and build again"]
@@ -206,18 +212,52 @@ alpha {c['lora']['alpha']:g}, on {e(str(tr.get('device', '?')))} ({e(str(tr.get(
 """
 
 
-def publish(plan, model_id: str) -> int:
-    """Upload the bundle's LoRA and README to ModelScope with modelscope's own hub client."""
-    import socket
+def check_submission(plan) -> tuple[Path, float]:
+    """The submission folder exactly as the up-to-date bundle wrote it, and its recomputed mean score; raise a
+    clear error when anything was edited, is stale or is below the gate."""
+    from ..options import RunOptions
+    from ..runner import decide
 
     story = plan.story
     folder = plan.build_dir / "submission" / story.id
     manifest = _read_json(folder / "manifest.json")
-    if manifest is None:
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise StorycError(f"no bundle at {story.rel(folder)}", f"run `storyc build {story.rel(story.spec_path)}` first")
-    if not manifest.get("valid"):
-        raise StorycError("the bundle is marked invalid (mean aesthetic score below the gate); refusing to publish",
+    stale = [d for d in decide(plan, None, RunOptions()) if d.stale]
+    if stale:
+        raise StorycError(f"the bundle is not up to date with {story.spec_path.name} ({stale[0].name}: "
+                          f"{'; '.join(stale[0].reasons)})", f"run `storyc build {story.rel(story.spec_path)}` first")
+    on_disk = {p.name for p in folder.iterdir() if p.is_file()} - {"manifest.json"}
+    if on_disk != set(manifest["files"]):
+        raise StorycError(f"{story.rel(folder)} holds other files than its manifest lists "
+                          f"({', '.join(sorted(on_disk ^ set(manifest['files'])))})",
+                          "rebuild the bundle: storyc build --force bundle")
+    for name, rec in sorted(manifest["files"].items()):
+        if not isinstance(rec, dict) or _sha(folder / name) != rec.get("sha256"):
+            raise StorycError(f"{story.rel(folder / name)} was modified after the build (its sha256 differs from "
+                              "the manifest)", "rebuild the bundle: storyc build --force bundle")
+    scores = _read_json(folder / "scores.json") or {}
+    values = list((scores.get("images") or {}).values())
+    if not values or not all(isinstance(v, (int, float)) for v in values):
+        raise StorycError(f"{story.rel(folder)}/scores.json has no scores", "rebuild the bundle")
+    mean = sum(values) / len(values)
+    gate = story.data["submission"]["min_aesthetic"]
+    if mean < gate:
+        raise StorycError(f"the submission is invalid: mean aesthetic {mean:.3f} < {gate:g}; refusing to publish",
                           "rework the weakest scenes and build again")
+    return folder, mean
+
+
+def publish(plan, model_id: str) -> int:
+    """Upload the bundle's LoRA and README to ModelScope with modelscope's own hub client."""
+    import socket
+
+    from ..rules import modelscope_id_problem
+
+    if modelscope_id_problem(model_id):
+        raise StorycError(f"--model-id `{model_id}`: {modelscope_id_problem(model_id)}", "e.g. --model-id my-team/story")
+    story = plan.story
+    folder, _ = check_submission(plan)
     token = os.environ.get("MODELSCOPE_API_TOKEN")
     if not token:
         raise StorycError("MODELSCOPE_API_TOKEN is not set", "export your ModelScope access token in that variable")

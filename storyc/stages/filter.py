@@ -62,16 +62,21 @@ def run(ctx, jobs):
         env.update(ray_env)
     try:
         cmd = dj_command(data / "data_juicer.yaml", inp, out_dir / "result.jsonl", proc["workers"], address)
+        # its own process group: on an interruption storyc ends Data-Juicer and its worker pool, nothing else
         p = subprocess.Popen(cmd, cwd=build, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, errors="replace")
+                             text=True, errors="replace", start_new_session=True)
         log, left = [], {}
-        for line in p.stdout:
-            log.append(line)
-            m = _LEFT.search(line)
-            if m:
-                left[len(left)] = (m.group(1), int(m.group(2)))
-                ctx.report.update(len(left), len(ops), f"{m.group(1)}: {m.group(2)} left")
-        code = p.wait()
+        try:
+            for line in p.stdout:
+                log.append(line)
+                m = _LEFT.search(line)
+                if m:
+                    left[len(left)] = (m.group(1), int(m.group(2)))
+                    ctx.report.update(len(left), len(ops), f"{m.group(1)}: {m.group(2)} left")
+            code = p.wait()
+        except BaseException:
+            _end_group(p)
+            raise
     finally:
         if stop_ray:
             stop_ray()
@@ -122,6 +127,21 @@ def run(ctx, jobs):
     outputs = ["data/train", "data/filter_report.json"]
     yield Result("filter", outputs, {"kept": len(rows), "input": n_in})
     return f"kept {len(rows)} of {n_in}"
+
+
+def _end_group(p: subprocess.Popen) -> None:
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            p.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _read_result(result: Path) -> list[dict]:

@@ -17,22 +17,44 @@ EXTS = {".jpg", ".jpeg", ".png", ".webp"}
 OUT = "data/input"
 
 
-def _folder_records(root: Path, caption: str):
+def _inside(p: Path, root: Path) -> bool:
+    try:
+        p.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _folder_records(root: Path, caption: str, project: Path):
     if not root.is_dir():
         raise StageError("ingest", f"dataset folder {root} does not exist")
-    files = sorted((p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in EXTS),
-                   key=lambda p: p.relative_to(root).as_posix())
-    for p in files:
+    from ..lock import walk_files
+
+    for rel, p in walk_files(root):  # the same files the dataset fingerprint covers
+        if p.suffix.lower() not in EXTS:
+            continue
+        if not _inside(p, project):
+            raise StageError("ingest", f"{rel} links to a file outside the project ({p.resolve()})",
+                             "copy the image into the dataset folder instead of linking to it")
         txt = p.with_suffix(".txt")
-        text = txt.read_text("utf-8").strip() if txt.is_file() else caption
-        yield p.relative_to(root).as_posix(), p, text or caption
+        try:
+            text = txt.read_text("utf-8-sig").strip() if txt.is_file() else caption
+        except UnicodeDecodeError:
+            raise StageError("ingest", f"caption file {txt.relative_to(root)} is not UTF-8 text",
+                             "save it as UTF-8 (e.g. iconv -f GBK -t UTF-8)") from None
+        yield rel, p, text or caption
 
 
 def _jsonl_records(path: Path, caption: str):
     if not path.is_file():
         raise StageError("ingest", f"dataset file {path} does not exist")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    base = path.parent  # the folder the dataset fingerprint covers: every image must be in it
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise StageError("ingest", f"{path.name}:{n}: not UTF-8 text", "save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -45,8 +67,15 @@ def _jsonl_records(path: Path, caption: str):
                 imgs = [imgs]
             if not isinstance(imgs, list) or not imgs or not all(isinstance(i, str) for i in imgs):
                 raise StageError("ingest", f"{path.name}:{n}: expected {{\"text\": ..., \"image\": [path]}}")
+            img = Path(imgs[0])
+            if img.is_absolute() or not _inside(base / img, base):
+                raise StageError("ingest", f"{path.name}:{n}: image `{imgs[0]}` is outside the dataset folder",
+                                 f"image paths are relative to {path.name} and stay inside its folder")
+            if not (base / img).is_file():
+                raise StageError("ingest", f"{path.name}:{n}: image `{imgs[0]}` is not a regular file",
+                                 "check the path (a missing file, a folder, a device or a pipe)")
             text = rec.get("text") if isinstance(rec.get("text"), str) and rec.get("text") else caption
-            yield f"{path.name}:{n}", (path.parent / imgs[0]).resolve(), text
+            yield f"{path.name}:{n}", (base / img).resolve(), text
 
 
 def _modelscope_records(ds: dict, cache: Path):
@@ -68,6 +97,22 @@ def _modelscope_records(ds: dict, cache: Path):
         yield f"{ds['id']}[{i}]", rec["image"], ds["caption"]
 
 
+def to_rgb(im):
+    """8-bit RGB as the image looks: 16-bit values scaled (not clipped to white), transparency over white."""
+    from PIL import Image
+
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # 16-bit greyscale PNGs open as I;16 or I
+        import numpy as np
+
+        arr = np.asarray(im, dtype=np.float64) / 257.0
+        im = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
 def run(ctx, jobs):
     from PIL import Image, UnidentifiedImageError
 
@@ -79,7 +124,7 @@ def run(ctx, jobs):
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "images").mkdir(parents=True)
     if ds["source"] == "folder":
-        records = _folder_records(source, ds["caption"])
+        records = _folder_records(source, ds["caption"], ctx.story.root)
     elif ds["source"] == "jsonl":
         records = _jsonl_records(source, ds["caption"])
     else:
@@ -100,11 +145,11 @@ def run(ctx, jobs):
                         shutil.copyfile(src, tmp / rel)
                     else:
                         rel = dst_stem + ".png"
-                        im.convert("RGB").save(tmp / rel, compress_level=1)
+                        to_rgb(im).save(tmp / rel, compress_level=1)
             else:  # a PIL image from a dataset
                 rel = dst_stem + ".png"
-                src.convert("RGB").save(tmp / rel, compress_level=1)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+                to_rgb(src).save(tmp / rel, compress_level=1)
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
             skipped.append({"source": name, "reason": f"{type(e).__name__}: {e}"})
             continue
         lines.append(json.dumps({"text": text, "image": [rel]}, ensure_ascii=False))

@@ -5,6 +5,7 @@ own images (``evaluate()`` scores every file in a folder, so a storyboard there 
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .. import resources
@@ -87,10 +88,26 @@ def score_folder(folder: Path, model: Path, gate: float, device: str | None = No
     if not folder.is_dir():
         raise StorycError(f"{folder} is not a folder")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    prompts = folder / "prompts.json"  # a storyc submission: its scene images only, never the storyboard
+    if prompts.is_file():
+        try:
+            names = {s["file"] for s in json.loads(prompts.read_text("utf-8"))["scenes"]}
+            files = [p for p in files if p.name in names]
+        except (ValueError, KeyError, TypeError):
+            pass
+    images, kept = [], []
+    for p in files:
+        try:
+            with Image.open(p) as im:
+                images.append(im.convert("RGB"))
+            kept.append(p)
+        except Exception as e:  # noqa: BLE001 - one bad file must not stop the rest
+            print(f"warning: skipped {p.name}: {type(e).__name__}: {e}")
+    files = kept
     if not files:
-        raise StorycError(f"no images in {folder}")
+        raise StorycError(f"no readable images in {folder}")
     scorer = Scorer(model, resources.for_score(device))
-    scores = scorer.score([Image.open(p).convert("RGB") for p in files])
+    scores = scorer.score(images)
     width = max(len(p.name) for p in files)
     for p, s in zip(files, scores):
         print(f"{p.name:<{width}}  {s:8.4f}")

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from .. import resources
 from ..errors import StageError
-from ..lock import digest
+from ..lock import digest, sha256_file
+from ..locks import exclusive
 from ..render import atomic_write, canonical_json
 from .registry import Result
 from .train_config import TrainConfig
@@ -40,6 +41,61 @@ def train_key(ctx, cfg: TrainConfig) -> str:
 
 class _NoEntry:
     digest = None
+
+
+# ---------------------------------------------------------------- cache integrity
+# A cache entry is used only while its bytes match the digests recorded when it was written: cheap through the
+# fingerprint cache (size + mtime), a full read when those changed. A corrupt entry is dropped and rebuilt.
+
+def _seal(ctx, work: Path, key: str) -> None:
+    files = {f.name: {"sha256": ctx.hasher.file(f), "size": f.stat().st_size}
+             for f in sorted(work.iterdir()) if f.is_file() and f.name != "DONE"}
+    atomic_write(work / "DONE", canonical_json({"format": "storyc.train_cache/1", "key": key, "files": files}))
+
+
+def _entry_ok(ctx, final: Path) -> bool:
+    try:
+        done = json.loads((final / "DONE").read_text("utf-8"))
+    except ValueError:  # written by storyc <= 0.1.0 (the key alone): record its digests now
+        _seal(ctx, final, final.name)
+        return True
+    except OSError:
+        return False
+    bad = [name for name, rec in (done.get("files") or {}).items() if not (final / name).is_file()
+           or (final / name).stat().st_size != rec.get("size") or ctx.hasher.file(final / name) != rec.get("sha256")]
+    if bad or not done.get("files"):
+        ctx.report.line(f"warning: training cache entry {final.name[:12]} is corrupt ({', '.join(bad) or 'no digests'} "
+                        "changed since it was written); dropping it and training again")
+        shutil.rmtree(final, ignore_errors=True)
+        return False
+    return True
+
+
+def _cache_file_ok(ctx, path: Path) -> bool:
+    """A cached latent / prompt embedding exists and its bytes are the ones written (else it is removed)."""
+    side = path.with_name(path.name + ".sha256")
+    if not path.is_file():
+        return False
+    try:
+        want = side.read_text("utf-8").strip()
+    except OSError:
+        want = None
+    if want is None:  # written by storyc <= 0.1.0: keep it if it reads as safetensors, and record it
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                f.keys()
+            side.write_text(ctx.hasher.file(path) + "\n", "utf-8")
+            return True
+        except Exception:  # noqa: BLE001 - any unreadable file is rebuilt
+            want = "unreadable"
+    if ctx.hasher.file(path) == want:
+        return True
+    ctx.report.line(f"warning: cache file {path.parent.name}/{path.name[:12]}… is corrupt; encoding it again")
+    path.unlink(missing_ok=True)
+    side.unlink(missing_ok=True)
+    return False
 
 
 def _legacy_key(ctx, cfg: TrainConfig) -> str:
@@ -61,7 +117,7 @@ def _adopt_legacy(ctx, cfg: TrainConfig, key: str, final: Path) -> bool:
     rep = json.loads((work / "train_report.json").read_text("utf-8"))
     rep["train"] = cfg.train  # the report holds the hashed values only now
     atomic_write(work / "train_report.json", canonical_json(rep))
-    (work / "DONE").write_text(key + "\n")
+    _seal(ctx, work, key)
     work.rename(final)
     ctx.report.line(f"     took over the LoRA trained by an earlier storyc (cache entry {old.name[:12]})")
     return True
@@ -80,16 +136,23 @@ def run(ctx, jobs):
     ctx.model("kolors"), ctx.model("vae")  # build/download/check before fingerprinting
     key = train_key(ctx, cfg)
     final = ctx.cache_dir / "train" / key
-    _adopt_legacy(ctx, cfg, key, final)
-    reused = (final / "DONE").exists()
-    if not reused:
-        work = final.with_name(key + ".partial")
-        work.mkdir(parents=True, exist_ok=True)
-        train(ctx, cfg, work)
-        (work / "DONE").write_text(key + "\n")
-        shutil.rmtree(final, ignore_errors=True)
-        shutil.rmtree(work / "checkpoints", ignore_errors=True)
-        work.rename(final)
+    # one trainer per cache entry: a second story training the same LoRA waits, then reuses it
+    with exclusive(final.with_name(key + ".lock"), f"the training of cache entry {key[:12]}", wait=True,
+                   on_wait=lambda who: ctx.report.line(f"     waiting for another storyc process{who}, which is "
+                                                       f"training the same LoRA (cache entry {key[:12]})")):
+        _adopt_legacy(ctx, cfg, key, final)
+        if job.name in ctx.forced and final.exists():
+            ctx.report.line(f"     --force train: retraining (replacing cache entry {key[:12]})")
+            shutil.rmtree(final)
+        reused = (final / "DONE").exists() and _entry_ok(ctx, final)
+        if not reused:
+            work = final.with_name(key + ".partial")
+            work.mkdir(parents=True, exist_ok=True)
+            train(ctx, cfg, work)
+            shutil.rmtree(work / "checkpoints", ignore_errors=True)
+            _seal(ctx, work, key)
+            shutil.rmtree(final, ignore_errors=True)
+            work.rename(final)
     out = ctx.path("lora")
     out.mkdir(parents=True, exist_ok=True)
     copies = {f"{fmt}.safetensors": name for fmt, name in output_names(ctx.story.id, cfg).items()}
@@ -166,11 +229,11 @@ def cache_pass(ctx, cfg: TrainConfig, kolors: Path, vae: Path, device: str, dtyp
         k = digest({"v": CACHE_VERSION, "image": ctx.hasher.file(train_dir / r["file_name"]), "size": [w, h],
                     "center_crop": tr["center_crop"], "flip": tr["random_flip"], "vae": vae_fp, "dtype": str(dtype)})
         lat_keys.append(k)
-        if not (root / "latents" / f"{k}.safetensors").exists():
+        if not _cache_file_ok(ctx, root / "latents" / f"{k}.safetensors"):
             lat_missing.append((r, k))
     texts = sorted({r["text"] for r in rows})
     txt_keys = {t: digest({"v": CACHE_VERSION, "text": t, "kolors": kolors_fp, "dtype": str(dtype)}) for t in texts}
-    txt_missing = [t for t in texts if not (root / "text" / f"{txt_keys[t]}.safetensors").exists()]
+    txt_missing = [t for t in texts if not _cache_file_ok(ctx, root / "text" / f"{txt_keys[t]}.safetensors")]
 
     if lat_missing:
         from ..models.kolors import load_vae
@@ -182,7 +245,7 @@ def cache_pass(ctx, cfg: TrainConfig, kolors: Path, vae: Path, device: str, dtyp
                 out = {"latent": enc(img).to("cpu", torch.float16).contiguous()}
                 if tr["random_flip"]:
                     out["latent_flip"] = enc(torch.flip(img, dims=[3])).to("cpu", torch.float16).contiguous()
-                _save_atomic(save_file, out, root / "latents" / f"{k}.safetensors")
+                _save_atomic(ctx, save_file, out, root / "latents" / f"{k}.safetensors")
                 ctx.report.update(i + 1, len(lat_missing), "encoding images")
         del enc
     if txt_missing:
@@ -202,7 +265,7 @@ def cache_pass(ctx, cfg: TrainConfig, kolors: Path, vae: Path, device: str, dtyp
         with torch.no_grad():
             for t in txt_missing:
                 pooled, emb = prompter.encode_prompt(t, device=device, positive=True)
-                _save_atomic(save_file, {"encoder_hidden_states": emb.to("cpu", torch.float16).contiguous(),
+                _save_atomic(ctx, save_file, {"encoder_hidden_states": emb.to("cpu", torch.float16).contiguous(),
                                          "add_text_embeds": pooled.to("cpu", torch.float16).contiguous()},
                              root / "text" / f"{txt_keys[t]}.safetensors")
         del mm, prompter
@@ -216,11 +279,14 @@ def cache_pass(ctx, cfg: TrainConfig, kolors: Path, vae: Path, device: str, dtyp
             "size": (w, h)}
 
 
-def _save_atomic(save_file, tensors, path: Path):
+def _save_atomic(ctx, save_file, tensors, path: Path):
+    """Write a cache file and, beside it, the digest it is checked against before every use."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file(tensors, str(tmp))
+    sha = sha256_file(tmp)
     tmp.replace(path)
+    atomic_write(path.with_name(path.name + ".sha256"), sha + "\n")
 
 
 def fit(ctx, cfg: TrainConfig, work: Path, kolors: Path, data: dict, res) -> tuple[int, float]:
@@ -246,11 +312,44 @@ def fit(ctx, cfg: TrainConfig, work: Path, kolors: Path, data: dict, res) -> tup
     trainer = setup_trainer(cfg, accel, devices, strategy, res.precision, total,
                             setup_callbacks(ctx, cfg, work, result, total, resume is not None), work)
     loader = setup_data(cfg, data, module)
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=resume)
+    try:
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=resume)
+    except SystemExit:  # Lightning turns Ctrl-C into sys.exit(1) after its own clean-up
+        if trainer.interrupted:
+            import signal
+
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning set it to ignore
+            raise KeyboardInterrupt from None
+        raise
+    if trainer.interrupted:
+        raise KeyboardInterrupt
     if not export_file.exists() or not result.exists():
-        raise StageError("train", "training ended without writing the LoRA (a rank failed?)")
+        _export_from_checkpoint(work, total, export_file, result, cfg)
     out = json.loads(result.read_text("utf-8"))
     return int(out["steps"]), out["final_loss"]
+
+
+def _export_from_checkpoint(work: Path, total: int, export_file: Path, result: Path, cfg: TrainConfig) -> None:
+    """A run stopped after its last step but before the LoRA was written (a kill at the very end): the last
+    checkpoint holds the finished LoRA, so write it from there instead of failing on every later build."""
+    import torch
+
+    from .. import lora as lora_mod
+
+    last = work / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=False) if last.exists() else {}
+    if int(ckpt.get("global_step", -1)) < total:
+        raise StageError("train", "training ended without writing the LoRA (a rank failed?)",
+                         "run the same command again: training resumes from its last checkpoint")
+    state = {k.removeprefix("unet."): v.to(torch.float32).contiguous() for k, v in ckpt["state_dict"].items()
+             if ".lora_" in k}
+    lora_mod.save(export_file, state, {"rank": cfg.lora["rank"], "alpha": cfg.lora["alpha"]})
+    loss = None
+    log = work / "train_log.csv"
+    if log.exists():
+        rows = [ln.split(",") for ln in log.read_text("utf-8").splitlines()[1:] if ln.strip()]
+        loss = float(rows[-1][1]) if rows else None
+    atomic_write(result, json.dumps({"steps": int(ckpt["global_step"]), "final_loss": loss, "world_size": 1}))
 
 
 def setup_module(cfg: TrainConfig, kolors: Path, data: dict, res, export_file: Path):

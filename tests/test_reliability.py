@@ -1,0 +1,324 @@
+"""State that cannot silently lie: concurrent builds, cache integrity, the verdict, bad data, hostile names,
+interruptions at awkward moments. Each test reproduces a failure found by an adversarial probe."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import BASE_SPEC, REPO, build_report, copy_project, make_project, ran, run_cli
+
+SPEC1 = BASE_SPEC.replace("batch_size: 8}", "batch_size: 1}")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tiny_models):
+    spec = make_project(tmp_path_factory.mktemp("rel") / "p", tiny_models, SPEC1)
+    from storyc.cli import main
+
+    assert main(["build", str(spec), "-q"]) == 0
+    return spec
+
+
+@pytest.fixture
+def copy(base, tmp_path):
+    return copy_project(base, tmp_path / "p")
+
+
+def _edit(spec, old, new):
+    text = spec.read_text("utf-8")
+    assert old in text, old
+    spec.write_text(text.replace(old, new), "utf-8")
+
+
+def _lora_bytes(spec, sid="t"):
+    return (spec.parent / f"build/{sid}/lora/{sid}.diffsynth.safetensors").read_bytes()
+
+
+def _popen(spec, *args):
+    return subprocess.Popen([sys.executable, "-m", "storyc", "build", str(spec), *args], cwd=spec.parent,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def _wait_for(pred, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+# ---------------------------------------------------------------- 1. concurrent builds
+
+def test_concurrent_builds_refuse_wait_and_take_over_stale_locks(copy):
+    """A second build of the same folder refuses and names the holder; a story training the same LoRA waits for
+    its cache entry; a killed build's locks are taken over."""
+    _edit(copy, "steps_per_epoch: 4,", "steps_per_epoch: 150,")
+    other = copy.parent / "other.yaml"  # another story, same data and training: the same cache entry
+    other.write_text(copy.read_text("utf-8").replace("story: {id: t}", "story: {id: t2}"), "utf-8")
+    from storyc.cli import main
+
+    assert main(["build", str(other), "--until", "filter", "-q"]) == 0
+    a = _popen(copy, "--until", "train")
+    try:
+        cache = copy.parent / ".storyc/cache/train"
+        assert _wait_for(lambda: any(cache.glob("*.partial/train_log.csv"))), "training never started"
+        r = run_cli("build", copy, cwd=copy.parent)
+        assert r.returncode == 1
+        assert f"another storyc process (pid {a.pid}) is running a build of build/t/" in r.stderr
+        b = _popen(other, "--until", "train")
+        out_b = []
+        assert _wait_for(lambda: (out_b.append(b.stdout.readline()) or "waiting for another storyc" in out_b[-1]),
+                         120), "".join(out_b)
+        assert f"pid {a.pid}" in out_b[-1]
+        a.send_signal(signal.SIGKILL)  # killed mid-training, holding both locks
+        a.wait()
+        rest = b.communicate(timeout=600)[0]
+        assert b.returncode == 0, "".join(out_b) + rest
+        assert "resuming training at step" in rest  # b finished a's cache entry from its checkpoint
+    finally:
+        for p in (a,):
+            if p.poll() is None:
+                p.kill()
+    r = run_cli("build", copy, "--until", "train", cwd=copy.parent)  # a's stale build lock is free again
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "reused cached LoRA" in r.stdout
+
+
+# ---------------------------------------------------------------- 2. caches are verified before use
+
+def test_corrupt_cached_lora_is_dropped_and_retrained(copy):
+    entry = next(p for p in (copy.parent / ".storyc/cache/train").iterdir() if p.is_dir())
+    f = entry / "diffsynth.safetensors"
+    raw = bytearray(f.read_bytes())
+    raw[-100:] = bytes(100)  # same size, other bytes (a LoRA that would render different images)
+    f.write_bytes(bytes(raw))
+    other = copy.parent / "other.yaml"
+    other.write_text(copy.read_text("utf-8").replace("story: {id: t}", "story: {id: t2}"), "utf-8")
+    r = run_cli("build", other, "--until", "train", cwd=copy.parent)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "is corrupt" in r.stdout and "reused cached LoRA" not in r.stdout
+    assert _lora_bytes(other, "t2")[-2000:] == _lora_bytes(copy)[-2000:]  # retrained: the same LoRA again
+
+
+def test_garbage_cached_latents_are_encoded_again_and_force_retrains(copy):
+    for lat in (copy.parent / ".storyc/cache/latents").glob("*.safetensors"):
+        lat.write_bytes(b"garbage" * 100)
+    before = _lora_bytes(copy)
+    r = run_cli("build", copy, "--force", "train", "--until", "train", cwd=copy.parent)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "--force train: retraining" in r.stdout and "trained 4 steps" in r.stdout
+    assert "is corrupt; encoding it again" in r.stdout
+    assert _lora_bytes(copy) == before
+
+
+# ---------------------------------------------------------------- 3. captions come from the spec
+
+def test_caption_edit_updates_every_file_of_the_bundle(copy):
+    _edit(copy, "caption: 舞台}", "caption: 新的舞台说明}")
+    from storyc.cli import main
+
+    assert main(["build", str(copy), "-q"]) == 0
+    assert ran(copy) == {"bundle"}
+    sub = copy.parent / "build/t/submission/t"
+    for name in ("prompts.csv", "prompts.json", "README.md", "report.html"):
+        text = (sub / name).read_text("utf-8-sig")
+        assert "新的舞台说明" in text and "舞台}" not in text, name
+
+
+# ---------------------------------------------------------------- 5. the verdict is recomputed
+
+def test_verdict_is_recomputed_not_read_from_the_lock(copy):
+    _edit(copy, "min_aesthetic: -1.0", "min_aesthetic: 5.0")
+    r = run_cli("build", copy, cwd=copy.parent)
+    assert r.returncode == 3 and "submission INVALID" in r.stdout
+    lock = copy.parent / "story.lock"
+    doc = yaml.safe_load(lock.read_text("utf-8"))
+    doc["stages"]["bundle"]["extra"]["valid"] = True
+    doc["stages"]["bundle"]["extra"]["mean_aesthetic"] = 9.9
+    lock.write_text(yaml.safe_dump(doc, allow_unicode=True), "utf-8")
+    r = run_cli("build", copy, cwd=copy.parent)
+    assert r.returncode == 3 and "submission INVALID" in r.stdout and "submission VALID" not in r.stdout
+
+
+def test_publish_checks_the_files_not_the_manifest(copy):
+    env = {"MODELSCOPE_API_TOKEN": "x"}
+    readme = copy.parent / "build/t/submission/t/README.md"
+    readme.write_text(readme.read_text("utf-8") + "\nedited\n", "utf-8")
+    r = run_cli("publish", copy, "--model-id", "me/story", cwd=copy.parent, env=env, timeout=120)
+    assert r.returncode == 1 and "was modified" in r.stderr, r.stderr
+    r = run_cli("publish", copy, "--model-id", "../../x", cwd=copy.parent, env=env, timeout=120)
+    assert r.returncode == 1 and "--model-id `../../x`" in r.stderr
+
+
+# ---------------------------------------------------------------- 6/8. what is ingested is what is fingerprinted
+
+SPEC_D = """\
+version: 1
+story: {id: d}
+dataset: {source: folder, path: imgs, caption: 二次元}
+processing: {workers: 1}
+submission: {images: 1}
+scenes: [{id: a, prompt: x, seed: 0}]
+"""
+
+
+def _ingest(project, spec_text=SPEC_D):
+    (project / "story.yaml").write_text(spec_text, "utf-8")
+    return run_cli("run", "ingest", project / "story.yaml", cwd=project)
+
+
+def test_hidden_files_are_neither_ingested_nor_fingerprinted(project):
+    (project / "imgs").mkdir()
+    Image.new("RGB", (64, 64), "red").save(project / "imgs/a.png")
+    Image.new("RGB", (64, 64), "blue").save(project / "imgs/.hidden.png")
+    r = _ingest(project)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rep = json.loads((project / "build/d/data/input/ingest_report.json").read_text("utf-8"))
+    assert rep["records"] == 1
+
+
+def test_symlink_out_of_the_project_is_refused(project, tmp_path_factory):
+    outside = tmp_path_factory.mktemp("outside") / "secret.png"
+    Image.new("RGB", (64, 64), "red").save(outside)
+    (project / "imgs").mkdir()
+    (project / "imgs/link.png").symlink_to(outside)
+    r = _ingest(project)
+    assert r.returncode == 1 and "link.png links to a file outside the project" in r.stdout
+
+
+@pytest.mark.parametrize("image", ["../x.png", "/etc/hostname", "sub"])
+def test_jsonl_images_must_be_regular_files_inside_its_folder(project, image):
+    (project / "set/sub").mkdir(parents=True)
+    Image.new("RGB", (64, 64), "red").save(project / "x.png")
+    (project / "set/data.jsonl").write_text(json.dumps({"text": "t", "image": [image]}) + "\n", "utf-8")
+    r = _ingest(project, SPEC_D.replace("{source: folder, path: imgs,", "{source: jsonl, path: set/data.jsonl,"))
+    assert r.returncode == 1, r.stdout
+    assert "data.jsonl:1: image" in r.stdout and "Traceback" not in r.stdout + r.stderr
+
+
+def test_awkward_images_and_captions(project):
+    (project / "imgs").mkdir()
+    grey16 = np.linspace(0, 65535, 64 * 64).astype(np.uint16).reshape(64, 64)
+    Image.fromarray(grey16).save(project / "imgs/a16.png")
+    Image.new("RGBA", (64, 64), (255, 0, 0, 0)).save(project / "imgs/b_alpha.png")
+    os.mkfifo(project / "imgs/c_fifo.png")  # a pipe named like an image: must not hang ingest
+    (project / "fingerprint-me").write_text("x")
+    (project / ".storyc/fingerprints.json").write_text("[1, 2, 3]")  # wrong shape: only a cache
+    r = _ingest(project)
+    assert r.returncode == 0, r.stdout + r.stderr
+    imgs = sorted((project / "build/d/data/input/images").iterdir())
+    a = np.asarray(Image.open(imgs[0]))
+    assert a.min() == 0 and a.max() == 255 and 100 < a.mean() < 155  # a grey ramp, not all white
+    b = np.asarray(Image.open(imgs[1]))
+    assert (b == 255).all()  # fully transparent red composited over white
+    (project / "imgs/a16.txt").write_bytes("标题".encode("gbk"))
+    r = _ingest(project)
+    assert r.returncode == 1 and "caption file a16.txt is not UTF-8 text" in r.stdout
+
+
+# ---------------------------------------------------------------- 7/9. interruptions at awkward moments
+
+def test_kill_between_last_step_and_lora_export_resumes(base, tmp_path):
+    proj = copy_project(base, tmp_path / "k")
+    shutil.rmtree(proj.parent / ".storyc/cache/train")
+    code = ("import os, signal, sys\nfrom storyc.stages import lightning_lora as m\n"
+            "m.LoRAModule.on_train_end = lambda self: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "from storyc.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    r = subprocess.run([sys.executable, "-c", code, "build", str(proj), "--force", "train", "--until", "train"],
+                       cwd=proj.parent, capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stdout + r.stderr
+    assert any((proj.parent / ".storyc/cache/train").glob("*.partial/checkpoints/last.ckpt"))
+    r = run_cli("build", proj, "--until", "train", cwd=proj.parent)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert _lora_bytes(proj) == _lora_bytes(base)
+
+
+def test_ctrl_c_during_training_exits_130(copy):
+    _edit(copy, "steps_per_epoch: 4,", "steps_per_epoch: 400,")
+    p = _popen(copy, "--force", "train", "--until", "train", "--cache", str(copy.parent / "c"))
+    assert _wait_for(lambda: any((copy.parent / "c/train").glob("*.partial/train_log.csv")))
+    p.send_signal(signal.SIGINT)
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 130, out
+    assert "interrupted: finished outputs are kept" in out
+
+
+def test_sigterm_during_filter_leaves_no_data_juicer_running(copy):
+    _edit(copy, "max_ratio: 2.0", "max_ratio: 2.5")
+    p = _popen(copy)
+    assert _wait_for(lambda: (copy.parent / "build/t/data/output").exists() and _dj_pids(copy))
+    p.send_signal(signal.SIGTERM)
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 130 and "interrupted" in out, out
+    assert _wait_for(lambda: not _dj_pids(copy), 30), _dj_pids(copy)
+
+
+def _dj_pids(spec):
+    found = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                cmd = open(f"/proc/{d}/cmdline", "rb").read().decode(errors="replace")
+                cwd = os.readlink(f"/proc/{d}/cwd")
+            except OSError:
+                continue
+            if "process_data" in cmd and cwd.startswith(str(spec.parent)):
+                found.append(int(d))
+    return found
+
+
+# ---------------------------------------------------------------- 10/12. hostile names and texts
+
+def test_names_and_texts_cannot_inject(project, cli):
+    name = "evil\ntouch PWNED\n.yaml"
+    spec = project / name
+    spec.write_text("version: 1\nstory: {id: q, title: \"<script>alert(1)</script>\"}\nsubmission: {images: 1}\n"
+                    "scenes: [{id: a, prompt: \"=HYPERLINK(\\\"http://x\\\")\", seed: 0, caption: \"a|b\"}]\n", "utf-8")
+    assert cli("compile", spec)[0] == 0
+    for art in ("train/train.sh", "data/data_juicer.yaml"):
+        lines = (project / "build/q" / art).read_text("utf-8").splitlines()
+        assert not any(ln.startswith("touch PWNED") for ln in lines), art
+        assert any("evil\\ntouch PWNED\\n.yaml" in ln for ln in lines)
+    r = subprocess.run(["bash", "-n", str(project / "build/q/train/train.sh")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_csv_and_readme_escape_spec_text():
+    from storyc.render import csv_cell, markdown_text
+
+    assert csv_cell('=HYPERLINK("http://x")') == '\'=HYPERLINK("http://x")'
+    assert csv_cell("-1+1") == "'-1+1" and csv_cell("ok") == "ok" and csv_cell(3) == 3
+    assert markdown_text("<script>a|b\nc") == "&lt;script&gt;a\\|b c"
+
+
+def test_compiled_json_is_strict(tmp_path):
+    from storyc.render import canonical_json
+
+    with pytest.raises(ValueError):
+        canonical_json({"x": float("nan")})
+    for spec in sorted((REPO / "specs").glob("*.yaml")):
+        from storyc.compiler import compile
+        from storyc.spec import load_story
+
+        for rel, text in compile(load_story(spec), tmp_path / spec.stem).artifacts.items():
+            if rel.endswith(".json"):
+                json.loads(text, parse_constant=lambda c: pytest.fail(f"{rel}: {c}"))
+
+
+def test_a_very_long_extends_chain_is_a_clear_error(project, cli):
+    for i in range(40):
+        (project / f"s{i}.yaml").write_text(f"version: 1\nextends: s{i + 1}.yaml\n", "utf-8")
+    (project / "s40.yaml").write_text("version: 1\nstory: {id: x}\nsubmission: {images: 1}\n"
+                                      "scenes: [{id: a, prompt: x, seed: 0}]\n", "utf-8")
+    code, _, err = cli("validate", project / "s0.yaml")
+    assert code == 1 and "`extends` chain is longer than 32 files" in err and "Traceback" not in err
