@@ -264,6 +264,35 @@ def check_small_sizes(ctx):
     return out
 
 
+# The Linear layers of diffsynth's Kolors UNet. peft could also adapt its Conv2d layers, but storyc merges and
+# exports LoRAs as Linear updates (B @ A), so those would fail after training; they are refused here instead.
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out", "ff", "proj", "proj_in", "proj_out", "time_emb_proj",
+                "text_intermediate_proj")
+CONV_LAYERS = ("conv", "conv1", "conv2", "conv_in", "conv_out", "conv_shortcut")
+
+
+def check_lora_targets(ctx):
+    lora = ctx.data.get("lora")
+    targets = lora.get("target_modules") if isinstance(lora, dict) else None
+    if not isinstance(targets, list):
+        return []
+    out = []
+    for i, t in enumerate(targets):
+        if not isinstance(t, str) or not t:
+            continue
+        leaf = t.rsplit(".", 1)[-1]
+        if leaf in LORA_TARGETS:
+            continue
+        if leaf in CONV_LAYERS:
+            msg = f"`{t}` is a Conv2d layer; storyc trains, merges and exports LoRAs on Linear layers only"
+        else:
+            msg = f"`{t}` is not a Linear layer of the Kolors UNet"
+        out.append(ctx.diag(("lora", "target_modules", i), msg,
+                            did_you_mean(leaf, LORA_TARGETS) or f"use some of: {', '.join(LORA_TARGETS)}",
+                            "lora_targets"))
+    return out
+
+
 def join_negative(style_neg: str, scene_neg: str) -> str:
     """The negative prompt of a scene: style negative, then the scene's own (joined with a Chinese comma)."""
     parts = [p for p in (style_neg.strip(), scene_neg.strip()) if p]
@@ -271,7 +300,7 @@ def join_negative(style_neg: str, scene_neg: str) -> str:
 
 
 RULES = [check_unique_scene_ids, check_unique_seeds, check_scene_count, check_dataset_fields, check_paths,
-         check_dj_ops, check_prompt_length, check_storyboard, check_small_sizes]
+         check_dj_ops, check_prompt_length, check_storyboard, check_small_sizes, check_lora_targets]
 
 
 def run_all(ctx: Context) -> list[Diagnostic]:

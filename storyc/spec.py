@@ -184,7 +184,7 @@ def _explain(err, loc: Located) -> list[Diagnostic]:
         if path and path[-1] == "devices":
             return [d(f"expected \"auto\", a GPU count or a list of GPU indices, got `{_short(v)}`")]
         if path and path[-1] == "resolution":
-            return [d(f"expected one side (multiple of 8, 64..4096) or [width, height], got `{_short(v)}`")]
+            return [d(f"expected one side (multiple of 32, 64..4096) or [width, height], got `{_short(v)}`")]
     return [d(err.message)]
 
 

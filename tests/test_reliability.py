@@ -322,3 +322,55 @@ def test_a_very_long_extends_chain_is_a_clear_error(project, cli):
                                       "scenes: [{id: a, prompt: x, seed: 0}]\n", "utf-8")
     code, _, err = cli("validate", project / "s0.yaml")
     assert code == 1 and "`extends` chain is longer than 32 files" in err and "Traceback" not in err
+
+
+def test_bom_jsonl_and_dangling_links_and_bombs(project):
+    (project / "set").mkdir()
+    Image.new("RGB", (64, 64), "red").save(project / "set/a.png")
+    (project / "set/data.jsonl").write_bytes("\ufeff".encode() + json.dumps({"text": "t", "image": ["a.png"]}).encode()
+                                             + b"\n")
+    r = _ingest(project, SPEC_D.replace("{source: folder, path: imgs,", "{source: jsonl, path: set/data.jsonl,"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    (project / "imgs").mkdir()
+    Image.new("RGB", (64, 64), "red").save(project / "imgs/a.png")
+    (project / "imgs/gone.png").symlink_to(project / "nowhere.png")  # dangling: skipped like any non-file
+    Image.new("L", (8000, 8000)).save(project / "imgs/bomb.png")  # 64 MP, over Pillow's bomb limit once capped
+    code = ("import sys, PIL.Image as I; I.MAX_IMAGE_PIXELS = 10_000_000\n"
+            "from storyc.cli import main; sys.exit(main(sys.argv[1:]))\n")
+    (project / "story.yaml").write_text(SPEC_D, "utf-8")
+    r = subprocess.run([sys.executable, "-c", code, "run", "ingest", str(project / "story.yaml")], cwd=project,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ingest skipped bomb.png: DecompressionBombError" in r.stdout
+    assert "gone.png" not in r.stdout
+
+
+def test_score_skips_unreadable_files_and_never_the_storyboard(base, tmp_path, tiny_models):
+    sub = tmp_path / "sub"
+    shutil.copytree(base.parent / "build/t/submission/t", sub)
+    (sub / "broken.png").write_bytes(b"not a png")
+    r = run_cli("score", sub, "--model", tiny_models / "tiny-aesthetic", "--min", "-1", timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    names = [ln.split()[0] for ln in r.stdout.splitlines() if ln.strip() and not ln.startswith(("mean", "warning"))]
+    assert names == ["01-home.png", "02-concert.png", "03-stage.png"]  # prompts.json names the scene images
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    shutil.copy(sub / "01-home.png", loose)
+    (loose / "broken.png").write_bytes(b"not a png")
+    r = run_cli("score", loose, "--model", tiny_models / "tiny-aesthetic", "--min", "-1", timeout=300)
+    assert r.returncode == 0 and "warning: skipped broken.png" in r.stdout, r.stdout + r.stderr
+
+
+def test_failed_bundle_leaves_no_partial_folder(copy, monkeypatch):
+    from storyc.stages import bundle
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device", "storyboard.png")
+
+    monkeypatch.setattr(bundle, "storyboard", full)
+    _edit(copy, "caption: 舞台}", "caption: 大舞台}")
+    from storyc.cli import main
+
+    assert main(["build", str(copy), "-q"]) == 1
+    assert not list((copy.parent / "build/t/submission").glob(".*partial"))
+    assert (copy.parent / "build/t/submission/t/manifest.json").is_file()  # the previous bundle is intact

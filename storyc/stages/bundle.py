@@ -68,12 +68,9 @@ def _fit(draw, text, font, width):
 
 
 def run(ctx, jobs):
-    from PIL import Image
-
     job, = jobs
     p = job.params
-    story, sub = p["story"], p["submission"]
-    sid = story["id"]
+    sid = p["story"]["id"]
     scenes = [{**s, "caption": cap} for s, cap in zip(p["scenes"], p["captions"])]
     train_entry = ctx.upstream("train")
     if train_entry is None:
@@ -83,6 +80,26 @@ def run(ctx, jobs):
     tmp = final.with_name(f".{sid}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        mean, valid, coh, weakest = _write_bundle(ctx, p, tmp, scenes, lora_cfg)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed bundle (disk full, Ctrl-C) leaves no partial folder
+        raise
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    outputs = [f"submission/{sid}/{f}" for f in sorted(p.name for p in final.iterdir())]
+    yield Result("bundle", outputs, {"valid": valid, "mean_aesthetic": round(mean, 6),
+                                     "min_aesthetic": p["submission"]["min_aesthetic"],
+                                     "weakest": weakest, "style_coherence": round(coh, 6)})
+    return f"mean aesthetic {mean:.3f} ({'valid' if valid else 'INVALID'}), style coherence {coh:.3f}"
+
+
+def _write_bundle(ctx, p: dict, tmp: Path, scenes: list, lora_cfg: dict):
+    """Every file of the submission into ``tmp``; returns (mean, valid, coherence, weakest)."""
+    from PIL import Image
+
+    story, sub = p["story"], p["submission"]
+    sid = story["id"]
 
     # LoRA files
     lora_names = [f"{sid}.{f}.safetensors" for f in sub["lora_formats"]]
@@ -143,12 +160,7 @@ def run(ctx, jobs):
     manifest = {"format": "storyc.manifest/1", "story": sid, "valid": valid,
                 "files": {f: {"sha256": _sha(tmp / f), "size": (tmp / f).stat().st_size} for f in files}}
     (tmp / "manifest.json").write_text(canonical_json(manifest), "utf-8")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    outputs = [f"submission/{sid}/{f}" for f in sorted(p.name for p in final.iterdir())]
-    yield Result("bundle", outputs, {"valid": valid, "mean_aesthetic": round(mean, 6), "min_aesthetic": gate,
-                                     "weakest": weakest, "style_coherence": round(coh, 6)})
-    return f"mean aesthetic {mean:.3f} ({'valid' if valid else 'INVALID'}), style coherence {coh:.3f}"
+    return mean, valid, coh, weakest
 
 
 def verdict(ctx, job, entry) -> tuple[int, list]:
