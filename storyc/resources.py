@@ -1,7 +1,9 @@
-"""The one place that decides where and how a stage computes: device, dtype/precision and batch sizes.
+"""The one place that decides where and how a stage computes: device, dtype/precision, memory and batch sizes.
 
 Train, generate and score ask here instead of each reading ``--device``, ``torch.cuda`` and the spec on their
-own, so a memory planner has one owner. torch is imported inside the functions (executors call them).
+own. ``plan_train`` / ``plan_generate`` are pure functions of the free GPU memory (table-tested); ``free_gib``
+measures it, honouring ``STORYC_GPU_MEMORY_GIB`` (a per-process cap, e.g. 22 to behave like a 24 GB card).
+torch is imported inside the functions (executors call them).
 """
 from __future__ import annotations
 
@@ -25,6 +27,86 @@ class Resources:
         import torch
 
         return getattr(torch, self.dtype)
+
+
+# Memory model of the full-size Kolors parts at 1024x1024, from the measurements in bench/RESULTS.md (H100/H200):
+# training peaks at 24.4 GiB without gradient checkpointing (the 2.6 B UNet in fp16 + activations of one image);
+# batched generation at 30.8 GiB for 8 images with CFG. Activations scale with pixels x batch.
+UNET_GIB = 5.0  # 2.6 B parameters in fp16
+TRAIN_ACTIVATIONS_GIB = 19.0  # per 1024x1024 image, gradient checkpointing off
+TRAIN_ACTIVATIONS_GC_GIB = 4.0  # per 1024x1024 image, checkpointing on
+GEN_PER_IMAGE_GIB = 3.2  # per 1024x1024 image with its CFG pair, decode included
+HEADROOM_GIB = 1.5  # allocator fragmentation, cuDNN workspaces, CUDA-graph pools
+MAX_GEN_BATCH = 8  # beyond 8 images (16 UNet rows) a step is GPU-bound: no faster per image
+
+
+@dataclass(frozen=True)
+class TrainMemory:
+    gradient_checkpointing: bool
+    cuda_graphs: bool
+    reason: str
+
+
+def plan_train(free_gib: float | None, gc: "bool | str", graphs: bool, batch: int, width: int, height: int,
+               world: int = 1) -> TrainMemory:
+    """Gradient checkpointing and CUDA graphs for a training run; explicit spec values win over ``auto``."""
+    scale = batch * width * height / 1024 ** 2
+    need = UNET_GIB + TRAIN_ACTIVATIONS_GIB * scale + HEADROOM_GIB
+    if isinstance(gc, bool):
+        use_gc, why = gc, f"train.gradient_checkpointing: {str(gc).lower()} (spec)"
+    elif free_gib is None:
+        use_gc, why = False, "on the CPU: no checkpointing"
+    else:
+        use_gc = free_gib < need
+        why = (f"{free_gib:.1f} GiB free {'<' if use_gc else '>='} {need:.1f} GiB needed without checkpointing: "
+               f"gradient checkpointing {'on' if use_gc else 'off'}")
+    use_graphs = bool(graphs) and not use_gc and world == 1 and free_gib is not None
+    return TrainMemory(use_gc, use_graphs, why)
+
+
+def plan_generate(free_gib: float | None, batch: "int | str", width: int, height: int, images: int) -> tuple[int, str]:
+    """Images per UNet batch: the spec's number, or (auto) as many as the free memory holds, 1..8."""
+    if isinstance(batch, int):
+        return max(1, batch), f"generation.batch_size: {batch} (spec)"
+    if free_gib is None:
+        return max(1, min(MAX_GEN_BATCH, images)), "on the CPU"
+    per = GEN_PER_IMAGE_GIB * width * height / 1024 ** 2
+    fits = int((free_gib - UNET_GIB - HEADROOM_GIB) // per)
+    b = max(1, min(MAX_GEN_BATCH, images, fits))
+    return b, f"{free_gib:.1f} GiB free: {b} image(s) per UNet batch ({per:.1f} GiB each)"
+
+
+def cap_gib() -> float | None:
+    """``STORYC_GPU_MEMORY_GIB``: the GPU memory storyc may use (e.g. 22 to behave like a 24 GB card)."""
+    raw = os.environ.get("STORYC_GPU_MEMORY_GIB", "").strip()
+    if not raw:
+        return None
+    try:
+        v = float(raw)
+    except ValueError:
+        v = -1.0
+    if not (v > 0 and v < 1e6):
+        from .errors import StorycError
+
+        raise StorycError(f"STORYC_GPU_MEMORY_GIB={raw!r} is not a positive number of GiB", "e.g. STORYC_GPU_MEMORY_GIB=22")
+    return v
+
+
+def free_gib(device: str) -> float | None:
+    """Free memory of the device in GiB (None on the CPU), within ``STORYC_GPU_MEMORY_GIB`` when set; the cap is
+    also applied to this process (torch.cuda.set_per_process_memory_fraction), so a run behaves like a smaller card."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    idx = torch.device(device).index or 0
+    free, total = torch.cuda.mem_get_info(idx)
+    cap = cap_gib()
+    if cap:
+        cap_bytes = min(cap * 2 ** 30, total)
+        torch.cuda.set_per_process_memory_fraction(cap_bytes / total, idx)
+        free = min(free, cap_bytes - torch.cuda.memory_reserved(idx))
+    return free / 2 ** 30
 
 
 def pick_device(requested: str | None) -> str:

@@ -44,7 +44,7 @@ def test_camp_spec_matches_the_notebook(tmp_path, cli):
     assert gen["lora_alpha"] == 2.0 and gen["lora_strength"] == 2.0 / 16
     assert (gen["width"], gen["height"], gen["steps"], gen["cfg_scale"]) == (1024, 1024, 50, 4.0)
     sh = (out / "train/train.sh").read_text("utf-8")
-    assert "--use_gradient_checkpointing" not in sh  # the camp spec turns it off (see its comment)
+    assert "--use_gradient_checkpointing" in sh  # DiffSynth's script keeps ChatGLM and the VAE on the GPU: it needs it
     for arg in ("--lora_rank 16", "--lora_alpha 4.0", "--max_epochs 10", "--center_crop", "--precision 16-mixed",
                 "--pretrained_unet_path models/kolors/Kolors/unet/diffusion_pytorch_model.safetensors"):
         assert arg in sh, arg

@@ -25,13 +25,14 @@ def lora_file(ctx) -> Path:
     return ctx.path(f"lora/{ctx.story.id}.diffsynth.safetensors")
 
 
-def load_merged_pipeline(kolors: Path, lora_path: Path | None, strength: float, dtype, device):
+def load_merged_pipeline(kolors: Path, lora_path: Path | None, strength: float, dtype, device,
+                         text_encoder: bool = True):
     """Kolors pipeline with the LoRA merged into the UNet at ``strength`` (= alpha/rank * lora_scale)."""
     from .. import lora as L
     from ..models.kolors import load_pipeline
 
     with silent_stdout():
-        pipe = load_pipeline(kolors, dtype, device)
+        pipe = load_pipeline(kolors, dtype, device, text_encoder=text_encoder)
     if lora_path is not None and strength:
         state, _ = L.load(lora_path)
         if not L.merge(pipe.unet, state, strength):
@@ -44,8 +45,50 @@ def render(pipe, items: list[dict], gen: dict, batch_size: int, progress=None):
     return list(render_iter(pipe, items, gen, batch_size, progress))
 
 
-def render_iter(pipe, items: list[dict], gen: dict, batch_size: int, progress=None):
-    """Yield each item's PIL image as soon as its batch is decoded (so finished scenes can be saved at once)."""
+def encode_all(kolors: Path, items: list[dict], cfg_scale: float, dtype, device) -> dict:
+    """Every distinct prompt of ``items`` through ChatGLM in one call, then ChatGLM is released: the 12 GB text
+    encoder and the UNet are never on the GPU together. Returns text -> (hidden states, pooled) on the CPU."""
+    import torch
+    from diffsynth import ModelManager
+    from diffsynth.models.kolors_text_encoder import ChatGLMModel
+    from diffsynth.prompters import KolorsPrompter
+
+    mm = ModelManager(torch_dtype=dtype, device=device)
+    with silent_stdout():
+        mm.load_model_from_huggingface_folder(str(Path(kolors) / "text_encoder"), ["kolors_text_encoder"], [ChatGLMModel])
+        prompter = KolorsPrompter()
+        prompter.fetch_models(mm.fetch_model("kolors_text_encoder"))
+    pos = sorted({it["prompt"] for it in items})
+    neg = sorted({it["negative_prompt"] for it in items}) if cfg_scale != 1.0 else []
+    shim = type("Encoder", (), {"prompter": prompter, "device": device})()
+    out = {}
+    with torch.no_grad():
+        ehs, ate = encode_prompts(shim, pos, neg)
+    for i, t in enumerate(pos):
+        out[("+", t)] = (ehs[i:i + 1].cpu(), ate[i:i + 1].cpu())
+    for j, t in enumerate(neg):
+        out[("-", t)] = (ehs[len(pos) + j:len(pos) + j + 1].cpu(), ate[len(pos) + j:len(pos) + j + 1].cpu())
+    del mm, prompter, shim, ehs, ate
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()
+    return out
+
+
+def cached_encoder(table: dict):
+    """An ``encode`` for render_iter that looks prompts up in ``encode_all``'s table."""
+    import torch
+
+    def encode(pipe, positive, negative):
+        rows = [table[("+", t)] for t in positive] + [table[("-", t)] for t in negative]
+        return (torch.cat([r[0] for r in rows]).to(pipe.device, pipe.torch_dtype),
+                torch.cat([r[1] for r in rows]).to(pipe.device, pipe.torch_dtype))
+
+    return encode
+
+
+def render_iter(pipe, items: list[dict], gen: dict, batch_size: int, progress=None, encode=None):
+    """Yield each item's PIL image as soon as its batch is decoded (so finished scenes can be saved at once).
+    ``encode(pipe, positives, negatives)`` gives the prompt embeddings (default: the pipeline's text encoder)."""
     import torch
 
     h, w, steps, cfg = gen["height"], gen["width"], gen["steps"], gen["cfg_scale"]
@@ -56,8 +99,8 @@ def render_iter(pipe, items: list[dict], gen: dict, batch_size: int, progress=No
         chunk = items[start:start + batch_size]
         b = len(chunk)
         with torch.no_grad():
-            ehs, ate = encode_prompts(pipe, [it["prompt"] for it in chunk],
-                                      [it["negative_prompt"] for it in chunk] if cfg != 1.0 else [])
+            ehs, ate = (encode or encode_prompts)(pipe, [it["prompt"] for it in chunk],
+                                                  [it["negative_prompt"] for it in chunk] if cfg != 1.0 else [])
             latents = torch.cat([pipe.generate_noise((1, 4, h // 8, w // 8), seed=it["seed"], device=dev, dtype=dt)
                                  for it in chunk])
             pipe.scheduler.set_timesteps(steps)
@@ -96,7 +139,7 @@ def run(ctx, jobs):
     gen = {k: jobs[0].params[k] for k in GEN_COMMON}  # the same for every scene of a plan
     todo = [{"id": j.scene, "name": j.name, "index": j.settings["index"], "lora_scale": j.settings["lora_scale"],
              **{k: j.params[k] for k in ("prompt", "negative_prompt", "seeds", "file")}} for j in jobs]
-    res = resources.for_generate(ctx.device, jobs[0].settings["batch_size"])
+    res = resources.for_generate(ctx.device, 1)
     kolors = ctx.model("kolors")
     lpath = lora_file(ctx)
     if not lpath.exists():
@@ -106,6 +149,7 @@ def run(ctx, jobs):
              for s in todo for seed in s["seeds"]]
     _warn_truncation(ctx, todo)
     shards = resources.gpu_count(res.device)
+    memory = None
     scorer = None
     if gen["candidates"] > 1:
         from .score import Scorer
@@ -115,20 +159,26 @@ def run(ctx, jobs):
     by_scene = {s["id"]: s for s in todo}
 
     if shards > 1 and len(items) > 1:
-        rendered = _render_ray(ctx, kolors, lpath, gen, items, shards, res.batch_size)
+        rendered = _render_ray(ctx, kolors, lpath, gen, items, shards, jobs[0].settings["batch_size"])
     else:
-        pipe = load_merged_pipeline(kolors, lpath, gen["lora_strength"], res.torch_dtype(), res.device)
+        table = encode_all(kolors, items, gen["cfg_scale"], res.torch_dtype(), res.device)  # then ChatGLM is freed
+        pipe = load_merged_pipeline(kolors, lpath, gen["lora_strength"], res.torch_dtype(), res.device,
+                                    text_encoder=False)
+        batch, why = resources.plan_generate(resources.free_gib(res.device), jobs[0].settings["batch_size"],
+                                             gen["width"], gen["height"], len(items))
+        ctx.report.line(f"     generate: {why}")
+        memory = {"batch_size": batch}
         progress = lambda d, t: ctx.report.update(d, t, "denoising")  # noqa: E731
-        rendered = zip(items, render_iter(pipe, items, gen, res.batch_size, progress))
+        rendered = zip(items, render_iter(pipe, items, gen, batch, progress, cached_encoder(table)))
     for item, image in rendered:  # save and record a scene as soon as all its candidates are rendered
         pending[item["scene"]].append((item, image))
         s = by_scene[item["scene"]]
         if len(pending[s["id"]]) == len(s["seeds"]):
-            yield _finish_scene(ctx, gen, s, pending.pop(s["id"]), scorer, lora_sha)
+            yield _finish_scene(ctx, gen, s, pending.pop(s["id"]), scorer, lora_sha, memory)
     return f"{len(todo)} scene(s), {len(items)} image(s) on {res.device}" + (f", {shards} Ray shards" if shards > 1 else "")
 
 
-def _finish_scene(ctx, gen, s, cands, scorer, lora_sha) -> Result:
+def _finish_scene(ctx, gen, s, cands, scorer, lora_sha, memory=None) -> Result:
     chosen_seed, cand_scores = s["seeds"][0], None
     if scorer is not None:
         folder = ctx.path("images/candidates")
@@ -152,6 +202,8 @@ def _finish_scene(ctx, gen, s, cands, scorer, lora_sha) -> Result:
     meta = str(Path(s["file"]).with_suffix(".json"))
     atomic_write(ctx.path(meta), canonical_json(rec))
     facts = {"seed": chosen_seed}
+    if memory:
+        facts["memory"] = memory  # the planner's choice on this machine (not hashed)
     if cand_scores:
         facts["candidate_scores"] = cand_scores
     return Result(s["name"], [s["file"], meta], facts, digest_facts=chosen_seed)
@@ -205,7 +257,8 @@ def _shard_task(kolors, lpath, gen, items, device, batch_size):
     dtype = torch.float16 if device == "cuda" else torch.float32
     pipe = load_merged_pipeline(Path(kolors), Path(lpath), gen["lora_strength"], dtype, device)
     out = []
-    for it, img in zip(items, render(pipe, items, gen, max(1, batch_size))):
+    batch, _ = resources.plan_generate(resources.free_gib(device), batch_size, gen["width"], gen["height"], len(items))
+    for it, img in zip(items, render(pipe, items, gen, batch)):
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         out.append((it, buf.getvalue()))

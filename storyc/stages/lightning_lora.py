@@ -102,7 +102,7 @@ class LoRAModule(L.LightningModule):
         self.scheduler = EnhancedDDIMScheduler(beta_end=0.014, num_train_timesteps=1100)  # Kolors' scheduler
         self.scheduler.set_timesteps(1100)  # training samples from all 1100 timesteps
         self.data, self.cfg = data, train
-        self.lr, self.gc = train["learning_rate"], train["gradient_checkpointing"]
+        self.lr, self.gc = train["learning_rate"], train["gradient_checkpointing"] is True  # `auto` is planned earlier
         self.strict_loading = False  # checkpoints hold the trained state only, not the frozen UNet
         self.micro_batches = 0  # micro-batches consumed; saved in checkpoints so a resume draws the same samples
         self.compiled = False

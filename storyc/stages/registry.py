@@ -80,7 +80,7 @@ def _filter(src: Source):
 
 
 # train.* values that decide how fast or how resumably it trains, never what it trains
-TRAIN_SETTINGS = ("checkpoint_every", "cuda_graphs", "compile", "num_workers")
+TRAIN_SETTINGS = ("checkpoint_every", "cuda_graphs", "compile", "num_workers", "gradient_checkpointing")
 
 
 def _train(src: Source):
@@ -139,10 +139,12 @@ KINDS: dict[str, StageKind] = {k.name: k for k in (
     StageKind("ingest", 1, _ingest, lambda job, story: ("dataset",) if story.dataset_path is not None else ()),
     StageKind("filter", 1, _filter, _no_models),
     StageKind("train", 1, _train, lambda job, story: ("kolors", "vae"),
-              oom_hint="set `train.gradient_checkpointing: true`, lower `train.batch_size` or `train.resolution`"),
+              oom_hint="set `train.gradient_checkpointing: true` (or `auto`), lower `train.batch_size` or "
+                       "`train.resolution`, or cap the memory storyc plans for with STORYC_GPU_MEMORY_GIB"),
     StageKind("generate", 1, _generate,
               lambda job, story: ("kolors", "aesthetic") if job.params["candidates"] > 1 else ("kolors",),
-              oom_hint="lower `generation.batch_size` (images per UNet call)"),
+              oom_hint="lower `generation.batch_size` (images per UNet call; `auto` sizes it from free memory), "
+                       "or cap the memory storyc plans for with STORYC_GPU_MEMORY_GIB"),
     StageKind("score", 1, _score, lambda job, story: ("aesthetic",)),
     StageKind("bundle", 1, _bundle, _no_models, verdict=True),
 )}

@@ -162,7 +162,12 @@ def run(ctx, jobs):
         shutil.copyfile(final / src, tmp)
         tmp.replace(out / dst)
     rep = json.loads((final / "train_report.json").read_text("utf-8"))
-    yield Result("train", [f"lora/{f}" for f in copies.values()], {"cache_key": key, "final_loss": rep.get("final_loss")})
+    facts = {"cache_key": key, "final_loss": rep.get("final_loss")}
+    try:  # the memory plan the LoRA was trained under (kept in the cache entry, so a reuse reports the same)
+        facts["memory"] = json.loads((final / "memory_plan.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        pass
+    yield Result("train", [f"lora/{f}" for f in copies.values()], facts)
     return f"reused cached LoRA {key[:12]}" if reused else f"trained {rep['steps']} steps, loss {rep['final_loss']:.4f}"
 
 
@@ -303,7 +308,13 @@ def fit(ctx, cfg: TrainConfig, work: Path, kolors: Path, data: dict, res) -> tup
     export_file, result = work / "lora.tmp.safetensors", work / "fit_result.json"
     for f in (export_file, result):
         f.unlink(missing_ok=True)
-    module = setup_module(cfg, kolors, data, res, export_file)
+    free = resources.free_gib(res.device)
+    mem = resources.plan_train(free, cfg["gradient_checkpointing"], cfg["cuda_graphs"], cfg["batch_size"],
+                               *cfg.size, world)
+    ctx.report.line(f"     memory: {mem.reason}; CUDA graphs {'on' if mem.cuda_graphs else 'off'}")
+    atomic_write(work / "memory_plan.json", canonical_json(
+        {"gradient_checkpointing": mem.gradient_checkpointing, "cuda_graphs": mem.cuda_graphs}))
+    module = setup_module(cfg, kolors, data, res, export_file, mem)
     resume = _resume_point(ctx, work / "checkpoints" / "last.ckpt")
     total = cfg.optimizer_steps(world)
     if world > 1:
@@ -311,7 +322,7 @@ def fit(ctx, cfg: TrainConfig, work: Path, kolors: Path, data: dict, res) -> tup
                         f"{total} optimizer steps of {world} x {cfg['batch_size']} images")
     trainer = setup_trainer(cfg, accel, devices, strategy, res.precision, total,
                             setup_callbacks(ctx, cfg, work, result, total, resume is not None), work)
-    loader = setup_data(cfg, data, module)
+    loader = setup_data(cfg, data, module)  # the module's own config (with the memory plan) drives sampling
     try:
         trainer.fit(module, train_dataloaders=loader, ckpt_path=resume)
     except SystemExit:  # Lightning turns Ctrl-C into sys.exit(1) after its own clean-up
@@ -352,7 +363,7 @@ def _export_from_checkpoint(work: Path, total: int, export_file: Path, result: P
     atomic_write(result, json.dumps({"steps": int(ckpt["global_step"]), "final_loss": loss, "world_size": 1}))
 
 
-def setup_module(cfg: TrainConfig, kolors: Path, data: dict, res, export_file: Path):
+def setup_module(cfg: TrainConfig, kolors: Path, data: dict, res, export_file: Path, mem=None):
     """The UNet (loaded per process) with a LoRA, the objective and the optimizer: lightning_lora.LoRAModule."""
     import functools
 
@@ -360,14 +371,17 @@ def setup_module(cfg: TrainConfig, kolors: Path, data: dict, res, export_file: P
     from .lightning_lora import LoRAModule
 
     loader = functools.partial(load_unet_for, kolors, res.torch_dtype(), "cpu")
-    return LoRAModule(loader, data, lora=cfg.lora, train=cfg.module_config(), export=export_file)
+    train = cfg.module_config()
+    if mem is not None:  # the memory plan's decisions replace `auto`
+        train.update(gradient_checkpointing=mem.gradient_checkpointing, cuda_graphs=mem.cuda_graphs)
+    return LoRAModule(loader, data, lora=cfg.lora, train=train, export=export_file)
 
 
 def setup_data(cfg: TrainConfig, data: dict, module):
     """The loader: global sample indices in micro-batches, resumable from the module's progress."""
     from .lightning_lora import make_loader
 
-    return make_loader(data, cfg.module_config(), cfg.micro_batches, module, cfg["num_workers"])
+    return make_loader(data, module.cfg, cfg.micro_batches, module, cfg["num_workers"])
 
 
 def setup_callbacks(ctx, cfg: TrainConfig, work: Path, result: Path, total: int, resumed: bool) -> list:

@@ -1,0 +1,101 @@
+"""The memory planner (a pure function of free GPU memory), the memory cap variable, and the full-size model
+layout writer (bench/fullsize.py) at tiny scale, loaded through storyc's real loaders in a real build."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, run_cli, write_images
+
+
+@pytest.mark.parametrize("free, gc, graphs, want_gc, want_graphs", [
+    (None, "auto", True, False, False),  # CPU: no checkpointing, no graphs
+    (139.0, "auto", True, False, True),  # H200: the fast path
+    (40.0, "auto", True, False, True),  # 40 GiB: 25.5 GiB needed without checkpointing
+    (22.0, "auto", True, True, False),  # a 24 GB card: checkpointing on, so no CUDA graphs
+    (25.0, "auto", True, True, False),  # just under 25.5
+    (26.0, "auto", True, False, True),
+    (139.0, True, True, True, False),  # explicit values win
+    (8.0, False, True, False, True),
+    (139.0, "auto", False, False, False),  # graphs off in the spec
+])
+def test_train_plan(free, gc, graphs, want_gc, want_graphs):
+    from storyc.resources import plan_train
+
+    p = plan_train(free, gc, graphs, batch=1, width=1024, height=1024)
+    assert (p.gradient_checkpointing, p.cuda_graphs) == (want_gc, want_graphs), p.reason
+    assert p.reason
+
+
+def test_train_plan_scales_with_pixels_batch_and_ranks():
+    from storyc.resources import plan_train
+
+    assert not plan_train(22.0, "auto", True, 1, 512, 512).gradient_checkpointing  # a quarter of the pixels
+    assert plan_train(40.0, "auto", True, 2, 1024, 1024).gradient_checkpointing  # two images per step
+    assert not plan_train(139.0, "auto", True, 1, 1024, 1024, world=2).cuda_graphs  # graphs on one GPU only
+
+
+@pytest.mark.parametrize("free, batch, images, want", [
+    (None, "auto", 8, 8),
+    (139.0, "auto", 8, 8),
+    (139.0, "auto", 3, 3),  # never more than there are images
+    (40.0, "auto", 8, 8),  # (40 - 5 - 1.5) / 3.2 = 10 -> capped at 8
+    (22.0, "auto", 8, 4),  # (22 - 6.5) / 3.2 = 4
+    (8.0, "auto", 8, 1),  # never below 1
+    (22.0, 6, 8, 6),  # explicit wins
+])
+def test_generate_plan(free, batch, images, want):
+    from storyc.resources import plan_generate
+
+    b, why = plan_generate(free, batch, 1024, 1024, images)
+    assert b == want and why
+
+
+def test_memory_cap_variable(monkeypatch):
+    from storyc.errors import StorycError
+    from storyc.resources import cap_gib, free_gib
+
+    monkeypatch.setenv("STORYC_GPU_MEMORY_GIB", "22")
+    assert cap_gib() == 22.0
+    assert free_gib("cpu") is None  # the cap is for GPUs; the CPU plan ignores it
+    for bad in ("lots", "-3", "0"):
+        monkeypatch.setenv("STORYC_GPU_MEMORY_GIB", bad)
+        with pytest.raises(StorycError, match="STORYC_GPU_MEMORY_GIB"):
+            cap_gib()
+
+
+SPEC = """\
+version: 1
+story: {id: fs}
+models: {kolors: models/kolors/Kolors, vae: models/sdxl-vae-fp16-fix,
+         aesthetic: models/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE}
+dataset: {source: folder, path: data, caption: 二次元}
+filters: [{image_shape_filter: {min_width: 64, min_height: 64}}]
+processing: {workers: 1}
+lora: {rank: 4, alpha: 4.0}
+train: {epochs: 1, steps_per_epoch: 2, resolution: 64, precision: "32"}
+generation: {width: 64, height: 64, steps: 2}
+submission: {images: 2, min_aesthetic: -1000}
+scenes:
+  - {id: a, prompt: 一个女孩, seed: 0}
+  - {id: b, prompt: 一个男孩, seed: 1}
+"""
+
+
+def test_fullsize_layout_writer_at_tiny_scale_loads_through_storyc(project):
+    r = subprocess.run([sys.executable, str(REPO / "bench/fullsize.py"), str(project / "models"), "--scale", "tiny",
+                        "--device", "cpu"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    te = project / "models/kolors/Kolors/text_encoder"
+    shards = sorted(p.name for p in te.glob("pytorch_model-*.bin"))
+    index = json.loads((te / "pytorch_model.bin.index.json").read_text())
+    assert shards and set(index["weight_map"].values()) == set(shards)  # transformers' sharded .bin layout
+    assert (project / "models/kolors/Kolors/unet/diffusion_pytorch_model.safetensors").is_file()
+    assert (project / "models/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE/pytorch_model.bin").is_file()
+    write_images(project / "data", [(96, 96), (80, 64)])
+    (project / "story.yaml").write_text(SPEC, "utf-8")
+    r = run_cli("build", project / "story.yaml", cwd=project)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "submission VALID" in r.stdout
+    assert "generate: on the CPU" in r.stdout  # batch_size auto, planned
