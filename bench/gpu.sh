@@ -8,7 +8,8 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
 #     diffsynth==1.1.9 transformers==4.57.6 tokenizers==0.22.2 huggingface_hub==0.36.2 peft==0.17.1 ftfy==6.3.1 \
-#     wcwidth==0.2.13 simple-aesthetics-predictor==0.1.2
+#     wcwidth==0.2.13 simple-aesthetics-predictor==0.1.2 jsonschema==4.25.1 referencing==0.36.2 \
+#     jsonschema-specifications==2025.9.1 rpds-py==0.27.1 diffusers==0.35.2 importlib_metadata==8.7.0
 set -o pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -31,6 +32,11 @@ for b in "$@"; do
     train) python3 bench/train_bench.py ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/train_log.txt" ;;
     multigpu) python3 bench/multigpu.py 2>&1 | tee "$OUT/multigpu_log.txt" ;;
     graphs) python3 bench/graphs_check.py 2>&1 | tee "$OUT/graphs_log.txt" ;;
+    # bench/e2e.py: run `python3 bench/e2e.py prepare` here first (Data-Juicer is not on the GPU image) and carry
+    # bench/out/e2e/proj; E2E_STEPS training steps (the notebook's 5000 are extrapolated), E2E_CAPS GiB caps
+    e2e) python3 bench/e2e.py models && python3 bench/e2e.py storyc --steps "${E2E_STEPS:-200}" ;;
+    e2e-caps) python3 bench/e2e.py caps --caps "${E2E_CAPS:-22,40}" ;;
+    e2e-baseline) python3 bench/e2e.py baseline --steps "${E2E_BASE_STEPS:-12}" --images "${E2E_BASE_IMAGES:-3}" ;;
     *) echo "unknown bench $b"; exit 2 ;;
   esac
 done

@@ -39,6 +39,10 @@ class Context:
         self.device = opts.device
         self.lock, self.hasher, self.report = lock, hasher, reporter
         self.forced: set = set()  # stages the user forced: they must not reuse cached results
+        self.metrics: dict = {}  # timings an executor measured (model loads, cache pass, s/step): build_times.json
+
+    def metric(self, name: str, value) -> None:
+        self.metrics[name] = round(value, 4) if isinstance(value, float) else value
 
     # ---- paths
     def path(self, rel: str) -> Path:

@@ -337,6 +337,8 @@ def _execute(plan: Plan, opts: RunOptions, reporter: Reporter | None) -> BuildRe
     sel, force = selected(plan, opts), forced(plan, opts)
     ctx.forced = force
     pending = [n for n in order(plan) if n in sel]
+    times: dict = {}
+    t_build = time.monotonic()
     try:
         while pending:
             # the next group: ready stages of the first ready kind (all scenes of generate run as one batch)
@@ -359,7 +361,10 @@ def _execute(plan: Plan, opts: RunOptions, reporter: Reporter | None) -> BuildRe
             label = kind if len(todo) > 1 else next(iter(todo))
             reporter.start(label, sorted({r for why in todo.values() for r in why})[:4] if len(todo) > 1 else todo[label])
             t0 = time.monotonic()
+            _gpu_peak_reset()
             note, failure = _run_group(ctx, kind, todo, state)
+            times[label] = {"seconds": round(time.monotonic() - t0, 3), "stages": len(todo),
+                            "peak_gpu_gib": _gpu_peak()}
             if failure is None:
                 reporter.done(label, time.monotonic() - t0, note or "")
                 continue
@@ -378,6 +383,7 @@ def _execute(plan: Plan, opts: RunOptions, reporter: Reporter | None) -> BuildRe
         raise
     ctx.hasher.save()
     _report(ctx, state, written)
+    _write_times(ctx, times, time.monotonic() - t_build)
     if not result.failures:
         result.verdict, result.verdict_lines = _verdicts(ctx, sel)
     return result
@@ -391,6 +397,33 @@ def _report(ctx: Context, state: dict, written) -> None:
         atomic_write(ctx.build_dir / "build_report.json", canonical_json(doc))
     except OSError:
         pass  # the failure that made the folder unwritable is already reported
+
+
+def _gpu_peak_reset() -> None:
+    import sys
+
+    torch = sys.modules.get("torch")  # never imported here: only measured when a stage already uses it
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _gpu_peak() -> float | None:
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        return round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+    return None
+
+
+def _write_times(ctx: Context, times: dict, total: float) -> None:
+    """build_times.json: how long each stage group took, its peak GPU memory, and the executors' own timings
+    (model loads, cache pass, s/step). Not an output: it changes every run."""
+    doc = {"format": "storyc.build_times/1", "total_s": round(total, 3), "stages": times, "metrics": ctx.metrics}
+    try:
+        atomic_write(ctx.build_dir / "build_times.json", canonical_json(doc))
+    except OSError:
+        pass
 
 
 def _verdicts(ctx: Context, sel: set) -> tuple[int, list]:

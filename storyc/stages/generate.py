@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 from pathlib import Path
 
 from .. import resources
@@ -161,20 +162,27 @@ def run(ctx, jobs):
     if shards > 1 and len(items) > 1:
         rendered = _render_ray(ctx, kolors, lpath, gen, items, shards, jobs[0].settings["batch_size"])
     else:
+        t = time.monotonic()
         table = encode_all(kolors, items, gen["cfg_scale"], res.torch_dtype(), res.device)  # then ChatGLM is freed
+        ctx.metric("generate.text_encoder_load_and_encode_s", time.monotonic() - t)
+        t = time.monotonic()
         pipe = load_merged_pipeline(kolors, lpath, gen["lora_strength"], res.torch_dtype(), res.device,
                                     text_encoder=False)
+        ctx.metric("generate.unet_vae_load_and_merge_s", time.monotonic() - t)
         batch, why = resources.plan_generate(resources.free_gib(res.device), jobs[0].settings["batch_size"],
                                              gen["width"], gen["height"], len(items))
         ctx.report.line(f"     generate: {why}")
         memory = {"batch_size": batch}
         progress = lambda d, t: ctx.report.update(d, t, "denoising")  # noqa: E731
         rendered = zip(items, render_iter(pipe, items, gen, batch, progress, cached_encoder(table)))
+    t = time.monotonic()
     for item, image in rendered:  # save and record a scene as soon as all its candidates are rendered
         pending[item["scene"]].append((item, image))
         s = by_scene[item["scene"]]
         if len(pending[s["id"]]) == len(s["seeds"]):
             yield _finish_scene(ctx, gen, s, pending.pop(s["id"]), scorer, lora_sha, memory)
+    ctx.metric("generate.render_s", time.monotonic() - t)
+    ctx.metric("generate.images", len(items))
     return f"{len(todo)} scene(s), {len(items)} image(s) on {res.device}" + (f", {shards} Ray shards" if shards > 1 else "")
 
 

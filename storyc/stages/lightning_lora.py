@@ -251,6 +251,7 @@ class StoryCallbacks(L.Callback):
         self.report, self.log_path, self.result_path, self.total = report, log_path, result_path, total
         self.last_loss = float("nan")
         self.t0 = None
+        self.t_steady = None  # after the first step (CUDA-graph capture, warm-up): the steady step rate
         self.first = 0
         if not resumed and log_path.exists():
             log_path.unlink()
@@ -278,6 +279,8 @@ class StoryCallbacks(L.Callback):
         loss = float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs)
         self.last_loss = loss
         step = trainer.global_step
+        if self.t_steady is None:
+            self.t_steady = time.monotonic()
         new = not self.log_path.exists()
         with open(self.log_path, "a", encoding="utf-8") as f:
             if new:
@@ -301,5 +304,7 @@ class StoryCallbacks(L.Callback):
             if peaks is not None:
                 per = ", ".join(f"rank {r}: {float(g):.2f} GiB" for r, g in enumerate(peaks.flatten()))
                 self.report.line(f"     {trainer.world_size} ranks on {dev.type}; peak memory {per}")
+            steps = int(trainer.global_step) - self.first
+            per = (time.monotonic() - self.t_steady) / max(steps - 1, 1) if self.t_steady else None
             atomic_write(self.result_path, json.dumps({"steps": int(trainer.global_step), "final_loss": self.last_loss,
-                                                       "world_size": trainer.world_size}))
+                                                       "world_size": trainer.world_size, "s_per_step": per}))

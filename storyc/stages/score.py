@@ -49,10 +49,16 @@ class Scorer:
 def run(ctx, jobs):
     from PIL import Image
 
+    import time
+
+    t = time.monotonic()
     scorer = Scorer(ctx.model("aesthetic"), resources.for_score(ctx.device))
+    ctx.metric("score.model_load_s", time.monotonic() - t)
     files = [j.params["file"] for j in jobs]
     images = [Image.open(ctx.path(f)).convert("RGB") for f in files]
+    t = time.monotonic()
     scores, embeds = scorer.score_and_embed(images)
+    ctx.metric("score.scoring_s", time.monotonic() - t)
     for job, file, sc, emb in zip(jobs, files, scores, embeds):
         rel = f"scores/{Path(file).stem}.json"
         atomic_write(ctx.path(rel), canonical_json({"format": "storyc.score/1", "scene": job.scene, "file": file,

@@ -187,6 +187,14 @@ def train(ctx, cfg: TrainConfig, work: Path):
     t1 = time.monotonic()
     steps, final_loss = fit(ctx, cfg, work, kolors, data, res)
     train_s = time.monotonic() - t1
+    ctx.metric("train.cache_pass_s", cache_s)
+    ctx.metric("train.fit_s", train_s)  # UNet load, CUDA-graph capture and every step
+    ctx.metric("train.steps", steps)
+    import math
+
+    if final_loss is None or not math.isfinite(final_loss):
+        raise StageError("train", f"training diverged: the loss is {final_loss} after {steps} steps (the LoRA would be "
+                         "NaN and every image black)", "lower `train.learning_rate`, or use `precision: bf16-mixed`")
     export(cfg, work, kolors)
     # the hashed slice only: execution settings must not change the outputs' bytes
     atomic_write(work / "train_report.json", canonical_json({
@@ -337,6 +345,8 @@ def fit(ctx, cfg: TrainConfig, work: Path, kolors: Path, data: dict, res) -> tup
     if not export_file.exists() or not result.exists():
         _export_from_checkpoint(work, total, export_file, result, cfg)
     out = json.loads(result.read_text("utf-8"))
+    if out.get("s_per_step"):
+        ctx.metric("train.s_per_step", out["s_per_step"])
     return int(out["steps"]), out["final_loss"]
 
 
