@@ -75,7 +75,8 @@ def write_text_encoder(folder: Path, scale: str, device: str, seed: int = 1):
         cfg = ChatGLMConfig(**KOLORS_TEXT, architectures=["ChatGLMModel"], torch_dtype="float16")
         shard = "2GB"  # 12.5 GB of fp16 weights -> 7 shards, as shipped
     with torch.device(device):
-        model = ChatGLMModel(cfg).to(torch.float16)
+        model = ChatGLMModel(cfg)
+    model = model.to(device=device, dtype=torch.float16)  # skip_init may leave parameters on the CPU
     _init_(model, seed, device)
     model.save_pretrained(folder, safe_serialization=False, max_shard_size=shard)
     return sorted(p.name for p in folder.iterdir())
@@ -89,7 +90,8 @@ def write_unet(folder: Path, scale: str, device: str, seed: int = 2):
 
     cfg = {k: v for k, v in (TINY_UNET if scale == "tiny" else KOLORS_UNET_DIFFUSERS).items() if not k.startswith("_")}
     with torch.device(device):
-        unet = UNet2DConditionModel(**cfg).to(torch.float16)
+        unet = UNet2DConditionModel(**cfg)
+    unet = unet.to(device=device, dtype=torch.float16)
     _init_(unet, seed, device)
     unet.save_pretrained(folder, safe_serialization=True)
 
