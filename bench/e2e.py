@@ -157,8 +157,9 @@ def caps(args):
     for cap in [c for c in args.caps.split(",") if c]:
         cache = WORK / f"cache-{cap}"
         shutil.rmtree(cache, ignore_errors=True)
-        for sub in ("latents", "text"):
-            shutil.copytree(PROJ / ".storyc" / "cache" / sub, cache / sub)
+        for sub in ("latents", "text"):  # the encodings a first build made, when there was one
+            if (PROJ / ".storyc" / "cache" / sub).is_dir():
+                shutil.copytree(PROJ / ".storyc" / "cache" / sub, cache / sub)
         env = {"STORYC_GPU_MEMORY_GIB": cap}
         train = _storyc("build", str(SPEC), "--force", "train", "--until", "train", "--cache", str(cache), env=env)
         train_times = _times()

@@ -29,14 +29,16 @@ class Resources:
         return getattr(torch, self.dtype)
 
 
-# Memory model of the full-size Kolors parts at 1024x1024, from the measurements in bench/RESULTS.md (H100/H200):
-# training peaks at 24.4 GiB without gradient checkpointing (the 2.6 B UNet in fp16 + activations of one image);
-# batched generation at 30.8 GiB for 8 images with CFG. Activations scale with pixels x batch.
+# Memory model of the full-size Kolors parts at 1024x1024, measured through `storyc build` on an H200
+# (bench/RESULTS.md, e2e run): training without gradient checkpointing peaks at 12.6 GiB (the 2.6 B UNet in fp16,
+# the fp32 LoRA and its AdamW state, activations, the CUDA-graph pool), with it at 6.2 GiB; generation peaks at
+# 13.3 GiB while ChatGLM encodes the prompts, and the UNet batch of 8 images with CFG stays below that. Activations
+# scale with pixels x batch; the per-image figures below are those peaks minus the weights, rounded up.
 UNET_GIB = 5.0  # 2.6 B parameters in fp16
-TRAIN_ACTIVATIONS_GIB = 19.0  # per 1024x1024 image, gradient checkpointing off
-TRAIN_ACTIVATIONS_GC_GIB = 4.0  # per 1024x1024 image, checkpointing on
-GEN_PER_IMAGE_GIB = 3.2  # per 1024x1024 image with its CFG pair, decode included
-HEADROOM_GIB = 1.5  # allocator fragmentation, cuDNN workspaces, CUDA-graph pools
+TRAIN_ACTIVATIONS_GIB = 7.6  # per 1024x1024 image, gradient checkpointing off (12.6 GiB peak - 5.0)
+TRAIN_ACTIVATIONS_GC_GIB = 1.2  # per 1024x1024 image, checkpointing on (6.2 GiB peak - 5.0)
+GEN_PER_IMAGE_GIB = 1.0  # per 1024x1024 image with its CFG pair: (13.3 GiB - 5.3 GiB of weights) / 8 at most
+HEADROOM_GIB = 1.5  # allocator fragmentation, cuDNN workspaces
 MAX_GEN_BATCH = 8  # beyond 8 images (16 UNet rows) a step is GPU-bound: no faster per image
 
 
@@ -65,13 +67,14 @@ def plan_train(free_gib: float | None, gc: "bool | str", graphs: bool, batch: in
 
 
 def plan_generate(free_gib: float | None, batch: "int | str", width: int, height: int, images: int) -> tuple[int, str]:
-    """Images per UNet batch: the spec's number, or (auto) as many as the free memory holds, 1..8."""
+    """Images per UNet batch: the spec's number, or (auto) as many as the memory left free once the UNet and VAE
+    are loaded holds, 1..8."""
     if isinstance(batch, int):
         return max(1, batch), f"generation.batch_size: {batch} (spec)"
     if free_gib is None:
         return max(1, min(MAX_GEN_BATCH, images)), "on the CPU"
     per = GEN_PER_IMAGE_GIB * width * height / 1024 ** 2
-    fits = int((free_gib - UNET_GIB - HEADROOM_GIB) // per)
+    fits = int((free_gib - HEADROOM_GIB) // per)
     b = max(1, min(MAX_GEN_BATCH, images, fits))
     return b, f"{free_gib:.1f} GiB free: {b} image(s) per UNet batch ({per:.1f} GiB each)"
 
@@ -105,7 +108,7 @@ def free_gib(device: str) -> float | None:
     if cap:
         cap_bytes = min(cap * 2 ** 30, total)
         torch.cuda.set_per_process_memory_fraction(cap_bytes / total, idx)
-        free = min(free, cap_bytes - torch.cuda.memory_reserved(idx))
+        free = min(free, cap_bytes - torch.cuda.memory_allocated(idx))
     return free / 2 ** 30
 
 

@@ -12,10 +12,10 @@ from conftest import REPO, run_cli, write_images
 @pytest.mark.parametrize("free, gc, graphs, want_gc, want_graphs", [
     (None, "auto", True, False, False),  # CPU: no checkpointing, no graphs
     (139.0, "auto", True, False, True),  # H200: the fast path
-    (40.0, "auto", True, False, True),  # 40 GiB: 25.5 GiB needed without checkpointing
-    (22.0, "auto", True, True, False),  # a 24 GB card: checkpointing on, so no CUDA graphs
-    (25.0, "auto", True, True, False),  # just under 25.5
-    (26.0, "auto", True, False, True),
+    (22.0, "auto", True, False, True),  # a 24 GB card: 14.1 GiB needed without checkpointing
+    (14.5, "auto", True, False, True),
+    (13.5, "auto", True, True, False),  # just under: checkpointing on, so no CUDA graphs
+    (10.0, "auto", True, True, False),  # a 12 GB card
     (139.0, True, True, True, False),  # explicit values win
     (8.0, False, True, False, True),
     (139.0, "auto", False, False, False),  # graphs off in the spec
@@ -31,19 +31,19 @@ def test_train_plan(free, gc, graphs, want_gc, want_graphs):
 def test_train_plan_scales_with_pixels_batch_and_ranks():
     from storyc.resources import plan_train
 
-    assert not plan_train(22.0, "auto", True, 1, 512, 512).gradient_checkpointing  # a quarter of the pixels
-    assert plan_train(40.0, "auto", True, 2, 1024, 1024).gradient_checkpointing  # two images per step
+    assert not plan_train(10.0, "auto", True, 1, 512, 512).gradient_checkpointing  # a quarter of the pixels
+    assert plan_train(20.0, "auto", True, 2, 1024, 1024).gradient_checkpointing  # two images per step
     assert not plan_train(139.0, "auto", True, 1, 1024, 1024, world=2).cuda_graphs  # graphs on one GPU only
 
 
-@pytest.mark.parametrize("free, batch, images, want", [
+@pytest.mark.parametrize("free, batch, images, want", [  # free: what is left once the UNet and VAE are loaded
     (None, "auto", 8, 8),
-    (139.0, "auto", 8, 8),
-    (139.0, "auto", 3, 3),  # never more than there are images
-    (40.0, "auto", 8, 8),  # (40 - 5 - 1.5) / 3.2 = 10 -> capped at 8
-    (22.0, "auto", 8, 4),  # (22 - 6.5) / 3.2 = 4
-    (8.0, "auto", 8, 1),  # never below 1
-    (22.0, 6, 8, 6),  # explicit wins
+    (130.0, "auto", 8, 8),
+    (130.0, "auto", 3, 3),  # never more than there are images
+    (16.0, "auto", 8, 8),  # a 24 GB card with the UNet loaded: (16 - 1.5) / 1.0 = 14 -> 8
+    (5.0, "auto", 8, 3),
+    (2.0, "auto", 8, 1),  # never below 1
+    (16.0, 6, 8, 6),  # explicit wins
 ])
 def test_generate_plan(free, batch, images, want):
     from storyc.resources import plan_generate
