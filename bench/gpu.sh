@@ -36,6 +36,7 @@ for b in "$@"; do
     # bench/out/e2e/proj; E2E_STEPS training steps (the notebook's 5000 are extrapolated), E2E_CAPS GiB caps
     e2e) python3 bench/e2e.py models && python3 bench/e2e.py storyc --steps "${E2E_STEPS:-200}" ;;
     e2e-models) python3 bench/e2e.py models ;;
+    e2e-probe) python3 bench/load_probe.py ;;
     e2e-caps) python3 bench/e2e.py caps --caps "${E2E_CAPS:-22,40}" ;;
     e2e-baseline) python3 bench/e2e.py baseline --steps "${E2E_BASE_STEPS:-12}" --images "${E2E_BASE_IMAGES:-3}" ;;
     *) echo "unknown bench $b"; exit 2 ;;
