@@ -13,6 +13,9 @@
 set -o pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+# byte-compile once, as a normal pip install does: the image does not write .pyc files, so without this every new
+# process recompiles transformers and diffsynth (measured: `import diffsynth` 10.4 s instead of ~3 s)
+python3 -m compileall -q -j 0 /tmp/site >/dev/null 2>&1 || true
 # Ray (for the multi-GPU check) as a stripped archive: its wheel (76 MB) is over the device tool's 64 MiB carry limit.
 #   unzip ray-2.60.0-cp312-*.whl; rm -r ray/jars ray/dashboard/client/build ray/{rllib,serve,tune,data,train}; tar -cJf
 for t in .whl/*.tar.xz; do [ -e "$t" ] && tar -xJf "$t" -C /tmp/site; done
