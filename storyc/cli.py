@@ -110,10 +110,14 @@ def cmd_ops(args) -> int:
     from .rules import dj_registry
 
     reg = dj_registry()
-    for name, info in sorted(reg["ops"].items()):
-        if args.filter and args.filter not in name:
-            continue
-        _out(f"{name}: {', '.join(info['params'])}")
+    names = [n for n in sorted(reg["ops"]) if not args.filter or args.filter in n]
+    if not names:
+        from .errors import did_you_mean
+
+        raise StorycError(f"no Data-Juicer op matches `{args.filter}`",
+                          did_you_mean(args.filter, reg["ops"]) or "`storyc ops` lists them all")
+    for name in names:
+        _out(f"{name}: {', '.join(reg['ops'][name]['params'])}")
     return 0
 
 

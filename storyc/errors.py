@@ -28,7 +28,8 @@ class Diagnostic:
 
     def render(self) -> str:
         where = f"{self.mark}: " if self.mark else ""
-        text = f"{where}{self.path}: {self.message}"
+        # a problem with the file itself (no position, no value) is not about `$`
+        text = f"{where}{self.path}: {self.message}" if self.mark or self.path != "$" else self.message
         if self.hint:
             text += f"\n  hint: {self.hint}"
         return text

@@ -50,11 +50,14 @@ def test_init_writes_a_spec_that_validates(cli, project):
 def test_missing_file_is_a_clear_error(cli, project):
     code, _, err = cli("validate", project / "nope.yaml")
     assert code == 1 and "no such file" in err and "Traceback" not in err
+    assert "error: no such file:" in err and "$:" not in err  # the file itself is missing, no value path
 
 
 def test_ops_lists_data_juicer_ops(cli):
     code, out, _ = cli("ops", "image_shape")
     assert code == 0 and "image_shape_filter: min_width" in out
+    code, out, err = cli("ops", "image_shap_filter")
+    assert code == 1 and not out and "no Data-Juicer op matches" in err and "did you mean `image_shape_filter`?" in err
 
 
 def test_readme_spec_reference_matches_schema():
