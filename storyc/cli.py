@@ -159,10 +159,19 @@ def cmd_publish(args) -> int:
 
 # ---------------------------------------------------------------- parser
 
+USAGE_ERROR = 64  # a wrong command line (BSD's EX_USAGE); 2 stays "internal error"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message}\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="storyc", description="Compile a story.yaml into a Kolors LoRA story pipeline.")
+    p = _Parser(prog="storyc", description="Compile a story.yaml into a Kolors LoRA story pipeline.")
     p.add_argument("--version", action="version", version=f"storyc {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
     v = sub.add_parser("validate", help="check specs; report every problem")

@@ -65,3 +65,10 @@ def test_readme_spec_reference_matches_schema():
 
     readme = (REPO / "README.md").read_text("utf-8")
     assert spec_reference() in readme, "run: python -m storyc.docs --write"
+
+
+def test_usage_errors_have_their_own_exit_code():
+    for argv in ((), ("build",), ("nosuchcommand",), ("build", "x.yaml", "--nosuchflag")):
+        r = run_cli(*argv)
+        assert r.returncode == 64, (argv, r.returncode, r.stderr)
+        assert "usage: storyc" in r.stderr and "Traceback" not in r.stderr
