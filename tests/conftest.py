@@ -113,3 +113,41 @@ def build_report(spec) -> dict:
 
 def ran(spec) -> set:
     return {k for k, v in build_report(spec).items() if v == "ran"}
+
+
+# One scene per UNet batch: an image's bytes then never depend on which other scenes were stale with it
+# (across batch sizes images agree only to float tolerance, see test_generate), so locks compare byte for byte.
+SPEC1 = BASE_SPEC.replace("batch_size: 8}", "batch_size: 1}")
+
+
+@pytest.fixture(scope="session")
+def base(tmp_path_factory, tiny_models):
+    """SPEC1 built once for the session, in a subprocess as the interruption tests' builds are; read-only."""
+    spec = make_project(tmp_path_factory.mktemp("base") / "p", tiny_models, SPEC1)
+    r = run_cli("build", spec, "-q", cwd=spec.parent)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert set(build_report(spec).values()) == {"ran"}
+    return spec
+
+
+@pytest.fixture
+def copy(base, tmp_path):
+    """A private copy of the built base project, to edit and rebuild."""
+    return copy_project(base, tmp_path / "p")
+
+
+def edit(spec, old, new):
+    text = spec.read_text("utf-8")
+    assert old in text, old
+    spec.write_text(text.replace(old, new), "utf-8")
+
+
+# The data-stage spec: a folder of images, one scene (ingest/filter tests never train)
+DATA_SPEC = """\
+version: 1
+story: {id: d}
+dataset: {source: folder, path: imgs, caption: 二次元}
+processing: {workers: 1}
+submission: {images: 1}
+scenes: [{id: a, prompt: x, seed: 0}]
+"""

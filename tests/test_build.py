@@ -9,37 +9,10 @@ import time
 import pytest
 import yaml
 
-from conftest import BASE_SPEC, REPO, build_report, copy_project, make_project, ran, run_cli
+from conftest import REPO, SPEC1, build_report, copy_project, edit as _edit, make_project, ran, run_cli
 
 ALL = {"ingest", "filter", "train", "generate[home]", "generate[concert]", "generate[stage]", "score[home]",
        "score[concert]", "score[stage]", "bundle"}
-
-
-# One scene per UNet batch: an image's bytes then never depend on which other scenes were stale with it
-# (across batch sizes images agree only to float tolerance, see test_generate), so locks compare byte for byte.
-SPEC1 = BASE_SPEC.replace("batch_size: 8}", "batch_size: 1}")
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory, tiny_models):
-    spec = make_project(tmp_path_factory.mktemp("base") / "p", tiny_models, SPEC1)
-    r = run_cli("build", spec, "-q", cwd=spec.parent)  # a subprocess, as the interruption tests' builds are
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert ran(spec) == ALL
-    return spec
-
-
-@pytest.fixture
-def copy(base, tmp_path):
-    proj = tmp_path / "p"
-    shutil.copytree(base.parent, proj, symlinks=True)
-    return proj / "story.yaml"
-
-
-def _edit(spec, old, new):
-    text = spec.read_text("utf-8")
-    assert old in text
-    spec.write_text(text.replace(old, new), "utf-8")
 
 
 def _build(spec, *extra):

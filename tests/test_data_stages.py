@@ -6,16 +6,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import run_cli
-
-SPEC = """\
-version: 1
-story: {id: d}
-dataset: {source: folder, path: imgs, caption: 二次元}
-processing: {workers: 1}
-submission: {images: 1}
-scenes: [{id: a, prompt: x, seed: 0}]
-"""
+from conftest import DATA_SPEC as SPEC, run_cli
 
 
 def _img(path: Path, w, h, mode="RGB"):

@@ -13,29 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import BASE_SPEC, REPO, build_report, copy_project, make_project, ran, run_cli
-
-SPEC1 = BASE_SPEC.replace("batch_size: 8}", "batch_size: 1}")
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory, tiny_models):
-    spec = make_project(tmp_path_factory.mktemp("rel") / "p", tiny_models, SPEC1)
-    from storyc.cli import main
-
-    assert main(["build", str(spec), "-q"]) == 0
-    return spec
-
-
-@pytest.fixture
-def copy(base, tmp_path):
-    return copy_project(base, tmp_path / "p")
-
-
-def _edit(spec, old, new):
-    text = spec.read_text("utf-8")
-    assert old in text, old
-    spec.write_text(text.replace(old, new), "utf-8")
+from conftest import DATA_SPEC as SPEC_D, REPO, copy_project, edit as _edit, ran, run_cli
 
 
 def _lora_bytes(spec, sid="t"):
@@ -161,16 +139,6 @@ def test_publish_checks_the_files_not_the_manifest(copy):
 
 
 # ---------------------------------------------------------------- 6/8. what is ingested is what is fingerprinted
-
-SPEC_D = """\
-version: 1
-story: {id: d}
-dataset: {source: folder, path: imgs, caption: 二次元}
-processing: {workers: 1}
-submission: {images: 1}
-scenes: [{id: a, prompt: x, seed: 0}]
-"""
-
 
 def _ingest(project, spec_text=SPEC_D):
     (project / "story.yaml").write_text(spec_text, "utf-8")

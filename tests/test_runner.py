@@ -7,30 +7,7 @@ import shutil
 import pytest
 import yaml
 
-from conftest import BASE_SPEC, build_report, make_project, ran, run_cli
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory, tiny_models):
-    spec = make_project(tmp_path_factory.mktemp("runner") / "p", tiny_models,
-                        BASE_SPEC.replace("batch_size: 8}", "batch_size: 1}"))
-    from storyc.cli import main
-
-    assert main(["build", str(spec), "-q"]) == 0
-    return spec
-
-
-@pytest.fixture
-def copy(base, tmp_path):
-    proj = tmp_path / "p"
-    shutil.copytree(base.parent, proj, symlinks=True)
-    return proj / "story.yaml"
-
-
-def _edit(spec, old, new):
-    text = spec.read_text("utf-8")
-    assert old in text
-    spec.write_text(text.replace(old, new), "utf-8")
+from conftest import BASE_SPEC, build_report, edit as _edit, make_project, ran, run_cli
 
 
 def _plan(spec):
