@@ -95,8 +95,12 @@ def lock_path(spec: Path) -> Path:
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 
 
+def _is_sha(v) -> bool:
+    return isinstance(v, str) and bool(_SHA.match(v))
+
+
 def _sha_or_none(v) -> bool:
-    return v is None or (isinstance(v, str) and bool(_SHA.match(v)))
+    return v is None or _is_sha(v)
 
 
 @dataclass(frozen=True)
@@ -122,8 +126,8 @@ class LockEntry:
                     digest=raw["digest"], extra=raw.get("extra"))
         except (KeyError, TypeError):
             return None
-        ok = (isinstance(e.params, dict) and isinstance(e.params_hash, str) and _sha_or_none(e.digest)
-              and e.digest is not None and isinstance(e.storyc, str)
+        ok = (isinstance(e.params, dict) and isinstance(e.params_hash, str) and _is_sha(e.digest)
+              and isinstance(e.storyc, str)
               and isinstance(e.deps, dict) and all(isinstance(k, str) and _sha_or_none(v) for k, v in e.deps.items())
               and isinstance(e.models, dict) and all(isinstance(k, str) and _sha_or_none(v) for k, v in e.models.items())
               and isinstance(e.outputs, dict) and all(isinstance(k, str) and _output_ok(v) for k, v in e.outputs.items())
@@ -142,7 +146,7 @@ class LockEntry:
 
 
 def _output_ok(rec) -> bool:
-    if not isinstance(rec, dict) or not _sha_or_none(rec.get("sha256")) or rec.get("sha256") is None:
+    if not isinstance(rec, dict) or not _is_sha(rec.get("sha256")):
         return False
     n = rec.get("size", rec.get("files"))
     return isinstance(n, int) and not isinstance(n, bool) and n >= 0

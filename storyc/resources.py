@@ -145,9 +145,10 @@ def for_train(requested_device: str | None, precision: str, batch_size: int) -> 
                      note)
 
 
-def for_generate(requested_device: str | None, batch_size: int) -> Resources:
+def for_generate(requested_device: str | None) -> Resources:
+    """Device and dtype; the batch size comes from plan_generate once the UNet is loaded."""
     device = pick_device(requested_device)
-    return Resources(device, "float16" if device.startswith("cuda") else "float32", batch_size=max(1, batch_size))
+    return Resources(device, "float16" if device.startswith("cuda") else "float32")
 
 
 def for_score(requested_device: str | None, batch_size: int = 16) -> Resources:

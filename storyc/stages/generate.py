@@ -140,7 +140,7 @@ def run(ctx, jobs):
     gen = {k: jobs[0].params[k] for k in GEN_COMMON}  # the same for every scene of a plan
     todo = [{"id": j.scene, "name": j.name, "index": j.settings["index"], "lora_scale": j.settings["lora_scale"],
              **{k: j.params[k] for k in ("prompt", "negative_prompt", "seeds", "file")}} for j in jobs]
-    res = resources.for_generate(ctx.device, 1)
+    res = resources.for_generate(ctx.device)
     kolors = ctx.model("kolors")
     lpath = lora_file(ctx)
     if not lpath.exists():

@@ -9,14 +9,10 @@ This module is light (no torch): ``compile`` and ``status`` use it.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Callable
 
-
-def digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
+from ..lock import digest
 
 
 @dataclass(frozen=True)

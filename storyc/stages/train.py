@@ -35,12 +35,13 @@ FORMATS = ("diffsynth", "diffusers", "kohya")  # the cache holds all three: stor
 
 def train_key(ctx, cfg: TrainConfig) -> str:
     """The content address of a trained LoRA: what its weights depend on, nothing else."""
-    return digest({"params": digest(cfg.cache_key_params()), "data": (ctx.upstream("filter") or _NoEntry).digest,
+    return _key(ctx, digest(cfg.cache_key_params()))
+
+
+def _key(ctx, params_hash: str) -> str:
+    data = ctx.upstream("filter")
+    return digest({"params": params_hash, "data": data.digest if data else None,
                    "kolors": ctx.fingerprint("kolors"), "vae": ctx.fingerprint("vae")})
-
-
-class _NoEntry:
-    digest = None
 
 
 # ---------------------------------------------------------------- cache integrity
@@ -101,10 +102,11 @@ def _cache_file_ok(ctx, path: Path) -> bool:
 def _legacy_key(ctx, cfg: TrainConfig) -> str:
     """The cache key storyc <= 0.1.0 (before the stage registry) gave the same training: it hashed the execution
     settings too. Entries under it are taken over once instead of retraining."""
-    params = {"lora": cfg.lora, "train": {**cfg.train, **cfg.settings}, "models": cfg.models}
-    old_hash = digest({"stage": "train", "version": 1, "params": params})
-    return digest({"params": old_hash, "data": (ctx.upstream("filter") or _NoEntry).digest,
-                   "kolors": ctx.fingerprint("kolors"), "vae": ctx.fingerprint("vae")})
+    train = {**cfg.train, **cfg.settings}
+    if train.get("gradient_checkpointing") == "auto":  # `auto` is new: an old spec that left it out had true
+        train["gradient_checkpointing"] = True
+    params = {"lora": cfg.lora, "train": train, "models": cfg.models}
+    return _key(ctx, digest({"stage": "train", "version": 1, "params": params}))
 
 
 def _adopt_legacy(ctx, cfg: TrainConfig, key: str, final: Path) -> bool:
