@@ -23,7 +23,6 @@ loaders). Weights are random (speed does not depend on their values); seeds are 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -114,7 +113,7 @@ def write_vae(folder: Path, device: str, dtype: str, seed: int = 3):
 def write_aesthetic(folder: Path, scale: str, device: str, seed: int = 4):
     import torch
     from aesthetics_predictor import AestheticsPredictorV2Linear
-    from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer, CLIPVisionConfig
+    from transformers import CLIPImageProcessor, CLIPVisionConfig
 
     from storyc.models import tiny
 
@@ -130,15 +129,7 @@ def write_aesthetic(folder: Path, scale: str, device: str, seed: int = 4):
     with torch.device(device):
         model = AestheticsPredictorV2Linear(CLIPVisionConfig(**VIT_L14))
     model.save_pretrained(folder, safe_serialization=False)  # pytorch_model.bin, fp32, as shipped
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
-
-    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
-    for t in ("<|startoftext|>", "<|endoftext|>"):
-        vocab[t] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), "utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n", "utf-8")
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
-    CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=tok).save_pretrained(folder)
+    tiny.write_clip_processor(folder, CLIPImageProcessor())  # 224 px, as shipped
 
 
 def write_all(out: Path, scale: str = "full", device: str = "cuda") -> dict:

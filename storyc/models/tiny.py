@@ -127,23 +127,28 @@ def tiny_aesthetic(folder: Path, seed: int = 0) -> Path:
 def _build_aesthetic(tmp: Path, seed: int) -> None:
     import torch
     from aesthetics_predictor import AestheticsPredictorV2Linear
-    from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer, CLIPVisionConfig
+    from transformers import CLIPImageProcessor, CLIPVisionConfig
 
     torch.manual_seed(seed)
     cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            image_size=64, patch_size=32, projection_dim=32)
     AestheticsPredictorV2Linear(cfg).save_pretrained(tmp, safe_serialization=True)
-    # a byte-level vocabulary and an empty merge list make a valid CLIP tokenizer offline
+    write_clip_processor(tmp, CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}))
+
+
+def write_clip_processor(folder: Path, image_processor) -> None:
+    """The CLIPProcessor files of an aesthetic-predictor folder. A byte-level vocabulary and an empty merge list
+    make a valid CLIP tokenizer offline (the predictor reads images only)."""
+    from transformers import CLIPProcessor, CLIPTokenizer
     from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
     vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
     for tok in ("<|startoftext|>", "<|endoftext|>"):
         vocab[tok] = len(vocab)
-    (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), "utf-8")
-    (tmp / "merges.txt").write_text("#version: 0.2\n", "utf-8")
-    tok = CLIPTokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt"))
-    img = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
-    CLIPProcessor(image_processor=img, tokenizer=tok).save_pretrained(tmp)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), "utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", "utf-8")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    CLIPProcessor(image_processor=image_processor, tokenizer=tok).save_pretrained(folder)
 
 
 BUILDERS = {"kolors": tiny_kolors, "sdxl-vae": tiny_sdxl_vae, "aesthetic": tiny_aesthetic}
