@@ -39,6 +39,10 @@ def cmd_validate(args) -> int:
             continue
         _print_diags(story.warnings, "warning")
         if not args.quiet:
+            from .compiler import compile
+
+            for n in compile(story).notes:  # notes live in validate/compile/plan, not in every build
+                _out(f"note: {n}")
             _out(f"ok: {spec}: story `{story.id}`, {len(story.scenes)} scenes")
     if bad:
         _out(f"{bad} of {len(args.specs)} spec{'s' if len(args.specs) > 1 else ''} invalid", err=True)
@@ -60,8 +64,11 @@ def run_options(args, plan):
     from .options import RunOptions
 
     a = vars(args)
+    force = a.get("force")
+    if force == "all" and a.get("stage"):  # `run STAGE --force` forces that stage, not what it needs
+        force = a["stage"]
     return RunOptions(build_dir=plan.build_dir, lock_path=a.get("lock"), cache_dir=a.get("cache"), device=a.get("device"),
-                      target=a.get("stage") or a.get("until"), force=a.get("force"), dry_run=a.get("dry_run", False),
+                      target=a.get("stage") or a.get("until"), force=force, dry_run=a.get("dry_run", False),
                       keep_going=a.get("keep_going", False), quiet=a.get("quiet", False))
 
 
@@ -107,6 +114,8 @@ def cmd_init(args) -> int:
 
 
 def cmd_ops(args) -> int:
+    import textwrap
+
     from .rules import dj_registry
 
     reg = dj_registry()
@@ -117,7 +126,19 @@ def cmd_ops(args) -> int:
         raise StorycError(f"no Data-Juicer op matches `{args.filter}`",
                           did_you_mean(args.filter, reg["ops"]) or "`storyc ops` lists them all")
     for name in names:
-        _out(f"{name}: {', '.join(reg['ops'][name]['params'])}")
+        op = reg["ops"][name]
+        _out(f"{name} ({op['kind']})")
+        for p in op["params"]:
+            default = f" = {p['default']!r}" if "default" in p else " (required)"
+            _out(f"    {p['name']}: {p.get('type', 'any')}{default}")
+        if not op["params"]:
+            _out("    (no parameters of its own)")
+    # the base classes' parameters: the same for (nearly) every op, so listed once, apart
+    common = sorted({c for n in names for c in reg["common"][reg["ops"][n]["common"]]})
+    _out("")
+    _out(f"common parameters ({'every op above accepts them' if len({reg['ops'][n]['common'] for n in names}) == 1 else 'from the Data-Juicer base classes; most ops above accept them'}):")
+    _out(textwrap.fill(", ".join(common), 100, initial_indent="    ", subsequent_indent="    "))
+    _out(f"\n{len(names)} op{'s' if len(names) != 1 else ''} (py-data-juicer {reg['data_juicer']})")
     return 0
 
 

@@ -134,6 +134,19 @@ def compile(story: Story, build_dir: Path | None = None) -> Plan:  # noqa: A001 
     return Plan(story, build_dir, artifacts, stages, tuple(notes))
 
 
+def changed_artifacts(plan: Plan) -> list[str]:
+    """The artifacts whose file differs from what the plan would write (status and --dry-run write nothing)."""
+    out = []
+    for rel, text in plan.artifacts.items():
+        try:
+            same = (plan.build_dir / rel).read_bytes() == text.encode("utf-8")
+        except OSError:
+            same = False
+        if not same:
+            out.append(rel)
+    return out
+
+
 def write_plan(plan: Plan) -> list[str]:
     """Write every artifact (atomically, only when changed); return the paths written."""
     written = []

@@ -1,4 +1,4 @@
-"""Snapshot of Data-Juicer's op registry (op names and parameter names), shipped as data/dj_ops.json so
+"""Snapshot of Data-Juicer's op registry (op names; own parameters with types and defaults; the common ones), shipped as data/dj_ops.json so
 `storyc validate` can check `filters` without importing data_juicer.
 
 Regenerate after upgrading py-data-juicer:  python -m storyc.djregistry --write
@@ -23,10 +23,8 @@ def snapshot() -> dict:
 
     ops = {}
     for name, cls in sorted(OPERATORS.modules.items()):
-        params = []
-        for p in inspect.signature(cls.__init__).parameters.values():
-            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-                params.append(p.name)
+        own = [_param(p) for p in inspect.signature(cls.__init__).parameters.values()
+               if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
         base = set()
         for klass in cls.__mro__[1:]:
             if klass.__module__.startswith("data_juicer") and "__init__" in vars(klass):
@@ -34,10 +32,35 @@ def snapshot() -> dict:
                     base.update(_KWARG.findall(inspect.getsource(klass.__init__)))
                 except (OSError, TypeError):
                     pass
-        params += sorted(base - set(params))
         kind = cls.__module__.split(".")[2] if cls.__module__.count(".") >= 2 else "op"
-        ops[name] = {"kind": kind, "params": params}
-    return {"format": "storyc.dj_ops/1", "data_juicer": data_juicer.__version__, "ops": ops}
+        ops[name] = {"kind": kind, "params": own, "common": tuple(sorted(base - {p["name"] for p in own}))}
+    # the base classes' parameters are the same for most ops: store each distinct set once
+    sets = {c: f"{i}" for i, c in enumerate(sorted({o["common"] for o in ops.values()}))}
+    for o in ops.values():
+        o["common"] = sets[o["common"]]
+    common = {k: list(c) for c, k in sets.items()}
+    return {"format": "storyc.dj_ops/2", "data_juicer": data_juicer.__version__, "common": common, "ops": ops}
+
+
+def _param(p) -> dict:
+    """One own parameter: name, type (as written in the signature) and default (JSON-safe)."""
+    out = {"name": p.name}
+    if p.annotation is not p.empty:
+        ann = p.annotation
+        text = ann if isinstance(ann, str) else getattr(ann, "__name__", None) or str(ann)
+        out["type"] = re.sub(r"\b(typing|typing_extensions|pydantic\.types|annotated_types)\.", "", str(text))
+    if p.default is not p.empty:
+        d = p.default
+        out["default"] = d if d is None or isinstance(d, (bool, int, float, str)) else repr(d)
+        if isinstance(d, float) and d != d:
+            out["default"] = "nan"
+    return out
+
+
+def names(reg: dict, op: str) -> list[str]:
+    """Every parameter name an op accepts: its own, then the common ones of its base classes."""
+    o = reg["ops"][op]
+    return [p["name"] for p in o["params"]] + reg["common"][o["common"]]
 
 
 def main(argv=None) -> int:

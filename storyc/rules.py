@@ -188,7 +188,10 @@ def check_dj_ops(ctx):
     filters = ctx.data.get("filters")
     if not isinstance(filters, list):
         return []
-    ops = dj_registry()["ops"]
+    from .djregistry import names
+
+    reg = dj_registry()
+    ops = reg["ops"]
     out = []
     for i, item in enumerate(filters):
         if not isinstance(item, dict) or len(item) != 1:
@@ -199,9 +202,9 @@ def check_dj_ops(ctx):
                                 did_you_mean(name, ops) or "see `storyc ops` for the ops Data-Juicer has",
                                 "dj_ops", key=True))
             continue
-        allowed = ops[name]["params"]
+        allowed = names(reg, name)
         for p in (params or {}) if isinstance(params, dict) else ():
-            if p not in allowed and not ops[name].get("var_kwargs_ok", False):
+            if p not in allowed:
                 out.append(ctx.diag(("filters", i, name, p), f"`{name}` has no parameter `{p}`",
                                     did_you_mean(p, allowed) or f"its parameters: {', '.join(allowed)}",
                                     "dj_op_params", key=True))

@@ -18,7 +18,7 @@ import traceback
 from dataclasses import dataclass, field
 
 from . import __version__
-from .compiler import Plan, write_plan
+from .compiler import Plan, changed_artifacts, write_plan
 from .context import Context
 from .errors import StorycError, did_you_mean
 from .lock import Hasher, Lock, LockEntry, digest
@@ -32,8 +32,14 @@ from .stages.registry import KINDS, Result, StageSpec
 @dataclass(frozen=True)
 class Decision:
     name: str
-    stale: bool
-    reasons: tuple  # why it is stale (empty: up to date)
+    stale: bool  # its own inputs changed (or forced): it will run
+    reasons: tuple  # why it is stale, or why it may rerun (empty: up to date)
+    maybe: bool = False  # only an upstream stage will rerun: it reruns if that output comes out different
+    upstream: tuple = ()  # for maybe: those upstream stages
+
+    @property
+    def state(self) -> str:
+        return "stale" if self.stale else "may rerun" if self.maybe else "up to date"
 
 
 @dataclass(frozen=True)
@@ -116,10 +122,8 @@ def reasons(ctx: Context, job: StageSpec, will_run: set) -> list[str]:
         scene = (f"scenes[{[s.id for s in plan.story.scenes].index(job.scene)}]: "
                  if job.scene and changed and all(c.split(".")[0] in own for c in changed) else "")
         out.append(f"{scene}{', '.join(changed) or 'stage version'} changed")
-    for d in job.deps:
-        if d in will_run:
-            out.append(f"upstream {d} will rerun")
-        elif dep_digest(ctx, job, d) != entry.deps.get(d):
+    for d in job.deps:  # an upstream stage that will rerun is the caller's "may rerun", not a reason here
+        if d not in will_run and dep_digest(ctx, job, d) != entry.deps.get(d):
             out.append(f"output of {d} changed")
     for rel, rec in entry.outputs.items():
         p = ctx.build_dir / rel
@@ -189,6 +193,8 @@ def order(plan: Plan) -> list[str]:
 
 
 def _decide(ctx: Context, opts: RunOptions) -> list[Decision]:
+    """Stale: the stage's own inputs changed. May rerun: only an upstream stage will rerun, and whether its
+    output comes out different is known after it ran (a filter edit that keeps the same images stops there)."""
     plan = ctx.plan
     sel, force = selected(plan, opts), forced(plan, opts)
     will_run: set = set()
@@ -196,16 +202,32 @@ def _decide(ctx: Context, opts: RunOptions) -> list[Decision]:
     for name in order(plan):
         if name not in sel:
             continue
-        why = ["forced"] if name in force else reasons(ctx, plan.stages[name], will_run)
-        if why:
+        job = plan.stages[name]
+        why = ["forced"] if name in force else reasons(ctx, job, will_run)
+        ups = [d for d in job.deps if d in will_run]
+        if why or ups:
             will_run.add(name)
-        out.append(Decision(name, bool(why), tuple(why)))
-    ctx.hasher.save()
+        if why:
+            out.append(Decision(name, True, tuple(why)))
+        elif ups:
+            out.append(Decision(name, False, (f"if the output of {_names(plan, ups)} changes",), maybe=True,
+                                upstream=tuple(ups)))
+        else:
+            out.append(Decision(name, False, ()))
     return out
 
 
+def _names(plan: Plan, names: list) -> str:
+    """Stage names, a kind's many stages collapsed: "score (8 scenes)" rather than eight names."""
+    by_kind: dict = {}
+    for n in names:
+        by_kind.setdefault(plan.stages[n].kind, []).append(n)
+    parts = [f"{k} ({len(ns)} scenes)" if len(ns) > 1 else ns[0] for k, ns in by_kind.items()]
+    return " or ".join(parts)
+
+
 def decide(plan: Plan, lock: Lock | None = None, opts: RunOptions = RunOptions()) -> list[Decision]:
-    """Each selected stage, stale or not and why, as a build with ``opts`` would see it. Runs nothing."""
+    """Each selected stage, stale or not and why, as a build with ``opts`` would see it. Runs and writes nothing."""
     ctx = open_context(plan, opts)
     if lock is not None:
         ctx.lock = lock
@@ -318,22 +340,14 @@ def execute(plan: Plan, opts: RunOptions = RunOptions(), reporter: Reporter | No
 
 def _execute(plan: Plan, opts: RunOptions, reporter: Reporter | None) -> BuildResult:
     reporter = reporter or Reporter(quiet=opts.quiet, live=opts.live)
+    if opts.dry_run:  # writes nothing: not the compiled files, the lock, the report or the fingerprint cache
+        return _dry_run(plan, opts, reporter)
     written = write_plan(plan)
     ctx = open_context(plan, opts, reporter)
-    for n in plan.notes:
-        reporter.info(f"note: {n}")
     if ctx.lock.problem:
         reporter.line(f"warning: {ctx.lock.problem}")
     result = BuildResult(states={}, written=written)
     state = result.states
-    if opts.dry_run:
-        for d in _decide(ctx, opts):
-            state[d.name] = "would run" if d.stale else "up to date"
-            if d.stale:
-                reporter.line(f"would run {d.name}: {'; '.join(d.reasons)}")
-        _report(ctx, state, written)
-        return result
-
     sel, force = selected(plan, opts), forced(plan, opts)
     ctx.forced = force
     pending = [n for n in order(plan) if n in sel]
@@ -386,6 +400,30 @@ def _execute(plan: Plan, opts: RunOptions, reporter: Reporter | None) -> BuildRe
     _write_times(ctx, times, time.monotonic() - t_build)
     if not result.failures:
         result.verdict, result.verdict_lines = _verdicts(ctx, sel)
+    return result
+
+
+def _dry_run(plan: Plan, opts: RunOptions, reporter: Reporter) -> BuildResult:
+    ctx = open_context(plan, opts, reporter)
+    if ctx.lock.problem:
+        reporter.line(f"warning: {ctx.lock.problem}")
+    result = BuildResult(states={}, written=changed_artifacts(plan))
+    for rel in result.written:
+        reporter.line(f"would write {plan.story.rel(plan.build_dir / rel)}")
+    decisions = _decide(ctx, opts)
+    maybe: dict = {}  # kind -> its may-run stages: one line per kind, not one per scene
+    for d in decisions:
+        result.states[d.name] = "would run" if d.stale else "may run" if d.maybe else "up to date"
+        if d.stale:
+            reporter.line(f"would run {d.name}: {'; '.join(d.reasons)}")
+        elif d.maybe:
+            maybe.setdefault(plan.stages[d.name].kind, []).append(d)
+    for kind, ds in maybe.items():
+        if len(ds) == 1:
+            reporter.line(f"may run   {ds[0].name}: {ds[0].reasons[0]}")
+            continue
+        ups = sorted({u for d in ds for u in d.upstream}, key=list(plan.stages).index)
+        reporter.line(f"may run   {kind} ({len(ds)} scenes): if the output of {_names(plan, ups)} changes")
     return result
 
 
@@ -446,7 +484,10 @@ def build(plan: Plan, opts: RunOptions) -> int:
     res = execute(plan, opts, reporter)
     st = res.states
     if opts.dry_run:
-        reporter.line(f"dry run: {sum(1 for s in st.values() if s == 'would run')} stage(s) would run; nothing changed")
+        maybe = sum(1 for s in st.values() if s == "may run")
+        reporter.line(f"dry run: {sum(1 for s in st.values() if s == 'would run')} stage(s) would run"
+                      + (f", {maybe} may run if their inputs come out different" if maybe else "")
+                      + "; nothing was written")
         return 0
     reporter.info(f"{len(res.ran)} stage(s) ran, {sum(1 for s in st.values() if s == 'up to date')} up to date"
                   + (f", {len(res.failures)} failed" if res.failures else ""))
@@ -458,14 +499,21 @@ def build(plan: Plan, opts: RunOptions) -> int:
 
 
 def status(plan: Plan, opts: RunOptions) -> int:
-    write_plan(plan)
+    """Each stage up to date, stale or may rerun, and why. Writes nothing (a test hashes the project)."""
     ctx = open_context(plan, opts)
     if ctx.lock.problem:
         print(f"warning: {ctx.lock.problem}")
-    rows = [(d.name, "stale" if d.stale else "up to date", "; ".join(d.reasons)) for d in _decide(ctx, opts)]
+    changed = changed_artifacts(plan)
+    if changed:
+        print(f"compiled files out of date: {', '.join(changed)} (`storyc compile` or a build writes them)")
+    rows = [(d.name, d.state, "; ".join(d.reasons)) for d in _decide(ctx, opts)]
     width = max(len(r[0]) for r in rows)
     for name, state, why in rows:
         print(f"{name:<{width}}  {state:<10}  {why}".rstrip())
-    stale = sum(1 for r in rows if r[1] == "stale")
-    print(f"{stale} of {len(rows)} stages stale" if stale else "everything up to date")
+    stale, maybe = (sum(1 for r in rows if r[1] == k) for k in ("stale", "may rerun"))
+    if not stale and not maybe:
+        print("everything up to date")
+    else:
+        print(f"{stale} of {len(rows)} stages stale" + (f", {maybe} may rerun if their inputs come out different"
+                                                       if maybe else ""))
     return 0

@@ -99,14 +99,37 @@ def test_status_says_why_and_reads_no_weights(copy, monkeypatch, capsys):
     assert not [r for r in reads if "/.storyc/models/" in r], reads  # model weights are fingerprinted from the cache
 
 
-def test_dry_run_changes_nothing(copy):
+def _tree(root):
+    """Every file of the project with its bytes and mtime: what 'changes nothing' means."""
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+def test_dry_run_and_status_write_nothing(copy):
     _edit(copy, "cfg_scale: 4.0", "cfg_scale: 6.0")
-    lock_before = (copy.parent / "story.lock").read_bytes()
+    before = _tree(copy.parent)
     r = run_cli("build", copy, "--dry-run", cwd=copy.parent)
-    assert r.returncode == 0
+    assert r.returncode == 0, r.stderr
+    assert "would write build/t/generate/generation_plan.json" in r.stdout
     assert "would run generate[home]: cfg_scale changed" in r.stdout
-    assert "would run bundle: upstream score[home] will rerun" in r.stdout
-    assert (copy.parent / "story.lock").read_bytes() == lock_before
+    # what depends on an output not produced yet may rerun; a kind's scenes are one line
+    assert "may run   score (3 scenes): if the output of generate (3 scenes) changes" in r.stdout
+    assert "may run   bundle: if the output of score (3 scenes) changes" in r.stdout
+    assert "dry run: 3 stage(s) would run, 4 may run if their inputs come out different; nothing was written" in r.stdout
+    code, out = _status(copy)
+    assert code == 0 and "3 of 10 stages stale, 4 may rerun" in out
+    assert _tree(copy.parent) == before  # not the compiled files, the lock, the report or the fingerprint cache
+
+
+def test_filter_edit_keeping_the_images_is_one_stale_stage(copy):
+    _edit(copy, "max_ratio: 2.0", "max_ratio: 2.1")
+    code, out = _status(copy)
+    rows = {ln.split()[0]: " ".join(ln.split()[1:]) for ln in out.splitlines() if ln.strip()}
+    assert rows["filter"] == "stale filters changed"
+    assert rows["train"] == "may rerun if the output of filter changes"
+    assert rows["bundle"] == "may rerun if the output of train or score (3 scenes) changes"
+    assert "1 of 10 stages stale, 8 may rerun" in out
+    assert _build(copy) == 0 and ran(copy) == {"filter"}
 
 
 def test_force_and_until_and_run(copy):
@@ -116,6 +139,8 @@ def test_force_and_until_and_run(copy):
 
     assert main(["run", "score[home]", str(copy), "-q", "--force", "score[home]"]) == 0
     assert ran(copy) == {"score[home]"}
+    assert main(["run", "generate[home]", str(copy), "-q", "--force"]) == 0  # that stage, not its inputs
+    assert ran(copy) == {"generate[home]"}
     r = run_cli("build", copy, "--until", "genrate", cwd=copy.parent)
     assert r.returncode == 1 and "no stage `genrate`" in r.stderr and "did you mean `generate`?" in r.stderr
 
@@ -233,3 +258,17 @@ def test_the_offline_demo_builds_end_to_end(tmp_path, tiny_models):
     assert (proj / "specs/demo.lock").exists()
     r = run_cli("status", "specs/demo.yaml", cwd=proj)
     assert "everything up to date" in r.stdout
+
+
+def test_quiet_builds_and_notes_once(copy, cli):
+    _edit(copy, "max_ratio: 2.0", "max_ratio: 2.1")
+    _edit(copy, "batch_size: 1}", "batch_size: 1, lora_scale: 0.5}")
+    code, out, err = cli("build", copy, "-q")
+    assert code == 0 and all(ln.startswith("warning: ") for ln in err.splitlines()), err  # the spec's own warning
+    # -q: only the verdict; no stage chatter (filter summary), no notes
+    assert out.splitlines() == [ln for ln in out.splitlines() if ln.startswith("submission VALID")], out
+    code, out, _ = cli("build", copy)  # a no-op build repeats no note
+    assert code == 0 and "note:" not in out and "0 stage(s) ran" in out
+    for cmd in ("validate", "compile", "plan"):  # the note lives where the spec is read and explained
+        code, out, _ = cli(cmd, copy)
+        assert code == 0 and "note: generation.lora_scale 0.5" in out, cmd

@@ -55,7 +55,13 @@ def test_missing_file_is_a_clear_error(cli, project):
 
 def test_ops_lists_data_juicer_ops(cli):
     code, out, _ = cli("ops", "image_shape")
-    assert code == 0 and "image_shape_filter: min_width" in out
+    assert code == 0 and "image_shape_filter (filter)" in out
+    own, common = out.split("common parameters")
+    # the op's own parameters first, with types and defaults; the base classes' ones once, apart
+    assert "    min_width: int = 1\n" in own and "    any_or_all: str = 'any'\n" in own
+    assert "text_key" not in own and "text_key" in common and common.count("text_key") == 1
+    code, out, _ = cli("ops", "filter")
+    assert code == 0 and out.count("common parameters") == 1 and out.count("    num_proc") == 0
     code, out, err = cli("ops", "image_shap_filter")
     assert code == 1 and not out and "no Data-Juicer op matches" in err and "did you mean `image_shape_filter`?" in err
 

@@ -47,11 +47,11 @@ def test_python_api_decides_and_executes_with_its_own_lock(copy):
     _edit(copy, "cfg_scale: 4.0", "cfg_scale: 5.0")
     plan = _plan(copy)
     opts = RunOptions(lock_path=trial_lock, quiet=True, live=False)
-    stale = {d.name: d.reasons for d in decide(plan, Lock.load(trial_lock), opts) if d.stale}
-    assert stale["generate[home]"] == ("cfg_scale changed",)
-    assert "train" not in stale and stale["bundle"] == ("upstream score[home] will rerun",
-                                                        "upstream score[concert] will rerun",
-                                                        "upstream score[stage] will rerun")
+    decisions = {d.name: d for d in decide(plan, Lock.load(trial_lock), opts)}
+    assert decisions["generate[home]"].reasons == ("cfg_scale changed",) and decisions["generate[home]"].stale
+    assert decisions["train"].state == "up to date"
+    assert decisions["bundle"].state == "may rerun"
+    assert decisions["bundle"].reasons == ("if the output of score (3 scenes) changes",)
     res = execute(plan, opts)
     assert res.exit_code == 0 and res.failures == []
     assert set(res.ran) == {f"{k}[{s}]" for k in ("generate", "score") for s in ("home", "concert", "stage")} | {"bundle"}

@@ -152,13 +152,13 @@ def _read_result(result: Path) -> list[dict]:
 
 
 def _print_table(ctx, report):
-    ctx.report.line(f"     filter: {report['input']} records in")
+    ctx.report.info(f"     filter: {report['input']} records in")
     for o in report["ops"]:
         if o["kept"] is None:
-            ctx.report.line(f"       {o['op']:<32} (count not reported by the {report['executor']} executor)")
+            ctx.report.info(f"       {o['op']:<32} (count not reported by the {report['executor']} executor)")
         else:
-            ctx.report.line(f"       {o['op']:<32} kept {o['kept']:>6} of {o['in']:<6} (dropped {o['dropped']})")
-    ctx.report.line(f"     filter: {report['kept']} records kept")
+            ctx.report.info(f"       {o['op']:<32} kept {o['kept']:>6} of {o['in']:<6} (dropped {o['dropped']})")
+    ctx.report.info(f"     filter: {report['kept']} records kept")
 
 
 _PREFLIGHT = re.compile(r"✗ \[(\w+)\] (.+)")

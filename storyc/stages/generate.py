@@ -171,7 +171,7 @@ def run(ctx, jobs):
         ctx.metric("generate.unet_vae_load_and_merge_s", time.monotonic() - t)
         batch, why = resources.plan_generate(resources.free_gib(res.device), jobs[0].settings["batch_size"],
                                              gen["width"], gen["height"], len(items))
-        ctx.report.line(f"     generate: {why}")
+        ctx.report.info(f"     generate: {why}")
         memory = {"batch_size": batch}
         progress = lambda d, t: ctx.report.update(d, t, "denoising")  # noqa: E731
         rendered = zip(items, render_iter(pipe, items, gen, batch, progress, cached_encoder(table)))
@@ -242,7 +242,7 @@ def _render_ray(ctx, kolors, lpath, gen, items, shards, batch_size):
                 for p in parts if p]
         out = []
         for i, (rendered, where, secs) in enumerate(ray.get(refs)):
-            ctx.report.line(f"     shard {i}: {len(rendered)} image(s) on {where} in {secs:.1f}s")
+            ctx.report.info(f"     shard {i}: {len(rendered)} image(s) on {where} in {secs:.1f}s")
             out.extend(rendered)
     finally:
         if started:

@@ -267,7 +267,7 @@ class StoryCallbacks(L.Callback):
         self.t0 = time.monotonic()
         self.first = trainer.global_step
         if trainer.global_step and trainer.is_global_zero:
-            self.report.line(f"     resuming training at step {trainer.global_step} of {self.total}")
+            self.report.info(f"     resuming training at step {trainer.global_step} of {self.total}")
             if self.log_path.exists():  # drop log lines past the checkpoint
                 lines = self.log_path.read_text("utf-8").splitlines()
                 keep = [ln for ln in lines[1:] if int(ln.split(",")[0]) <= trainer.global_step]
@@ -300,10 +300,10 @@ class StoryCallbacks(L.Callback):
             from ..render import atomic_write
 
             if getattr(module, "graphed", None):
-                self.report.line("     the UNet's forward and backward ran as CUDA graphs (train.cuda_graphs)")
+                self.report.info("     the UNet's forward and backward ran as CUDA graphs (train.cuda_graphs)")
             if peaks is not None:
                 per = ", ".join(f"rank {r}: {float(g):.2f} GiB" for r, g in enumerate(peaks.flatten()))
-                self.report.line(f"     {trainer.world_size} ranks on {dev.type}; peak memory {per}")
+                self.report.info(f"     {trainer.world_size} ranks on {dev.type}; peak memory {per}")
             steps = int(trainer.global_step) - self.first
             per = (time.monotonic() - self.t_steady) / max(steps - 1, 1) if self.t_steady else None
             atomic_write(self.result_path, json.dumps({"steps": int(trainer.global_step), "final_loss": self.last_loss,

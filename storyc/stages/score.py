@@ -89,6 +89,9 @@ def score_folder(folder: Path, model: Path, gate: float, device: str | None = No
     from PIL import Image
 
     from ..errors import StorycError
+    from ._quiet import quiet_libraries
+
+    quiet_libraries()
 
     folder = Path(folder)
     if not folder.is_dir():

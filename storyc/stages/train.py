@@ -121,7 +121,7 @@ def _adopt_legacy(ctx, cfg: TrainConfig, key: str, final: Path) -> bool:
     atomic_write(work / "train_report.json", canonical_json(rep))
     _seal(ctx, work, key)
     work.rename(final)
-    ctx.report.line(f"     took over the LoRA trained by an earlier storyc (cache entry {old.name[:12]})")
+    ctx.report.info(f"     took over the LoRA trained by an earlier storyc (cache entry {old.name[:12]})")
     return True
 
 
@@ -144,7 +144,7 @@ def run(ctx, jobs):
                                                        f"training the same LoRA (cache entry {key[:12]})")):
         _adopt_legacy(ctx, cfg, key, final)
         if job.name in ctx.forced and final.exists():
-            ctx.report.line(f"     --force train: retraining (replacing cache entry {key[:12]})")
+            ctx.report.info(f"     --force train: retraining (replacing cache entry {key[:12]})")
             shutil.rmtree(final)
         reused = (final / "DONE").exists() and _entry_ok(ctx, final)
         if not reused:
@@ -184,7 +184,7 @@ def train(ctx, cfg: TrainConfig, work: Path):
     t0 = time.monotonic()
     data = cache_pass(ctx, cfg, kolors, vae, res.device, res.torch_dtype())
     cache_s = time.monotonic() - t0
-    ctx.report.line(f"     cache: {data['n_images']} latents, {len(data['texts'])} prompt embeddings "
+    ctx.report.info(f"     cache: {data['n_images']} latents, {len(data['texts'])} prompt embeddings "
                     f"({data['encoded_images']} images and {data['encoded_texts']} prompts encoded now) in {cache_s:.1f}s")
     t1 = time.monotonic()
     steps, final_loss = fit(ctx, cfg, work, kolors, data, res)
@@ -204,7 +204,7 @@ def train(ctx, cfg: TrainConfig, work: Path):
         "precision": res.precision, "lora": cfg.lora, "train": cfg.train, "images": data["n_images"],
         "encoded_images": data["encoded_images"], "encoded_texts": data["encoded_texts"]}))
     # timings go to the console, not into outputs: outputs must be byte-identical run to run
-    ctx.report.line(f"     cache pass {cache_s:.1f}s, training {train_s:.1f}s ({steps / max(train_s, 1e-9):.2f} steps/s)")
+    ctx.report.info(f"     cache pass {cache_s:.1f}s, training {train_s:.1f}s ({steps / max(train_s, 1e-9):.2f} steps/s)")
 
 
 def _load_image(path: Path, w: int, h: int, center_crop: bool):
@@ -321,14 +321,14 @@ def fit(ctx, cfg: TrainConfig, work: Path, kolors: Path, data: dict, res) -> tup
     free = resources.free_gib(res.device)
     mem = resources.plan_train(free, cfg["gradient_checkpointing"], cfg["cuda_graphs"], cfg["batch_size"],
                                *cfg.size, world)
-    ctx.report.line(f"     memory: {mem.reason}; CUDA graphs {'on' if mem.cuda_graphs else 'off'}")
+    ctx.report.info(f"     memory: {mem.reason}; CUDA graphs {'on' if mem.cuda_graphs else 'off'}")
     atomic_write(work / "memory_plan.json", canonical_json(
         {"gradient_checkpointing": mem.gradient_checkpointing, "cuda_graphs": mem.cuda_graphs}))
     module = setup_module(cfg, kolors, data, res, export_file, mem)
     resume = _resume_point(ctx, work / "checkpoints" / "last.ckpt")
     total = cfg.optimizer_steps(world)
     if world > 1:
-        ctx.report.line(f"     {strategy} on {world} {'GPUs' if accel == 'gpu' else 'CPU processes'}: "
+        ctx.report.info(f"     {strategy} on {world} {'GPUs' if accel == 'gpu' else 'CPU processes'}: "
                         f"{total} optimizer steps of {world} x {cfg['batch_size']} images")
     trainer = setup_trainer(cfg, accel, devices, strategy, res.precision, total,
                             setup_callbacks(ctx, cfg, work, result, total, resume is not None), work)
