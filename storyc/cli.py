@@ -189,67 +189,106 @@ class _Parser(argparse.ArgumentParser):
         self.exit(USAGE_ERROR, f"{self.prog}: error: {message}\n")
 
 
+SPEC_HELP = "the story spec, a story.yaml file (paths in it are relative to its folder)"
+
+
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="storyc", description="Compile a story.yaml into a Kolors LoRA story pipeline.")
+    from .stages.registry import KINDS
+
+    p = _Parser(prog="storyc", description="Compile a story.yaml into a Kolors LoRA story pipeline.",
+                epilog="exit codes: 0 ok, 1 error, 2 internal error (a storyc bug), 3 the submission is INVALID, "
+                       "64 wrong command line, 130 interrupted")
     p.add_argument("--version", action="version", version=f"storyc {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    v = sub.add_parser("validate", help="check specs; report every problem")
-    v.add_argument("specs", nargs="+", metavar="SPEC")
-    v.add_argument("-q", "--quiet", action="store_true")
+    def quiet(c, what="print only warnings, errors and the verdict"):
+        c.add_argument("-q", "--quiet", action="store_true", help=what)
+
+    v = sub.add_parser("validate", help="check specs; report every problem",
+                       description="Check specs against the schema and the rules; every problem is reported as "
+                                   "file:line:col: $.path: message, with a hint. Exit 1 if any spec is invalid.")
+    v.add_argument("specs", nargs="+", metavar="SPEC", help="one or more story.yaml files")
+    quiet(v, "print only problems (no 'ok' line, no notes)")
     v.set_defaults(func=cmd_validate)
 
-    def spec_cmd(name, func, help):
-        c = sub.add_parser(name, help=help)
-        c.add_argument("spec", metavar="SPEC")
+    def spec_cmd(name, func, help, description=None):
+        c = sub.add_parser(name, help=help, description=description or help[0].upper() + help[1:] + ".")
+        c.add_argument("spec", metavar="SPEC", help=SPEC_HELP)
         c.add_argument("-o", "--output", metavar="DIR", help="build folder (default: build/ in the project)")
         c.set_defaults(func=func)
         return c
 
-    spec_cmd("compile", cmd_compile, "write every artifact to build/<story-id>/")
+    spec_cmd("compile", cmd_compile, "write every artifact to build/<story-id>/",
+             "Write every compiled artifact (Data-Juicer config, training config and command, generation plan, "
+             "submission manifest) to build/<story-id>/; byte-identical for the same spec. Runs nothing.")
     spec_cmd("plan", cmd_plan, "show scenes, prompts, seeds and stage hashes")
+    stages = ", ".join(KINDS)
 
-    def run_opts(c):
-        c.add_argument("--force", nargs="?", const="all", metavar="STAGE", help="rerun STAGE (or everything)")
-        c.add_argument("--dry-run", action="store_true", help="say what would run and why; change nothing")
-        c.add_argument("--until", metavar="STAGE", help="stop after this stage")
-        c.add_argument("--keep-going", action="store_true", help="run independent stages after a failure")
-        c.add_argument("-q", "--quiet", action="store_true")
-        c.add_argument("--cache", metavar="DIR", help="content-addressed cache (default: .storyc/cache)")
-        c.add_argument("--lock", metavar="FILE", help="lock file (default: the spec's name with .lock)")
+    def cache_lock(c):
+        c.add_argument("--cache", metavar="DIR", help="the content-addressed training cache: trained LoRAs and "
+                       "encoded latents, shared by every story of the project (default: .storyc/cache)")
+        c.add_argument("--lock", metavar="FILE", help="lock file (default: the spec's path with .lock)")
+
+    def run_opts(c, force_help):
+        c.add_argument("--force", nargs="?", const="all", metavar="STAGE", help=force_help)
+        c.add_argument("--dry-run", action="store_true",
+                       help="say what would run and why; write nothing (not even the compiled files)")
+        c.add_argument("--until", metavar="STAGE", help="stop after STAGE (a kind or one stage)")
+        c.add_argument("--keep-going", action="store_true", help="after a failure, still run the stages that do "
+                                                                 "not depend on it")
+        quiet(c)
+        cache_lock(c)
         c.add_argument("--device", default=None, help="torch device for GPU stages (default: cuda if available)")
 
-    b = spec_cmd("build", cmd_build, "compile, then run the stale stages")
-    run_opts(b)
-    s = spec_cmd("status", cmd_status, "list stages as up to date or stale, and why")
-    s.add_argument("--cache", metavar="DIR")
-    s.add_argument("--lock", metavar="FILE")
-    r = sub.add_parser("run", help="run one stage (and its stale inputs)")
-    r.add_argument("stage", metavar="STAGE")
-    r.add_argument("spec", metavar="SPEC")
-    r.add_argument("-o", "--output", metavar="DIR")
-    run_opts(r)
+    stage_text = (f"STAGE is a kind ({stages}) or one stage of a kind, named by scene id: generate[applause]. "
+                  "--force train retrains the LoRA and replaces its cache entry.")
+    b = spec_cmd("build", cmd_build, "compile, then run the stale stages",
+                 "Compile the spec, then run the stale stages in order and record them in the lock. " + stage_text)
+    run_opts(b, "rerun STAGE even if it is up to date (no STAGE: every stage); what depends on it reruns "
+                "only if its output changes")
+    s = spec_cmd("status", cmd_status, "list stages as up to date, stale or may rerun, and why",
+                 "List each stage as up to date, stale (its own inputs changed) or may rerun (an upstream stage "
+                 "will rerun; it reruns if that output comes out different), and why. Reads no weights and "
+                 "writes nothing.")
+    cache_lock(s)
+    r = sub.add_parser("run", help="run one stage (and its stale inputs)",
+                       description="Run STAGE and whatever stale stages it needs, nothing after it. " + stage_text)
+    r.add_argument("stage", metavar="STAGE", help=f"a kind ({stages}) or one stage, e.g. 'generate[applause]'")
+    r.add_argument("spec", metavar="SPEC", help=SPEC_HELP)
+    r.add_argument("-o", "--output", metavar="DIR", help="build folder (default: build/ in the project)")
+    run_opts(r, "rerun STAGE even if it is up to date (not the stages it needs; --force OTHER names another)")
     r.set_defaults(func=cmd_build)
 
-    sc = sub.add_parser("score", help="score a folder of images with the aesthetic predictor")
-    sc.add_argument("dir", metavar="DIR")
-    sc.add_argument("--model", help="aesthetic predictor folder (or use --spec)")
-    sc.add_argument("--spec", help="take the model and threshold from this spec")
+    sc = sub.add_parser("score", help="score a folder of images with the aesthetic predictor",
+                        description="Score the images of DIR with the aesthetic predictor (the competition's "
+                                    "evaluate()): each image, the mean, PASS or FAIL against the gate. In a storyc "
+                                    "submission folder only the scene images count, never the storyboard.")
+    sc.add_argument("dir", metavar="DIR", help="a folder of .png/.jpg/.webp images")
+    sc.add_argument("--model", metavar="DIR", help="aesthetic predictor folder (or use --spec)")
+    sc.add_argument("--spec", metavar="SPEC", help="take the model and the gate from this spec")
     sc.add_argument("--min", type=float, default=None, help="pass mark (default: the spec's, else 6.0)")
-    sc.add_argument("--device", default=None)
+    sc.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     sc.set_defaults(func=cmd_score)
 
-    pb = spec_cmd("publish", cmd_publish, "upload the bundle's LoRA and README to ModelScope")
-    pb.add_argument("--model-id", required=True, metavar="OWNER/NAME")
+    pb = spec_cmd("publish", cmd_publish, "upload the bundle's LoRA and README to ModelScope",
+                  "Upload the built submission (LoRA files, model card, images) to a ModelScope model repo. "
+                  "Needs the access token of your ModelScope account in the MODELSCOPE_API_TOKEN environment "
+                  "variable. Refuses a bundle that is out of date or INVALID.")
+    pb.add_argument("--model-id", required=True, metavar="OWNER/NAME", help="the ModelScope model id")
 
-    sub.add_parser("schema", help="print the JSON Schema of the spec").set_defaults(func=cmd_schema)
-    i = sub.add_parser("init", help="write a commented starter spec")
-    i.add_argument("dir", metavar="DIR")
-    i.add_argument("--force", action="store_true")
+    sub.add_parser("schema", help="print the JSON Schema of the spec",
+                   description="Print the JSON Schema of story.yaml (for editors and other tools).").set_defaults(
+        func=cmd_schema)
+    i = sub.add_parser("init", help="write a commented starter spec",
+                       description="Write a commented starter story.yaml into DIR.")
+    i.add_argument("dir", metavar="DIR", help="the folder to write story.yaml into")
+    i.add_argument("--force", action="store_true", help="overwrite an existing story.yaml")
     i.set_defaults(func=cmd_init)
-    o = sub.add_parser("ops", help="list the Data-Juicer ops a spec may use")
-    o.add_argument("filter", nargs="?", default="")
+    o = sub.add_parser("ops", help="list the Data-Juicer ops a spec may use",
+                       description="List the Data-Juicer ops a spec's `filters` may use, each with its own "
+                                   "parameters (type and default); the parameters common to all ops once, apart.")
+    o.add_argument("filter", nargs="?", default="", metavar="FILTER", help="only ops whose name contains FILTER")
     o.set_defaults(func=cmd_ops)
     return p
 

@@ -126,8 +126,10 @@ def _local_path(ctx, path, raw, rule):
     try:
         p.relative_to(ctx.root)
     except ValueError:
+        from .spec import outside_hint, root_and_why
+
         return None, [ctx.diag(path, f"`{raw}` points outside the project folder",
-                               "keep data and models inside the project (a symlink inside it is fine)", rule)]
+                               outside_hint(*root_and_why(ctx.spec)), rule)]
     return p, []
 
 

@@ -27,11 +27,22 @@ def schema() -> dict:
 
 def project_root(spec: Path) -> Path:
     """The nearest folder above the spec holding .git, .storyc or storyc.toml; else the spec's folder."""
-    start = spec.resolve().parent
+    return root_and_why(spec)[0]
+
+
+def root_and_why(spec: Path) -> tuple[Path, str]:
+    """The project root and how it was chosen (said when a path is refused as outside the project)."""
+    start = Path(spec).resolve().parent
     for d in (start, *start.parents):
-        if any((d / m).exists() for m in ROOT_MARKERS):
-            return d
-    return start
+        for m in ROOT_MARKERS:
+            if (d / m).exists():
+                return d, f"the nearest folder above the spec with {m}"
+    return start, "the spec's own folder, since no folder above it has .git, .storyc or storyc.toml"
+
+
+def outside_hint(root: Path, why: str) -> str:
+    return (f"the project folder is {root} ({why}); keep data and models inside it (a symlink inside it is "
+            "fine), or make a folder above it the project root with an empty storyc.toml (or .storyc/) there")
 
 
 # ---------------------------------------------------------------- extends
@@ -87,7 +98,8 @@ def _load_chain(path: Path, root: Path, display, stack: tuple) -> tuple[Located,
         raise SpecError([Diagnostic(f"`extends` cycle: {chain}", mark, "$.extends", rule="extends_cycle",
                                     hint="a spec may not extend itself, directly or through others")])
     if not _inside(base_path, root):
-        raise SpecError([Diagnostic(f"`{ext}` is outside the project folder", mark, "$.extends", rule="paths")])
+        raise SpecError([Diagnostic(f"`{ext}` is outside the project folder", mark, "$.extends", rule="paths",
+                                    hint=outside_hint(*root_and_why(path)))])
     if not base_path.is_file():
         near = did_you_mean(Path(ext).stem, [p.stem for p in base_path.parent.glob("*.y*ml")]) if base_path.parent.is_dir() else None
         raise SpecError([Diagnostic(f"`extends: {ext}`: no such file", mark, "$.extends", hint=near, rule="paths")])

@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+import pytest
 
 from conftest import REPO, run_cli
 
@@ -78,3 +79,37 @@ def test_usage_errors_have_their_own_exit_code():
         r = run_cli(*argv)
         assert r.returncode == 64, (argv, r.returncode, r.stderr)
         assert "usage: storyc" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_outside_the_project_says_how_the_root_was_chosen(cli, tmp_path):
+    proj = tmp_path / "story"  # no .git / .storyc / storyc.toml anywhere above: the spec's folder is the root
+    proj.mkdir()
+    spec = proj / "story.yaml"
+    spec.write_text((REPO / "specs/camp.yaml").read_text("utf-8"), "utf-8")  # models: ../models/...
+    code, _, err = cli("validate", spec)
+    assert code == 1 and "`../models/kolors/Kolors` points outside the project folder" in err
+    assert f"the project folder is {proj} (the spec's own folder, since no folder above it has .git" in err
+    assert "empty storyc.toml" in err
+    (tmp_path / "storyc.toml").write_text("", "utf-8")  # the documented way to widen the root
+    code, _, err = cli("validate", spec)
+    assert "outside the project" not in err
+
+
+def test_help_describes_arguments_stages_and_the_token(capsys):
+    from storyc.cli import main
+
+    def helptext(*argv):
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--help"])
+        assert e.value.code == 0
+        return " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+
+    run = helptext("run")
+    assert "STAGE is a kind (ingest, filter, train, generate, score, bundle)" in run
+    assert "SPEC the story spec, a story.yaml file" in run
+    assert "-q, --quiet print only warnings, errors and the verdict" in run
+    assert "--cache DIR the content-addressed training cache" in run
+    assert "--force train retrains the LoRA and replaces its cache entry" in helptext("build")
+    assert "MODELSCOPE_API_TOKEN" in helptext("publish")
+    assert "DIR a folder of .png/.jpg/.webp images" in helptext("score")
+    assert "64 wrong command line" in helptext()

@@ -106,6 +106,7 @@ def test_modelscope_offline_fails_fast(project):
     r = run_cli("run", "ingest", project / "story.yaml", cwd=project, timeout=60)
     assert r.returncode == 1
     assert "cannot reach ModelScope to load dataset `AI-ModelScope/lowres_anime`" in r.stdout
+    assert "`dataset: {source: folder, path: ...}` or `source: jsonl`" in r.stdout
     assert "Traceback" not in r.stdout + r.stderr
 
 

@@ -82,17 +82,21 @@ def _modelscope_records(ds: dict, cache: Path):
     import os
     import socket
 
+    local = ("download it where you have network, then use `dataset: {source: folder, path: ...}` "
+             "or `source: jsonl` to point at the local copy")
     try:  # fail fast offline instead of hanging in retries
         socket.create_connection(("www.modelscope.cn", 443), timeout=5).close()
     except OSError:
-        raise StageError("ingest", f"cannot reach ModelScope to load dataset `{ds['id']}` (no network)",
-                         "download it where you have network, then use `dataset: {source: folder, path: ...}` "
-                         "or `source: jsonl` to point at the local copy") from None
+        raise StageError("ingest", f"cannot reach ModelScope to load dataset `{ds['id']}` (no network)", local) from None
     os.environ.setdefault("HF_HUB_OFFLINE", "0")
     from modelscope.msdatasets import MsDataset
 
-    data = MsDataset.load(ds["id"], subset_name=ds["subset"], split=ds["split"], cache_dir=str(cache),
-                          **({"version": ds["revision"]} if ds.get("revision") else {}))
+    try:
+        data = MsDataset.load(ds["id"], subset_name=ds["subset"], split=ds["split"], cache_dir=str(cache),
+                              **({"version": ds["revision"]} if ds.get("revision") else {}))
+    except (OSError, ConnectionError) as e:  # a proxy, a dropped connection, a timeout half-way
+        raise StageError("ingest", f"loading dataset `{ds['id']}` from ModelScope failed: {type(e).__name__}: "
+                         f"{str(e)[:200]}", f"check the network and run the same command again, or {local}") from None
     for i, rec in enumerate(data):
         yield f"{ds['id']}[{i}]", rec["image"], ds["caption"]
 
