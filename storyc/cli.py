@@ -175,7 +175,7 @@ def cmd_score(args) -> int:
 def cmd_publish(args) -> int:
     from .stages.bundle import publish
 
-    return publish(_load_plan(args), args.model_id)
+    return publish(_load_plan(args), args.model_id, args.dry_run, args.display_name)
 
 
 # ---------------------------------------------------------------- parser
@@ -271,11 +271,17 @@ def parser() -> argparse.ArgumentParser:
     sc.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     sc.set_defaults(func=cmd_score)
 
-    pb = spec_cmd("publish", cmd_publish, "upload the bundle's LoRA and README to ModelScope",
-                  "Upload the built submission (LoRA files, model card, images) to a ModelScope model repo. "
-                  "Needs the access token of your ModelScope account in the MODELSCOPE_API_TOKEN environment "
-                  "variable. Refuses a bundle that is out of date or INVALID.")
-    pb.add_argument("--model-id", required=True, metavar="OWNER/NAME", help="the ModelScope model id")
+    pb = spec_cmd("publish", cmd_publish, "upload the submission's model page to ModelScope",
+                  "Stage the model page (LoRA files, configuration.json, the model card README with the storyboard "
+                  "and the 8 images and their prompts) in build/<story-id>/publish/model/, write POST.md (the "
+                  "competition's discussion post) beside it, and upload the page to a ModelScope model repo named "
+                  "`<team>-可图Kolors训练-<title>` from story.team. Needs the access token of your ModelScope "
+                  "account in the MODELSCOPE_API_TOKEN environment variable (MODELSCOPE_ENDPOINT points the client "
+                  "at another hub). Refuses a bundle that is out of date, edited or INVALID.")
+    pb.add_argument("--model-id", required=True, metavar="OWNER/NAME", help="the ModelScope model id (ASCII)")
+    pb.add_argument("--display-name", metavar="NAME", help="the model's name on ModelScope (default: "
+                    "<team>-可图Kolors训练-<title>; must keep that prefix)")
+    pb.add_argument("--dry-run", action="store_true", help="stage and list the tree and POST.md; upload nothing")
 
     sub.add_parser("schema", help="print the JSON Schema of the spec",
                    description="Print the JSON Schema of story.yaml (for editors and other tools).").set_defaults(

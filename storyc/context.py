@@ -59,6 +59,12 @@ class Context:
 
     def fingerprint(self, key: str) -> str | None:
         """Digest of a model folder (or, for "dataset", of the folder/jsonl source); None when not there yet."""
+        if key == "font":  # the storyboard's caption font: its name and bytes (or that there is none)
+            from .fonts import find_font
+            from .lock import digest
+
+            f = find_font()
+            return digest({"font": f.name, "sha256": self.hasher.file(f.path)} if f is not None else {"font": None})
         if key == "dataset":  # source content of a folder/jsonl dataset (captions included)
             p = self.story.dataset_path
             if p is None or not p.exists():

@@ -298,6 +298,21 @@ def check_lora_targets(ctx):
     return out
 
 
+PLACEHOLDER_TEAMS = {"my-team", "team", "your-team", "<team>", "xxx", "todo", "队伍名称", "队伍名"}
+COMPETITION_NAME = "{team}-可图Kolors训练-{rest}"  # the competition's model naming rule
+
+
+def check_team(ctx):
+    story = ctx.data.get("story")
+    team = story.get("team") if isinstance(story, dict) else None
+    if isinstance(team, str) and team.strip().lower() in PLACEHOLDER_TEAMS:
+        return [ctx.diag(("story", "team"), f"story.team is still the placeholder `{team}`",
+                         "write your team's name: `storyc publish` names the model "
+                         f"`{COMPETITION_NAME.format(team='<team>', rest='<title>')}` from it", "team",
+                         severity="warning")]
+    return []
+
+
 def join_negative(style_neg: str, scene_neg: str) -> str:
     """The negative prompt of a scene: style negative, then the scene's own (joined with a Chinese comma)."""
     parts = [p for p in (style_neg.strip(), scene_neg.strip()) if p]
@@ -305,7 +320,7 @@ def join_negative(style_neg: str, scene_neg: str) -> str:
 
 
 RULES = [check_unique_scene_ids, check_unique_seeds, check_scene_count, check_dataset_fields, check_paths,
-         check_dj_ops, check_prompt_length, check_storyboard, check_small_sizes, check_lora_targets]
+         check_dj_ops, check_prompt_length, check_storyboard, check_small_sizes, check_lora_targets, check_team]
 
 
 def run_all(ctx: Context) -> list[Diagnostic]:

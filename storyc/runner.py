@@ -125,21 +125,26 @@ def reasons(ctx: Context, job: StageSpec, will_run: set) -> list[str]:
     for d in job.deps:  # an upstream stage that will rerun is the caller's "may rerun", not a reason here
         if d not in will_run and dep_digest(ctx, job, d) != entry.deps.get(d):
             out.append(f"output of {d} changed")
+    missing = []
     for rel, rec in entry.outputs.items():
         p = ctx.build_dir / rel
         if not p.exists():
-            out.append(f"{rel} missing")
+            missing.append(rel)
         elif p.is_file() and p.stat().st_size != rec.get("size"):
             out.append(f"{rel} was modified")
+    if len(missing) > 2:  # a removed folder is one reason, not twenty
+        out.append(f"{len(missing)} outputs missing ({missing[0]}, …)")
+    else:
+        out.extend(f"{rel} missing" for rel in missing)
     if out:
         return out
     for key in models_of(ctx, job):
         fp = ctx.fingerprint(key)
-        what = "dataset source" if key == "dataset" else f"model {key}"
+        what = {"dataset": "dataset source", "font": "caption font"}.get(key, f"model {key}")
         if fp is None:
             out.append(f"{what} not available yet")
         elif fp != entry.models.get(key):
-            out.append(f"{what} changed" if key == "dataset" else f"{what} fingerprint changed")
+            out.append(f"{what} changed" if key in ("dataset", "font") else f"{what} fingerprint changed")
     for rel, rec in entry.outputs.items():
         if ctx.record(ctx.build_dir / rel).get("sha256") != rec.get("sha256"):
             out.append(f"{rel} was modified")

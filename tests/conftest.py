@@ -151,3 +151,18 @@ processing: {workers: 1}
 submission: {images: 1}
 scenes: [{id: a, prompt: x, seed: 0}]
 """
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory, tiny_models):
+    """A project built end to end with a team, every LoRA format and lora_scale 0.5 (read-only: copy to edit)."""
+    spec = make_project(tmp_path_factory.mktemp("gen"), tiny_models,
+                        BASE_SPEC.replace("lora_formats: [diffsynth]", "lora_formats: [diffsynth, kohya, diffusers]")
+                        .replace("story: {id: t}", "story: {id: t, team: 测试队, title: 紫发女孩}")
+                        .replace("negative: 丑陋}", "negative: 丑陋}\ngeneration: {width: 64, height: 64, steps: 2, "
+                                 "cfg_scale: 4.0, batch_size: 8, lora_scale: 0.5}").replace(
+                            "generation: {width: 64, height: 64, steps: 2, cfg_scale: 4.0, batch_size: 8}\n", ""))
+    from storyc.cli import main
+
+    assert main(["build", str(spec), "-q"]) == 0
+    return spec

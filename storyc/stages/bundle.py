@@ -1,7 +1,8 @@
 """bundle: the competition submission folder, written whole and marked valid/invalid by the aesthetic gate.
 
-submission/<story-id>/: LoRA file(s), the images in story order, prompts.txt/.csv, storyboard.png, scores.json,
-README.md, report.html and manifest.json (sha256 of every file). Written to a temporary folder and renamed.
+submission/<story-id>/: LoRA file(s), images/ (the scene images in story order and nothing else: the folder the
+competition's evaluate() scores), prompts.txt/.csv/.json, storyboard.png, scores.json, README.md, report.html
+and manifest.json (sha256 of every file). Written to a temporary folder and renamed.
 """
 from __future__ import annotations
 
@@ -20,20 +21,50 @@ from ..render import canonical_json, csv_cell, render
 from .registry import Result
 from .score import coherence
 
-FONT_CANDIDATES = [
-    "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc", "/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc",
-    "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc", "/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf",
-    "/System/Library/Fonts/PingFang.ttc", "C:/Windows/Fonts/msyh.ttc",
-]
+CONFIGURATION = {"framework": "Pytorch", "task": "text-to-image-synthesis"}
+FORMAT_USE = {
+    "diffsynth": "DiffSynth-Studio (the competition notebook's `load_lora`, peft keys)",
+    "kohya": "ComfyUI's LoRA loader and the WebUIs (kohya `lora_unet_` keys)",
+    "diffusers": "diffusers: `KolorsPipeline.load_lora_weights(folder, weight_name=...)`",
+}
+
+
+def display_name(story: dict) -> str:
+    """The model's name by the competition's rule: `<team>-可图Kolors训练-<title>`."""
+    from ..rules import COMPETITION_NAME
+
+    return COMPETITION_NAME.format(team=story.get("team") or "<team>", rest=story.get("title") or story["id"])
+
+
+def storyc_commit() -> str | None:
+    """The git commit of the storyc checkout that built this (None for an installed release)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "storyc"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip()[:12] + ("+modified" if dirty.stdout.strip() else "")
 
 
 def cjk_font(size: int):
+    """(PIL font, its name or None): storyc.fonts decides which font (STORYC_FONT, the packaged Noto CJK, system)."""
     from PIL import ImageFont
 
-    for p in [os.environ.get("STORYC_FONT", ""), *FONT_CANDIDATES]:
-        if p and Path(p).is_file():
-            return ImageFont.truetype(p, size), p
-    return ImageFont.load_default(size=size), None
+    from ..fonts import find_font
+
+    f = find_font()
+    if f is None:
+        return ImageFont.load_default(size=size), None
+    return ImageFont.truetype(str(f.path), size, index=f.index), f.name
 
 
 def storyboard(images, captions, columns: int, draw_captions: bool):
@@ -81,21 +112,21 @@ def run(ctx, jobs):
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        mean, valid, coh, weakest = _write_bundle(ctx, p, tmp, scenes, lora_cfg)
+        mean, valid, coh, weakest, font = _write_bundle(ctx, p, tmp, scenes, lora_cfg)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed bundle (disk full, Ctrl-C) leaves no partial folder
         raise
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    outputs = [f"submission/{sid}/{f}" for f in sorted(p.name for p in final.iterdir())]
+    outputs = [f"submission/{sid}/{rel}" for rel in _files(final)]
     yield Result("bundle", outputs, {"valid": valid, "mean_aesthetic": round(mean, 6),
                                      "min_aesthetic": p["submission"]["min_aesthetic"],
-                                     "weakest": weakest, "style_coherence": round(coh, 6)})
+                                     "weakest": weakest, "style_coherence": round(coh, 6), "font": font})
     return f"mean aesthetic {mean:.3f} ({'valid' if valid else 'INVALID'}), style coherence {coh:.3f}"
 
 
 def _write_bundle(ctx, p: dict, tmp: Path, scenes: list, lora_cfg: dict):
-    """Every file of the submission into ``tmp``; returns (mean, valid, coherence, weakest)."""
+    """Every file of the submission into ``tmp``; returns (mean, valid, coherence, weakest, font name)."""
     from PIL import Image
 
     story, sub = p["story"], p["submission"]
@@ -107,10 +138,11 @@ def _write_bundle(ctx, p: dict, tmp: Path, scenes: list, lora_cfg: dict):
         shutil.copyfile(ctx.path(f"lora/{n}"), tmp / n)
     # images, prompt records (what generate rendered; captions from this stage's own slice), scores
     recs, scores, embeds, imgs = [], [], [], []
+    (tmp / "images").mkdir()
     for s in scenes:
         rec = json.loads(ctx.path(str(Path(s["file"]).with_suffix(".json"))).read_text("utf-8"))
         sc = json.loads(ctx.path(f"scores/{Path(s['file']).stem}.json").read_text("utf-8"))
-        name = Path(s["file"]).name
+        name = f"images/{Path(s['file']).name}"
         shutil.copyfile(ctx.path(s["file"]), tmp / name)
         recs.append({**rec, "file": name, "caption": s["caption"]})
         scores.append(sc["score"])
@@ -131,9 +163,10 @@ def _write_bundle(ctx, p: dict, tmp: Path, scenes: list, lora_cfg: dict):
     board, font = storyboard(imgs, [s["caption"] for s in scenes], sub["storyboard"]["columns"],
                              sub["storyboard"]["captions"])
     board.save(tmp / "storyboard.png")
-    if font is None and any(s["caption"] for s in scenes) and sub["storyboard"]["captions"]:
-        ctx.report.line("warning: no CJK font found; storyboard captions may not show Chinese "
-                        "(install fonts-wqy-microhei or set STORYC_FONT)")
+    drawn = any(s["caption"] for s in scenes) and sub["storyboard"]["captions"]
+    if font is None and drawn:
+        ctx.report.line("warning: no CJK font found; storyboard captions will not show Chinese (the "
+                        "noto-cjk-sans-otc package of storyc's install is missing: reinstall, or set STORYC_FONT)")
 
     mean = sum(scores) / len(scores)
     gate = sub["min_aesthetic"]
@@ -151,16 +184,28 @@ def _write_bundle(ctx, p: dict, tmp: Path, scenes: list, lora_cfg: dict):
     gen["lora_alpha"] = lora_cfg["alpha"] * gen["lora_scale"]
     filt = _read_json(ctx.path("data/filter_report.json"))
     train = _read_json(ctx.path("lora/train_report.json"))
-    ctxd = dict(story=story, title=story.get("title") or sid, scenes=scenes, recs=recs, scores=scores, mean=mean,
+    from .. import __version__
+
+    title = story.get("title") or sid
+    ctxd = dict(story=story, title=title, scenes=scenes, recs=recs, scores=scores, mean=mean,
                 gate=gate, valid=valid, coherence=coh, odd=scenes[odd]["id"], lora_names=lora_names,
-                spec=ctx.story.rel(ctx.story.spec_path), lora=lora_cfg, gen=gen, filt=filt, train=train)
+                spec=ctx.story.rel(ctx.story.spec_path), lora=lora_cfg, gen=gen, filt=filt, train=train,
+                license=sub["license"], display_name=display_name(story), storyc_version=__version__,
+                storyc_commit=storyc_commit(),
+                formats={f"{sid}.{f}.safetensors": FORMAT_USE[f] for f in sub["lora_formats"]})
     (tmp / "README.md").write_text(render("submission_readme.md.j2", **ctxd), "utf-8")
+    # what DiffSynth-Studio's own upload writes into a model folder before pushing it to ModelScope
+    (tmp / "configuration.json").write_text(canonical_json(CONFIGURATION), "utf-8")
     (tmp / "report.html").write_text(_report_html(ctxd, tmp), "utf-8")
-    files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-    manifest = {"format": "storyc.manifest/1", "story": sid, "valid": valid,
-                "files": {f: {"sha256": _sha(tmp / f), "size": (tmp / f).stat().st_size} for f in files}}
+    manifest = {"format": "storyc.manifest/2", "story": sid, "valid": valid,
+                "files": {f: {"sha256": _sha(tmp / f), "size": (tmp / f).stat().st_size} for f in _files(tmp)}}
     (tmp / "manifest.json").write_text(canonical_json(manifest), "utf-8")
-    return mean, valid, coh, weakest
+    return mean, valid, coh, weakest, font if drawn else None
+
+
+def _files(folder: Path) -> list[str]:
+    """Every file under ``folder`` as a sorted relative posix path."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
 
 def verdict(ctx, job, entry) -> tuple[int, list]:
@@ -239,7 +284,7 @@ def check_submission(plan) -> tuple[Path, float]:
     if stale:
         raise StorycError(f"the bundle is not up to date with {story.spec_path.name} ({stale[0].name}: "
                           f"{'; '.join(stale[0].reasons)})", f"run `storyc build {story.rel(story.spec_path)}` first")
-    on_disk = {p.name for p in folder.iterdir() if p.is_file()} - {"manifest.json"}
+    on_disk = set(_files(folder)) - {"manifest.json"}
     if on_disk != set(manifest["files"]):
         raise StorycError(f"{story.rel(folder)} holds other files than its manifest lists "
                           f"({', '.join(sorted(on_disk ^ set(manifest['files'])))})",
@@ -260,33 +305,111 @@ def check_submission(plan) -> tuple[Path, float]:
     return folder, mean
 
 
-def publish(plan, model_id: str) -> int:
-    """Upload the bundle's LoRA and README to ModelScope with modelscope's own hub client."""
-    import socket
+PUBLISHED = ("README.md", "configuration.json", "storyboard.png", "prompts.txt", "scores.json")
 
+
+def competition_name(story, display: str | None, dry_run: bool = False) -> str:
+    """The model's display name, checked against the competition's rule `<team>-可图Kolors训练-<anything>`.
+    A placeholder team stops an upload; a dry run only warns."""
+    from ..rules import COMPETITION_NAME, PLACEHOLDER_TEAMS
+
+    team = (story.data["story"].get("team") or "").strip()
+    where = f"{story.rel(story.spec_path)}: story.team"
+    if not team:
+        raise StorycError(f"{where} is not set; the competition names the model `<team>-可图Kolors训练-<anything>`",
+                          "add `team: <your team>` under `story:`")
+    if team.lower() in PLACEHOLDER_TEAMS:
+        if not dry_run:
+            raise StorycError(f"{where} is still the placeholder `{team}`", "write your team's name there")
+        print(f"warning: {where} is still the placeholder `{team}`; the upload will refuse it")
+    name = display or display_name(story.data["story"])
+    prefix = COMPETITION_NAME.format(team=team, rest="")
+    if not name.startswith(prefix) or len(name) == len(prefix):
+        raise StorycError(f"model name `{name}` does not follow the competition's rule "
+                          f"`{prefix}<anything>`", f"e.g. --display-name '{prefix}{story.id}'")
+    return name
+
+
+def stage_upload(plan, model_id: str, display: str | None = None, dry_run: bool = False) -> tuple[Path, Path, str]:
+    """Write the exact tree `storyc publish` uploads (build/<id>/publish/model/) and POST.md, the text of the
+    competition's discussion post, beside it. Returns (tree, post, display name)."""
     from ..rules import modelscope_id_problem
 
     if modelscope_id_problem(model_id):
-        raise StorycError(f"--model-id `{model_id}`: {modelscope_id_problem(model_id)}", "e.g. --model-id my-team/story")
+        raise StorycError(f"--model-id `{model_id}`: {modelscope_id_problem(model_id)}",
+                          "e.g. --model-id my-team/purple-girl-story (ModelScope ids are ASCII; the Chinese "
+                          "competition name is the model's display name)")
     story = plan.story
-    folder, _ = check_submission(plan)
+    name = competition_name(story, display, dry_run)
+    folder, mean = check_submission(plan)
+    manifest = _read_json(folder / "manifest.json")["files"]
+    keep = [f for f in manifest if f in PUBLISHED or f.endswith(".safetensors") or f.startswith("images/")]
+    out = plan.build_dir / "publish"
+    tree = out / "model"
+    shutil.rmtree(out, ignore_errors=True)
+    for rel in keep:
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(folder / rel, tree / rel)
+    readme = (tree / "README.md").read_text("utf-8")
+    missing = [t for t in _links(readme) if not (tree / t).is_file()]
+    if missing:  # a model page with broken pictures is not what we upload
+        raise StorycError(f"the model card links files that are not in the upload: {', '.join(missing)}",
+                          "this is a storyc bug; please report it")
+    prompts = _read_json(folder / "prompts.json")["scenes"]
+    post = render("post.md.j2", team=story.data["story"]["team"], name=name, model_id=model_id,
+                  url=f"https://modelscope.cn/models/{model_id}", title=story.data["story"].get("title") or story.id,
+                  scenes=prompts, mean=mean)
+    (out / "POST.md").write_text(post, "utf-8")
+    return tree, out / "POST.md", name
+
+
+def _links(markdown: str) -> list[str]:
+    """Relative targets of the markdown's links and images."""
+    import re
+
+    return [t for t in re.findall(r"\]\(([^)\s]+)\)", markdown) if "://" not in t and not t.startswith("#")]
+
+
+def _endpoint() -> str:
+    """The hub modelscope's client talks to (its own MODELSCOPE_ENDPOINT setting, else the public site)."""
+    return os.environ.get("MODELSCOPE_ENDPOINT") or "https://www.modelscope.cn"
+
+
+def publish(plan, model_id: str, dry_run: bool = False, display: str | None = None) -> int:
+    """Stage the model page (LoRA files, configuration.json, model card, storyboard, images) and upload it with
+    modelscope's own hub client; --dry-run stops after staging and lists the tree."""
+    import socket
+    from urllib.parse import urlparse
+
+    story = plan.story
+    tree, post, name = stage_upload(plan, model_id, display, dry_run)
+    files = _files(tree)
+    print(f"{'would upload' if dry_run else 'uploading'} {story.rel(tree)}/ to {model_id} ({name}):")
+    width = max(len(rel) for rel in files)
+    for rel in files:
+        print(f"  {rel:<{width}}  {(tree / rel).stat().st_size:>11,d} B")
+    print(f"discussion post: {story.rel(post)}")
+    if dry_run:
+        print("dry run: nothing uploaded")
+        return 0
     token = os.environ.get("MODELSCOPE_API_TOKEN")
     if not token:
         raise StorycError("MODELSCOPE_API_TOKEN is not set", "export your ModelScope access token in that variable")
-    try:
-        socket.create_connection(("www.modelscope.cn", 443), timeout=5).close()
+    url = urlparse(_endpoint())
+    try:  # fail fast offline instead of hanging in the client's retries
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
     except OSError:
-        raise StorycError("cannot reach ModelScope (no network)", "publish from a machine with network access") from None
+        raise StorycError(f"cannot reach ModelScope at {_endpoint()} (no network)",
+                          "publish from a machine with network access; `--dry-run` stages the same tree") from None
     from modelscope.hub.api import HubApi
 
+    from ._quiet import quiet_libraries
+
+    quiet_libraries()
     api = HubApi()
     api.login(token)
-    stage = plan.build_dir / "publish"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
-    for f in folder.iterdir():
-        if f.name.endswith(".safetensors") or f.name == "README.md":
-            shutil.copyfile(f, stage / f.name)
-    api.push_model(model_id=model_id, model_dir=str(stage))
-    print(f"published {story.id} to {model_id}")
+    api.push_model(model_id=model_id, model_dir=str(tree), chinese_name=name,
+                   license=story.data["submission"]["license"])
+    print(f"published {story.id} to https://modelscope.cn/models/{model_id}")
+    print(f"next: post {story.rel(post)} in the Kolors discussion area")
     return 0

@@ -131,6 +131,12 @@ def _no_models(job, story):
     return ()
 
 
+def _captions_font(job, story):
+    """The bundle depends on the caption font only when it draws captions."""
+    drawn = job.params["submission"]["storyboard"]["captions"] and any(job.params["captions"])
+    return ("font",) if drawn else ()
+
+
 KINDS: dict[str, StageKind] = {k.name: k for k in (
     StageKind("ingest", 1, _ingest, lambda job, story: ("dataset",) if story.dataset_path is not None else ()),
     StageKind("filter", 1, _filter, _no_models),
@@ -142,7 +148,7 @@ KINDS: dict[str, StageKind] = {k.name: k for k in (
               oom_hint="lower `generation.batch_size` (images per UNet call; `auto` sizes it from free memory), "
                        "or cap the memory storyc plans for with STORYC_GPU_MEMORY_GIB"),
     StageKind("score", 1, _score, lambda job, story: ("aesthetic",)),
-    StageKind("bundle", 1, _bundle, _no_models, verdict=True),
+    StageKind("bundle", 2, _bundle, _captions_font, verdict=True),
 )}
 
 

@@ -97,11 +97,11 @@ def score_folder(folder: Path, model: Path, gate: float, device: str | None = No
     if not folder.is_dir():
         raise StorycError(f"{folder} is not a folder")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
-    prompts = folder / "prompts.json"  # a storyc submission: its scene images only, never the storyboard
+    prompts = folder / "prompts.json"  # a storyc submission: its scene images (images/) only, never the storyboard
     if prompts.is_file():
         try:
-            names = {s["file"] for s in json.loads(prompts.read_text("utf-8"))["scenes"]}
-            files = [p for p in files if p.name in names]
+            scenes = json.loads(prompts.read_text("utf-8"))["scenes"]
+            files = [folder / s["file"] for s in scenes if (folder / s["file"]).is_file()]
         except (ValueError, KeyError, TypeError):
             pass
     images, kept = [], []
