@@ -253,11 +253,18 @@ def test_the_offline_demo_builds_end_to_end(tmp_path, tiny_models):
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "submission VALID" in r.stdout
     sub = proj / "build/purple-girl-demo/submission/purple-girl-demo"
-    assert len(list(sub.glob("0*.png"))) == 8
+    assert len(list((sub / "images").glob("0*.png"))) == 8
     assert (sub / "storyboard.png").exists() and (sub / "manifest.json").exists()
     assert (proj / "specs/demo.lock").exists()
     r = run_cli("status", "specs/demo.yaml", cwd=proj)
     assert "everything up to date" in r.stdout
+    # the "done when": the model page a participant could upload unchanged
+    r = run_cli("publish", "--dry-run", "specs/demo.yaml", "--model-id", "team/x", cwd=proj)
+    assert r.returncode == 0, r.stderr
+    tree = proj / "build/purple-girl-demo/publish/model"
+    assert len(list((tree / "images").glob("0*.png"))) == 8 and (tree / "configuration.json").is_file()
+    assert (tree / "purple-girl-demo.kohya.safetensors").is_file() and (tree / "README.md").is_file()
+    assert (proj / "build/purple-girl-demo/publish/POST.md").read_text("utf-8").startswith("storyc-demo + ")
 
 
 def test_quiet_builds_and_notes_once(copy, cli):

@@ -316,14 +316,14 @@ def test_bom_jsonl_and_dangling_links_and_bombs(project):
 def test_score_skips_unreadable_files_and_never_the_storyboard(base, tmp_path, tiny_models):
     sub = tmp_path / "sub"
     shutil.copytree(base.parent / "build/t/submission/t", sub)
-    (sub / "broken.png").write_bytes(b"not a png")
+    (sub / "images/broken.png").write_bytes(b"not a png")
     r = run_cli("score", sub, "--model", tiny_models / "tiny-aesthetic", "--min", "-1", timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     names = [ln.split()[0] for ln in r.stdout.splitlines() if ln.strip() and not ln.startswith(("mean", "warning"))]
     assert names == ["01-home.png", "02-concert.png", "03-stage.png"]  # prompts.json names the scene images
     loose = tmp_path / "loose"
     loose.mkdir()
-    shutil.copy(sub / "01-home.png", loose)
+    shutil.copy(sub / "images/01-home.png", loose)
     (loose / "broken.png").write_bytes(b"not a png")
     r = run_cli("score", loose, "--model", tiny_models / "tiny-aesthetic", "--min", "-1", timeout=300)
     assert r.returncode == 0 and "warning: skipped broken.png" in r.stdout, r.stdout + r.stderr

@@ -64,7 +64,8 @@ def cjk_font(size: int):
     f = find_font()
     if f is None:
         return ImageFont.load_default(size=size), None
-    return ImageFont.truetype(str(f.path), size, index=f.index), f.name
+    # BASIC layout: the same pixels whether or not this Pillow has libraqm (which also rejects some odd strings)
+    return ImageFont.truetype(str(f.path), size, index=f.index, layout_engine=ImageFont.Layout.BASIC), f.name
 
 
 def storyboard(images, captions, columns: int, draw_captions: bool):
@@ -340,8 +341,8 @@ def stage_upload(plan, model_id: str, display: str | None = None, dry_run: bool 
                           "e.g. --model-id my-team/purple-girl-story (ModelScope ids are ASCII; the Chinese "
                           "competition name is the model's display name)")
     story = plan.story
-    name = competition_name(story, display, dry_run)
     folder, mean = check_submission(plan)
+    name = competition_name(story, display, dry_run)
     manifest = _read_json(folder / "manifest.json")["files"]
     keep = [f for f in manifest if f in PUBLISHED or f.endswith(".safetensors") or f.startswith("images/")]
     out = plan.build_dir / "publish"
