@@ -313,6 +313,28 @@ def check_team(ctx):
     return []
 
 
+def check_train_knobs(ctx):
+    """Combinations of the trainers' knobs that cannot work, or that almost certainly are a mistake."""
+    tr = ctx.data.get("train")
+    if not isinstance(tr, dict):
+        return []
+    out = []
+    from .stages.train_config import TrainConfig
+
+    warm = tr.get("lr_warmup_steps") or 0
+    if warm:
+        lora = ctx.data.get("lora") or {}
+        steps = TrainConfig(lora, tr, (), {}, {}).optimizer_steps(1)
+        if warm >= steps:
+            out.append(ctx.diag(("train", "lr_warmup_steps"), f"{warm} warm-up steps but the run has only {steps} "
+                                "optimizer steps", "warm up over a small part of the run (e.g. 5%)", "train_knobs"))
+    if tr.get("optimizer") == "prodigy" and isinstance(tr.get("learning_rate"), (int, float)) and tr["learning_rate"] < 0.1:
+        out.append(ctx.diag(("train", "learning_rate"), f"learning_rate {tr['learning_rate']:g} with optimizer prodigy",
+                            "Prodigy finds the step size itself; its learning_rate is a multiplier, usually 1.0",
+                            "train_knobs", severity="warning"))
+    return out
+
+
 def join_negative(style_neg: str, scene_neg: str) -> str:
     """The negative prompt of a scene: style negative, then the scene's own (joined with a Chinese comma)."""
     parts = [p for p in (style_neg.strip(), scene_neg.strip()) if p]
@@ -320,7 +342,8 @@ def join_negative(style_neg: str, scene_neg: str) -> str:
 
 
 RULES = [check_unique_scene_ids, check_unique_seeds, check_scene_count, check_dataset_fields, check_paths,
-         check_dj_ops, check_prompt_length, check_storyboard, check_small_sizes, check_lora_targets, check_team]
+         check_dj_ops, check_prompt_length, check_storyboard, check_small_sizes, check_lora_targets, check_team,
+         check_train_knobs]
 
 
 def run_all(ctx: Context) -> list[Diagnostic]:

@@ -41,7 +41,13 @@ class Samples(torch.utils.data.Dataset):
             y = int(torch.randint(0, lat.shape[2] - lh + 1, (1,), generator=g))
             x = int(torch.randint(0, lat.shape[3] - lw + 1, (1,), generator=g))
             lat = lat[:, :, y:y + lh, x:x + lw]
-        return {"latent": lat, "noise": torch.randn(lat.shape, generator=g), "text": self.data["text_of"][data_id]}
+        noise = torch.randn(lat.shape, generator=g)
+        if self.cfg.get("noise_offset"):  # one shift per latent channel (drawn only when on: defaults draw as before)
+            noise = noise + self.cfg["noise_offset"] * torch.randn(lat.shape[:2] + (1, 1), generator=g)
+        text = self.data["text_of"][data_id]
+        if self.cfg.get("caption_dropout") and float(torch.rand((), generator=g)) < self.cfg["caption_dropout"]:
+            text = self.data["texts"].index("")  # the empty caption's embedding (encoded in the cache pass)
+        return {"latent": lat, "noise": noise, "text": text}
 
 
 def collate(items):
@@ -120,6 +126,8 @@ class LoRAModule(L.LightningModule):
         self.unet.requires_grad_(False)
         for n, p in self.unet.named_parameters():
             p.requires_grad_(".lora_" in n)
+        if self.cfg.get("ema"):
+            self._ema_buffers()  # registered before a checkpoint restores them
 
     def configure_model(self):
         if self.unet is None:
@@ -161,8 +169,13 @@ class LoRAModule(L.LightningModule):
         return loss
 
     def compute_loss(self, pred, target, timestep):
-        """The objective (a hook): diffsynth's MSE on the scheduler's target, weighted per timestep."""
-        return torch.nn.functional.mse_loss(pred.float(), target.float()) * self.scheduler.training_weight(timestep)
+        """The objective (a hook): diffsynth's MSE on the scheduler's target, weighted per timestep; with
+        ``min_snr_gamma`` times min(SNR, gamma) / SNR (epsilon prediction, Hang et al. 2023)."""
+        loss = torch.nn.functional.mse_loss(pred.float(), target.float()) * self.scheduler.training_weight(timestep)
+        gamma = self.cfg.get("min_snr_gamma")
+        if gamma:
+            loss = loss * min_snr_weight(self.scheduler.alphas_cumprod, timestep, gamma)
+        return loss
 
     def _unet(self, x, t, ehs, tid, ate):
         if self.graphed is None:  # object.__setattr__: keep the graphed wrapper out of the module tree
@@ -200,10 +213,31 @@ class LoRAModule(L.LightningModule):
             return False
 
     def configure_optimizers(self):
-        """The optimizer and LR schedule (a hook): AdamW at a constant rate, as the notebook trains."""
+        """The optimizer and LR schedule (a hook): by default AdamW at a constant rate, as the notebook trains."""
         params = [p for p in self.unet.parameters() if p.requires_grad]
-        fused = self.device.type == "cuda"
-        return torch.optim.AdamW(params, lr=self.lr, fused=fused)
+        opt = make_optimizer(self.cfg.get("optimizer", "adamw"), params, self.lr, self.device.type == "cuda")
+        sched = self.cfg.get("lr_scheduler", "constant")
+        warm = int(self.cfg.get("lr_warmup_steps", 0))
+        if sched == "constant" and not warm:
+            return opt
+        total = int(self.trainer.max_steps)
+        lam = lr_lambda(sched, warm, total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lam),
+                                                   "interval": "step"}}
+
+    # ---- EMA of the LoRA weights (train.ema): a buffer per trained tensor, updated after each optimizer step
+    def _ema_buffers(self):
+        if not hasattr(self, "ema_weights"):
+            self.ema_weights = torch.nn.Module()
+            for i, (n, p) in enumerate((n, p) for n, p in self.unet.named_parameters() if p.requires_grad):
+                self.ema_weights.register_buffer(f"w{i}", p.detach().clone().float())
+        return list(self.ema_weights.buffers())
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        decay = self.cfg.get("ema")
+        if decay and (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
+            trained = [p for p in self.unet.parameters() if p.requires_grad]
+            ema_update(self._ema_buffers(), trained, decay)
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["storyc_micro_batches"] = self.micro_batches
@@ -216,7 +250,68 @@ class LoRAModule(L.LightningModule):
         self.micro_batches = int(checkpoint.get("storyc_micro_batches", 0))
 
     def lora_state(self) -> dict:
-        return lora_mod.lora_state_dict(self.unet)
+        """What is exported: the trained LoRA, or its EMA weights when train.ema is on."""
+        state = lora_mod.lora_state_dict(self.unet)
+        if self.cfg.get("ema"):
+            names = [n for n, p in self.unet.named_parameters() if p.requires_grad]
+            ema = dict(zip(names, self._ema_buffers()))
+            state = {k: ema[k].to(v.dtype) if k in ema else v for k, v in state.items()}
+        return state
+
+
+def min_snr_weight(alphas_cumprod, timestep, gamma: float):
+    """min(SNR(t), gamma) / SNR(t), SNR(t) = a_t / (1 - a_t) with a_t the cumulative alpha product."""
+    a = torch.as_tensor(alphas_cumprod, dtype=torch.float64).to(timestep.device)[timestep.long()]
+    snr = a / (1 - a)
+    return (torch.clamp(snr, max=gamma) / snr).mean().float()
+
+
+def ema_update(ema: list, params: list, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * param, in place."""
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            e.mul_(decay).add_(p.detach().float(), alpha=1 - decay)
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    """The LR multiplier at optimizer step s: linear warm-up over ``warmup`` steps, then constant, linear decay
+    to 0 or a half cosine to 0 over the remaining steps."""
+    import math
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:  # as transformers' get_scheduler: 0 at step 0
+            return step / warmup
+        rest = max(total - warmup, 1)
+        done = min(max(step - warmup, 0) / rest, 1.0)
+        if schedule == "linear":
+            return 1.0 - done
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * done))
+        return 1.0
+    return f
+
+
+def make_optimizer(name: str, params, lr: float, cuda: bool):
+    """adamw (torch, fused on CUDA), adamw8bit (bitsandbytes) or prodigy (prodigyopt): the libraries' own."""
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            from ..errors import StageError
+
+            raise StageError("train", f"train.optimizer adamw8bit needs bitsandbytes ({e})",
+                             "pip install bitsandbytes, or use `optimizer: adamw`") from None
+        return bnb.optim.AdamW8bit(params, lr=lr)
+    if name == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError as e:
+            from ..errors import StageError
+
+            raise StageError("train", f"train.optimizer prodigy needs prodigyopt ({e})",
+                             "pip install prodigyopt, or use `optimizer: adamw`") from None
+        return Prodigy(params, lr=lr)
+    return torch.optim.AdamW(params, lr=lr, fused=cuda)
 
 
 class _Positional(torch.nn.Module):

@@ -76,12 +76,17 @@ def _filter(src: Source):
 
 
 # train.* values that decide how fast or how resumably it trains, never what it trains
-TRAIN_SETTINGS = ("checkpoint_every", "cuda_graphs", "compile", "num_workers", "gradient_checkpointing")
+TRAIN_SETTINGS = ("checkpoint_every", "cuda_graphs", "compile", "num_workers", "gradient_checkpointing",
+                  "tensorboard")
+# the trainers' knobs: hashed only when set, so a spec that leaves them at the notebook's math keeps its lock
+TRAIN_KNOBS = {"min_snr_gamma": None, "noise_offset": 0, "caption_dropout": 0, "ema": None, "optimizer": "adamw",
+               "lr_scheduler": "constant", "lr_warmup_steps": 0}
 
 
 def _train(src: Source):
     d = src.story.data
-    train = {k: v for k, v in d["train"].items() if k not in TRAIN_SETTINGS}
+    train = {k: v for k, v in d["train"].items()
+             if k not in TRAIN_SETTINGS and not (k in TRAIN_KNOBS and v == TRAIN_KNOBS[k])}
     params = {"lora": d["lora"], "train": train, "models": {"kolors": src.refs["kolors"], "vae": src.refs["vae"]},
               "formats": list(d["submission"]["lora_formats"])}
     settings = {k: d["train"][k] for k in TRAIN_SETTINGS}

@@ -246,7 +246,7 @@ def cache_pass(ctx, cfg: TrainConfig, kolors: Path, vae: Path, device: str, dtyp
         lat_keys.append(k)
         if not _cache_file_ok(ctx, root / "latents" / f"{k}.safetensors"):
             lat_missing.append((r, k))
-    texts = sorted({r["text"] for r in rows})
+    texts = sorted({r["text"] for r in rows} | ({""} if cfg["caption_dropout"] else set()))  # "": dropped captions
     txt_keys = {t: digest({"v": CACHE_VERSION, "text": t, "kolors": kolors_fp, "dtype": str(dtype)}) for t in texts}
     txt_missing = [t for t in texts if not _cache_file_ok(ctx, root / "text" / f"{txt_keys[t]}.safetensors")]
 
@@ -331,7 +331,8 @@ def fit(ctx, cfg: TrainConfig, work: Path, kolors: Path, data: dict, res) -> tup
         ctx.report.info(f"     {strategy} on {world} {'GPUs' if accel == 'gpu' else 'CPU processes'}: "
                         f"{total} optimizer steps of {world} x {cfg['batch_size']} images")
     trainer = setup_trainer(cfg, accel, devices, strategy, res.precision, total,
-                            setup_callbacks(ctx, cfg, work, result, total, resume is not None), work)
+                            setup_callbacks(ctx, cfg, work, result, total, resume is not None), work,
+                            setup_logger(ctx, cfg, resume is not None))
     loader = setup_data(cfg, data, module)  # the module's own config (with the memory plan) drives sampling
     try:
         trainer.fit(module, train_dataloaders=loader, ckpt_path=resume)
@@ -405,10 +406,37 @@ def setup_callbacks(ctx, cfg: TrainConfig, work: Path, result: Path, total: int,
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=work / "checkpoints", filename="step-{step}",
                                                every_n_train_steps=cfg["checkpoint_every"], save_last=True,
                                                save_top_k=0, save_on_train_epoch_end=False)
-    return [ckpt, StoryCallbacks(ctx.report, work / "train_log.csv", result, total, resumed)]
+    out = [ckpt, StoryCallbacks(ctx.report, work / "train_log.csv", result, total, resumed)]
+    if cfg["tensorboard"] and _tensorboard_available():
+        out.append(L.pytorch.callbacks.LearningRateMonitor(logging_interval="step"))
+    return out
 
 
-def setup_trainer(cfg: TrainConfig, accel, devices, strategy, precision, total: int, callbacks: list, work: Path):
+def _tensorboard_available() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("tensorboard") is not None or find_spec("tensorboardX") is not None
+
+
+def setup_logger(ctx, cfg: TrainConfig, resumed: bool):
+    """Lightning's TensorBoard logger in build/<story>/train/logs/ (`tensorboard --logdir` that folder): this
+    run's curves only (a resumed run continues its own)."""
+    import shutil
+
+    if not cfg["tensorboard"]:
+        return False
+    if not resumed:
+        shutil.rmtree(ctx.path("train/logs"), ignore_errors=True)
+    if not _tensorboard_available():
+        ctx.report.line("warning: train.tensorboard is on but the tensorboard package is missing; not logging")
+        return False
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return TensorBoardLogger(save_dir=str(ctx.path("train")), name="logs", version="", default_hp_metric=False)
+
+
+def setup_trainer(cfg: TrainConfig, accel, devices, strategy, precision, total: int, callbacks: list, work: Path,
+                  logger=False):
     import logging
 
     import lightning as L
@@ -417,7 +445,7 @@ def setup_trainer(cfg: TrainConfig, accel, devices, strategy, precision, total: 
         logging.getLogger(name).setLevel(logging.ERROR)
     return L.Trainer(accelerator=accel, devices=devices, strategy=strategy, precision=precision, max_epochs=1,
                      max_steps=total, accumulate_grad_batches=cfg["accumulate_grad_batches"], callbacks=callbacks,
-                     logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                     logger=logger, log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                      default_root_dir=str(work), deterministic=False, use_distributed_sampler=False)
 
 

@@ -19,11 +19,17 @@ class TrainConfig:
         return cls(p["lora"], p["train"], tuple(p["formats"]), dict(p["models"]), dict(job.settings))
 
     def module_config(self) -> dict:
-        """The flat train.* dict the LightningModule reads (hashed values and execution settings)."""
-        return {**self.train, **self.settings}
+        """The flat train.* dict the LightningModule reads (hashed values, knobs at their defaults, settings)."""
+        from .registry import TRAIN_KNOBS
 
-    def __getitem__(self, key):  # cfg["learning_rate"]: a train value or a setting
-        return self.train[key] if key in self.train else self.settings[key]
+        return {**TRAIN_KNOBS, **self.train, **self.settings}
+
+    def __getitem__(self, key):  # cfg["learning_rate"]: a train value, a knob or a setting
+        from .registry import TRAIN_KNOBS
+
+        if key in self.train:
+            return self.train[key]
+        return self.settings[key] if key in self.settings else TRAIN_KNOBS[key]
 
     @property
     def size(self) -> tuple[int, int]:
