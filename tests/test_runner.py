@@ -81,7 +81,7 @@ def test_every_stage_comes_from_the_registry_and_has_an_executor():
     for kind in KINDS:
         assert callable(importlib.import_module(f"storyc.stages.{kind}").run)
     assert plan.stages["train"].settings == {"checkpoint_every": 100, "cuda_graphs": True, "compile": False,
-                                             "num_workers": 0, "gradient_checkpointing": "auto"}
+                                             "num_workers": 0, "gradient_checkpointing": "auto", "tensorboard": True}
     assert not set(plan.stages["train"].settings) & set(plan.stages["train"].params["train"])
 
 
