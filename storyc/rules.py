@@ -328,6 +328,15 @@ def check_train_knobs(ctx):
         if warm >= steps:
             out.append(ctx.diag(("train", "lr_warmup_steps"), f"{warm} warm-up steps but the run has only {steps} "
                                 "optimizer steps", "warm up over a small part of the run (e.g. 5%)", "train_knobs"))
+    if tr.get("select") == "best_score" and not tr.get("preview_every"):
+        out.append(ctx.diag(("train", "select"), "`select: best_score` needs previews to score checkpoints",
+                            "set `train.preview_every: N` (e.g. 500), or `select: last`", "train_knobs"))
+    if tr.get("preview_every"):
+        steps = TrainConfig(ctx.data.get("lora") or {}, tr, (), {}, {}).optimizer_steps(1)
+        if tr["preview_every"] > steps:
+            out.append(ctx.diag(("train", "preview_every"), f"preview every {tr['preview_every']} steps but the run "
+                                f"has {steps}: only the last checkpoint is previewed", severity="warning",
+                                rule="train_knobs"))
     if tr.get("optimizer") == "prodigy" and isinstance(tr.get("learning_rate"), (int, float)) and tr["learning_rate"] < 0.1:
         out.append(ctx.diag(("train", "learning_rate"), f"learning_rate {tr['learning_rate']:g} with optimizer prodigy",
                             "Prodigy finds the step size itself; its learning_rate is a multiplier, usually 1.0",

@@ -144,3 +144,48 @@ def test_training_with_every_knob_on(base, tmp_path):
 
     state, _ = lora.load(spec.parent / "build/t/lora/t.diffsynth.safetensors")
     assert any("lora_B" in k and v.abs().max() > 0 for k, v in state.items())
+
+
+def test_story_previews_score_each_checkpoint_and_select_the_best(base, tmp_path):
+    from storyc import lora
+
+    spec = copy_project(base, tmp_path / "p")
+    edit(spec, "checkpoint_every: 2}", "checkpoint_every: 2, preview_every: 2, preview_steps: 1, select: best_score}")
+    r = run_cli("build", spec, cwd=spec.parent)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "preview at step 2: mean aesthetic" in r.stdout and "preview at step 4" in r.stdout
+    lock = yaml.safe_load((spec.parent / "story.lock").read_text("utf-8"))
+    facts = lock["stages"]["train"]["extra"]
+    assert set(facts["checkpoints"]) == {"2", "4"}
+    best = max((2, 4), key=lambda s: (facts["checkpoints"][str(s)]["mean_aesthetic"], s))
+    assert facts["selected_step"] == best
+    lora_dir = spec.parent / "build/t/lora"
+    doc = json.loads((lora_dir / "checkpoints.json").read_text("utf-8"))
+    for c in doc["checkpoints"]:  # the mean is the mean of that checkpoint's scene scores
+        assert math.isclose(c["mean"], sum(c["scores"].values()) / 3, abs_tol=1e-5)
+        assert (lora_dir / f"checkpoints/step-{c['step']}.png").is_file()
+    shipped, _ = lora.load(lora_dir / "t.diffsynth.safetensors")
+    chosen, _ = lora.load(lora_dir / f"checkpoints/step-{best}.safetensors")
+    assert shipped.keys() == chosen.keys() and all(torch.equal(shipped[k], chosen[k]) for k in shipped)
+    # previews never disturb training: the last checkpoint is exactly the LoRA trained without previews
+    last, _ = lora.load(lora_dir / "checkpoints/step-4.safetensors")
+    plain, _ = lora.load(base.parent / "build/t/lora/t.diffsynth.safetensors")
+    assert all(torch.equal(last[k], plain[k]) for k in plain)
+    report = (spec.parent / "build/t/submission/t/report.html").read_text("utf-8")
+    assert "id='checkpoints'" in report and report.count("height='96'") == 2 and "<polyline" in report
+    assert f"<td>{best} (used)</td>" in report
+
+
+def test_best_score_needs_previews(project):
+    spec = project / "story.yaml"
+    spec.write_text("version: 1\nstory: {id: k}\ntrain: {select: best_score}\nscenes: [{id: a, prompt: x, seed: 0}]\n"
+                    "submission: {images: 1}\n", "utf-8")
+    r = run_cli("validate", spec, cwd=project)
+    assert r.returncode == 1 and "$.train.select: `select: best_score` needs previews" in r.stderr
+
+
+def test_select_rule():
+    from storyc.stages.previews import select
+
+    rec = {"2": {"mean": 5.1}, "4": {"mean": 6.3}, "6": {"mean": 6.3}, "8": {"mean": 4.0}}
+    assert select(rec, "best_score") == 6 and select(rec, "last") == 8

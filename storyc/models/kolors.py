@@ -74,8 +74,9 @@ def load_unet_for(kolors: Path, dtype, device):
 
 
 def load_pipeline(kolors: Path, dtype, device, vae_encoder: Path | None = None, decoder: bool = True,
-                  text_encoder: bool = True):
-    """An SDXLImagePipeline in Kolors mode (KolorsPrompter, 1100-step scheduler)."""
+                  text_encoder: bool = True, unet=None):
+    """An SDXLImagePipeline in Kolors mode (KolorsPrompter, 1100-step scheduler); ``unet``: use this UNet (the
+    one being trained, for previews) instead of loading one."""
     import contextlib
     import io
 
@@ -100,7 +101,7 @@ def load_pipeline(kolors: Path, dtype, device, vae_encoder: Path | None = None, 
             mm.model_path.append(str(path))
             mm.model_name.append(name)
 
-        add(load_unet(kolors / "unet", dtype, device), kolors / "unet", "sdxl_unet")
+        add(unet if unet is not None else load_unet(kolors / "unet", dtype, device), kolors / "unet", "sdxl_unet")
         if decoder:
             add(load_vae(kolors / "vae/diffusion_pytorch_model.safetensors", "decoder", dtype, device),
                 kolors / "vae", "sdxl_vae_decoder")

@@ -15,7 +15,7 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "transformers",
-                 "diffusers", "modelscope"):
+                 "diffusers", "modelscope", "bitsandbytes"):  # bitsandbytes: a CPU-kernel notice peft's import triggers
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")

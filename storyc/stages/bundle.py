@@ -197,6 +197,8 @@ def _write_bundle(ctx, p: dict, tmp: Path, scenes: list, lora_cfg: dict):
     (tmp / "README.md").write_text(render("submission_readme.md.j2", **ctxd), "utf-8")
     # what DiffSynth-Studio's own upload writes into a model folder before pushing it to ModelScope
     (tmp / "configuration.json").write_text(canonical_json(CONFIGURATION), "utf-8")
+    ctxd["loss_svg"] = _loss_svg(ctx.path("lora/train_log.csv"))
+    ctxd["checkpoints_html"] = _checkpoints_html(ctx.path("lora"))
     (tmp / "report.html").write_text(_report_html(ctxd, tmp), "utf-8")
     manifest = {"format": "storyc.manifest/2", "story": sid, "valid": valid,
                 "files": {f: {"sha256": _sha(tmp / f), "size": (tmp / f).stat().st_size} for f in _files(tmp)}}
@@ -240,6 +242,45 @@ def _sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
+def _loss_svg(log: Path, w: int = 640, h: int = 200) -> str:
+    """The training loss per step as an inline SVG polyline (no plotting library)."""
+    try:
+        rows = [ln.split(",") for ln in log.read_text("utf-8").splitlines()[1:] if ln.strip()]
+        pts = [(int(a), float(b)) for a, b in rows]
+    except (OSError, ValueError):
+        return ""
+    pts = [(x, y) for x, y in pts if y == y]  # no NaN
+    if len(pts) < 2:
+        return ""
+    x0, x1 = pts[0][0], pts[-1][0]
+    y0, y1 = min(y for _, y in pts), max(y for _, y in pts)
+    sx = (w - 20) / max(x1 - x0, 1)
+    sy = (h - 20) / max(y1 - y0, 1e-12)
+    line = " ".join(f"{10 + (x - x0) * sx:.1f},{h - 10 - (y - y0) * sy:.1f}" for x, y in pts)
+    return (f'<figure id="loss"><svg width="{w}" height="{h}" viewBox="0 0 {w} {h}" style="border:1px solid #ccc">'
+            f'<polyline fill="none" stroke="#2a6fdb" stroke-width="1.5" points="{line}"/></svg>'
+            f"<figcaption>loss per step ({pts[0][0]}-{pts[-1][0]}; {y0:.4f} to {y1:.4f})</figcaption></figure>")
+
+
+def _checkpoints_html(lora: Path) -> str:
+    """Each previewed checkpoint's strip (the story rendered with that checkpoint) and its scores."""
+    doc = _read_json(lora / "checkpoints.json")
+    if not isinstance(doc, dict):
+        return ""
+    rows = []
+    for c in doc.get("checkpoints", []):
+        strip = lora / "checkpoints" / f"step-{c['step']}.png"
+        if not strip.is_file():
+            continue
+        src = "data:image/png;base64," + base64.b64encode(strip.read_bytes()).decode()
+        chosen = " (used)" if c["step"] == doc.get("selected") else ""
+        rows.append(f"<tr><td>{c['step']}{chosen}</td><td>{c['mean']:.3f}</td><td>{c['coherence']:.3f}</td>"
+                    f"<td><img src='{src}' height='96'></td></tr>")
+    return (f"<h3 id='checkpoints'>Checkpoints (train.select: {html.escape(str(doc.get('select')))})</h3><table>"
+            "<tr><th>step</th><th>mean aesthetic</th><th>coherence</th><th>preview</th></tr>" + "".join(rows)
+            + "</table>")
+
+
 def _report_html(c: dict, folder: Path) -> str:
     def img64(name):
         return "data:image/png;base64," + base64.b64encode((folder / name).read_bytes()).decode()
@@ -266,6 +307,8 @@ Style coherence (mean pairwise CLIP cosine) {c['coherence']:.3f}; least like the
 <table><tr><th>op</th><th>in</th><th>kept</th></tr>{frows}</table>
 <h2>Training</h2><p>{tr.get('steps', '?')} steps, final loss {tr.get('final_loss', float('nan')):.4f}, LoRA rank {c['lora']['rank']}
 alpha {c['lora']['alpha']:g}, on {e(str(tr.get('device', '?')))} ({e(str(tr.get('precision', '?')))}).</p>
+{c.get('loss_svg', '')}
+{c.get('checkpoints_html', '')}
 </body></html>
 """
 

@@ -80,7 +80,8 @@ TRAIN_SETTINGS = ("checkpoint_every", "cuda_graphs", "compile", "num_workers", "
                   "tensorboard")
 # the trainers' knobs: hashed only when set, so a spec that leaves them at the notebook's math keeps its lock
 TRAIN_KNOBS = {"min_snr_gamma": None, "noise_offset": 0, "caption_dropout": 0, "ema": None, "optimizer": "adamw",
-               "lr_scheduler": "constant", "lr_warmup_steps": 0}
+               "lr_scheduler": "constant", "lr_warmup_steps": 0, "preview_every": None, "preview_steps": None,
+               "preview_size": None, "select": "last"}
 
 
 def _train(src: Source):
@@ -89,8 +90,22 @@ def _train(src: Source):
              if k not in TRAIN_SETTINGS and not (k in TRAIN_KNOBS and v == TRAIN_KNOBS[k])}
     params = {"lora": d["lora"], "train": train, "models": {"kolors": src.refs["kolors"], "vae": src.refs["vae"]},
               "formats": list(d["submission"]["lora_formats"])}
+    if d["train"]["preview_every"]:
+        params["preview"] = preview_params(src)
     settings = {k: d["train"][k] for k in TRAIN_SETTINGS}
     return [StageSpec("train", "train", params, ("filter",), settings=settings)]
+
+
+def preview_params(src: Source) -> dict:
+    """What the story previews during training render: the scenes (first seed each), at the generation's
+    guidance and LoRA strength, at the preview size and steps, scored by the aesthetic model."""
+    tr, common = src.story.data["train"], generation_common(src.story)
+    size = tr["preview_size"]
+    w, h = (size, size) if isinstance(size, int) else (size or (common["width"], common["height"]))
+    return {"scenes": [{"id": s["id"], "prompt": s["prompt"], "negative_prompt": s["negative_prompt"],
+                        "seed": s["seeds"][0]} for s in src.scenes],
+            "width": w, "height": h, "steps": tr["preview_steps"] or common["steps"],
+            "cfg_scale": common["cfg_scale"], "lora_strength": common["lora_strength"], "aesthetic": src.refs["aesthetic"]}
 
 
 # generation values that apply to every scene (lora_scale is hashed through lora_alpha / lora_strength)
@@ -145,7 +160,8 @@ def _captions_font(job, story):
 KINDS: dict[str, StageKind] = {k.name: k for k in (
     StageKind("ingest", 1, _ingest, lambda job, story: ("dataset",) if story.dataset_path is not None else ()),
     StageKind("filter", 1, _filter, _no_models),
-    StageKind("train", 1, _train, lambda job, story: ("kolors", "vae"),
+    StageKind("train", 1, _train,
+              lambda job, story: ("kolors", "vae", "aesthetic") if "preview" in job.params else ("kolors", "vae"),
               oom_hint="set `train.gradient_checkpointing: true` (or `auto`), lower `train.batch_size` or "
                        "`train.resolution`, or cap the memory storyc plans for with STORYC_GPU_MEMORY_GIB"),
     StageKind("generate", 1, _generate,

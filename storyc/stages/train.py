@@ -49,8 +49,8 @@ def _key(ctx, params_hash: str) -> str:
 # fingerprint cache (size + mtime), a full read when those changed. A corrupt entry is dropped and rebuilt.
 
 def _seal(ctx, work: Path, key: str) -> None:
-    files = {f.name: {"sha256": ctx.hasher.file(f), "size": f.stat().st_size}
-             for f in sorted(work.iterdir()) if f.is_file() and f.name != "DONE"}
+    files = {f.relative_to(work).as_posix(): {"sha256": ctx.hasher.file(f), "size": f.stat().st_size}
+             for f in sorted(work.rglob("*")) if f.is_file() and f.name != "DONE"}  # previews/ too
     atomic_write(work / "DONE", canonical_json({"format": "storyc.train_cache/1", "key": key, "files": files}))
 
 
@@ -102,7 +102,7 @@ def _cache_file_ok(ctx, path: Path) -> bool:
 def _legacy_key(ctx, cfg: TrainConfig) -> str:
     """The cache key storyc <= 0.1.0 (before the stage registry) gave the same training: it hashed the execution
     settings too. Entries under it are taken over once instead of retraining."""
-    train = {**cfg.train, **cfg.settings}
+    train = {**cfg.train, **{k: v for k, v in cfg.settings.items() if k != "tensorboard"}}  # newer than 0.1.0
     if train.get("gradient_checkpointing") == "auto":  # `auto` is new: an old spec that left it out had true
         train["gradient_checkpointing"] = True
     params = {"lora": cfg.lora, "train": train, "models": cfg.models}
@@ -159,12 +159,24 @@ def run(ctx, jobs):
     out.mkdir(parents=True, exist_ok=True)
     copies = {f"{fmt}.safetensors": name for fmt, name in output_names(ctx.story.id, cfg).items()}
     copies.update({"train_log.csv": "train_log.csv", "train_report.json": "train_report.json"})
+    if cfg.preview:  # each checkpoint's LoRA and preview strip, and the choice
+        copies["checkpoints.json"] = "checkpoints.json"
+        for f in sorted((final / "previews").glob("step-*")):
+            copies[f"previews/{f.name}"] = f"checkpoints/{f.name}"
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # no strips of an earlier run beside this one's
+    if cfg.preview:
+        (out / "checkpoints").mkdir()
     for src, dst in copies.items():
-        tmp = out / f".{dst}.tmp"
+        tmp = (out / dst).with_name(f".{Path(dst).name}.tmp")
         shutil.copyfile(final / src, tmp)
         tmp.replace(out / dst)
     rep = json.loads((final / "train_report.json").read_text("utf-8"))
     facts = {"cache_key": key, "final_loss": rep.get("final_loss")}
+    if cfg.preview:  # every checkpoint's scores, and the one the story uses
+        ck = json.loads((final / "checkpoints.json").read_text("utf-8"))
+        facts["checkpoints"] = {str(c["step"]): {"mean_aesthetic": c["mean"], "style_coherence": c["coherence"]}
+                                for c in ck["checkpoints"]}
+        facts["selected_step"] = ck["selected"]
     try:  # the memory plan the LoRA was trained under (kept in the cache entry, so a reuse reports the same)
         facts["memory"] = json.loads((final / "memory_plan.json").read_text("utf-8"))
     except (OSError, ValueError):
@@ -186,8 +198,17 @@ def train(ctx, cfg: TrainConfig, work: Path):
     cache_s = time.monotonic() - t0
     ctx.report.info(f"     cache: {data['n_images']} latents, {len(data['texts'])} prompt embeddings "
                     f"({data['encoded_images']} images and {data['encoded_texts']} prompts encoded now) in {cache_s:.1f}s")
+    previews = None
+    if cfg.preview:
+        from .generate import encode_all
+
+        t = time.monotonic()
+        items = [{"prompt": s["prompt"], "negative_prompt": s["negative_prompt"]} for s in cfg.preview["scenes"]]
+        previews = {"table": encode_all(kolors, items, cfg.preview["cfg_scale"], res.torch_dtype(), res.device),
+                    "kolors": kolors, "aesthetic": ctx.model("aesthetic")}
+        ctx.metric("train.preview_encode_s", time.monotonic() - t)
     t1 = time.monotonic()
-    steps, final_loss = fit(ctx, cfg, work, kolors, data, res)
+    steps, final_loss = fit(ctx, cfg, work, kolors, data, res, previews)
     train_s = time.monotonic() - t1
     ctx.metric("train.cache_pass_s", cache_s)
     ctx.metric("train.fit_s", train_s)  # UNet load, CUDA-graph capture and every step
@@ -197,6 +218,16 @@ def train(ctx, cfg: TrainConfig, work: Path):
     if final_loss is None or not math.isfinite(final_loss):
         raise StageError("train", f"training diverged: the loss is {final_loss} after {steps} steps (the LoRA would be "
                          "NaN and every image black)", "lower `train.learning_rate`, or use `precision: bf16-mixed`")
+    if cfg.preview:  # the checkpoint the story uses: the last, or the one whose previews scored best
+        from .previews import load_records, select
+
+        records = load_records(work / "previews")
+        chosen = select(records, cfg["select"])
+        shutil.copyfile(work / "previews" / f"step-{chosen}.safetensors", work / "lora.tmp.safetensors")
+        atomic_write(work / "checkpoints.json", canonical_json({
+            "format": "storyc.checkpoints/1", "select": cfg["select"], "selected": chosen,
+            "checkpoints": [records[k] for k in sorted(records, key=int)]}))
+        ctx.report.info(f"     checkpoint: step {chosen} ({cfg['select']}), mean aesthetic {records[str(chosen)]['mean']:.3f}")
     export(cfg, work, kolors)
     # the hashed slice only: execution settings must not change the outputs' bytes
     atomic_write(work / "train_report.json", canonical_json({
@@ -304,7 +335,7 @@ def _save_atomic(ctx, save_file, tensors, path: Path):
     atomic_write(path.with_name(path.name + ".sha256"), sha + "\n")
 
 
-def fit(ctx, cfg: TrainConfig, work: Path, kolors: Path, data: dict, res) -> tuple[int, float]:
+def fit(ctx, cfg: TrainConfig, work: Path, kolors: Path, data: dict, res, previews=None) -> tuple[int, float]:
     """Train the LoRA with Lightning; resume from work/checkpoints/last.ckpt when present.
 
     With ``strategy: ddp`` and several devices, Lightning's ddp_spawn runs one process per device; each builds its
@@ -331,7 +362,7 @@ def fit(ctx, cfg: TrainConfig, work: Path, kolors: Path, data: dict, res) -> tup
         ctx.report.info(f"     {strategy} on {world} {'GPUs' if accel == 'gpu' else 'CPU processes'}: "
                         f"{total} optimizer steps of {world} x {cfg['batch_size']} images")
     trainer = setup_trainer(cfg, accel, devices, strategy, res.precision, total,
-                            setup_callbacks(ctx, cfg, work, result, total, resume is not None), work,
+                            setup_callbacks(ctx, cfg, work, result, total, resume is not None, previews), work,
                             setup_logger(ctx, cfg, resume is not None))
     loader = setup_data(cfg, data, module)  # the module's own config (with the memory plan) drives sampling
     try:
@@ -397,8 +428,9 @@ def setup_data(cfg: TrainConfig, data: dict, module):
     return make_loader(data, module.cfg, cfg.micro_batches, module, cfg["num_workers"])
 
 
-def setup_callbacks(ctx, cfg: TrainConfig, work: Path, result: Path, total: int, resumed: bool) -> list:
-    """Checkpoints every ``checkpoint_every`` steps and storyc's log/progress; EMA and previews go here."""
+def setup_callbacks(ctx, cfg: TrainConfig, work: Path, result: Path, total: int, resumed: bool,
+                    previews: dict | None = None) -> list:
+    """Checkpoints every ``checkpoint_every`` steps, storyc's log/progress, the story previews."""
     import lightning as L
 
     from .lightning_lora import StoryCallbacks
@@ -409,6 +441,13 @@ def setup_callbacks(ctx, cfg: TrainConfig, work: Path, result: Path, total: int,
     out = [ckpt, StoryCallbacks(ctx.report, work / "train_log.csv", result, total, resumed)]
     if cfg["tensorboard"] and _tensorboard_available():
         out.append(L.pytorch.callbacks.LearningRateMonitor(logging_interval="step"))
+    if previews is not None:
+        from .previews import StoryPreviews
+
+        if not resumed:
+            shutil.rmtree(work / "previews", ignore_errors=True)
+        out.append(StoryPreviews(cfg.preview, cfg["preview_every"], total, previews["table"], previews["kolors"],
+                                 previews["aesthetic"], work / "previews", ctx.report))
     return out
 
 

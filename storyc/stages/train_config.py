@@ -12,11 +12,12 @@ class TrainConfig:
     formats: tuple  # LoRA files the stage writes into build/<id>/lora/
     models: dict  # kolors / vae references as written into artifacts
     settings: dict  # execution-only: checkpoint_every, cuda_graphs, compile, num_workers
+    preview: dict | None = None  # train.preview_every: the scenes and settings the previews render
 
     @classmethod
     def from_job(cls, job) -> "TrainConfig":
         p = job.params
-        return cls(p["lora"], p["train"], tuple(p["formats"]), dict(p["models"]), dict(job.settings))
+        return cls(p["lora"], p["train"], tuple(p["formats"]), dict(p["models"]), dict(job.settings), p.get("preview"))
 
     def module_config(self) -> dict:
         """The flat train.* dict the LightningModule reads (hashed values, knobs at their defaults, settings)."""
@@ -59,4 +60,6 @@ class TrainConfig:
 
     def cache_key_params(self) -> dict:
         """What the trained weights depend on (not which files are exported from them)."""
+        if self.preview:  # which checkpoint is kept (select) depends on what the previews render and score
+            return {"lora": self.lora, "train": self.train, "preview": self.preview}
         return {"lora": self.lora, "train": self.train}

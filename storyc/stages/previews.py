@@ -1,0 +1,125 @@
+"""Story previews during training (train.preview_every) and the checkpoint choice (train.select).
+
+Every N optimizer steps and at the end, the story's own scenes are rendered with the LoRA being trained (the
+training UNet itself, at the generation's LoRA strength; EMA weights when train.ema is on), scored with the
+competition's aesthetic predictor and the style-coherence figure, and the checkpoint's LoRA and a preview strip
+are kept. Prompt embeddings come from a table encoded before training: ChatGLM is never on the GPU with the UNet.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from .. import lora as lora_mod
+from ..render import atomic_write, canonical_json
+
+STRIP_HEIGHT = 128  # preview strip thumbnails: one row of the story, small enough to embed in report.html
+
+
+class StoryPreviews(L.Callback):
+    def __init__(self, preview: dict, every: int, total: int, table: dict, kolors: Path, aesthetic: Path,
+                 folder: Path, report):
+        self.p, self.every, self.total, self.table = preview, every, total, table
+        self.kolors, self.aesthetic, self.folder, self.report = kolors, aesthetic, folder, report
+        self.records = load_records(folder)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        step = int(trainer.global_step)
+        if not trainer.is_global_zero or str(step) in self.records:
+            return
+        if step % self.every and step != self.total:
+            return
+        self.records[str(step)] = preview_checkpoint(module, step, self.p, self.table, self.kolors, self.aesthetic,
+                                                     self.folder)
+        atomic_write(self.folder / "records.json", canonical_json(self.records))
+        r = self.records[str(step)]
+        self.report.info(f"     preview at step {step}: mean aesthetic {r['mean']:.3f}, coherence {r['coherence']:.3f}")
+
+
+def load_records(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "records.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+@contextlib.contextmanager
+def _preview_weights(module, strength: float):
+    """The training UNet as generation would use the LoRA: eval mode, the generation's strength (alpha/rank x
+    lora_scale) instead of the training scaling, EMA weights swapped in when train.ema is on."""
+    unet = module.unet
+    layers = [m for m in unet.modules() if hasattr(m, "scaling") and isinstance(m.scaling, dict)]
+    scalings = [dict(m.scaling) for m in layers]
+    swapped = []
+    if module.cfg.get("ema"):
+        trained = [p for p in unet.parameters() if p.requires_grad]
+        for p, e in zip(trained, module._ema_buffers()):
+            swapped.append((p, p.data.clone()))
+            p.data.copy_(e.to(p.dtype))
+    was_training = unet.training
+    unet.eval()
+    for m in layers:
+        for k in m.scaling:
+            m.scaling[k] = strength
+    try:
+        yield unet
+    finally:
+        for m, s in zip(layers, scalings):
+            m.scaling.update(s)
+        for p, data in swapped:
+            p.data.copy_(data)
+        unet.train(was_training)
+
+
+def preview_checkpoint(module, step: int, p: dict, table: dict, kolors: Path, aesthetic: Path, folder: Path) -> dict:
+    """Render, score and keep one checkpoint: its LoRA (step-N.safetensors) and preview strip (step-N.png)."""
+    from ..models.kolors import load_pipeline
+    from .generate import cached_encoder, render_iter
+    from .score import Scorer, coherence
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lo = module.lora_cfg
+    lora_mod.save(folder / f"step-{step}.safetensors", module.lora_state(), {"rank": lo["rank"], "alpha": lo["alpha"]})
+    dev = module.device
+    dtype = next(q for q in module.unet.parameters() if not q.requires_grad).dtype
+    items = [{"prompt": s["prompt"], "negative_prompt": s["negative_prompt"], "seed": s["seed"]} for s in p["scenes"]]
+    gen = {k: p[k] for k in ("width", "height", "steps", "cfg_scale")}
+    autocast = torch.autocast("cuda", dtype=dtype) if dev.type == "cuda" else contextlib.nullcontext()
+    with _preview_weights(module, p["lora_strength"]) as unet, autocast:
+        pipe = load_pipeline(kolors, dtype, dev, text_encoder=False, unet=unet)
+        images = list(render_iter(pipe, items, gen, len(items), encode=cached_encoder(table)))
+        del pipe
+    scorer = Scorer(aesthetic)
+    scores, embeds = scorer.score_and_embed(images)
+    del scorer
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    coh, _ = coherence(embeds)
+    strip(images).save(folder / f"step-{step}.png")
+    return {"step": step, "mean": round(sum(scores) / len(scores), 6), "coherence": round(coh, 6),
+            "scores": {s["id"]: round(v, 6) for s, v in zip(p["scenes"], scores)}}
+
+
+def strip(images):
+    """The story's images side by side, each scaled to STRIP_HEIGHT."""
+    from PIL import Image
+
+    thumbs = [im.resize((max(1, round(im.width * STRIP_HEIGHT / im.height)), STRIP_HEIGHT)) for im in images]
+    out = Image.new("RGB", (sum(t.width for t in thumbs), STRIP_HEIGHT), "white")
+    x = 0
+    for t in thumbs:
+        out.paste(t, (x, 0))
+        x += t.width
+    return out
+
+
+def select(records: dict, how: str) -> int:
+    """The checkpoint the story uses: the last, or the best mean aesthetic (a tie goes to the later step)."""
+    steps = sorted(int(s) for s in records)
+    if how == "best_score":
+        return max(steps, key=lambda s: (records[str(s)]["mean"], s))
+    return steps[-1]
