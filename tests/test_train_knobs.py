@@ -174,6 +174,12 @@ def test_story_previews_score_each_checkpoint_and_select_the_best(base, tmp_path
     report = (spec.parent / "build/t/submission/t/report.html").read_text("utf-8")
     assert "id='checkpoints'" in report and report.count("height='96'") == 2 and "<polyline" in report
     assert f"<td>{best} (used)</td>" in report
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(spec.parent / "build/t/train/logs"))
+    acc.Reload()
+    assert [e.step for e in acc.Images("preview")] == [2, 4]
+    assert "preview/mean_aesthetic" in acc.Tags()["scalars"]
 
 
 def test_best_score_needs_previews(project):

@@ -37,7 +37,21 @@ class StoryPreviews(L.Callback):
                                                      self.folder)
         atomic_write(self.folder / "records.json", canonical_json(self.records))
         r = self.records[str(step)]
+        _log_to_tensorboard(trainer, step, self.folder / f"step-{step}.png", r)
         self.report.info(f"     preview at step {step}: mean aesthetic {r['mean']:.3f}, coherence {r['coherence']:.3f}")
+
+
+def _log_to_tensorboard(trainer, step: int, strip_png: Path, rec: dict) -> None:
+    """The preview strip and its scores beside the loss curve (when train.tensorboard is on)."""
+    exp = getattr(trainer.logger, "experiment", None) if trainer.logger else None
+    if exp is None or not hasattr(exp, "add_image"):
+        return
+    import numpy as np
+    from PIL import Image
+
+    exp.add_image("preview", np.asarray(Image.open(strip_png).convert("RGB")), step, dataformats="HWC")
+    exp.add_scalar("preview/mean_aesthetic", rec["mean"], step)
+    exp.add_scalar("preview/style_coherence", rec["coherence"], step)
 
 
 def load_records(folder: Path) -> dict:
