@@ -61,7 +61,7 @@ def compile(story: Story, build_dir: Path | None = None) -> Plan:  # noqa: A001 
     stages = stage_jobs(Source(story, scenes, refs))
 
     # ---- ingest
-    ingest = {"format": f"storyc.ingest/{FORMAT}", "dataset": stages["ingest"].params["dataset"],
+    ingest = {"format": f"storyc.ingest/{FORMAT}", **stages["ingest"].params,
               "output": {"metadata": "data/input/metadata.jsonl", "images": "data/input/images/"}}
 
     # ---- filter (Data-Juicer)

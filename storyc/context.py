@@ -65,11 +65,16 @@ class Context:
 
             f = find_font()
             return digest({"font": f.name, "sha256": self.hasher.file(f.path)} if f is not None else {"font": None})
-        if key == "dataset":  # source content of a folder/jsonl dataset (captions included)
-            p = self.story.dataset_path
-            if p is None or not p.exists():
+        if key == "dataset":  # source content of the folder/jsonl datasets (captions included)
+            paths = [p for p in self.story.dataset_paths if p is not None]
+            if not paths or not all(p.exists() for p in paths):
                 return None
-            return self.hasher.tree(p.parent if p.is_file() else p)
+            trees = [self.hasher.tree(p.parent if p.is_file() else p) for p in paths]
+            if len(trees) == 1:
+                return trees[0]
+            from .lock import digest
+
+            return digest(trees)
         ref = self.story.models.get(key)
         if ref is None:
             return None

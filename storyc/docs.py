@@ -30,16 +30,23 @@ def spec_reference() -> str:
         bits = [f"{k} {s[k]}" for k in ("minimum", "maximum", "exclusiveMinimum", "multipleOf") if k in s]
         return t + (f" ({', '.join(bits)})" if bits else "")
 
+    def resolve(s):
+        ref = s.get("$ref", "").split("/")[-1]
+        return {**sch["$defs"][ref], **{k: v for k, v in s.items() if k != "$ref"}} if ref else s
+
     def walk(props, prefix, required=()):
         for k, s in props.items():
+            s = resolve(s)
             key = f"{prefix}{k}"
             default = "**required**" if k in required else (
                 "`" + json.dumps(s["default"], ensure_ascii=False) + "`" if "default" in s and s["default"] != {} else "")
             rows.append(f"| `{key}` | {typ(s)} | {default} | {s.get('description', '')} |")
             if "properties" in s:
                 walk(s["properties"], key + ".", s.get("required", ()))
-            elif s.get("type") == "array" and "properties" in s.get("items", {}):
-                walk(s["items"]["properties"], key + "[].", s["items"].get("required", ()))
+            elif s.get("type") == "array" and "properties" in resolve(s.get("items", {})):
+                items = resolve(s["items"])
+                if key != "datasets":  # `datasets[]` has the fields of `dataset`, listed once
+                    walk(items["properties"], key + "[].", items.get("required", ()))
 
     walk(sch["properties"], "", sch.get("required", ()))
     return "\n".join([BEGIN, *rows, END])

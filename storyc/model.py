@@ -32,7 +32,7 @@ class Story:
     sources: tuple  # spec files, top first (extends chain)
     data: dict  # the merged, defaulted spec as plain data (what stages hash)
     models: dict  # kolors | vae | aesthetic -> ModelRef
-    dataset_path: Path | None
+    dataset_paths: tuple  # per training source (rules.sources): its local path, None for ModelScope
     scenes: tuple
     warnings: tuple = field(default_factory=tuple)
 

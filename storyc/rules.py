@@ -28,7 +28,7 @@ class Context:
     spec: Path
     schema_ok: bool
     models: dict = field(default_factory=dict)
-    dataset_path: Path | None = None
+    dataset_paths: list = field(default_factory=list)  # per source: its local path (None: ModelScope)
 
     def diag(self, path, message, hint=None, rule="", severity="error", key=False):
         return Diagnostic(message, self.loc.mark(path, prefer_key=key), json_path(path), hint, rule, severity)
@@ -101,21 +101,34 @@ def modelscope_id_problem(mid: str) -> str | None:
     return None
 
 
+def sources(data: dict) -> list[tuple[tuple, dict]]:
+    """The training sources with their spec paths: `datasets[i]` when given, else the one `dataset`."""
+    many = data.get("datasets")
+    if isinstance(many, list):
+        return [(("datasets", i), ds) for i, ds in enumerate(many) if isinstance(ds, dict)]
+    ds = data.get("dataset")
+    return [(("dataset",), ds)] if isinstance(ds, dict) else []
+
+
 def check_dataset_fields(ctx):
-    ds = ctx.data.get("dataset")
-    if not isinstance(ds, dict):
-        return []
-    src = ds.get("source")
-    if src == "modelscope" and not ds.get("id"):
-        return [ctx.diag(("dataset",), "`source: modelscope` needs a dataset `id`",
-                         "e.g. `id: AI-ModelScope/lowres_anime`", "dataset_fields")]
-    if src == "modelscope" and isinstance(ds.get("id"), str) and modelscope_id_problem(ds["id"]):
-        return [ctx.diag(("dataset", "id"), f"`{ds['id']}`: {modelscope_id_problem(ds['id'])}",
-                         "e.g. `id: AI-ModelScope/lowres_anime`", "dataset_fields")]
-    if src in ("folder", "jsonl") and not ds.get("path"):
-        what = "a folder of images" if src == "folder" else "a .jsonl file"
-        return [ctx.diag(("dataset",), f"`source: {src}` needs a `path` to {what}", rule="dataset_fields")]
-    return []
+    out = []
+    raw = ctx.loc.data if isinstance(ctx.loc.data, dict) else {}
+    if "dataset" in raw and "datasets" in raw:
+        out.append(ctx.diag(("datasets",), "both `dataset` and `datasets` are given",
+                            "use `dataset` for one source, or list every source under `datasets`", "dataset_fields",
+                            key=True))
+    for where, ds in sources(ctx.data):
+        src = ds.get("source")
+        if src == "modelscope" and not ds.get("id"):
+            out.append(ctx.diag(where, "`source: modelscope` needs a dataset `id`",
+                                "e.g. `id: AI-ModelScope/lowres_anime`", "dataset_fields"))
+        elif src == "modelscope" and isinstance(ds.get("id"), str) and modelscope_id_problem(ds["id"]):
+            out.append(ctx.diag((*where, "id"), f"`{ds['id']}`: {modelscope_id_problem(ds['id'])}",
+                                "e.g. `id: AI-ModelScope/lowres_anime`", "dataset_fields"))
+        elif src in ("folder", "jsonl") and not ds.get("path"):
+            what = "a folder of images" if src == "folder" else "a .jsonl file"
+            out.append(ctx.diag(where, f"`source: {src}` needs a `path` to {what}", rule="dataset_fields"))
+    return out
 
 
 def _local_path(ctx, path, raw, rule):
@@ -135,21 +148,25 @@ def _local_path(ctx, path, raw, rule):
 
 def check_paths(ctx):
     out = []
-    ds = ctx.data.get("dataset")
-    if isinstance(ds, dict) and isinstance(ds.get("path"), str) and ds.get("source") in ("folder", "jsonl"):
-        p, errs = _local_path(ctx, ("dataset", "path"), ds["path"], "paths")
+    for where, ds in sources(ctx.data):
+        ctx.dataset_paths.append(None)
+        if not (isinstance(ds.get("path"), str) and ds.get("source") in ("folder", "jsonl")):
+            continue
+        at = (*where, "path")
+        p, errs = _local_path(ctx, at, ds["path"], "paths")
         out += errs
-        if p is not None:
-            ctx.dataset_path = p
-            if not p.exists():
-                near = did_you_mean(p.name, [c.name for c in p.parent.iterdir()]) if p.parent.is_dir() else None
-                out.append(ctx.diag(("dataset", "path"), f"`{ds['path']}` does not exist", near, "paths"))
-            elif ds["source"] == "folder" and not p.is_dir():
-                out.append(ctx.diag(("dataset", "path"), f"`{ds['path']}` is a file; `source: folder` needs a folder",
-                                    "use `source: jsonl` for a jsonl file", "paths"))
-            elif ds["source"] == "jsonl" and not p.is_file():
-                out.append(ctx.diag(("dataset", "path"), f"`{ds['path']}` is a folder; `source: jsonl` needs a file",
-                                    "use `source: folder` for a folder of images", "paths"))
+        if p is None:
+            continue
+        ctx.dataset_paths[-1] = p
+        if not p.exists():
+            near = did_you_mean(p.name, [c.name for c in p.parent.iterdir()]) if p.parent.is_dir() else None
+            out.append(ctx.diag(at, f"`{ds['path']}` does not exist", near, "paths"))
+        elif ds["source"] == "folder" and not p.is_dir():
+            out.append(ctx.diag(at, f"`{ds['path']}` is a file; `source: folder` needs a folder",
+                                "use `source: jsonl` for a jsonl file", "paths"))
+        elif ds["source"] == "jsonl" and not p.is_file():
+            out.append(ctx.diag(at, f"`{ds['path']}` is a folder; `source: jsonl` needs a file",
+                                "use `source: folder` for a folder of images", "paths"))
     models = ctx.data.get("models")
     if not isinstance(models, dict):
         return out

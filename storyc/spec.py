@@ -264,7 +264,7 @@ def load_story(path, display=None) -> Story:
         raise SpecError(errors)
     scenes = tuple(Scene(index=i, **s) for i, s in enumerate(data["scenes"]))
     return Story(spec_path=spec, root=root, sources=chain, data=data, models=ctx.models,
-                 dataset_path=ctx.dataset_path, scenes=scenes,
+                 dataset_paths=tuple(ctx.dataset_paths), scenes=scenes,
                  warnings=tuple(d for d in diags if d.severity == "warning"))
 
 

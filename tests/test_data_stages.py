@@ -181,3 +181,40 @@ def _users_ray():
         p.terminate()
         pytest.fail("could not start the user's Ray instance")
     return p, address.read_text().strip()
+
+
+def test_several_sources_with_their_captions_and_repeats(project):
+    _img(project / "a/x.png", 1024, 1024)
+    _img(project / "a/y.png", 1024, 1024)
+    _img(project / "b/z.png", 1024, 1024)
+    (project / "b/data.jsonl").write_text('{"image": ["z.png"]}\n', "utf-8")
+    spec = project / "story.yaml"
+    spec.write_text(SPEC.replace("dataset: {source: folder, path: imgs, caption: 二次元}\n",
+                                 "datasets:\n  - {source: folder, path: a, caption: 甲, repeats: 3}\n"
+                                 "  - {source: jsonl, path: b/data.jsonl, caption: 乙}\n"), "utf-8")
+    r = run_cli("run", "filter", spec, cwd=project)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = list(csv.DictReader(open(project / "build/d/data/train/metadata.csv", encoding="utf-8-sig")))
+    # each image of the first source counts three times per epoch, with its own source's caption
+    assert [(r["file_name"], r["text"]) for r in rows] == [("000000.png", "甲")] * 3 + [("000001.png", "甲")] * 3 + \
+        [("000002.png", "乙")]
+    rep = json.loads((project / "build/d/data/input/ingest_report.json").read_text("utf-8"))
+    assert [(s["records"], s["repeats"]) for s in rep["sources"]] == [(2, 3), (1, 1)]
+    r = run_cli("status", spec, cwd=project)
+    assert "ingest" in r.stdout and "up to date" in r.stdout.splitlines()[0]
+    _img(project / "b/w.png", 1024, 1024)  # a file added to the second source changes the dataset fingerprint
+    r = run_cli("status", spec, cwd=project)
+    assert "dataset source changed" in r.stdout
+
+
+def test_source_errors_name_the_list_entry(project):
+    spec = project / "story.yaml"
+    spec.write_text(SPEC.replace("dataset: {source: folder, path: imgs, caption: 二次元}\n",
+                                 "dataset: {source: folder, path: imgs}\n"
+                                 "datasets:\n  - {source: folder, path: nope}\n  - {source: modelscope, id: null}\n"),
+                    "utf-8")
+    r = run_cli("validate", spec, cwd=project)
+    assert r.returncode == 1
+    assert "$.datasets: both `dataset` and `datasets` are given" in r.stderr
+    assert "$.datasets[0].path: `nope` does not exist" in r.stderr
+    assert "$.datasets[1]: `source: modelscope` needs a dataset `id`" in r.stderr

@@ -110,15 +110,21 @@ def run(ctx, jobs):
     names_out, buf = [], io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["file_name", "text"])
+    try:  # dataset repeats: an image counts that many times per epoch (a row per repeat, as kohya's folders do)
+        repeats = json.loads((data / "input" / "repeats.json").read_text("utf-8"))
+    except OSError:
+        repeats = {}
     for i, row in enumerate(rows):
         src = Path(row["image"][0])
+        rep = repeats.get(Path(row["image"][0]).name, 1)  # ingest names each image uniquely
         src = src if src.is_absolute() else (data / "input" / src)
         name = f"{i:06d}{src.suffix}"
         try:
             os.link(src, tmp / name)  # same bytes, no copy
         except OSError:
             shutil.copyfile(src, tmp / name)
-        w.writerow([name, row.get("text", "")])
+        for _ in range(rep):
+            w.writerow([name, row.get("text", "")])
         names_out.append(name)
     (tmp / "metadata.csv").write_text(buf.getvalue(), encoding="utf-8-sig")
     shutil.rmtree(train, ignore_errors=True)

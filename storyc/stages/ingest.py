@@ -117,27 +117,20 @@ def to_rgb(im):
     return im.convert("RGB")
 
 
-def run(ctx, jobs):
+def _ingest_source(ctx, ds: dict, tmp: Path, lines: list, skipped: list) -> None:
+    """One source's records into ``tmp`` (images numbered on from ``lines``), each with its source's caption."""
     from PIL import Image, UnidentifiedImageError
 
-    job, = jobs
-    ds = job.params["dataset"]
     source = ctx.project_path(ds["path"]) if ds.get("path") else None
-    out = ctx.path(OUT)
-    tmp = out.with_name("input.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
     if ds["source"] == "folder":
         records = _folder_records(source, ds["caption"], ctx.story.root)
     elif ds["source"] == "jsonl":
         records = _jsonl_records(source, ds["caption"])
     else:
         records = _modelscope_records(ds, ctx.story.root / ".storyc" / "datasets")
-
-    lines, skipped = [], []
-    limit = ds.get("limit")
+    limit, first = ds.get("limit"), len(lines)
     for name, src, text in records:
-        if limit and len(lines) >= limit:
+        if limit and len(lines) - first >= limit:
             break
         dst_stem = f"images/{len(lines):06d}"
         try:
@@ -157,17 +150,40 @@ def run(ctx, jobs):
             skipped.append({"source": name, "reason": f"{type(e).__name__}: {e}"})
             continue
         lines.append(json.dumps({"text": text, "image": [rel]}, ensure_ascii=False))
+
+
+def run(ctx, jobs):
+    job, = jobs
+    many = job.params.get("datasets") or [job.params["dataset"]]
+    out = ctx.path(OUT)
+    tmp = out.with_name("input.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "images").mkdir(parents=True)
+    lines, skipped, repeats, per_source = [], [], {}, []
+    for ds in many:
+        first = len(lines)
+        _ingest_source(ctx, ds, tmp, lines, skipped)
+        per_source.append({"source": ds["source"], "where": ds.get("path") or ds.get("id"),
+                           "records": len(lines) - first, "repeats": ds.get("repeats", 1)})
+        if ds.get("repeats", 1) > 1:
+            for line in lines[first:]:
+                repeats[Path(json.loads(line)["image"][0]).name] = ds["repeats"]
     for s in skipped:
         ctx.report.line(f"warning: ingest skipped {s['source']}: {s['reason']}")
     if not lines:
         raise StageError("ingest", f"the dataset has no usable images ({len(skipped)} unreadable)"
                          if skipped else "the dataset is empty", "check `dataset.path` / `dataset.id`")
     (tmp / "metadata.jsonl").write_text("\n".join(lines) + "\n", "utf-8")
-    (tmp / "ingest_report.json").write_text(canonical_json(
-        {"format": "storyc.ingest_report/1", "records": len(lines), "skipped": skipped}), "utf-8")
+    report = {"format": "storyc.ingest_report/1", "records": len(lines), "skipped": skipped}
+    if len(many) > 1 or repeats:
+        report["sources"] = per_source
+    (tmp / "ingest_report.json").write_text(canonical_json(report), "utf-8")
+    outputs = [f"{OUT}/metadata.jsonl", f"{OUT}/ingest_report.json", f"{OUT}/images"]
+    if repeats:  # image -> times it counts per epoch; the filter stage writes the training rows that often
+        (tmp / "repeats.json").write_text(canonical_json(repeats), "utf-8")
+        outputs.append(f"{OUT}/repeats.json")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # the whole folder appears at once
-    outputs = [f"{OUT}/metadata.jsonl", f"{OUT}/ingest_report.json", f"{OUT}/images"]
     yield Result("ingest", outputs, {"records": len(lines), "skipped": len(skipped)})
     return f"{len(lines)} records, {len(skipped)} skipped"
 

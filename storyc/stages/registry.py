@@ -64,10 +64,18 @@ class StageKind:
 # ---------------------------------------------------------------- the kinds, in pipeline order
 
 def _ingest(src: Source):
-    ds = dict(src.story.data["dataset"])
-    if src.story.dataset_path is not None:
-        ds["path"] = src.story.rel(src.story.dataset_path)
-    return [StageSpec("ingest", "ingest", {"dataset": ds}, ())]
+    from ..rules import sources
+
+    out = []
+    for (where, ds), path in zip(sources(src.story.data), src.story.dataset_paths):
+        ds = dict(ds)
+        if path is not None:
+            ds["path"] = src.story.rel(path)  # relative to the project, wherever the spec that wrote it lives
+        if ds.get("repeats") == 1:
+            del ds["repeats"]  # the default is not hashed: a lock from before repeats existed stays valid
+        out.append(ds)
+    params = {"datasets": out} if "datasets" in src.story.data else {"dataset": out[0]}
+    return [StageSpec("ingest", "ingest", params, ())]
 
 
 def _filter(src: Source):
@@ -158,7 +166,8 @@ def _captions_font(job, story):
 
 
 KINDS: dict[str, StageKind] = {k.name: k for k in (
-    StageKind("ingest", 1, _ingest, lambda job, story: ("dataset",) if story.dataset_path is not None else ()),
+    StageKind("ingest", 1, _ingest,
+              lambda job, story: ("dataset",) if any(p is not None for p in story.dataset_paths) else ()),
     StageKind("filter", 1, _filter, _no_models),
     StageKind("train", 1, _train,
               lambda job, story: ("kolors", "vae", "aesthetic") if "preview" in job.params else ("kolors", "vae"),
