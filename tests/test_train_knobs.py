@@ -195,3 +195,46 @@ def test_select_rule():
 
     rec = {"2": {"mean": 5.1}, "4": {"mean": 6.3}, "6": {"mean": 6.3}, "8": {"mean": 4.0}}
     assert select(rec, "best_score") == 6 and select(rec, "last") == 8
+
+
+def test_bucket_assignment_of_a_mixed_aspect_folder():
+    from storyc.buckets import assign, bucket_sizes
+
+    sizes = bucket_sizes(1024, 1024)
+    assert all(w * h <= 1024 * 1024 and w % 64 == 0 and h % 64 == 0 and 0.5 <= w / h <= 2 for w, h in sizes)
+    assert {(h, w) for w, h in sizes} == set(sizes)  # portrait and landscape alike
+    want = {(1024, 1024): (1024, 1024), (2048, 1024): (1408, 704), (1024, 2048): (704, 1408),
+            (1920, 1080): (1344, 768), (1100, 1024): (1088, 960), (4000, 1000): (1408, 704)}
+    assert {wh: assign(*wh, sizes) for wh in want} == want
+
+
+def test_each_batch_comes_from_one_bucket():
+    from storyc.stages.lightning_lora import Samples, collate
+
+    lats = [torch.zeros(1, 4, 16, 16), torch.zeros(1, 4, 16, 16), torch.zeros(1, 4, 12, 20), torch.zeros(1, 4, 20, 12)]
+    data = {"latents": [{"latent": x, "latent_flip": x} for x in lats], "texts": ["a"], "text_of": [0] * 4,
+            "size": (128, 128), "buckets": [(128, 128), (160, 96), (96, 160)], "bucket_of": [0, 0, 1, 2]}
+    s = Samples(data, {"seed": 1, "random_flip": True, "center_crop": False, "batch_size": 2}, 200)
+    seen = set()
+    for m in range(100):
+        batch = collate([s[2 * m], s[2 * m + 1]])  # torch.cat: one shape per batch or it raises
+        seen.add(tuple(batch["latent"].shape[2:]))
+    assert seen == {(16, 16), (12, 20), (20, 12)}
+
+
+def test_training_with_buckets_on_mixed_aspect_images(base, tmp_path):
+    from conftest import write_images
+
+    spec = copy_project(base, tmp_path / "p")
+    for p in (spec.parent / "data").iterdir():
+        p.unlink()
+    write_images(spec.parent / "data", [(1024, 1024), (2048, 1024), (1024, 2048), (1100, 1024)])
+    edit(spec, "resolution: 64,", "resolution: 128, batch_size: 2, buckets: true,")
+    r = run_cli("build", spec, "--until", "train", cwd=spec.parent)
+    assert r.returncode == 0, r.stdout + r.stderr
+    from safetensors.torch import load_file
+
+    shapes = sorted({tuple(load_file(str(f))["latent"].shape) for f in (spec.parent / ".storyc/cache/latents").glob("*.safetensors")})
+    assert (1, 4, 16, 16) in shapes and (1, 4, 20, 12) in shapes and (1, 4, 12, 20) in shapes
+    log = (spec.parent / "build/t/lora/train_log.csv").read_text("utf-8").splitlines()
+    assert len(log) == 3 and all(math.isfinite(float(ln.split(",")[1])) for ln in log[1:])

@@ -23,6 +23,14 @@ class Samples(torch.utils.data.Dataset):
 
     def __init__(self, data: dict, train: dict, length: int):
         self.data, self.cfg, self.length = data, train, length
+        if "buckets" in data:
+            self.bucket_rows = [[i for i, b in enumerate(data["bucket_of"]) if b == k] for k in range(len(data["buckets"]))]
+
+    def batch_bucket(self, micro_batch: int) -> int:
+        """The bucket of micro-batch m: drawn from (seed, m), weighted by how many rows each bucket holds."""
+        g = torch.Generator().manual_seed(sample_seed(self.cfg["seed"] + 0x2545F491, micro_batch))
+        pick = int(torch.randint(0, len(self.data["bucket_of"]), (1,), generator=g))
+        return self.data["bucket_of"][pick]
 
     def __len__(self):
         return self.length
@@ -31,11 +39,14 @@ class Samples(torch.utils.data.Dataset):
         g = torch.Generator().manual_seed(sample_seed(self.cfg["seed"], index))
         n = len(self.data["latents"])
         data_id = (int(torch.randint(0, n, (1,), generator=g)) + index) % n
+        if "buckets" in self.data:  # train.buckets: every sample of a micro-batch from that batch's bucket
+            rows = self.bucket_rows[self.batch_bucket(index // self.cfg.get("batch_size", 1))]
+            data_id = rows[(int(torch.randint(0, len(rows), (1,), generator=g)) + index) % len(rows)]
         rec = self.data["latents"][data_id]
         lat = rec["latent"]
         if self.cfg["random_flip"] and torch.rand((), generator=g) < 0.5:
             lat = rec["latent_flip"]
-        if not self.cfg["center_crop"]:  # random crop of the cached full-image latent, 8-px granularity
+        if "buckets" not in self.data and not self.cfg["center_crop"]:  # random crop of the cached latent, 8-px steps
             w, h = self.data["size"]
             lh, lw = h // 8, w // 8
             y = int(torch.randint(0, lat.shape[2] - lh + 1, (1,), generator=g))
@@ -190,6 +201,8 @@ class LoRAModule(L.LightningModule):
         # Shapes are fixed for a run (fixed resolution and batch), so one capture serves every step. The
         # gradients come back in the graph's static buffers: fine when each step's backward is consumed by the
         # optimizer before the next replay, not when micro-batches accumulate into them.
+        if len(self.data.get("buckets", ())) > 1:  # several latent shapes: one captured graph cannot serve them
+            return False
         return (self.cfg.get("cuda_graphs", False) and self.device.type == "cuda" and not self.gc
                 and not self.compiled and self.trainer.world_size == 1 and self.trainer.accumulate_grad_batches == 1)
 

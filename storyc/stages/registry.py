@@ -89,7 +89,7 @@ TRAIN_SETTINGS = ("checkpoint_every", "cuda_graphs", "compile", "num_workers", "
 # the trainers' knobs: hashed only when set, so a spec that leaves them at the notebook's math keeps its lock
 TRAIN_KNOBS = {"min_snr_gamma": None, "noise_offset": 0, "caption_dropout": 0, "ema": None, "optimizer": "adamw",
                "lr_scheduler": "constant", "lr_warmup_steps": 0, "preview_every": None, "preview_steps": None,
-               "preview_size": None, "select": "last"}
+               "preview_size": None, "select": "last", "buckets": False}
 
 
 def _train(src: Source):

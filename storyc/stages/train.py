@@ -256,6 +256,23 @@ def _load_image(path: Path, w: int, h: int, center_crop: bool):
     return t.unsqueeze(0).to(torch.float32)
 
 
+def _buckets(cfg: TrainConfig, train_dir: Path, rows: list) -> dict | None:
+    """train.buckets: file name -> its bucket's (width, height), from the image's own size."""
+    if not cfg["buckets"]:
+        return None
+    from PIL import Image
+
+    from ..buckets import assign, bucket_sizes
+
+    sizes = bucket_sizes(*cfg.size)
+    out = {}
+    for r in rows:
+        if r["file_name"] not in out:
+            with Image.open(train_dir / r["file_name"]) as im:
+                out[r["file_name"]] = assign(im.width, im.height, sizes)
+    return out
+
+
 def cache_pass(ctx, cfg: TrainConfig, kolors: Path, vae: Path, device: str, dtype) -> dict:
     """Latents of every training image and embeddings of every caption, from the cache or encoded now."""
     import torch
@@ -270,13 +287,18 @@ def cache_pass(ctx, cfg: TrainConfig, kolors: Path, vae: Path, device: str, dtyp
         raise StageError("train", "data/train/metadata.csv has no images")
     root = ctx.cache_dir
     vae_fp, kolors_fp = ctx.fingerprint("vae"), ctx.fingerprint("kolors")
-    lat_keys, lat_missing = [], []
+    lat_keys, lat_missing, sizes, seen = [], [], [], set()
+    buckets = _buckets(cfg, train_dir, rows)
     for r in rows:
-        k = digest({"v": CACHE_VERSION, "image": ctx.hasher.file(train_dir / r["file_name"]), "size": [w, h],
-                    "center_crop": tr["center_crop"], "flip": tr["random_flip"], "vae": vae_fp, "dtype": str(dtype)})
+        bw, bh = buckets[r["file_name"]] if buckets else (w, h)  # a bucket's latent is centre-cropped to it
+        crop = True if buckets else tr["center_crop"]
+        k = digest({"v": CACHE_VERSION, "image": ctx.hasher.file(train_dir / r["file_name"]), "size": [bw, bh],
+                    "center_crop": crop, "flip": tr["random_flip"], "vae": vae_fp, "dtype": str(dtype)})
         lat_keys.append(k)
-        if not _cache_file_ok(ctx, root / "latents" / f"{k}.safetensors"):
-            lat_missing.append((r, k))
+        sizes.append((bw, bh))
+        if k not in seen and not _cache_file_ok(ctx, root / "latents" / f"{k}.safetensors"):
+            lat_missing.append((r, k))  # a repeated row (dataset repeats) is encoded once
+        seen.add(k)
     texts = sorted({r["text"] for r in rows} | ({""} if cfg["caption_dropout"] else set()))  # "": dropped captions
     txt_keys = {t: digest({"v": CACHE_VERSION, "text": t, "kolors": kolors_fp, "dtype": str(dtype)}) for t in texts}
     txt_missing = [t for t in texts if not _cache_file_ok(ctx, root / "text" / f"{txt_keys[t]}.safetensors")]
@@ -287,7 +309,8 @@ def cache_pass(ctx, cfg: TrainConfig, kolors: Path, vae: Path, device: str, dtyp
         enc = load_vae(vae / "diffusion_pytorch_model.safetensors" if vae.is_dir() else vae, "encoder", dtype, device)
         with torch.no_grad():
             for i, (r, k) in enumerate(lat_missing):
-                img = _load_image(train_dir / r["file_name"], w, h, tr["center_crop"]).to(device, dtype)
+                bw, bh = buckets[r["file_name"]] if buckets else (w, h)
+                img = _load_image(train_dir / r["file_name"], bw, bh, True if buckets else tr["center_crop"]).to(device, dtype)
                 out = {"latent": enc(img).to("cpu", torch.float16).contiguous()}
                 if tr["random_flip"]:
                     out["latent_flip"] = enc(torch.flip(img, dims=[3])).to("cpu", torch.float16).contiguous()
@@ -320,9 +343,14 @@ def cache_pass(ctx, cfg: TrainConfig, kolors: Path, vae: Path, device: str, dtyp
 
     latents = [load_file(str(root / "latents" / f"{k}.safetensors")) for k in lat_keys]
     emb = {t: load_file(str(root / "text" / f"{txt_keys[t]}.safetensors")) for t in texts}
-    return {"latents": latents, "texts": texts, "text_of": [texts.index(r["text"]) for r in rows], "emb": emb,
-            "n_images": len(rows), "encoded_images": len(lat_missing), "encoded_texts": len(txt_missing),
-            "size": (w, h)}
+    out = {"latents": latents, "texts": texts, "text_of": [texts.index(r["text"]) for r in rows], "emb": emb,
+           "n_images": len(rows), "encoded_images": len(lat_missing), "encoded_texts": len(txt_missing),
+           "size": (w, h)}
+    if buckets:  # which rows share a latent size: a batch is drawn from one of them
+        used = sorted(set(sizes))
+        out["buckets"] = used
+        out["bucket_of"] = [used.index(sz) for sz in sizes]
+    return out
 
 
 def _save_atomic(ctx, save_file, tensors, path: Path):
