@@ -35,6 +35,9 @@ for b in "$@"; do
     train) python3 bench/train_bench.py ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/train_log.txt" ;;
     multigpu) python3 bench/multigpu.py 2>&1 | tee "$OUT/multigpu_log.txt" ;;
     graphs) python3 bench/graphs_check.py 2>&1 | tee "$OUT/graphs_log.txt" ;;
+    # bench/knobs_bench.py: the training knobs' per-step cost and story previews (issue 13); carry .knobs_site too
+    # for the adamw8bit / prodigy variants (bench/RESULTS.md says how it is made)
+    knobs) python3 bench/knobs_bench.py ${KNOBS_ARGS:-} 2>&1 | tee "$OUT/knobs_log.txt" ;;
     # bench/e2e.py: run `python3 bench/e2e.py prepare` here first (Data-Juicer is not on the GPU image) and carry
     # bench/out/e2e/proj; E2E_STEPS training steps (the notebook's 5000 are extrapolated), E2E_CAPS GiB caps
     e2e) python3 bench/e2e.py models && python3 bench/e2e.py storyc --steps "${E2E_STEPS:-200}" ;;

@@ -212,7 +212,7 @@ def _kill_when(spec, predicate, sig, extra=(), timeout=300):
     return p.returncode, out
 
 
-# (an interruption during training: tests/test_train.py::test_resume_continues_from_checkpoint_and_matches_uninterrupted)
+# (an interruption during training: tests/test_train.py::test_resume_with_ema_and_previews_matches_uninterrupted)
 @pytest.mark.parametrize("when", ["filter", "between-scenes"])
 def test_interrupted_build_resumes_to_the_same_lock(base, tmp_path, tiny_models, when):
     spec_text = SPEC1

@@ -159,13 +159,15 @@ def test_training_lowers_the_loss_on_a_repeated_image(tmp_path, tiny_models):
     assert after < before * 0.95, (before, after)
 
 
-def test_resume_continues_from_checkpoint_and_matches_uninterrupted(tmp_path, tiny_models):
+def test_resume_with_ema_and_previews_matches_uninterrupted(tmp_path, tiny_models):
     import signal
     import subprocess
     import sys
     import time
 
-    spec_text = BASE_SPEC.replace("steps_per_epoch: 4,", "steps_per_epoch: 80,").replace("checkpoint_every: 2", "checkpoint_every: 20")
+    # with EMA and story previews on: their state (EMA buffers, preview records) resumes too
+    spec_text = BASE_SPEC.replace("steps_per_epoch: 4,", "steps_per_epoch: 80,").replace(
+        "checkpoint_every: 2", "checkpoint_every: 20, ema: 0.9, preview_every: 40, preview_steps: 1")
     a = make_project(tmp_path / "a", tiny_models, spec_text, sizes=((1024, 1024),))
     from storyc.cli import main
 
@@ -191,6 +193,10 @@ def test_resume_continues_from_checkpoint_and_matches_uninterrupted(tmp_path, ti
     sb, _ = _lora(b)
     assert sa.keys() == sb.keys()
     assert max(float((sa[k] - sb[k]).abs().max()) for k in sa) < 1e-5
+    ca = json.loads((tmp_path / "a/build/t/lora/checkpoints.json").read_text("utf-8"))["checkpoints"]
+    cb = json.loads((tmp_path / "b/build/t/lora/checkpoints.json").read_text("utf-8"))["checkpoints"]
+    assert [c["step"] for c in cb] == [40, 80]
+    assert all(abs(x["mean"] - y["mean"]) < 1e-5 for x, y in zip(ca, cb))
 
 
 def test_two_stories_share_one_trained_lora(trained):

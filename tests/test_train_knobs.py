@@ -238,3 +238,33 @@ def test_training_with_buckets_on_mixed_aspect_images(base, tmp_path):
     assert (1, 4, 16, 16) in shapes and (1, 4, 20, 12) in shapes and (1, 4, 12, 20) in shapes
     log = (spec.parent / "build/t/lora/train_log.csv").read_text("utf-8").splitlines()
     assert len(log) == 3 and all(math.isfinite(float(ln.split(",")[1])) for ln in log[1:])
+
+
+def test_best_score_picks_the_checkpoint_a_controlled_scorer_prefers(base, tmp_path, monkeypatch):
+    """The scorer is the test's: the first preview (step 2) scores best, so its LoRA ships, not the last."""
+    from storyc import lora
+    from storyc.cli import main
+    from storyc.stages import score
+
+    calls = []
+
+    def scores(self, images):
+        calls.append(len(images))
+        value = 9.0 if len(calls) == 1 else 1.0
+        return [value] * len(images), [[1.0, 0.0]] * len(images)
+
+    monkeypatch.setattr(score.Scorer, "score_and_embed", scores)
+    spec = copy_project(base, tmp_path / "p")
+    edit(spec, "checkpoint_every: 2}", "checkpoint_every: 2, preview_every: 2, preview_steps: 1, select: best_score}")
+    assert main(["build", str(spec), "--until", "train", "-q"]) == 0
+    assert calls == [3, 3]
+    lora_dir = spec.parent / "build/t/lora"
+    doc = json.loads((lora_dir / "checkpoints.json").read_text("utf-8"))
+    assert doc["selected"] == 2 and [c["mean"] for c in doc["checkpoints"]] == [9.0, 1.0]
+    shipped, _ = lora.load(lora_dir / "t.diffsynth.safetensors")
+    step2, _ = lora.load(lora_dir / "checkpoints/step-2.safetensors")
+    step4, _ = lora.load(lora_dir / "checkpoints/step-4.safetensors")
+    assert all(torch.equal(shipped[k], step2[k]) for k in shipped)
+    assert not all(torch.equal(shipped[k], step4[k]) for k in shipped)
+    lock = yaml.safe_load((spec.parent / "story.lock").read_text("utf-8"))
+    assert lock["stages"]["train"]["extra"]["selected_step"] == 2
