@@ -38,15 +38,32 @@ def cmd_validate(args) -> int:
             _out(f"{spec}: {n} problem{'s' if n != 1 else ''}", err=True)
             continue
         _print_diags(story.warnings, "warning")
+        try:
+            sweep = _load_sweep(spec)
+        except SpecError as e:
+            bad += 1
+            _print_diags(e.diagnostics)
+            _out(f"{spec}: the sweep has {len(e.diagnostics)} problem{'s' if len(e.diagnostics) != 1 else ''}", err=True)
+            continue
         if not args.quiet:
             from .compiler import compile
 
             for n in compile(story).notes:  # notes live in validate/compile/plan, not in every build
                 _out(f"note: {n}")
             _out(f"ok: {spec}: story `{story.id}`, {len(story.scenes)} scenes")
+            if sweep is not None:
+                _out(f"ok: {spec}: sweep of {len(sweep.variants)} variants, {sweep.trainings} training"
+                     f"{'s' if sweep.trainings != 1 else ''}")
     if bad:
         _out(f"{bad} of {len(args.specs)} spec{'s' if len(args.specs) > 1 else ''} invalid", err=True)
     return 1 if bad else 0
+
+
+def _load_sweep(spec):
+    """The spec's sweep with every variant validated, or None when it has no `sweep:` section."""
+    from .sweep import load_sweep
+
+    return load_sweep(spec)
 
 
 def _load_plan(args):
@@ -87,9 +104,12 @@ def cmd_compile(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .plan_view import show_plan
+    from .plan_view import show_plan, show_sweep
 
     show_plan(_load_plan(args))
+    sweep = _load_sweep(args.spec)
+    if sweep is not None:
+        show_sweep(sweep)
     return 0
 
 

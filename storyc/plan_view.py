@@ -38,3 +38,29 @@ def show_plan(plan) -> None:
         deps = ", ".join(s.deps) if len(s.deps) <= 2 else f"{s.deps[0]} +{len(s.deps) - 1}"
         stages.add_row(escape(name), escape(deps), s.params_hash[:12])
     con.print(stages)
+
+
+def show_sweep(sweep) -> None:
+    """The variants of a sweep, their values, and how many trainings they need."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from .compiler import compile
+    from .sweep import _train_identity
+
+    con = Console()
+    if not con.is_terminal:
+        con = Console(width=160)
+    keys = list(sweep.variants[0].overrides) if sweep.variants else []
+    table = Table(title=f"sweep of {sweep.base.rel(sweep.spec)}: {len(sweep.variants)} variants, "
+                        f"{sweep.trainings} training{'s' if sweep.trainings != 1 else ''}")
+    for col in ("variant", *keys, "training"):
+        table.add_column(escape(col), overflow="fold")
+    groups: dict = {}
+    for v in sweep.variants:
+        t = groups.setdefault(_train_identity(compile(v.story)), f"t{len(groups) + 1}")
+        table.add_row(v.id, *[escape(json.dumps(v.overrides[k], ensure_ascii=False)) for k in keys], t)
+    con.print(table)
+    con.print("objective: " + " + ".join(f"{w:g} x {k}" for k, w in sweep.objective.items())
+              + "; the aesthetic gate stays a hard constraint")

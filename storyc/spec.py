@@ -255,6 +255,19 @@ def load_story(path, display=None) -> Story:
     root = project_root(spec)
     show = display or (lambda p: _display(p))
     loc, chain = _load_chain(spec, root, show, ())
+    return story_from(loc, chain, root, spec)
+
+
+def load_located(path, display=None) -> tuple[Located, tuple, Path, Path]:
+    """The merged spec with positions (extends applied), not yet validated: (loc, chain, root, spec)."""
+    spec = Path(path).resolve()
+    root = project_root(spec)
+    loc, chain = _load_chain(spec, root, display or (lambda p: _display(p)), ())
+    return loc, chain, root, spec
+
+
+def story_from(loc: Located, chain: tuple, root: Path, spec: Path) -> Story:
+    """Validate a located spec (schema, then the named rules) into a Story, or raise every problem."""
     diags = _schema_diagnostics(loc)
     data = apply_defaults(loc.data)
     ctx = rules.Context(data=data, loc=loc, root=root, spec=spec, schema_ok=not diags)
@@ -275,4 +288,4 @@ def _display(p: Path) -> str:
         return str(p)
 
 
-__all__ = ["load_story", "schema", "apply_defaults", "project_root", "ModelRef", "Mark"]
+__all__ = ["load_story", "load_located", "story_from", "schema", "apply_defaults", "project_root", "ModelRef", "Mark"]

@@ -1,0 +1,293 @@
+"""Sweeps in the spec language: a `sweep:` section names spec paths and their values; every variant is an ordinary
+story, validated exactly as one (file:line of the sweep value that broke it, did-you-mean on paths).
+
+    sweep:
+      method: grid                  # or random (with samples and seed)
+      parameters:
+        generation.cfg_scale: [3.5, 4.0, 5.0]
+        style.prefix: ["二次元，", "日系动漫，"]
+      scenes:                       # whole-scene overrides, one option per variant
+        wishing-star: [{seed: 7}, {seed: 8}, {seed: 9}]
+      objective: mean_aesthetic     # or style_coherence, or {weights: {mean_aesthetic: 1, style_coherence: 2}}
+
+Light: no torch; `storyc validate` and `storyc plan` use it.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import Diagnostic, SpecError, did_you_mean
+from .lock import digest
+from .yamlio import Located, json_path
+
+_SEG = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+@dataclass(frozen=True)
+class Variant:
+    id: str  # "v-" + digest of its overrides: the same sweep gives the same ids
+    overrides: dict  # "generation.cfg_scale" -> 4.0; "scenes[wishing-star]" -> {seed: 8}
+    story: object  # the validated Story
+
+
+@dataclass(frozen=True)
+class Sweep:
+    spec: Path
+    base: object  # the Story without its sweep section
+    variants: tuple
+    objective: dict  # metric -> weight
+    trainings: int  # distinct trainings the variants need
+
+
+def parse_path(text: str) -> tuple:
+    """"filters[0].image_shape_filter.min_width" -> ("filters", 0, "image_shape_filter", "min_width")."""
+    out = []
+    for name, index in _SEG.findall(text):
+        out.append(int(index) if index else name)
+    if not out or "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in out).lstrip(".") != text:
+        raise ValueError(text)
+    return tuple(out)
+
+
+def _schema_at(sch: dict, root: dict, path: tuple):
+    """The schema of the value at ``path``; (None, known names) when a key does not exist there."""
+    def resolve(s):
+        while "$ref" in s:
+            s = {**root["$defs"][s["$ref"].split("/")[-1]], **{k: v for k, v in s.items() if k != "$ref"}}
+        return s
+
+    s = resolve(sch)
+    for p in path:
+        if isinstance(p, int):
+            if "items" not in s:
+                return None, []
+            s = resolve(s["items"])
+            continue
+        props = s.get("properties")
+        if props is None and isinstance(s.get("additionalProperties"), dict):
+            s = resolve(s["additionalProperties"])
+            continue
+        if props is None:
+            if s.get("additionalProperties") is not False and s.get("type") in ("object", None):
+                return {}, []  # free-form mapping (e.g. a Data-Juicer op's parameters)
+            return None, []
+        if p not in props:
+            return None, list(props)
+        s = resolve(props[p])
+    return s, []
+
+
+def _set(data, path: tuple, value):
+    cur = data
+    for p in path[:-1]:
+        cur = cur[p]
+    cur[path[-1]] = value
+
+
+def load_sweep(spec, display=None) -> Sweep | None:
+    """The sweep of a spec (None when it has no `sweep:` section), every variant validated as a story."""
+    from .compiler import compile
+    from .spec import load_located, schema, story_from
+
+    loc, chain, root, path = load_located(spec, display)
+    if not isinstance(loc.data, dict) or "sweep" not in loc.data:
+        return None
+    sw = loc.data["sweep"]
+    base_loc = _without(loc, ("sweep",))
+    base = story_from(base_loc, chain, root, path)  # the story itself must be valid first
+    diags: list[Diagnostic] = []
+    if not isinstance(sw, dict):
+        raise SpecError([Diagnostic("expected a mapping", loc.mark(("sweep",)), "$.sweep", rule="sweep")])
+    dims = []  # (label, spec path, [(value, sweep path of the value)])
+    sch = schema()
+    for key, values in (sw.get("parameters") or {}).items():
+        at = ("sweep", "parameters", key)
+        try:
+            target = parse_path(str(key))
+        except ValueError:
+            diags.append(Diagnostic(f"`{key}` is not a spec path", loc.mark(at, prefer_key=True), json_path(at),
+                                    "write it as dotted keys, e.g. generation.cfg_scale or filters[0].image_shape_filter",
+                                    "sweep"))
+            continue
+        if target and target[0] in ("sweep", "version", "extends"):
+            diags.append(Diagnostic(f"`{key}` cannot be swept", loc.mark(at, prefer_key=True), json_path(at),
+                                    rule="sweep"))
+            continue
+        sub, names = _schema_at(sch, sch, target)
+        if sub is None:
+            prefix = ".".join(str(p) for p in target[:-1])
+            near = did_you_mean(str(target[-1]), names) if names else None
+            diags.append(Diagnostic(f"`{key}`: the spec has no `{target[-1]}`" + (f" under `{prefix}`" if prefix else ""),
+                                    loc.mark(at, prefer_key=True), json_path(at), near, "sweep"))
+            continue
+        if not isinstance(values, list) or not values:
+            diags.append(Diagnostic("expected a non-empty list of values", loc.mark(at), json_path(at),
+                                    f"e.g. `{key}: [a, b]`", "sweep"))
+            continue
+        dims.append((str(key), target, [(v, (*at, i)) for i, v in enumerate(values)]))
+    scene_ids = [s.id for s in base.scenes]
+    for sid, options in (sw.get("scenes") or {}).items():
+        at = ("sweep", "scenes", sid)
+        if sid not in scene_ids:
+            diags.append(Diagnostic(f"no scene `{sid}`", loc.mark(at, prefer_key=True), json_path(at),
+                                    did_you_mean(str(sid), scene_ids), "sweep"))
+            continue
+        if not isinstance(options, list) or not options or not all(isinstance(o, dict) for o in options):
+            diags.append(Diagnostic("expected a non-empty list of scene overrides (mappings)", loc.mark(at),
+                                    json_path(at), "e.g. `[{seed: 7}, {seed: 8}]`", "sweep"))
+            continue
+        dims.append((f"scenes[{sid}]", ("scenes", scene_ids.index(sid)), [(o, (*at, i)) for i, o in enumerate(options)]))
+    objective = _objective(sw.get("objective", "mean_aesthetic"), loc, diags)
+    if diags:
+        raise SpecError(diags)
+    if not dims:
+        raise SpecError([Diagnostic("the sweep names no parameters and no scenes", loc.mark(("sweep",)), "$.sweep",
+                                    "add `parameters: {generation.cfg_scale: [3.5, 5.0]}`", "sweep")])
+    combos = list(itertools.product(*[d[2] for d in dims]))
+    method = sw.get("method", "grid")
+    if method == "random":
+        n = sw.get("samples", 4)
+        if not isinstance(n, int) or n < 1:
+            raise SpecError([Diagnostic("expected a positive integer", loc.mark(("sweep", "samples")),
+                                        "$.sweep.samples", rule="sweep")])
+        rng = random.Random(sw.get("seed", 0))
+        combos = rng.sample(combos, min(n, len(combos)))
+    elif method != "grid":
+        raise SpecError([Diagnostic(f"`{method}` is not one of: grid, random", loc.mark(("sweep", "method")),
+                                    "$.sweep.method", did_you_mean(str(method), ["grid", "random"]), "sweep")])
+    variants, problems = [], []
+    for combo in combos:
+        vloc = _without(loc, ("sweep",))
+        overrides = {}
+        for (label, target, _), (value, at) in zip(dims, combo):
+            if label.startswith("scenes["):
+                scene = copy.deepcopy(_get(vloc.data, target))
+                scene.update(copy.deepcopy(value))
+                _point(vloc, loc, target, at, scene, merge=True)
+            else:
+                if not _exists_parent(vloc.data, target):
+                    _make_parents(vloc.data, target)
+                _point(vloc, loc, target, at, copy.deepcopy(value))
+            overrides[label] = value
+        vid = "v-" + digest(overrides)[:8]
+        try:
+            story = story_from(vloc, chain, root, path)
+        except SpecError as e:
+            for d in e.diagnostics:
+                problems.append(_in_variant(d, overrides))
+            continue
+        variants.append(Variant(vid, overrides, story))
+    if problems:
+        raise SpecError(_dedupe(problems))
+    trainings = len({_train_identity(compile(v.story)) for v in variants})
+    return Sweep(path, base, tuple(variants), objective, trainings)
+
+
+def _objective(obj, loc, diags) -> dict:
+    metrics = ("mean_aesthetic", "style_coherence")
+    at = ("sweep", "objective")
+    if isinstance(obj, str):
+        if obj not in metrics:
+            diags.append(Diagnostic(f"`{obj}` is not one of: {', '.join(metrics)}", loc.mark(at), json_path(at),
+                                    did_you_mean(obj, metrics) or "or {weights: {mean_aesthetic: 1, style_coherence: 1}}",
+                                    "sweep"))
+            return {}
+        return {obj: 1.0}
+    weights = obj.get("weights") if isinstance(obj, dict) else None
+    if not isinstance(weights, dict) or not weights:
+        diags.append(Diagnostic("expected a metric name or {weights: {metric: weight}}", loc.mark(at), json_path(at),
+                                rule="sweep"))
+        return {}
+    for k, w in weights.items():
+        if k not in metrics:
+            diags.append(Diagnostic(f"unknown metric `{k}`", loc.mark((*at, "weights", k), prefer_key=True),
+                                    json_path((*at, "weights", k)), did_you_mean(str(k), metrics), "sweep"))
+        elif not isinstance(w, (int, float)) or isinstance(w, bool):
+            diags.append(Diagnostic("expected a number", loc.mark((*at, "weights", k)), json_path((*at, "weights", k)),
+                                    rule="sweep"))
+    return {k: float(w) for k, w in weights.items() if k in metrics and isinstance(w, (int, float))}
+
+
+def score(objective: dict, mean_aesthetic: float, style_coherence: float) -> float:
+    """The objective of a finished variant (the aesthetic gate is a separate, hard constraint)."""
+    vals = {"mean_aesthetic": mean_aesthetic, "style_coherence": style_coherence}
+    return sum(w * vals[k] for k, w in objective.items())
+
+
+def _train_identity(plan) -> str:
+    """What decides whether two variants share one training: the train stage's and its inputs' slices."""
+    return digest([plan.stages[n].params_hash for n in ("ingest", "filter", "train")])
+
+
+# ---------------------------------------------------------------- positions
+
+def _get(data, path):
+    for p in path:
+        data = data[p]
+    return data
+
+
+def _exists_parent(data, path) -> bool:
+    try:
+        _get(data, path[:-1])
+        return True
+    except (KeyError, IndexError, TypeError):
+        return False
+
+
+def _make_parents(data, path):
+    cur = data
+    for p in path[:-1]:
+        if isinstance(cur, dict):
+            cur = cur.setdefault(p, {})
+        else:
+            cur = cur[p]
+
+
+def _without(loc: Located, path: tuple) -> Located:
+    data = copy.deepcopy(loc.data)
+    data.pop(path[0], None)
+    keep = lambda table: {p: m for p, m in table.items() if p[:1] != path}  # noqa: E731
+    return Located(data, keep(loc.values), keep(loc.keys))
+
+
+def _point(vloc: Located, loc: Located, target: tuple, at: tuple, value, merge: bool = False) -> None:
+    """Put ``value`` at ``target`` in the variant, with the positions of the sweep value it came from, so a
+    problem with it is reported at the sweep's line."""
+    _set(vloc.data, target, value)
+    for table, src in ((vloc.values, loc.values), (vloc.keys, loc.keys)):
+        if not merge:
+            for p in [p for p in table if p[:len(target)] == target]:
+                del table[p]
+        for p, m in src.items():
+            if p[:len(at)] == at:
+                table[(*target, *p[len(at):])] = m
+        if at in src:
+            table[target] = src[at]
+
+
+def _in_variant(d: Diagnostic, overrides: dict) -> Diagnostic:
+    what = ", ".join(f"{k} = {_short(v)}" for k, v in overrides.items())
+    return Diagnostic(f"{d.message} (in the variant {what})", d.mark, d.path, d.hint, d.rule, d.severity)
+
+
+def _short(v) -> str:
+    import json
+
+    s = json.dumps(v, ensure_ascii=False)
+    return s if len(s) <= 40 else s[:37] + "..."
+
+
+def _dedupe(diags: list) -> list:
+    seen, out = set(), []
+    for d in diags:
+        key = (d.mark, d.path, d.message.split(" (in the variant")[0])
+        if key not in seen:
+            seen.add(key)
+            out.append(d)
+    return out

@@ -1,0 +1,85 @@
+"""Sweeps in the spec language: validation with file:line, deterministic variants, shared trainings."""
+from conftest import REPO, run_cli
+
+SWEEP = """\
+sweep:
+  parameters:
+    generation.cfg_scale: [3.5, 5.0]
+    style.prefix: ["二次元，", "日系动漫，"]
+  scenes:
+    wishing-star: [{seed: 101}, {seed: 102}]
+  objective: {weights: {mean_aesthetic: 1.0, style_coherence: 2.0}}
+"""
+
+
+def _sweep_spec(project, text=SWEEP, base="specs/demo.yaml"):
+    """A sweep file beside a copy of the shipped specs: it extends the demo story."""
+    import shutil
+
+    shutil.copytree(REPO / "specs", project / "specs", dirs_exist_ok=True)
+    spec = project / "specs" / "sweep.yaml"
+    spec.write_text(f"version: 1\nextends: {base.split('/')[-1]}\n" + text, "utf-8")
+    return spec
+
+
+def test_variants_are_expanded_deterministically_and_share_trainings(project):
+    from storyc.sweep import load_sweep
+
+    spec = _sweep_spec(project)
+    a, b = load_sweep(spec), load_sweep(spec)
+    assert len(a.variants) == 8 and [v.id for v in a.variants] == [v.id for v in b.variants]
+    assert len({v.id for v in a.variants}) == 8
+    # cfg, prefix and a scene's seed are generation settings: all 8 variants share one training
+    assert a.trainings == 1
+    v = a.variants[-1]
+    assert v.overrides == {"generation.cfg_scale": 5.0, "style.prefix": "日系动漫，", "scenes[wishing-star]": {"seed": 102}}
+    assert v.story.data["generation"]["cfg_scale"] == 5.0
+    assert [s.seed for s in v.story.scenes if s.id == "wishing-star"] == [102]
+    assert a.objective == {"mean_aesthetic": 1.0, "style_coherence": 2.0}
+
+
+def test_training_parameters_need_their_own_trainings(project):
+    from storyc.sweep import load_sweep
+
+    spec = _sweep_spec(project, "sweep:\n  parameters:\n    lora.rank: [4, 8]\n    generation.cfg_scale: [3, 4, 5]\n")
+    sw = load_sweep(spec)
+    assert len(sw.variants) == 6 and sw.trainings == 2
+    rnd = _sweep_spec(project, "sweep:\n  method: random\n  samples: 3\n  seed: 5\n  parameters:\n"
+                      "    generation.cfg_scale: [3, 4, 5, 6]\n    generation.steps: [20, 30]\n")
+    first, again = load_sweep(rnd), load_sweep(rnd)
+    assert len(first.variants) == 3 and [v.id for v in first.variants] == [v.id for v in again.variants]
+
+
+def test_sweep_errors_name_the_sweep_line(project):
+    spec = _sweep_spec(project, """\
+sweep:
+  parameters:
+    generation.cfg_scal: [3, 4]
+    generation.steps: [20, 0]
+  scenes:
+    wishng-star: [{seed: 1}]
+  objective: mean_aesthetc
+""")
+    r = run_cli("validate", spec, cwd=project)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    err = r.stderr
+    assert "sweep.yaml:5:5: $.sweep.parameters['generation.cfg_scal']: `generation.cfg_scal`: the spec has no `cfg_scal` under `generation`" in err
+    assert "did you mean `cfg_scale`?" in err
+    assert "sweep.yaml:8:5: $.sweep.scenes.wishng-star: no scene `wishng-star`" in err and "`wishing-star`" in err
+    assert "sweep.yaml:9:14: $.sweep.objective: `mean_aesthetc` is not one of" in err
+
+
+def test_a_bad_value_is_reported_at_its_sweep_line(project):
+    spec = _sweep_spec(project, "sweep:\n  parameters:\n    generation.steps: [20, 0]\n")
+    r = run_cli("validate", spec, cwd=project)
+    assert r.returncode == 1
+    assert "sweep.yaml:5:28: $.generation.steps: must be at least 1, got 0 (in the variant generation.steps = 0)" in r.stderr
+
+
+def test_plan_lists_variants_and_trainings(project):
+    spec = _sweep_spec(project, "sweep:\n  parameters:\n    lora.rank: [4, 8]\n    generation.cfg_scale: [3, 5]\n")
+    r = run_cli("plan", spec, cwd=project)
+    assert r.returncode == 0, r.stderr
+    assert "4 variants, 2 trainings" in r.stdout and "v-" in r.stdout
+    r = run_cli("validate", spec, cwd=project)
+    assert r.returncode == 0 and "sweep of 4 variants, 2 trainings" in r.stdout
