@@ -192,6 +192,39 @@ def cmd_score(args) -> int:
     return score_folder(Path(args.dir), model, 6.0 if gate is None else gate, args.device)
 
 
+def cmd_sweep(args) -> int:
+    """`storyc sweep SPEC` runs the variants; `storyc sweep show SPEC` prints the last results."""
+    words = list(args.words)
+    if words[0] == "show":
+        if len(words) != 2:
+            raise StorycError("usage: storyc sweep show SPEC")
+        from .sweep import load_sweep
+        from .sweep_run import show, sweep_dir
+
+        sw = load_sweep(words[1])
+        if sw is None:
+            raise StorycError(f"{words[1]} has no `sweep:` section")
+        if not (sweep_dir(sw) / "results.json").exists():
+            raise StorycError("this sweep has no results yet", f"run `storyc sweep {words[1]}`")
+        show(sweep_dir(sw))
+        return 0
+    if words[0] == "apply":
+        if len(words) != 3:
+            raise StorycError("usage: storyc sweep apply SPEC VARIANT")
+        from .sweep import apply
+
+        path, values = apply(words[1], words[2])
+        for k, v in values.items():
+            _out(f"  {k} = {v!r}")
+        _out(f"wrote the values of {words[2]} into {path}; `storyc build {words[1]}` builds it")
+        return 0
+    if len(words) != 1:
+        raise StorycError("usage: storyc sweep SPEC | storyc sweep show SPEC | storyc sweep apply SPEC VARIANT")
+    from .sweep_run import run_sweep
+
+    return run_sweep(words[0], args.address, args.concurrent, args.gpus_per_trial, args.quiet)
+
+
 def cmd_publish(args) -> int:
     from .stages.bundle import publish
 
@@ -302,6 +335,19 @@ def parser() -> argparse.ArgumentParser:
     pb.add_argument("--display-name", metavar="NAME", help="the model's name on ModelScope (default: "
                     "<team>-可图Kolors训练-<title>; must keep that prefix)")
     pb.add_argument("--dry-run", action="store_true", help="stage and list the tree and POST.md; upload nothing")
+
+    sw = sub.add_parser("sweep", help="run a spec's sweep variants on Ray Tune; `sweep show|apply`",
+                        description="Run every variant of the spec's `sweep:` section as a Ray Tune trial (a storyc "
+                                    "build with its own folder and lock under build/<story>/sweeps/), sharing "
+                                    "trainings through the cache; running it again resumes. `storyc sweep show SPEC` "
+                                    "prints the results table; compare.html shows every storyboard. `storyc sweep "
+                                    "apply SPEC VARIANT` writes a variant's values into SPEC, keeping its comments.")
+    sw.add_argument("words", nargs="+", metavar="SPEC", help="SPEC, or: show SPEC, or: apply SPEC VARIANT")
+    sw.add_argument("--address", help="a Ray cluster to use (default: RAY_ADDRESS, else a local Ray)")
+    sw.add_argument("--concurrent", type=int, default=None, metavar="N", help="trials at once (default: as resources allow)")
+    sw.add_argument("--gpus-per-trial", type=float, default=None, metavar="G", help="default: 1 when the cluster has GPUs")
+    quiet(sw, "no Ray worker output")
+    sw.set_defaults(func=cmd_sweep)
 
     sub.add_parser("schema", help="print the JSON Schema of the spec",
                    description="Print the JSON Schema of story.yaml (for editors and other tools).").set_defaults(

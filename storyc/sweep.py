@@ -291,3 +291,56 @@ def _dedupe(diags: list) -> list:
             seen.add(key)
             out.append(d)
     return out
+
+
+def apply(spec, variant_id: str) -> tuple[Path, dict]:
+    """Write a variant's values into the spec file itself, keeping its comments and layout (ruamel.yaml's
+    round trip), so the winner is an ordinary story: `storyc build SPEC` then builds exactly that variant.
+    The sweep section stays (delete it when the sweeping is done). Returns (spec path, the values written)."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedMap
+
+    from .errors import StorycError
+
+    sw = load_sweep(spec)
+    if sw is None:
+        raise StorycError(f"{spec} has no `sweep:` section")
+    found = {v.id: v for v in sw.variants}
+    if variant_id not in found:
+        raise StorycError(f"no variant `{variant_id}` in this sweep", did_you_mean(variant_id, found)
+                          or f"its variants: {', '.join(found)} (see `storyc plan` or `storyc sweep show`)")
+    v = found[variant_id]
+    yaml = YAML()  # round-trip: comments, key order, quoting and flow style are kept
+    yaml.preserve_quotes = True
+    yaml.width = 4096
+    path = Path(spec)
+    doc = yaml.load(path.read_text("utf-8"))
+    for key, value in v.overrides.items():
+        if key.startswith("scenes["):
+            sid = key[len("scenes["):-1]
+            scenes = doc.get("scenes")
+            if scenes is None:  # the scenes come from the base spec: a list replaces it whole, so copy it
+                doc["scenes"] = scenes = copy.deepcopy(sw.base.data["scenes"])
+                scenes = doc["scenes"]
+            scene = next(s for s in scenes if s.get("id") == sid)
+            for k, x in value.items():
+                scene[k] = x
+            continue
+        target = parse_path(key)
+        cur = doc
+        for p in target[:-1]:
+            if isinstance(p, int):
+                cur = cur[p]
+                continue
+            if p not in cur or cur[p] is None:
+                cur[p] = CommentedMap()
+            cur = cur[p]
+        cur[target[-1]] = value
+    import io
+
+    buf = io.StringIO()
+    yaml.dump(doc, buf)
+    from .render import atomic_write
+
+    atomic_write(path, buf.getvalue())
+    return path, v.overrides

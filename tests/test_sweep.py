@@ -83,3 +83,50 @@ def test_plan_lists_variants_and_trainings(project):
     assert "4 variants, 2 trainings" in r.stdout and "v-" in r.stdout
     r = run_cli("validate", spec, cwd=project)
     assert r.returncode == 0 and "sweep of 4 variants, 2 trainings" in r.stdout
+
+
+def test_sweep_runs_variants_as_ray_tune_trials_and_resumes(base, tmp_path):
+    """2 variants that differ only in a generation setting, 2 trials at once: one training, both bundles."""
+    import json
+
+    from conftest import copy_project
+
+    spec = copy_project(base, tmp_path / "p")
+    sweep = spec.parent / "sweep.yaml"
+    sweep.write_text("version: 1\nextends: story.yaml  # the story under test\n# which guidance suits it?\n"
+                     "sweep:\n  parameters:\n    lora.rank: [2]\n    generation.cfg_scale: [4.0, 5.0]\n", "utf-8")
+    r = run_cli("sweep", sweep, "--concurrent", "2", "-q", cwd=spec.parent, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    folder = spec.parent / "build/t/sweeps/sweep"
+    rows = json.loads((folder / "results.json").read_text("utf-8"))["variants"]
+    assert [row["state"] for row in rows] == ["done", "done"]
+    assert sum(row["trained"] for row in rows) == 1  # the second variant reused the first one's LoRA
+    assert all(row["valid"] for row in rows)
+    html = (folder / "compare.html").read_text("utf-8")
+    assert html.count("data:image/png;base64,") == 2
+    stamps = {p: p.stat().st_mtime_ns for p in folder.glob("v-*/result.json")}
+    r = run_cli("sweep", sweep, "-q", cwd=spec.parent, timeout=600)  # again: Tune resumes; nothing reruns
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in folder.glob("v-*/result.json")} == stamps
+    r = run_cli("sweep", "show", sweep, cwd=spec.parent)
+    assert r.returncode == 0 and "cache hit" in r.stdout and "trained" in r.stdout
+
+    # apply the cfg 5.0 variant: an ordinary story (comments kept) that builds to that variant's lock
+    import yaml
+
+    winner = next(row["variant"] for row in rows if row["values"]["generation.cfg_scale"] == 5.0)
+    r = run_cli("sweep", "apply", sweep, winner, cwd=spec.parent)
+    assert r.returncode == 0, r.stderr
+    text = sweep.read_text("utf-8")
+    assert "# the story under test" in text and "# which guidance suits it?" in text
+    assert yaml.safe_load(text)["generation"]["cfg_scale"] == 5.0 and yaml.safe_load(text)["lora"]["rank"] == 2
+    # one CPU thread, as Ray gives a 1-CPU trial: on CPU, float reductions (and so PNG bytes) follow the thread count
+    r = run_cli("build", sweep, "-q", cwd=spec.parent, env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    ours = yaml.safe_load((spec.parent / "sweep.lock").read_text("utf-8"))["stages"]
+    theirs = yaml.safe_load((folder / winner / "story.lock").read_text("utf-8"))["stages"]
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert ours[name]["params_hash"] == theirs[name]["params_hash"], name
+        assert {k: v["sha256"] for k, v in ours[name]["outputs"].items()} == \
+            {k: v["sha256"] for k, v in theirs[name]["outputs"].items()}, name

@@ -1,0 +1,183 @@
+"""`storyc sweep SPEC`: the variants of a sweep as Ray Tune trials, each an ordinary storyc build.
+
+Ray Tune is the engine: trial scheduling, resources per trial, retries of a failed trial or a dead worker, and
+the experiment state that `storyc sweep` again resumes (finished trials are not rerun). Each trial builds its
+variant with its own build folder and lock under build/<story>/sweeps/<sweep>/<variant>/; work is shared through
+the content-addressed training cache, and the trials that train a LoRA go first (one per training), so the
+variants that only differ in generation settings reuse it instead of waiting on it.
+"""
+from __future__ import annotations
+
+import base64
+import functools
+import html
+import json
+import os
+import time
+from pathlib import Path
+
+from .render import atomic_write, canonical_json
+
+
+def sweep_dir(sw) -> Path:
+    return sw.base.root / "build" / sw.base.id / "sweeps" / sw.spec.stem
+
+
+def trial_order(sw) -> list[str]:
+    """Variant ids with one variant per training first: the LoRA a group shares is trained once, early."""
+    from .compiler import compile
+    from .sweep import _train_identity
+
+    leaders, rest, seen = [], [], set()
+    for v in sw.variants:
+        key = _train_identity(compile(v.story))
+        (rest if key in seen else leaders).append(v.id)
+        seen.add(key)
+    return leaders + rest
+
+
+def run_sweep(spec, address: str | None = None, concurrent: int | None = None, gpus_per_trial: float | None = None,
+              quiet: bool = False) -> int:
+    from .errors import StorycError
+    from .sweep import load_sweep
+
+    sw = load_sweep(spec)
+    if sw is None:
+        raise StorycError(f"{spec} has no `sweep:` section", "add one (see README: Sweeps), or use `storyc build`")
+    folder = sweep_dir(sw)
+    folder.mkdir(parents=True, exist_ok=True)
+    order = trial_order(sw)
+    atomic_write(folder / "variants.json", canonical_json(
+        {"format": "storyc.sweep_variants/1", "spec": sw.base.rel(sw.spec), "objective": sw.objective,
+         "order": order, "variants": {v.id: v.overrides for v in sw.variants}}))
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    import ray
+    from ray import tune
+
+    started = False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not ray.is_initialized():
+        kw = {"address": address} if address else {"num_cpus": max(1, concurrent or 1)}
+        ray.init(include_dashboard=False, log_to_driver=not quiet, configure_logging=False, **kw)
+        started = True
+    try:
+        gpus = gpus_per_trial if gpus_per_trial is not None else (1 if ray.cluster_resources().get("GPU") else 0)
+        trainable = tune.with_resources(functools.partial(_trial, spec=str(sw.spec), folder=str(folder)),
+                                        {"cpu": 1, "gpu": gpus})
+        exp = folder / "tune"
+        t0 = time.monotonic()
+        if tune.Tuner.can_restore(str(exp)):  # a sweep run before: Tune resumes it, finished trials stay done
+            tuner = tune.Tuner.restore(str(exp), trainable, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable, param_space={"variant": tune.grid_search(order)},
+                tune_config=tune.TuneConfig(max_concurrent_trials=concurrent or None),
+                run_config=tune.RunConfig(storage_path=str(folder), name="tune", verbose=0,
+                                          failure_config=tune.FailureConfig(max_failures=2)))
+        grid = tuner.fit()
+        wall = time.monotonic() - t0
+    finally:
+        if started:
+            ray.shutdown()
+    rows = collect(sw, folder)
+    atomic_write(folder / "results.json", canonical_json({"format": "storyc.sweep_results/1", "wall_s": round(wall, 1),
+                                                          "objective": sw.objective, "variants": rows}))
+    atomic_write(folder / "compare.html", compare_html(sw, folder, rows))
+    show(folder)
+    failed = [r for r in rows if r.get("state") != "done"]
+    errors = getattr(grid, "num_errors", 0)
+    if failed or errors:
+        print(f"{len(failed)} variant(s) did not finish; run `storyc sweep {sw.base.rel(sw.spec)}` again to resume")
+        return 1
+    return 0
+
+
+def _trial(config: dict, spec: str, folder: str) -> None:
+    """One Tune trial: build one variant with its own build folder and lock; report its scores."""
+    from ray import tune
+
+    from .compiler import compile
+    from .lock import Lock
+    from .options import RunOptions
+    from .runner import execute
+    from .sweep import load_sweep, score
+
+    sw = load_sweep(spec)
+    v = {x.id: x for x in sw.variants}[config["variant"]]
+    vdir = Path(folder) / v.id
+    plan = compile(v.story, vdir / "build")
+    opts = RunOptions(build_dir=plan.build_dir, lock_path=vdir / "story.lock", quiet=True, live=False)
+    t0 = time.monotonic()
+    res = execute(plan, opts)
+    seconds = time.monotonic() - t0
+    if res.failures:
+        raise RuntimeError("; ".join(f.message for f in res.failures))
+    lock = Lock.load(vdir / "story.lock")
+    facts = lock.entry("bundle").facts
+    times = json.loads((plan.build_dir / "build_times.json").read_text("utf-8"))
+    trained = "train.fit_s" in times.get("metrics", {})
+    out = {"variant": v.id, "values": v.overrides, "mean_aesthetic": facts["mean_aesthetic"],
+           "style_coherence": facts["style_coherence"], "valid": facts["valid"],
+           "objective": score(sw.objective, facts["mean_aesthetic"], facts["style_coherence"]),
+           "seconds": round(seconds, 2), "trained": trained, "stages_ran": len(res.ran),
+           "submission": str(plan.build_dir / "submission" / v.story.id)}
+    atomic_write(vdir / "result.json", canonical_json(out))
+    tune.report({k: out[k] for k in ("mean_aesthetic", "style_coherence", "objective", "seconds")}
+                | {"valid": int(out["valid"]), "trained": int(trained)})
+
+
+def collect(sw, folder: Path) -> list[dict]:
+    rows = []
+    for v in sw.variants:
+        try:
+            r = json.loads((folder / v.id / "result.json").read_text("utf-8"))
+            rows.append({**r, "state": "done"})
+        except (OSError, ValueError):
+            rows.append({"variant": v.id, "values": v.overrides, "state": "not finished"})
+    return sorted(rows, key=lambda r: (r["state"] != "done", not r.get("valid", False), -r.get("objective", 0)))
+
+
+def show(folder: Path) -> None:
+    """The results table: variant values, scores, valid, time, whether it trained or reused the LoRA."""
+    doc = json.loads((folder / "results.json").read_text("utf-8"))
+    rows = doc["variants"]
+    keys = list(rows[0]["values"]) if rows else []
+    head = ["variant", *keys, "mean aesthetic", "coherence", "valid", "objective", "seconds", "LoRA"]
+    table = [head]
+    for r in rows:
+        vals = [json.dumps(r["values"][k], ensure_ascii=False) for k in keys]
+        if r["state"] != "done":
+            table.append([r["variant"], *vals, "-", "-", "-", "-", "-", r["state"]])
+            continue
+        table.append([r["variant"], *vals, f"{r['mean_aesthetic']:.3f}", f"{r['style_coherence']:.3f}",
+                      "yes" if r["valid"] else "NO", f"{r['objective']:.3f}", f"{r['seconds']:.1f}",
+                      "trained" if r["trained"] else "cache hit"])
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
+    for row in table:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    print(f"{len(rows)} variants, wall {doc.get('wall_s', 0):.1f}s; best first; compare: {folder / 'compare.html'}")
+
+
+def compare_html(sw, folder: Path, rows: list[dict]) -> str:
+    """Every variant's storyboard side by side with its values and scores (best first)."""
+    e = html.escape
+    cells = []
+    for r in rows:
+        board = Path(r.get("submission", "")) / "storyboard.png"
+        img = (f"<img src='data:image/png;base64,{base64.b64encode(board.read_bytes()).decode()}' width='360'>"
+               if r["state"] == "done" and board.is_file() else "<p>not finished</p>")
+        vals = "<br>".join(f"{e(k)} = {e(json.dumps(v, ensure_ascii=False))}" for k, v in r["values"].items())
+        score = (f"mean aesthetic {r['mean_aesthetic']:.3f}, coherence {r['style_coherence']:.3f}, "
+                 f"objective {r['objective']:.3f}, {'VALID' if r['valid'] else 'INVALID'}") if r["state"] == "done" else ""
+        cells.append(f"<div class='v' id='{e(r['variant'])}'><h3>{e(r['variant'])}</h3><p>{vals}</p>"
+                     f"<p class='score'>{score}</p>{img}</div>")
+    return f"""<!doctype html>
+<html lang="zh"><head><meta charset="utf-8"><title>{e(sw.base.id)} sweep - storyc</title>
+<style>body{{font-family:sans-serif;margin:1em}}.grid{{display:flex;flex-wrap:wrap;gap:12px}}
+.v{{border:1px solid #ccc;padding:8px;width:380px}}</style></head><body>
+<h1>{e(sw.base.id)}: {len(rows)} variants of {e(sw.base.rel(sw.spec))}</h1>
+<p>objective: {e(' + '.join(f'{w:g} x {k}' for k, w in sw.objective.items()))}; best first</p>
+<div class="grid">{''.join(cells)}</div></body></html>
+"""
