@@ -134,7 +134,6 @@ def write_aesthetic(folder: Path, scale: str, device: str, seed: int = 4):
 
 def write_all(out: Path, scale: str = "full", device: str = "cuda") -> dict:
     out = Path(out)
-    times = {}
     plan = [
         ("kolors/Kolors/text_encoder", lambda f: write_text_encoder(f, scale, device)),
         ("kolors/Kolors/unet", lambda f: write_unet(f, scale, device)),
@@ -142,6 +141,13 @@ def write_all(out: Path, scale: str = "full", device: str = "cuda") -> dict:
         ("sdxl-vae-fp16-fix", lambda f: write_vae(f, device, "float32")),
         ("aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE", lambda f: write_aesthetic(f, scale, device)),
     ]
+    return write_folders(out, plan, f"random weights, {scale} scale, written by bench/fullsize.py", device)
+
+
+def write_folders(out: Path, plan: list, note: str, device: str = "cuda") -> dict:
+    """Write each (relative folder, writer) of ``plan`` under ``out`` once: into a .partial folder, marked
+    .complete, then renamed. Returns seconds per folder; a folder already complete is skipped."""
+    times = {}
     for rel, fn in plan:
         folder = out / rel
         if (folder / ".complete").exists():
@@ -151,7 +157,7 @@ def write_all(out: Path, scale: str = "full", device: str = "cuda") -> dict:
         tmp.mkdir(parents=True)
         t = time.perf_counter()
         fn(tmp)
-        (tmp / ".complete").write_text(f"random weights, {scale} scale, written by bench/fullsize.py\n")
+        (tmp / ".complete").write_text(note + "\n")
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
         times[rel] = round(time.perf_counter() - t, 1)

@@ -103,29 +103,15 @@ def write_models() -> tuple[Path, Path, dict]:
         tiny.tiny_kolors(kolors)
         tiny.tiny_aesthetic(aesthetic)
         return kolors, aesthetic, times
-    import shutil
-
     import fullsize
 
     # the kolors folder check wants a text encoder; previews never load it (embeddings come from the table), so a
     # tiny ChatGLM in the same layout stands in for the 12 GB one
-    plan = [(kolors / "unet", lambda f: fullsize.write_unet(f, "full", "cuda")),
-            (kolors / "vae", lambda f: fullsize.write_vae(f, "cuda", "float16")),
-            (kolors / "text_encoder", lambda f: fullsize.write_text_encoder(f, "tiny", "cuda")),
-            (aesthetic, lambda f: fullsize.write_aesthetic(f, "full", "cuda"))]
-    for folder, fn in plan:
-        if (folder / ".complete").exists():
-            continue
-        tmp = folder.with_name(folder.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        t = time.perf_counter()
-        fn(tmp)
-        (tmp / ".complete").write_text("random weights, written by bench/knobs_bench.py\n")
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
-        times[str(folder.relative_to(MODELS))] = round(time.perf_counter() - t, 1)
-        torch.cuda.empty_cache()
+    plan = [("kolors/unet", lambda f: fullsize.write_unet(f, "full", "cuda")),
+            ("kolors/vae", lambda f: fullsize.write_vae(f, "cuda", "float16")),
+            ("kolors/text_encoder", lambda f: fullsize.write_text_encoder(f, "tiny", "cuda")),
+            ("aesthetic", lambda f: fullsize.write_aesthetic(f, "full", "cuda"))]
+    times.update(fullsize.write_folders(MODELS, plan, "random weights, written by bench/knobs_bench.py"))
     return kolors, aesthetic, times
 
 
