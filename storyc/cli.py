@@ -25,12 +25,10 @@ def _print_diags(diags, severity="error"):
 # ---------------------------------------------------------------- commands
 
 def cmd_validate(args) -> int:
-    from .spec import load_story
-
     bad = 0
     for spec in args.specs:
         try:
-            story = load_story(spec)
+            story, loaded = _load_story(spec)
         except SpecError as e:
             bad += 1
             _print_diags(e.diagnostics)
@@ -39,7 +37,7 @@ def cmd_validate(args) -> int:
             continue
         _print_diags(story.warnings, "warning")
         try:
-            sweep = _load_sweep(spec)
+            sweep = _sweep_of(story, loaded)
         except SpecError as e:
             bad += 1
             _print_diags(e.diagnostics)
@@ -59,18 +57,26 @@ def cmd_validate(args) -> int:
     return 1 if bad else 0
 
 
-def _load_sweep(spec):
+def _load_story(spec):
+    """The validated story, and the loaded spec (positions, extends chain) for its sweep: the file is read once."""
+    from .spec import load_located, story_from
+
+    loaded = load_located(spec)
+    return story_from(*loaded), loaded
+
+
+def _sweep_of(story, loaded):
     """The spec's sweep with every variant validated, or None when it has no `sweep:` section."""
-    from .sweep import load_sweep
+    from .sweep import sweep_from
 
-    return load_sweep(spec)
+    return sweep_from(*loaded, story) if "sweep" in loaded[0].data else None
 
 
-def _load_plan(args):
+def _load_plan(args, story=None):
     from .compiler import compile
     from .spec import load_story
 
-    story = load_story(args.spec)
+    story = story or load_story(args.spec)
     _print_diags(story.warnings, "warning")
     out = Path(args.output) / story.id if args.output else None
     return compile(story, out)
@@ -106,8 +112,9 @@ def cmd_compile(args) -> int:
 def cmd_plan(args) -> int:
     from .plan_view import show_plan, show_sweep
 
-    show_plan(_load_plan(args))
-    sweep = _load_sweep(args.spec)
+    story, loaded = _load_story(args.spec)
+    show_plan(_load_plan(args, story))
+    sweep = _sweep_of(story, loaded)
     if sweep is not None:
         show_sweep(sweep)
     return 0

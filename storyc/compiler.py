@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import __version__
 from .model import Story
-from .render import canonical_json, render, write_if_changed
+from .render import atomic_write, canonical_json, render
 from .rules import join_negative
 from .stages.registry import Source, generation_common, stage_jobs
 from .stages.train_config import TrainConfig
@@ -148,9 +148,8 @@ def changed_artifacts(plan: Plan) -> list[str]:
 
 
 def write_plan(plan: Plan) -> list[str]:
-    """Write every artifact (atomically, only when changed); return the paths written."""
-    written = []
-    for rel, text in plan.artifacts.items():
-        if write_if_changed(plan.build_dir / rel, text):
-            written.append(rel)
+    """Write every changed artifact (atomically); return the paths written."""
+    written = changed_artifacts(plan)
+    for rel in written:
+        atomic_write(plan.build_dir / rel, plan.artifacts[rel])
     return written

@@ -46,9 +46,6 @@ def show_sweep(sweep) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from .compiler import compile
-    from .sweep import _train_identity
-
     con = Console()
     if not con.is_terminal:
         con = Console(width=160)
@@ -59,7 +56,7 @@ def show_sweep(sweep) -> None:
         table.add_column(escape(col), overflow="fold")
     groups: dict = {}
     for v in sweep.variants:
-        t = groups.setdefault(_train_identity(compile(v.story)), f"t{len(groups) + 1}")
+        t = groups.setdefault(v.training, f"t{len(groups) + 1}")
         table.add_row(v.id, *[escape(json.dumps(v.overrides[k], ensure_ascii=False)) for k in keys], t)
     con.print(table)
     con.print("objective: " + " + ".join(f"{w:g} x {k}" for k, w in sweep.objective.items())

@@ -86,15 +86,3 @@ def atomic_write(path, data, mode: str = "w") -> Path:
             pass
         raise
     return path
-
-
-def write_if_changed(path, text: str) -> bool:
-    """Atomically write text unless the file already holds exactly it; True when written."""
-    path = Path(path)
-    try:
-        if path.read_text("utf-8") == text:
-            return False
-    except (FileNotFoundError, UnicodeDecodeError):
-        pass
-    atomic_write(path, text)
-    return True

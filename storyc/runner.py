@@ -34,8 +34,11 @@ class Decision:
     name: str
     stale: bool  # its own inputs changed (or forced): it will run
     reasons: tuple  # why it is stale, or why it may rerun (empty: up to date)
-    maybe: bool = False  # only an upstream stage will rerun: it reruns if that output comes out different
-    upstream: tuple = ()  # for maybe: those upstream stages
+    upstream: tuple = ()  # not stale: the upstream stages that will rerun (it reruns if their output changes)
+
+    @property
+    def maybe(self) -> bool:
+        return not self.stale and bool(self.upstream)
 
     @property
     def state(self) -> str:
@@ -215,8 +218,7 @@ def _decide(ctx: Context, opts: RunOptions) -> list[Decision]:
         if why:
             out.append(Decision(name, True, tuple(why)))
         elif ups:
-            out.append(Decision(name, False, (f"if the output of {_names(plan, ups)} changes",), maybe=True,
-                                upstream=tuple(ups)))
+            out.append(Decision(name, False, (f"if the output of {_names(plan, ups)} changes",), tuple(ups)))
         else:
             out.append(Decision(name, False, ()))
     return out

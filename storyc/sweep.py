@@ -33,6 +33,7 @@ class Variant:
     id: str  # "v-" + digest of its overrides: the same sweep gives the same ids
     overrides: dict  # "generation.cfg_scale" -> 4.0; "scenes[wishing-star]" -> {seed: 8}
     story: object  # the validated Story
+    training: str  # digest of the slices its LoRA depends on: variants with the same one share a training
 
 
 @dataclass(frozen=True)
@@ -89,17 +90,24 @@ def _set(data, path: tuple, value):
     cur[path[-1]] = value
 
 
-def load_sweep(spec, display=None) -> Sweep | None:
-    """The sweep of a spec (None when it has no `sweep:` section), every variant validated as a story."""
-    from .compiler import compile
-    from .spec import load_located, schema, story_from
+def load_sweep(spec, display=None, only: str | None = None) -> Sweep | None:
+    """The sweep of a spec (None when it has no `sweep:` section), every variant validated as a story
+    (``only``: just that variant, as a trial needs)."""
+    from .spec import load_located, story_from
 
     loc, chain, root, path = load_located(spec, display)
     if not isinstance(loc.data, dict) or "sweep" not in loc.data:
         return None
+    base = story_from(_without(loc, ("sweep",)), chain, root, path)  # the story itself must be valid first
+    return sweep_from(loc, chain, root, path, base, only)
+
+
+def sweep_from(loc: Located, chain: tuple, root: Path, path: Path, base, only: str | None = None) -> Sweep:
+    """Expand and validate the sweep of an already loaded spec whose story (without the sweep) is ``base``."""
+    from .compiler import compile
+    from .spec import schema, story_from
+
     sw = loc.data["sweep"]
-    base_loc = _without(loc, ("sweep",))
-    base = story_from(base_loc, chain, root, path)  # the story itself must be valid first
     diags: list[Diagnostic] = []
     if not isinstance(sw, dict):
         raise SpecError([Diagnostic("expected a mapping", loc.mark(("sweep",)), "$.sweep", rule="sweep")])
@@ -175,17 +183,18 @@ def load_sweep(spec, display=None) -> Sweep | None:
                 _point(vloc, loc, target, at, copy.deepcopy(value))
             overrides[label] = value
         vid = "v-" + digest(overrides)[:8]
+        if only is not None and vid != only:
+            continue
         try:
             story = story_from(vloc, chain, root, path)
         except SpecError as e:
             for d in e.diagnostics:
                 problems.append(_in_variant(d, overrides))
             continue
-        variants.append(Variant(vid, overrides, story))
+        variants.append(Variant(vid, overrides, story, _train_identity(compile(story))))
     if problems:
         raise SpecError(_dedupe(problems))
-    trainings = len({_train_identity(compile(v.story)) for v in variants})
-    return Sweep(path, base, tuple(variants), objective, trainings)
+    return Sweep(path, base, tuple(variants), objective, len({v.training for v in variants}))
 
 
 def _objective(obj, loc, diags) -> dict:

@@ -25,14 +25,10 @@ def sweep_dir(sw) -> Path:
 
 def trial_order(sw) -> list[str]:
     """Variant ids with one variant per training first: the LoRA a group shares is trained once, early."""
-    from .compiler import compile
-    from .sweep import _train_identity
-
     leaders, rest, seen = [], [], set()
     for v in sw.variants:
-        key = _train_identity(compile(v.story))
-        (rest if key in seen else leaders).append(v.id)
-        seen.add(key)
+        (rest if v.training in seen else leaders).append(v.id)
+        seen.add(v.training)
     return leaders + rest
 
 
@@ -104,8 +100,8 @@ def _trial(config: dict, spec: str, folder: str) -> None:
     from .runner import execute
     from .sweep import load_sweep, score
 
-    sw = load_sweep(spec)
-    v = {x.id: x for x in sw.variants}[config["variant"]]
+    sw = load_sweep(spec, only=config["variant"])  # expands every variant, validates this one
+    v, = sw.variants
     vdir = Path(folder) / v.id
     plan = compile(v.story, vdir / "build")
     opts = RunOptions(build_dir=plan.build_dir, lock_path=vdir / "story.lock", quiet=True, live=False)
