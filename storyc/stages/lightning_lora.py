@@ -313,27 +313,25 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return f
 
 
+OPTIMIZERS = {"adamw8bit": ("bitsandbytes", "bitsandbytes.optim", "AdamW8bit"),
+              "prodigy": ("prodigyopt", "prodigyopt", "Prodigy")}  # name -> (pip package, module, class)
+
+
 def make_optimizer(name: str, params, lr: float, cuda: bool):
     """adamw (torch, fused on CUDA), adamw8bit (bitsandbytes) or prodigy (prodigyopt): the libraries' own."""
-    if name == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError as e:
-            from ..errors import StageError
+    if name not in OPTIMIZERS:
+        return torch.optim.AdamW(params, lr=lr, fused=cuda)
+    import importlib
 
-            raise StageError("train", f"train.optimizer adamw8bit needs bitsandbytes ({e})",
-                             "pip install bitsandbytes, or use `optimizer: adamw`") from None
-        return bnb.optim.AdamW8bit(params, lr=lr)
-    if name == "prodigy":
-        try:
-            from prodigyopt import Prodigy
-        except ImportError as e:
-            from ..errors import StageError
+    package, module, cls = OPTIMIZERS[name]
+    try:
+        optimizer = getattr(importlib.import_module(module), cls)
+    except ImportError as e:
+        from ..errors import StageError
 
-            raise StageError("train", f"train.optimizer prodigy needs prodigyopt ({e})",
-                             "pip install prodigyopt, or use `optimizer: adamw`") from None
-        return Prodigy(params, lr=lr)
-    return torch.optim.AdamW(params, lr=lr, fused=cuda)
+        raise StageError("train", f"train.optimizer {name} needs {package} ({e})",
+                         f"pip install {package}, or use `optimizer: adamw`") from None
+    return optimizer(params, lr=lr)
 
 
 class _Positional(torch.nn.Module):

@@ -297,7 +297,7 @@ def cache_pass(ctx, cfg: TrainConfig, kolors: Path, vae: Path, device: str, dtyp
         lat_keys.append(k)
         sizes.append((bw, bh))
         if k not in seen and not _cache_file_ok(ctx, root / "latents" / f"{k}.safetensors"):
-            lat_missing.append((r, k))  # a repeated row (dataset repeats) is encoded once
+            lat_missing.append((r, k, (bw, bh), crop))  # a repeated row (dataset repeats) is encoded once
         seen.add(k)
     texts = sorted({r["text"] for r in rows} | ({""} if cfg["caption_dropout"] else set()))  # "": dropped captions
     txt_keys = {t: digest({"v": CACHE_VERSION, "text": t, "kolors": kolors_fp, "dtype": str(dtype)}) for t in texts}
@@ -308,9 +308,8 @@ def cache_pass(ctx, cfg: TrainConfig, kolors: Path, vae: Path, device: str, dtyp
 
         enc = load_vae(vae / "diffusion_pytorch_model.safetensors" if vae.is_dir() else vae, "encoder", dtype, device)
         with torch.no_grad():
-            for i, (r, k) in enumerate(lat_missing):
-                bw, bh = buckets[r["file_name"]] if buckets else (w, h)
-                img = _load_image(train_dir / r["file_name"], bw, bh, True if buckets else tr["center_crop"]).to(device, dtype)
+            for i, (r, k, (bw, bh), crop) in enumerate(lat_missing):
+                img = _load_image(train_dir / r["file_name"], bw, bh, crop).to(device, dtype)
                 out = {"latent": enc(img).to("cpu", torch.float16).contiguous()}
                 if tr["random_flip"]:
                     out["latent_flip"] = enc(torch.flip(img, dims=[3])).to("cpu", torch.float16).contiguous()
