@@ -338,10 +338,9 @@ def check_train_knobs(ctx):
     out = []
     from .stages.train_config import TrainConfig
 
+    steps = TrainConfig(ctx.data.get("lora") or {}, tr, (), {}, {}).optimizer_steps(1)  # on one device
     warm = tr.get("lr_warmup_steps") or 0
     if warm:
-        lora = ctx.data.get("lora") or {}
-        steps = TrainConfig(lora, tr, (), {}, {}).optimizer_steps(1)
         if warm >= steps:
             out.append(ctx.diag(("train", "lr_warmup_steps"), f"{warm} warm-up steps but the run has only {steps} "
                                 "optimizer steps", "warm up over a small part of the run (e.g. 5%)", "train_knobs"))
@@ -349,7 +348,6 @@ def check_train_knobs(ctx):
         out.append(ctx.diag(("train", "select"), "`select: best_score` needs previews to score checkpoints",
                             "set `train.preview_every: N` (e.g. 500), or `select: last`", "train_knobs"))
     if tr.get("preview_every"):
-        steps = TrainConfig(ctx.data.get("lora") or {}, tr, (), {}, {}).optimizer_steps(1)
         if tr["preview_every"] > steps:
             out.append(ctx.diag(("train", "preview_every"), f"preview every {tr['preview_every']} steps but the run "
                                 f"has {steps}: only the last checkpoint is previewed", severity="warning",
