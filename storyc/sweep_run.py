@@ -110,18 +110,20 @@ def _trial(config: dict, spec: str, folder: str) -> None:
     seconds = time.monotonic() - t0
     if res.failures:
         raise RuntimeError("; ".join(f.message for f in res.failures))
-    lock = Lock.load(vdir / "story.lock")
-    facts = lock.entry("bundle").facts
-    times = json.loads((plan.build_dir / "build_times.json").read_text("utf-8"))
-    trained = "train.fit_s" in times.get("metrics", {})
-    out = {"variant": v.id, "values": v.overrides, "mean_aesthetic": facts["mean_aesthetic"],
-           "style_coherence": facts["style_coherence"], "valid": facts["valid"],
-           "objective": score(sw.objective, facts["mean_aesthetic"], facts["style_coherence"]),
-           "seconds": round(seconds, 2), "trained": trained, "stages_ran": len(res.ran),
-           "submission": str(plan.build_dir / "submission" / v.story.id)}
-    atomic_write(vdir / "result.json", canonical_json(out))
+    done = vdir / "result.json"
+    if res.ran or not done.is_file():  # else finished before (a resumed sweep): keep its record, time and all
+        facts = Lock.load(vdir / "story.lock").entry("bundle").facts
+        times = json.loads((plan.build_dir / "build_times.json").read_text("utf-8"))
+        trained = "train.fit_s" in times.get("metrics", {})
+        atomic_write(done, canonical_json({
+            "variant": v.id, "values": v.overrides, "mean_aesthetic": facts["mean_aesthetic"],
+            "style_coherence": facts["style_coherence"], "valid": facts["valid"],
+            "objective": score(sw.objective, facts["mean_aesthetic"], facts["style_coherence"]),
+            "seconds": round(seconds, 2), "trained": trained, "stages_ran": len(res.ran),
+            "submission": str(plan.build_dir / "submission" / v.story.id)}))
+    out = json.loads(done.read_text("utf-8"))
     tune.report({k: out[k] for k in ("mean_aesthetic", "style_coherence", "objective", "seconds")}
-                | {"valid": int(out["valid"]), "trained": int(trained)})
+                | {"valid": int(out["valid"]), "trained": int(out["trained"])})
 
 
 def collect(sw, folder: Path) -> list[dict]:

@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,24 @@ def run_cli(*args, cwd=None, env=None, timeout=600):
     e = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run([sys.executable, "-m", "storyc", *map(str, args)], cwd=cwd or REPO, env=e,
                           capture_output=True, text=True, timeout=timeout)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def chromium_render(html, tmp):
+    """Open a page in headless Chromium (as a user's browser would): its screenshot (grey levels) and its DOM."""
+    import numpy as np
+    from PIL import Image
+
+    shot = tmp / f"{html.stem}-shot.png"
+    base = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+    r = subprocess.run([*base, f"--user-data-dir={tmp / 'profile'}", f"--screenshot={shot}", "--window-size=1000,1400",
+                        html.as_uri()], capture_output=True, text=True, timeout=120)
+    assert shot.exists(), r.stderr
+    dom = subprocess.run([*base, "--dump-dom", f"--user-data-dir={tmp / 'profile2'}", html.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    return np.asarray(Image.open(shot).convert("L")), dom
 
 
 @pytest.fixture

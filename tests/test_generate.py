@@ -180,22 +180,12 @@ def test_candidates_keep_the_best_scoring_seed(tmp_path, tiny_models):
 
 
 def test_report_renders_in_headless_chromium(built, tmp_path):
-    import subprocess
+    from conftest import CHROMIUM, chromium_render
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if not chromium:
+    if not CHROMIUM:
         pytest.skip("Chromium is not installed (apt-get install chromium to run this check)")
-    shot = tmp_path / "report.png"
-    html = built.parent / "build/t/submission/t/report.html"
-    r = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                        f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1000,1400",
-                        html.as_uri()], capture_output=True, text=True, timeout=120)
-    assert shot.exists(), r.stderr
-    img = np.asarray(Image.open(shot).convert("L"))
+    img, dom = chromium_render(built.parent / "build/t/submission/t/report.html", tmp_path)
     assert img.std() > 10  # not a blank page
-    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
-                          f"--user-data-dir={tmp_path / 'profile2'}", html.as_uri()], capture_output=True, text=True,
-                         timeout=120).stdout
     assert 'id="verdict"' in dom and "VALID" in dom and "storyboard" in dom
 
 

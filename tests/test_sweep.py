@@ -104,6 +104,13 @@ def test_sweep_runs_variants_as_ray_tune_trials_and_resumes(base, tmp_path):
     assert all(row["valid"] for row in rows)
     html = (folder / "compare.html").read_text("utf-8")
     assert html.count("data:image/png;base64,") == 2
+    from conftest import CHROMIUM, chromium_render
+
+    if CHROMIUM:  # .ci/run installs it; the page as a browser shows it: both boards drawn, best first
+        img, dom = chromium_render(folder / "compare.html", tmp_path)
+        assert img.std() > 10
+        ids = [row["variant"] for row in rows]
+        assert dom.count("<img ") == 2 and dom.index(f"id=\"{ids[0]}\"") < dom.index(f"id=\"{ids[1]}\"")
     stamps = {p: p.stat().st_mtime_ns for p in folder.glob("v-*/result.json")}
     r = run_cli("sweep", sweep, "-q", cwd=spec.parent, timeout=600)  # again: Tune resumes; nothing reruns
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -130,3 +137,43 @@ def test_sweep_runs_variants_as_ray_tune_trials_and_resumes(base, tmp_path):
         assert ours[name]["params_hash"] == theirs[name]["params_hash"], name
         assert {k: v["sha256"] for k, v in ours[name]["outputs"].items()} == \
             {k: v["sha256"] for k, v in theirs[name]["outputs"].items()}, name
+
+
+def test_a_killed_sweep_resumes_without_redoing_finished_trials(base, tmp_path):
+    """SIGKILL the whole sweep (driver, Ray and its workers) after the first trial finished; `storyc sweep` again
+    finishes the rest and leaves the finished trial's build and result alone."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import copy_project
+
+    spec = copy_project(base, tmp_path / "p")
+    sweep = spec.parent / "sweep.yaml"
+    sweep.write_text("version: 1\nextends: story.yaml\n"
+                     "sweep:\n  parameters:\n    lora.rank: [2]\n    generation.cfg_scale: [3.0, 4.5, 6.0]\n", "utf-8")
+    folder = spec.parent / "build/t/sweeps/sweep"
+    proc = subprocess.Popen([sys.executable, "-m", "storyc", "sweep", str(sweep), "--concurrent", "1", "-q"],
+                            cwd=spec.parent, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    deadline = time.monotonic() + 400
+    while not list(folder.glob("v-*/result.json")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    done = list(folder.glob("v-*/result.json"))
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(done) == 1, "the first trial did not finish before the deadline"
+    first = done[0]
+    stamp = first.stat().st_mtime_ns
+    lock_stamp = (first.parent / "story.lock").stat().st_mtime_ns
+    assert not (folder / "results.json").exists()  # killed before the sweep's end
+
+    r = run_cli("sweep", sweep, "-q", cwd=spec.parent, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = json.loads((folder / "results.json").read_text("utf-8"))["variants"]
+    assert [row["state"] for row in rows] == ["done"] * 3
+    assert first.stat().st_mtime_ns == stamp and (first.parent / "story.lock").stat().st_mtime_ns == lock_stamp
+    assert sum(row["trained"] for row in rows) == 1  # one LoRA for all three, trained before the kill
