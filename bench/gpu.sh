@@ -16,8 +16,15 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 # byte-compile once, as a normal pip install does: the image does not write .pyc files, so without this every new
 # process recompiles transformers and diffsynth (measured: `import diffsynth` 10.4 s instead of ~3 s)
 python3 -m compileall -q -j 0 /tmp/site >/dev/null 2>&1 || true
-# Ray (for the multi-GPU check) as a stripped archive: its wheel (76 MB) is over the device tool's 64 MiB carry limit.
-#   unzip ray-2.60.0-cp312-*.whl; rm -r ray/jars ray/dashboard/client/build ray/{rllib,serve,tune,data,train}; tar -cJf
+# Ray and Data-Juicer travel as .tar.xz archives unpacked into /tmp/site (the wheels are over the 64 MiB carry limit):
+#   Ray: unzip ray-2.60.0-cp312-*manylinux2014_x86_64.whl; rm -r ray/jars ray/dashboard/client/build ray/{rllib,serve,llm}
+#        and every tests/ folder; strip --strip-unneeded ray/_raylet.so ray/core/src/ray/{gcs/gcs_server,raylet/raylet};
+#        tar -c ray ray-2.60.0.dist-info | xz -9 > .whl/ray-2.60.0-stripped-tune.tar.xz   (19.5 MB; keeps tune, data)
+#   Data-Juicer: pip install --no-deps --target D (for cp312 manylinux) py-data-juicer==1.6.1 and what its import
+#        needs beyond the image (beautifulsoup4 soupsieve emoji==2.2.0 wget==3.2 typeshed_client lz4 zstandard
+#        ruamel.yaml datasets==5.0.1 dill==0.3.8 multiprocess==0.70.16 jsonargparse docstring_parser loguru pydantic
+#        pydantic_core annotated-types typing-inspection tomli rfc3339-validator jsonpointer jsonlines fsspec; found by
+#        running dj-process on the camp filters and hiding each module); tar -C D -c . | xz -9 > .whl/dj-site.tar.xz
 for t in .whl/*.tar.xz; do [ -e "$t" ] && tar -xJf "$t" -C /tmp/site; done
 # diffsynth imports modelscope at module level (hub downloads only); the GPU image lacks it and nothing is downloaded
 if ! python3 -c "import modelscope" 2>/dev/null; then
@@ -38,13 +45,17 @@ for b in "$@"; do
     # bench/knobs_bench.py: the training knobs' per-step cost and story previews (issue 13); carry .knobs_site too
     # for the adamw8bit / prodigy variants (bench/RESULTS.md says how it is made)
     knobs) python3 bench/knobs_bench.py ${KNOBS_ARGS:-} 2>&1 | tee "$OUT/knobs_log.txt" ;;
-    # bench/e2e.py: run `python3 bench/e2e.py prepare` here first (Data-Juicer is not on the GPU image) and carry
-    # bench/out/e2e/proj; E2E_STEPS training steps (the notebook's 5000 are extrapolated), E2E_CAPS GiB caps
+    # bench/e2e.py: e2e-prepare writes the images and runs ingest + filter (Data-Juicer, carried as above); E2E_STEPS
+    # training steps (the notebook's 5000 are extrapolated), E2E_CAPS GiB caps
+    e2e-prepare) python3 bench/e2e.py prepare --images "${E2E_IMAGES:-8}" 2>&1 | tee "$OUT/e2e_prepare_log.txt" ;;
     e2e) python3 bench/e2e.py models && python3 bench/e2e.py storyc --steps "${E2E_STEPS:-200}" ;;
     e2e-models) python3 bench/e2e.py models ;;
     e2e-probe) python3 bench/load_probe.py ;;
     e2e-caps) python3 bench/e2e.py caps --caps "${E2E_CAPS:-22,40}" ;;
     e2e-baseline) python3 bench/e2e.py baseline --steps "${E2E_BASE_STEPS:-12}" --images "${E2E_BASE_IMAGES:-3}" ;;
+    # bench/sweep_bench.py: `storyc sweep` on 2 GPUs vs 1, and 6 variants sharing one training (issue 14); needs the
+    # e2e project and models (e2e-prepare, e2e-models) on this machine
+    sweep) python3 bench/sweep_bench.py ${SWEEP_ARGS:-} 2>&1 | tee "$OUT/sweep_log.txt" ;;
     *) echo "unknown bench $b"; exit 2 ;;
   esac
 done

@@ -41,8 +41,8 @@ def root_and_why(spec: Path) -> tuple[Path, str]:
 
 
 def outside_hint(root: Path, why: str) -> str:
-    return (f"the project folder is {root} ({why}); keep data and models inside it (a symlink inside it is "
-            "fine), or make a folder above it the project root with an empty storyc.toml (or .storyc/) there")
+    return (f"the project folder is {root} ({why}); keep data and models inside it (links are followed, so a "
+            "link must point inside it too; hard links or copies are fine), or make a folder above it the project root with an empty storyc.toml (or .storyc/) there")
 
 
 # ---------------------------------------------------------------- extends
