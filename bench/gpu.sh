@@ -13,9 +13,6 @@
 set -o pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-# byte-compile once, as a normal pip install does: the image does not write .pyc files, so without this every new
-# process recompiles transformers and diffsynth (measured: `import diffsynth` 10.4 s instead of ~3 s)
-python3 -m compileall -q -j 0 /tmp/site >/dev/null 2>&1 || true
 # Ray and Data-Juicer travel as .tar.xz archives unpacked into /tmp/site (the wheels are over the 64 MiB carry limit):
 #   Ray: unzip ray-2.60.0-cp312-*manylinux2014_x86_64.whl; rm -r ray/jars ray/dashboard/client/build ray/{rllib,serve,llm}
 #        and every tests/ folder; strip --strip-unneeded ray/_raylet.so ray/core/src/ray/{gcs/gcs_server,raylet/raylet};
@@ -26,6 +23,9 @@ python3 -m compileall -q -j 0 /tmp/site >/dev/null 2>&1 || true
 #        pydantic_core annotated-types typing-inspection tomli rfc3339-validator jsonpointer jsonlines fsspec; found by
 #        running dj-process on the camp filters and hiding each module); tar -C D -c . | xz -9 > .whl/dj-site.tar.xz
 for t in .whl/*.tar.xz; do [ -e "$t" ] && tar -xJf "$t" -C /tmp/site; done
+# byte-compile once, as a normal pip install does: the image does not write .pyc files, so without this every new
+# process recompiles transformers and diffsynth (measured: `import diffsynth` 10.4 s instead of ~3 s)
+python3 -m compileall -q -j 0 /tmp/site >/dev/null 2>&1 || true
 # diffsynth imports modelscope at module level (hub downloads only); the GPU image lacks it and nothing is downloaded
 if ! python3 -c "import modelscope" 2>/dev/null; then
   mkdir -p /tmp/site/modelscope/hub

@@ -47,10 +47,13 @@ def run_sweep(spec, address: str | None = None, concurrent: int | None = None, g
         {"format": "storyc.sweep_variants/1", "spec": sw.base.rel(sw.spec), "objective": sw.objective,
          "order": order, "variants": {v.id: v.overrides for v in sw.variants}}))
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # only the JSON result logger (below): the default set wants tensorboardX and warns without it
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # the trials' "Loading checkpoint shards" bars
     import ray
     from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
 
     started = False
     address = address or os.environ.get("RAY_ADDRESS")
@@ -71,6 +74,7 @@ def run_sweep(spec, address: str | None = None, concurrent: int | None = None, g
                 trainable, param_space={"variant": tune.grid_search(order)},
                 tune_config=tune.TuneConfig(max_concurrent_trials=concurrent or None),
                 run_config=tune.RunConfig(storage_path=str(folder), name="tune", verbose=0,
+                                          callbacks=[JsonLoggerCallback()],
                                           failure_config=tune.FailureConfig(max_failures=2)))
         grid = tuner.fit()
         wall = time.monotonic() - t0
