@@ -229,7 +229,7 @@ def cmd_sweep(args) -> int:
         raise StorycError("usage: storyc sweep SPEC | storyc sweep show SPEC | storyc sweep apply SPEC VARIANT")
     from .sweep_run import run_sweep
 
-    return run_sweep(words[0], args.address, args.concurrent, args.gpus_per_trial, args.quiet)
+    return run_sweep(words[0], args.address, args.concurrent, args.gpus_per_trial, args.quiet, args.cache)
 
 
 def cmd_publish(args) -> int:
@@ -353,6 +353,8 @@ def parser() -> argparse.ArgumentParser:
     sw.add_argument("--address", help="a Ray cluster to use (default: RAY_ADDRESS, else a local Ray)")
     sw.add_argument("--concurrent", type=int, default=None, metavar="N", help="trials at once (default: as resources allow)")
     sw.add_argument("--gpus-per-trial", type=float, default=None, metavar="G", help="default: 1 when the cluster has GPUs")
+    sw.add_argument("--cache", metavar="DIR", help="the training cache the trials share (default: .storyc/cache); on "
+                    "a cluster, a folder every node mounts")
     quiet(sw, "no Ray worker output")
     sw.set_defaults(func=cmd_sweep)
 

@@ -33,7 +33,7 @@ def trial_order(sw) -> list[str]:
 
 
 def run_sweep(spec, address: str | None = None, concurrent: int | None = None, gpus_per_trial: float | None = None,
-              quiet: bool = False) -> int:
+              quiet: bool = False, cache: str | None = None) -> int:
     from .errors import StorycError
     from .sweep import load_sweep
 
@@ -63,7 +63,8 @@ def run_sweep(spec, address: str | None = None, concurrent: int | None = None, g
         started = True
     try:
         gpus = gpus_per_trial if gpus_per_trial is not None else (1 if ray.cluster_resources().get("GPU") else 0)
-        trainable = tune.with_resources(functools.partial(_trial, spec=str(sw.spec), folder=str(folder)),
+        trainable = tune.with_resources(functools.partial(_trial, spec=str(sw.spec), folder=str(folder),
+                                                          cache=str(Path(cache).resolve()) if cache else None),
                                         {"cpu": 1, "gpu": gpus})
         exp = folder / "tune"
         t0 = time.monotonic()
@@ -94,7 +95,7 @@ def run_sweep(spec, address: str | None = None, concurrent: int | None = None, g
     return 0
 
 
-def _trial(config: dict, spec: str, folder: str) -> None:
+def _trial(config: dict, spec: str, folder: str, cache: str | None = None) -> None:
     """One Tune trial: build one variant with its own build folder and lock; report its scores."""
     from ray import tune
 
@@ -108,7 +109,8 @@ def _trial(config: dict, spec: str, folder: str) -> None:
     v, = sw.variants
     vdir = Path(folder) / v.id
     plan = compile(v.story, vdir / "build")
-    opts = RunOptions(build_dir=plan.build_dir, lock_path=vdir / "story.lock", quiet=True, live=False)
+    opts = RunOptions(build_dir=plan.build_dir, lock_path=vdir / "story.lock", quiet=True, live=False,
+                      cache_dir=Path(cache) if cache else None)
     t0 = time.monotonic()
     res = execute(plan, opts)
     seconds = time.monotonic() - t0
