@@ -22,7 +22,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 
 
 def chromium_render(html, tmp):
-    """Open a page in headless Chromium (as a user's browser would): its screenshot (grey levels) and its DOM."""
+    """Open a page in headless Chromium (as a user's browser would): its screenshot (RGB array) and its DOM."""
     import numpy as np
     from PIL import Image
 
@@ -33,7 +33,12 @@ def chromium_render(html, tmp):
     assert shot.exists(), r.stderr
     dom = subprocess.run([*base, "--dump-dom", f"--user-data-dir={tmp / 'profile2'}", html.as_uri()],
                          capture_output=True, text=True, timeout=120).stdout
-    return np.asarray(Image.open(shot).convert("L")), dom
+    return np.asarray(Image.open(shot).convert("RGB")).astype(int), dom
+
+
+def colourful(img) -> float:
+    """The share of a screenshot's pixels that are coloured (not text, not background): where pictures drew."""
+    return float(((img.max(axis=2) - img.min(axis=2)) > 15).mean())
 
 
 @pytest.fixture

@@ -199,7 +199,7 @@ def _write_bundle(ctx, p: dict, tmp: Path, scenes: list, lora_cfg: dict):
     (tmp / "configuration.json").write_text(canonical_json(CONFIGURATION), "utf-8")
     ctxd["loss_svg"] = _loss_svg(ctx.path("lora/train_log.csv"))
     ctxd["checkpoints_html"] = _checkpoints_html(ctx.path("lora"))
-    (tmp / "report.html").write_text(_report_html(ctxd, tmp), "utf-8")
+    (tmp / "report.html").write_text(_report_html(ctxd), "utf-8")
     manifest = {"format": "storyc.manifest/2", "story": sid, "valid": valid,
                 "files": {f: {"sha256": _sha(tmp / f), "size": (tmp / f).stat().st_size} for f in _files(tmp)}}
     (tmp / "manifest.json").write_text(canonical_json(manifest), "utf-8")
@@ -281,13 +281,11 @@ def _checkpoints_html(lora: Path) -> str:
             + "</table>")
 
 
-def _report_html(c: dict, folder: Path) -> str:
-    def img64(name):
-        return "data:image/png;base64," + base64.b64encode((folder / name).read_bytes()).decode()
-
+def _report_html(c: dict) -> str:
+    """The report beside the images it shows: relative links, not a second (base64) copy of every PNG."""
     e = html.escape
     rows = "".join(
-        f"<tr><td>{i + 1}</td><td><img src='{img64(r['file'])}' width='256'></td><td><b>{e(r['scene'])}</b><br>"
+        f"<tr><td>{i + 1}</td><td><img src='{e(r['file'])}' width='256'></td><td><b>{e(r['scene'])}</b><br>"
         f"{e(r['prompt'])}<br><i>negative:</i> {e(r['negative_prompt'])}<br>{e(r.get('caption', ''))}</td>"
         f"<td>{r['seed']}</td><td>{c['scores'][i]:.3f}</td></tr>" for i, r in enumerate(c["recs"]))
     filt = c["filt"] or {}
@@ -301,7 +299,7 @@ table{{border-collapse:collapse}}.valid{{color:green}}.invalid{{color:#b00}}</st
 <h1>{e(c['title'])}</h1>
 <p id="verdict" class="{verdict.lower()}">Mean aesthetic score {c['mean']:.3f} (gate {c['gate']:g}): <b>{verdict}</b>.
 Style coherence (mean pairwise CLIP cosine) {c['coherence']:.3f}; least like the others: {e(c['odd'])}.</p>
-<h2>Storyboard</h2><img id="storyboard" src="{img64('storyboard.png')}" style="max-width:100%">
+<h2>Storyboard</h2><img id="storyboard" src="storyboard.png" style="max-width:100%">
 <h2>Scenes</h2><table><tr><th>#</th><th>image</th><th>prompt</th><th>seed</th><th>score</th></tr>{rows}</table>
 <h2>Data</h2><p>{filt.get('input', '?')} images in, {filt.get('kept', '?')} kept.</p>
 <table><tr><th>op</th><th>in</th><th>kept</th></tr>{frows}</table>
