@@ -2,8 +2,9 @@
 
 Ray Tune is the engine: trial scheduling, resources per trial, retries of a failed trial or a dead worker, and
 the experiment state that `storyc sweep` again resumes (finished trials are not rerun). Each trial builds its
-variant with its own build folder and lock under build/<story>/sweeps/<sweep>/<variant>/; work is shared through
-the content-addressed training cache, and the trials that train a LoRA go first (one per training), so the
+variant with its own build folder and lock under build/<story>/sweeps/<sweep>/<variant>/. Work is shared: each
+distinct ingest + filter (Data-Juicer) runs once before the trials and is linked into their builds; LoRAs go
+through the content-addressed training cache, and the trials that train one go first (one per training), so the
 variants that only differ in generation settings reuse it instead of waiting on it.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import time
 from pathlib import Path
 
+from .lock import digest
 from .render import atomic_write, canonical_json
 
 
@@ -32,6 +34,65 @@ def trial_order(sw) -> list[str]:
     return leaders + rest
 
 
+DATA = ("ingest", "filter")
+
+
+def data_key(plan) -> str:
+    """Variants with the same key read the same filtered data: their ingest + filter (Data-Juicer) is one job."""
+    return digest([plan.stages[n].params_hash for n in DATA])[:16]
+
+
+def prepare_data(sw, folder: Path, cache: str | None) -> None:
+    """Run each distinct data slice's ingest + filter once, before the trials, into folder/data/<key>/; each trial
+    links that result into its own build instead of running Data-Juicer again. A failure here is left to the
+    trials, which run the stages themselves and report it."""
+    from .compiler import compile
+    from .options import RunOptions
+    from .runner import execute
+
+    seen = set()
+    for v in sw.variants:
+        key = data_key(compile(v.story))
+        if key in seen:
+            continue
+        seen.add(key)
+        donor = folder / "data" / key
+        plan = compile(v.story, donor / "build")
+        execute(plan, RunOptions(build_dir=plan.build_dir, lock_path=donor / "story.lock", target="filter",
+                                 quiet=True, live=False, cache_dir=Path(cache) if cache else None))
+
+
+def seed_data(plan, lock_path: Path, folder: Path) -> bool:
+    """Give a fresh variant build the sweep's finished ingest + filter: hard links of their outputs and their lock
+    entries, which the runner then checks like any other (a mismatch just reruns the stages)."""
+    import os
+    import shutil
+
+    from .lock import Lock
+
+    donor = folder / "data" / data_key(plan)
+    mine, theirs = Lock.load(lock_path), Lock.load(donor / "story.lock")
+    entries = {n: theirs.entry(n) for n in DATA}
+    if any(mine.entry(n) for n in DATA) or not all(e and e.params_hash == plan.stages[n].params_hash
+                                                    for n, e in entries.items()):
+        return False
+    for e in entries.values():
+        for rel in e.outputs:
+            src, dst = donor / "build" / rel, plan.build_dir / rel
+            for f in ([src] if src.is_file() else sorted(x for x in src.rglob("*") if x.is_file())):
+                to = dst / f.relative_to(src) if f != src else dst
+                to.parent.mkdir(parents=True, exist_ok=True)
+                if not to.exists():
+                    try:
+                        os.link(f, to)
+                    except OSError:  # a file system without hard links
+                        shutil.copy2(f, to)
+    for n, e in entries.items():
+        mine.put(n, e)
+    mine.save(plan.story.spec_path.name)
+    return True
+
+
 def run_sweep(spec, address: str | None = None, concurrent: int | None = None, gpus_per_trial: float | None = None,
               quiet: bool = False, cache: str | None = None) -> int:
     from .errors import StorycError
@@ -43,6 +104,7 @@ def run_sweep(spec, address: str | None = None, concurrent: int | None = None, g
     folder = sweep_dir(sw)
     folder.mkdir(parents=True, exist_ok=True)
     order = trial_order(sw)
+    prepare_data(sw, folder, cache)
     atomic_write(folder / "variants.json", canonical_json(
         {"format": "storyc.sweep_variants/1", "spec": sw.base.rel(sw.spec), "objective": sw.objective,
          "order": order, "variants": {v.id: v.overrides for v in sw.variants}}))
@@ -111,6 +173,7 @@ def _trial(config: dict, spec: str, folder: str, cache: str | None = None) -> No
     plan = compile(v.story, vdir / "build")
     opts = RunOptions(build_dir=plan.build_dir, lock_path=vdir / "story.lock", quiet=True, live=False,
                       cache_dir=Path(cache) if cache else None)
+    seed_data(plan, opts.lock_path, Path(folder))
     t0 = time.monotonic()
     res = execute(plan, opts)
     seconds = time.monotonic() - t0

@@ -102,6 +102,12 @@ def test_sweep_runs_variants_as_ray_tune_trials_and_resumes(base, tmp_path):
     assert [row["state"] for row in rows] == ["done", "done"]
     assert sum(row["trained"] for row in rows) == 1  # the second variant reused the first one's LoRA
     assert all(row["valid"] for row in rows)
+    for row in rows:  # Data-Juicer ran once, before the trials; each trial linked its result in
+        vb = folder / row["variant"] / "build"
+        assert not {"ingest", "filter"} & set(json.loads((vb / "build_times.json").read_text("utf-8"))["stages"])
+        assert sorted(p.name for p in (vb / "data/train").iterdir()) == \
+            sorted(p.name for p in next((folder / "data").iterdir()).joinpath("build/data/train").iterdir())
+    assert len(list((folder / "data").iterdir())) == 1
     html = (folder / "compare.html").read_text("utf-8")
     assert html.count("data:image/png;base64,") == 2
     from conftest import CHROMIUM, chromium_render, colourful
