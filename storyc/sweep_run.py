@@ -42,7 +42,7 @@ def data_key(plan) -> str:
     return digest([plan.stages[n].params_hash for n in DATA])[:16]
 
 
-def prepare_data(sw, folder: Path, cache: str | None) -> None:
+def prepare_data(sw, folder: Path, cache: str | None, quiet: bool) -> None:
     """Run each distinct data slice's ingest + filter once, before the trials, into folder/data/<key>/; each trial
     links that result into its own build instead of running Data-Juicer again. A failure here is left to the
     trials, which run the stages themselves and report it."""
@@ -57,12 +57,14 @@ def prepare_data(sw, folder: Path, cache: str | None) -> None:
             continue
         seen.add(key)
         donor = folder / "data" / key
+        if not quiet:
+            print(f"sweep: ingest + filter once for the variants that share them ({sw.base.rel(donor)})", flush=True)
         plan = compile(v.story, donor / "build")
         execute(plan, RunOptions(build_dir=plan.build_dir, lock_path=donor / "story.lock", target="filter",
                                  quiet=True, live=False, cache_dir=Path(cache) if cache else None))
 
 
-def seed_data(plan, lock_path: Path, folder: Path) -> bool:
+def seed_data(plan, lock_path: Path, folder: Path) -> None:
     """Give a fresh variant build the sweep's finished ingest + filter: hard links of their outputs and their lock
     entries, which the runner then checks like any other (a mismatch just reruns the stages)."""
     import os
@@ -75,7 +77,7 @@ def seed_data(plan, lock_path: Path, folder: Path) -> bool:
     entries = {n: theirs.entry(n) for n in DATA}
     if any(mine.entry(n) for n in DATA) or not all(e and e.params_hash == plan.stages[n].params_hash
                                                     for n, e in entries.items()):
-        return False
+        return
     for e in entries.values():
         for rel in e.outputs:
             src, dst = donor / "build" / rel, plan.build_dir / rel
@@ -90,7 +92,6 @@ def seed_data(plan, lock_path: Path, folder: Path) -> bool:
     for n, e in entries.items():
         mine.put(n, e)
     mine.save(plan.story.spec_path.name)
-    return True
 
 
 def run_sweep(spec, address: str | None = None, concurrent: int | None = None, gpus_per_trial: float | None = None,
@@ -104,7 +105,7 @@ def run_sweep(spec, address: str | None = None, concurrent: int | None = None, g
     folder = sweep_dir(sw)
     folder.mkdir(parents=True, exist_ok=True)
     order = trial_order(sw)
-    prepare_data(sw, folder, cache)
+    prepare_data(sw, folder, cache, quiet)
     atomic_write(folder / "variants.json", canonical_json(
         {"format": "storyc.sweep_variants/1", "spec": sw.base.rel(sw.spec), "objective": sw.objective,
          "order": order, "variants": {v.id: v.overrides for v in sw.variants}}))
