@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import __version__
 from .model import Story
-from .render import atomic_write, canonical_json, render
+from .render import atomic_write, canonical_json, render, yaml_file
 from .rules import join_negative
 from .stages.registry import Source, generation_common, stage_jobs
 from .stages.train_config import TrainConfig
@@ -65,10 +65,7 @@ def compile(story: Story, build_dir: Path | None = None) -> Plan:  # noqa: A001 
               "output": {"metadata": "data/input/metadata.jsonl", "images": "data/input/images/"}}
 
     # ---- filter (Data-Juicer)
-    dj = render("data_juicer.yaml.j2", storyc_version=__version__, spec=spec_rel, build_dir=build_rel,
-                project_name=f"storyc-{story.id}", np=d["processing"]["workers"],
-                executor=d["processing"]["executor"],
-                process=[{k: (v or {}) for k, v in op.items()} for op in d["filters"]])
+    dj = dj_config(story, spec_rel)
 
     # ---- train
     tc = TrainConfig.from_job(stages["train"])
@@ -132,6 +129,24 @@ def compile(story: Story, build_dir: Path | None = None) -> Plan:  # noqa: A001 
         "submission_manifest.json": canonical_json(manifest),
     }
     return Plan(story, build_dir, artifacts, stages, tuple(notes))
+
+
+def dj_config(story: Story, spec_rel: str) -> str:
+    """Data-Juicer's config, written by the YAML emitter (comments included): a spec's file name or values can
+    only ever be values here, never keys such as `custom_operator_paths`."""
+    d = story.data
+    cfg = {"project_name": f"storyc-{story.id}", "dataset_path": "data/input/metadata.jsonl",
+           "np": d["processing"]["workers"], "text_keys": "text", "image_key": "image",
+           "image_special_token": "<__dj__image>", "export_path": "data/output/result.jsonl",
+           "executor_type": d["processing"]["executor"]}
+    if d["processing"]["executor"] == "ray":
+        cfg["ray_address"] = "auto"
+    cfg["process"] = [{k: (v or {}) for k, v in op.items()} for op in d["filters"]]
+    return yaml_file([f"Data-Juicer config compiled by storyc {__version__} from {spec_rel} (format "
+                      "storyc.data_juicer/2).",
+                      "Do not edit: edit the spec and run `storyc compile`. Paths are relative to the build folder "
+                      "that holds data/;",
+                      "to run it by hand from there:  dj-process --config data/data_juicer.yaml"], cfg)
 
 
 def changed_artifacts(plan: Plan) -> list[str]:

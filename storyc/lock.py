@@ -17,7 +17,7 @@ import yaml
 
 from . import __version__
 from .errors import StorycError
-from .render import atomic_write
+from .render import atomic_write, yaml_text
 
 LOCK_FORMAT = 1
 
@@ -92,11 +92,11 @@ def lock_path(spec: Path) -> Path:
     return Path(spec).with_suffix(".lock")
 
 
-_SHA = re.compile(r"^[0-9a-f]{64}$")
+_SHA = re.compile(r"[0-9a-f]{64}")
 
 
 def _is_sha(v) -> bool:
-    return isinstance(v, str) and bool(_SHA.match(v))
+    return isinstance(v, str) and bool(_SHA.fullmatch(v))
 
 
 def _sha_or_none(v) -> bool:
@@ -197,7 +197,7 @@ class Lock:
         doc = {"format": LOCK_FORMAT, "storyc": __version__, "spec": spec_name,
                "stages": {k: self.stages[k].to_dict() for k in self.stages}}
         header = "# storyc lock file: commit it beside the spec. Written by `storyc build`; do not edit.\n"
-        return header + yaml.safe_dump(doc, sort_keys=True, allow_unicode=True, default_flow_style=False, width=120)
+        return header + yaml_text(doc, sort_keys=True, width=120)
 
     def save(self, spec_name: str) -> bool:
         text = self.text(spec_name)

@@ -16,8 +16,33 @@ def canonical_json(obj) -> str:
     return json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n"  # strict JSON
 
 
+class _Dumper(yaml.SafeDumper):
+    """Readable UTF-8 YAML in which no string can break out of its scalar: one holding anything unprintable
+    (U+2028, U+0085, NUL, controls, bidi marks) is written double-quoted, where the emitter escapes line breaks
+    and controls, so every YAML 1.1 or 1.2 reader gets the same document back."""
+
+
+def _represent_str(dumper, s: str):
+    style = '"' if not all(c.isprintable() or c == "\n" for c in s) else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", s, style=style)
+
+
+_Dumper.add_representer(str, _represent_str)
+
+
+def yaml_text(obj, sort_keys: bool = False, width: int = 1000) -> str:
+    """YAML through the emitter (never by pasting text into a template)."""
+    return yaml.dump(obj, Dumper=_Dumper, sort_keys=sort_keys, allow_unicode=True, default_flow_style=False,
+                     width=width)
+
+
+def yaml_file(header: list[str], obj, sort_keys: bool = False) -> str:
+    """A YAML file with `#` comment lines on top: each header line made one line (``one_line``) first."""
+    return "".join(f"# {one_line(ln)}\n" for ln in header) + yaml_text(obj, sort_keys)
+
+
 def to_yaml(obj, indent: int = 0) -> str:
-    text = yaml.safe_dump(obj, sort_keys=False, allow_unicode=True, default_flow_style=False, width=1000)
+    text = yaml_text(obj)
     pad = " " * indent
     return "\n".join(pad + ln if ln else ln for ln in text.rstrip("\n").splitlines())
 
@@ -43,7 +68,8 @@ def markdown_text(v) -> str:
     """Text from a spec inside Markdown (a table cell too): no raw HTML, no cell breaks, one line."""
     import html
 
-    return html.escape(str(v), quote=False).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+    text = " ".join(str(v).splitlines())  # every Unicode line break (\n, \r, U+0085, U+2028, ...) becomes a space
+    return html.escape(one_line(text), quote=False).replace("|", "\\|")
 
 
 def csv_cell(v):
@@ -53,10 +79,27 @@ def csv_cell(v):
     return v
 
 
-def comment_text(v) -> str:
-    """A value on one line of a `#` comment: control characters (a newline in a file name) escaped, so nothing
-    from a spec can end the comment and become code in a shell script or config."""
-    return json.dumps(str(v), ensure_ascii=False)[1:-1]
+_SHORT_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def one_line(v) -> str:
+    """Text that stays on its line of a generated file and shows what it is: every character that is not
+    printable (any Unicode line or paragraph break, NUL and other controls, bidi and other format characters)
+    and the backslash are written as escapes (``\\u2028``), so nothing from a spec (a file name, a title) can
+    end a comment and become code in a shell script or config, or reorder what a reader sees."""
+    out = []
+    for c in str(v):
+        if c in _SHORT_ESCAPES:
+            out.append(_SHORT_ESCAPES[c])
+        elif c.isprintable():
+            out.append(c)
+        else:
+            n = ord(c)
+            out.append(f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}")
+    return "".join(out)
+
+
+comment_text = one_line  # the `comment` filter of the templates
 
 
 def render(template: str, **ctx) -> str:

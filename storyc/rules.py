@@ -87,7 +87,7 @@ def check_scene_count(ctx):
     return []
 
 
-_MS_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_MS_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def modelscope_id_problem(mid: str) -> str | None:
@@ -96,7 +96,7 @@ def modelscope_id_problem(mid: str) -> str | None:
     parts = mid.split("/")
     if len(parts) != 2:
         return "a ModelScope id is OWNER/NAME"
-    if any(p in (".", "..") or not _MS_PART.match(p) for p in parts):
+    if any(p in (".", "..") or not _MS_PART.fullmatch(p) for p in parts):
         return "a ModelScope id's OWNER and NAME use letters, digits, `_`, `.` and `-` (and are not `.` or `..`)"
     return None
 
@@ -359,13 +359,68 @@ def check_train_knobs(ctx):
     return out
 
 
+# Free text that may span lines (a `caption: |` block); every other string of a spec is one line.
+MULTILINE_KEYS = {"prompt", "negative", "caption", "prefix", "description"}
+BIDI = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def bad_char(text: str, multiline: bool) -> str | None:
+    """The first character of ``text`` that no spec string may hold (controls, NUL, Unicode line and paragraph
+    separators, bidi overrides and isolates; newline and tab in one-line values), or None."""
+    import unicodedata
+
+    for c in text:
+        if c in "\n\t" and multiline:
+            continue
+        if c in BIDI or unicodedata.category(c) in ("Cc", "Zl", "Zp"):
+            return c
+    return None
+
+
+def check_text(ctx):
+    """No string of the spec carries characters that could hide text, reorder it or end a line in a generated
+    file (ids, titles, paths, prompts alike): refused here, with the character named, before anything is written."""
+    import unicodedata
+
+    out = []
+
+    def walk(v, path):
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if isinstance(k, str) and bad_char(k, False):
+                    out.append(_char_diag(ctx, path + (k,), k, bad_char(k, False), key=True))
+                walk(x, path + (k,))
+        elif isinstance(v, list):
+            for i, x in enumerate(v):
+                walk(x, path + (i,))
+        elif isinstance(v, str):
+            multiline = bool(path) and path[-1] in MULTILINE_KEYS
+            c = bad_char(v, multiline)
+            if c is not None:
+                out.append(_char_diag(ctx, path, v, c))
+
+    walk(ctx.loc.data, ())
+    return out
+
+
+def _char_diag(ctx, path, text, c, key=False):
+    import unicodedata
+
+    name = unicodedata.name(c, "a control character")
+    what = "newline" if c == "\n" else "tab" if c == "\t" else name
+    where = f" at character {text.index(c) + 1}"
+    hint = ("this value must be one line: remove the line break" if c in "\n\t"
+            else "remove it (it can hide or reorder text, or end a line in the files storyc writes)")
+    return ctx.diag(path, f"contains U+{ord(c):04X} ({what}){where}", hint, "text", key=key)
+
+
 def join_negative(style_neg: str, scene_neg: str) -> str:
     """The negative prompt of a scene: style negative, then the scene's own (joined with a Chinese comma)."""
     parts = [p for p in (style_neg.strip(), scene_neg.strip()) if p]
     return "，".join(parts)
 
 
-RULES = [check_unique_scene_ids, check_unique_seeds, check_scene_count, check_dataset_fields, check_paths,
+RULES = [check_text, check_unique_scene_ids, check_unique_seeds, check_scene_count, check_dataset_fields, check_paths,
          check_dj_ops, check_prompt_length, check_storyboard, check_small_sizes, check_lora_targets, check_team,
          check_train_knobs]
 

@@ -209,7 +209,9 @@ def _is_num(s: str) -> bool:
 
 
 def _short(v) -> str:
-    s = json.dumps(v, ensure_ascii=False) if not isinstance(v, str) else v
+    from .render import one_line
+
+    s = json.dumps(v, ensure_ascii=False) if not isinstance(v, str) else one_line(v)
     return s if len(s) <= 60 else s[:57] + "..."
 
 

@@ -188,7 +188,10 @@ def _write_bundle(ctx, p: dict, tmp: Path, scenes: list, lora_cfg: dict):
     from .. import __version__
 
     title = story.get("title") or sid
-    ctxd = dict(story=story, title=title, scenes=scenes, recs=recs, scores=scores, mean=mean,
+    front = {"frameworks": ["Pytorch"], "license": sub["license"], "tasks": ["text-to-image-synthesis"],
+             "base_model": ["Kwai-Kolors/Kolors"], "base_model_relation": "adapter",
+             "tags": ["LoRA", "Kolors", "text-to-image", "storyc", sid]}
+    ctxd = dict(story=story, front_matter=front, title=title, scenes=scenes, recs=recs, scores=scores, mean=mean,
                 gate=gate, valid=valid, coherence=coh, odd=scenes[odd]["id"], lora_names=lora_names,
                 spec=ctx.story.rel(ctx.story.spec_path), lora=lora_cfg, gen=gen, filt=filt, train=train,
                 license=sub["license"], display_name=display_name(story), storyc_version=__version__,

@@ -423,3 +423,77 @@ class StoryCallbacks(L.Callback):
             per = (time.monotonic() - self.t_steady) / max(steps - 1, 1) if self.t_steady else None
             atomic_write(self.result_path, json.dumps({"steps": int(trainer.global_step), "final_loss": self.last_loss,
                                                        "world_size": trainer.world_size, "s_per_step": per}))
+
+
+# ---------------------------------------------------------------- checkpoints that cannot run code
+# The training cache may be shared (NFS across a cluster): anyone who can write there must not be able to run code
+# on the nodes that resume from it. Checkpoints hold plain data only (tensors, numbers, strings, lists, dicts) and
+# load with torch.load(weights_only=True); each is sealed with its sha256 and a missing, empty or different seal
+# means "not ours": it is never loaded.
+
+def plain(obj, where: str = "checkpoint"):
+    """``obj`` as plain data weights_only loading accepts; anything else is a TypeError naming where it is."""
+    import pathlib
+
+    if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor, torch.Size, torch.dtype, torch.device)):
+        return obj
+    if isinstance(obj, pathlib.PurePath):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: plain(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain(v, f"{where}[{i}]") for i, v in enumerate(obj)) if isinstance(obj, tuple) \
+            else [plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if type(obj).__module__ == "numpy" and hasattr(obj, "item"):
+        return obj.item() if getattr(obj, "ndim", 0) == 0 else torch.as_tensor(obj)
+    raise TypeError(f"{where} is a {type(obj).__name__}: a checkpoint holds plain data only")
+
+
+def seal_path(path) -> "pathlib.Path":
+    from pathlib import Path
+
+    return Path(str(path) + ".sha256")
+
+
+def load_sealed(path) -> dict:
+    """A checkpoint whose bytes match its seal, loaded without pickle code paths (weights_only=True).
+    Raises ValueError saying why it is refused."""
+    import hashlib
+    import io
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        want = seal_path(path).read_text("utf-8").strip()
+    except OSError:
+        want = ""
+    if len(want) != 64:
+        raise ValueError("it has no seal (written by something other than this storyc, or cut off mid-write)")
+    raw = path.read_bytes()
+    if hashlib.sha256(raw).hexdigest() != want:
+        raise ValueError("its bytes differ from its seal (corrupt or replaced)")
+    return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+
+
+class SealedCheckpointIO(L.pytorch.plugins.io.TorchCheckpointIO):
+    """Lightning's checkpoint I/O with plain-data, sealed checkpoints (see ``load_sealed``)."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        import hashlib
+        import io
+
+        from ..render import atomic_write
+
+        buf = io.BytesIO()
+        torch.save(plain(checkpoint), buf)
+        raw = buf.getvalue()
+        seal_path(path).unlink(missing_ok=True)  # never a new file under an old seal
+        atomic_write(path, raw, "wb")
+        atomic_write(seal_path(path), hashlib.sha256(raw).hexdigest() + "\n")
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        return load_sealed(path)
+
+    def remove_checkpoint(self, path):
+        super().remove_checkpoint(path)
+        seal_path(path).unlink(missing_ok=True)

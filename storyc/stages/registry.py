@@ -178,7 +178,7 @@ KINDS: dict[str, StageKind] = {k.name: k for k in (
               oom_hint="lower `generation.batch_size` (images per UNet call; `auto` sizes it from free memory), "
                        "or cap the memory storyc plans for with STORYC_GPU_MEMORY_GIB"),
     StageKind("score", 1, _score, lambda job, story: ("aesthetic",)),
-    StageKind("bundle", 2, _bundle, _captions_font, verdict=True),
+    StageKind("bundle", 3, _bundle, _captions_font, verdict=True),
 )}
 
 

@@ -418,8 +418,13 @@ def _export_from_checkpoint(work: Path, total: int, export_file: Path, result: P
 
     from .. import lora as lora_mod
 
+    from .lightning_lora import load_sealed
+
     last = work / "checkpoints" / "last.ckpt"
-    ckpt = torch.load(last, map_location="cpu", weights_only=False) if last.exists() else {}
+    try:
+        ckpt = load_sealed(last) if last.exists() else {}
+    except ValueError:
+        ckpt = {}
     if int(ckpt.get("global_step", -1)) < total:
         raise StageError("train", "training ended without writing the LoRA (a rank failed?)",
                          "run the same command again: training resumes from its last checkpoint")
@@ -509,22 +514,31 @@ def setup_trainer(cfg: TrainConfig, accel, devices, strategy, precision, total: 
 
     for name in ("lightning.pytorch", "lightning.fabric"):  # Lightning resets these to INFO on import
         logging.getLogger(name).setLevel(logging.ERROR)
+    from .lightning_lora import SealedCheckpointIO
+
     return L.Trainer(accelerator=accel, devices=devices, strategy=strategy, precision=precision, max_epochs=1,
+                     plugins=[SealedCheckpointIO()],
                      max_steps=total, accumulate_grad_batches=cfg["accumulate_grad_batches"], callbacks=callbacks,
                      logger=logger, log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                      default_root_dir=str(work), deterministic=False, use_distributed_sampler=False)
 
 
 def _resume_point(ctx, last: Path) -> str | None:
-    import torch
+    """The checkpoint to resume from: only one this storyc sealed, whose bytes match the seal, loaded as plain
+    data (never pickle code). Anything else is removed and training starts over, with a warning."""
+    from .lightning_lora import load_sealed, seal_path
 
     if not last.exists():
         return None
     try:
-        torch.load(last, map_location="cpu", weights_only=False)
+        load_sealed(last)
         return str(last)
-    except Exception as e:  # a checkpoint cut off mid-write: start over rather than crash
-        ctx.report.line(f"warning: checkpoint {last.name} unreadable ({type(e).__name__}); training from step 0")
+    except Exception as e:  # noqa: BLE001 - unsealed, corrupt, cut off or not plain data: never trusted
+        why = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {str(e)[:120]}"
+        ctx.report.line(f"warning: checkpoint {last.parent.parent.name[:12]}…/{last.name} not used ({why}); "
+                        "training from step 0")
+        last.unlink(missing_ok=True)
+        seal_path(last).unlink(missing_ok=True)
         return None
 
 
