@@ -18,7 +18,7 @@ loader, forward/backward (graph replay), optimizer, the module's EMA hook (which
 and storyc's own StoryCallbacks (loss CSV, progress). s/step = median of --steps steps after --warmup steps (the
 first step holds the CUDA-graph capture).
 
-Previews: storyc.stages.previews.preview_checkpoint called from inside a base training run (as the StoryPreviews
+Previews: storyc.stages.train.previews.preview_checkpoint called from inside a base training run (as the StoryPreviews
 callback calls it), for the camp story's 8 scenes with a random embedding table keyed like generate.encode_all's:
 (a) 1024x1024, 50 steps, cfg 4 (the generation's settings), (b) 512x512, 20 steps; each after a warm-up call at
 the same size with 2 steps. Training steps after the previews are timed too (the CUDA graph must still replay).
@@ -66,11 +66,13 @@ import lightning as L  # noqa: E402
 from storyc import resources  # noqa: E402
 from storyc.progress import Reporter  # noqa: E402
 from storyc.spec import load_story  # noqa: E402
-from storyc.stages import train as train_stage  # noqa: E402
-from storyc.stages.lightning_lora import StoryCallbacks  # noqa: E402
-from storyc.stages.previews import preview_checkpoint  # noqa: E402
-from storyc.stages.registry import TRAIN_KNOBS, TRAIN_SETTINGS, generation_common  # noqa: E402
-from storyc.stages.train_config import TrainConfig  # noqa: E402
+from storyc.model import plain  # noqa: E402
+from storyc.stages.registry import generation_common  # noqa: E402
+from storyc.stages.train import callbacks as train_callbacks  # noqa: E402
+from storyc.stages.train import recipe as train_stage  # noqa: E402
+from storyc.stages.train.callbacks import EMA, StoryCallbacks  # noqa: E402
+from storyc.stages.train.config import TrainConfig, train_section  # noqa: E402
+from storyc.stages.train.previews import preview_checkpoint  # noqa: E402
 
 TINY = args.tiny
 CUDA = not TINY
@@ -117,7 +119,7 @@ def write_models() -> tuple[Path, Path, dict]:
 
 # ---------------------------------------------------------------- the spec, cached data, embeddings
 STORY = load_story(ROOT / "specs" / "camp.yaml")
-D = STORY.data
+SPEC = STORY.spec
 
 
 def unet_dims(kolors: Path) -> tuple[int, int, int]:
@@ -144,11 +146,9 @@ def make_data(kolors: Path, caption_dropout: bool, n_images: int = 8) -> dict:
 def train_config(knobs: dict, steps: int) -> TrainConfig:
     """The camp spec's train slice as the registry splits it (hashed values vs settings), with this run's steps,
     checkpointing off and CUDA graphs on (what the memory plan picks on an H200), tensorboard off."""
-    tr = {**D["train"], **knobs, "epochs": 1, "steps_per_epoch": steps, "resolution": SIZE,
-          "gradient_checkpointing": False, "cuda_graphs": True, "tensorboard": False}
-    train = {k: v for k, v in tr.items() if k not in TRAIN_SETTINGS and not (k in TRAIN_KNOBS and v == TRAIN_KNOBS[k])}
-    settings = {k: tr[k] for k in TRAIN_SETTINGS}
-    return TrainConfig(D["lora"], train, ("diffsynth",), {}, settings)
+    tr = train_section({**plain(SPEC.train), **knobs, "epochs": 1, "steps_per_epoch": steps, "resolution": SIZE,
+                        "gradient_checkpointing": False, "cuda_graphs": True, "tensorboard": False})
+    return TrainConfig({"lora": SPEC.lora.hashed(), "train": tr.hashed()}, SPEC.lora, tr, ("diffsynth",), {})
 
 
 # ---------------------------------------------------------------- timing
@@ -178,20 +178,21 @@ class StepClock(L.Callback):
 
 def fit(name: str, knobs: dict, kolors: Path, steps: int, extra_callbacks=()):
     cfg = train_config(knobs, steps)
-    data = make_data(kolors, bool(cfg["caption_dropout"]))
+    data = make_data(kolors, bool(cfg.train.caption_dropout))
     work = WORK / name
     work.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(cfg["seed"], workers=True, verbose=False)
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     accel = "gpu" if CUDA else "cpu"
     strategy, devices, world = train_stage.setup_strategy(cfg, accel)
-    mem = resources.plan_train(resources.free_gib(RES.device), cfg["gradient_checkpointing"], cfg["cuda_graphs"],
-                               cfg["batch_size"], *cfg.size, world)
+    mem = resources.plan_train(resources.free_gib(RES.device), cfg.train.gradient_checkpointing,
+                               cfg.train.cuda_graphs, cfg.train.batch_size, *cfg.size, world)
     t = time.perf_counter()
     module = train_stage.setup_module(cfg, kolors, data, RES, work / "lora.tmp.safetensors", mem)
     clock = StepClock()
     total = cfg.optimizer_steps(world)
     callbacks = [clock, StoryCallbacks(Reporter(quiet=True, live=False), work / "train_log.csv",
-                                       work / "fit_result.json", total, False), *extra_callbacks]
+                                       work / "fit_result.json", total, False),
+                 *([EMA(cfg.train.ema)] if cfg.train.ema else []), *extra_callbacks]
     trainer = train_stage.setup_trainer(cfg, accel, devices, strategy, RES.precision, total, callbacks, work)
     loader = train_stage.setup_data(cfg, data, module)
     if CUDA:
@@ -224,7 +225,7 @@ NEEDS = {"adamw8bit": "bitsandbytes", "prodigy": "prodigyopt"}
 
 
 def ema_update_foreach(ema: list, params: list, decay: float) -> None:
-    """Bench-only stand-in for lightning_lora.ema_update: the same math (ema * decay + p * (1 - decay)) as two
+    """Bench-only stand-in for callbacks.ema_update: the same math (ema * decay + p * (1 - decay)) as two
     multi-tensor kernels instead of two kernels per LoRA tensor. Measures what a foreach EMA would save."""
     with torch.no_grad():
         torch._foreach_mul_(ema, decay)
@@ -255,11 +256,12 @@ def preview_table(scenes: list[dict]) -> dict:
 
 
 def preview_scenes() -> list[dict]:
-    style = D.get("style") or {}
+    from storyc.model import join_negative
+
+    style = SPEC.style
     out = []
     for sc in STORY.scenes:
-        neg = "，".join(x for x in (style.get("negative"), sc.negative) if x)
-        out.append({"id": sc.id, "prompt": (style.get("prefix") or "") + sc.prompt, "negative_prompt": neg,
+        out.append({"id": sc.id, "prompt": style.prefix + sc.prompt, "negative_prompt": join_negative(style.negative, sc.negative),
                     "seed": sc.seed})
     return out
 
@@ -275,7 +277,7 @@ class PreviewTimer(L.Callback):
         if idx != self.at:
             return
         scenes = preview_scenes()
-        common_gen = generation_common(STORY)
+        common_gen = generation_common(SPEC)
         table = preview_table(scenes)
         for label, (w, h, steps, reps) in self.settings:
             p = {"scenes": scenes, "width": w, "height": h, "steps": steps, "cfg_scale": common_gen["cfg_scale"],
@@ -330,11 +332,9 @@ for name, knobs in VARIANTS:
         if ver is None:
             R["variants"][name] = {"knobs": knobs, "skipped": f"{NEEDS[name]} is not installed"}
             continue
-    from storyc.stages import lightning_lora
-
-    original_ema = lightning_lora.ema_update
+    original_ema = train_callbacks.ema_update
     if name.endswith("_foreach_patch"):
-        lightning_lora.ema_update = ema_update_foreach
+        train_callbacks.ema_update = ema_update_foreach
     try:
         rec, st = fit(name, knobs, KOLORS, args.warmup + args.steps + 1)  # +1: the last start closes step n
         steady = st[args.warmup:]
@@ -353,7 +353,7 @@ for name, knobs in VARIANTS:
         if CUDA:
             torch.cuda.empty_cache()
     finally:
-        lightning_lora.ema_update = original_ema
+        train_callbacks.ema_update = original_ema
 
 v = R["variants"]
 base = v.get("base", {}).get("s_per_step")

@@ -4,7 +4,7 @@ stage, same card, same run. Full-size Kolors-architecture models, random weights
 
   baseline  LightningModelForT2ILoRA, 16-mixed, gradient checkpointing, prompt through ChatGLM-6B and image
             through the VAE at every step (as the notebook runs it)
-  storyc    storyc.stages.lightning_lora.LoRAModule (what `storyc build` trains with): cached latents and
+  storyc    storyc.stages.train.module.LoRAModule (what `storyc build` trains with): cached latents and
             embeddings, same LoRA / loss / timestep sampling, fused AdamW; variants: gradient checkpointing
             on/off, torch.compile on/off
 Also the one-off cost of the cache pass (per image and per prompt) and the largest batch that fits.
@@ -161,9 +161,12 @@ del te, prompter, enc
 (SMOKE or torch.cuda.empty_cache())
 
 # ---------------- (b) storyc's LoRAModule on cached data
-from storyc.stages.lightning_lora import LoRAModule, make_loader  # noqa: E402
+from storyc.model import LoRA  # noqa: E402
+from storyc.stages.train.config import train_section  # noqa: E402
+from storyc.stages.train.data import make_loader  # noqa: E402
+from storyc.stages.train.module import LoRAModule  # noqa: E402
 
-LORA = {"rank": 16, "alpha": 4.0, "target_modules": ["to_q", "to_k", "to_v", "to_out"], "init": "gaussian"}
+LORA = LoRA.build({"rank": 16, "alpha": 4.0, "target_modules": ["to_q", "to_k", "to_v", "to_out"], "init": "gaussian"})
 # storyc: eager; storyc_graphs: train.cuda_graphs (what `storyc build` does by default on one GPU);
 # storyc_compiled: train.compile (torch.compile of the whole UNet)
 variants = [("storyc_gc_on", {"gradient_checkpointing": True}), ("storyc", {}), ("storyc_graphs", {"cuda_graphs": True}),
@@ -175,7 +178,7 @@ for name, over in variants:
           "compile": False, "cuda_graphs": False, **over}
     m = None
     try:
-        m = LoRAModule(build_unet(seed=2), data, lora=LORA, train=tr)
+        m = LoRAModule(build_unet(seed=2), data, lora=LORA, train=train_section(tr))
         R["variants"][name] = fit(m, 10_000, f"cached latents/embeddings, GC {'on' if tr['gradient_checkpointing'] else 'off'}, "
                                              f"{'torch.compile' if tr['compile'] else 'CUDA graphs' if tr['cuda_graphs'] else 'eager'}, fused AdamW")
         if tr["cuda_graphs"]:
@@ -193,14 +196,14 @@ if "batch" not in skip:
     for bs in (2, 4, 8):
         try:
             d = dict(data, latents=data["latents"] * bs, text_of=[0] * bs)
-            m = LoRAModule(build_unet(seed=2), d, lora=LORA, train={"learning_rate": 1e-4, "gradient_checkpointing": False,
-                                                                   "seed": 0, "random_flip": False, "center_crop": True,
-                                                                   "cuda_graphs": True})
+            m = LoRAModule(build_unet(seed=2), d, lora=LORA, train=train_section({
+                "learning_rate": 1e-4, "gradient_checkpointing": False, "seed": 0, "random_flip": False,
+                "center_crop": True, "cuda_graphs": True, "batch_size": bs}))
             timer = StepTimer()
             trainer = L.Trainer(accelerator="cpu" if SMOKE else "gpu", devices=1, precision="32-true" if SMOKE else "16-mixed", max_steps=5, callbacks=[timer],
                                 logger=False, enable_checkpointing=False, enable_progress_bar=False,
                                 enable_model_summary=False)
-            trainer.fit(m, train_dataloaders=make_loader(d, {**m.cfg, "batch_size": bs}, 10_000, m))
+            trainer.fit(m, train_dataloaders=make_loader(d, m.cfg, 10_000, m))
             best = {"batch": bs, "s_per_step": statistics.median(timer.t[2:]),
                     "img_per_s": bs / statistics.median(timer.t[2:])}
             del m, trainer

@@ -110,7 +110,7 @@ def cmd_compile(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .plan_view import show_plan, show_sweep
+    from .views import show_plan, show_sweep
 
     story, loaded = _load_story(args.spec)
     show_plan(_load_plan(args, story))
@@ -170,14 +170,14 @@ def cmd_ops(args) -> int:
 
 
 def cmd_build(args) -> int:  # also `storyc run STAGE`: a build with a target
-    from .runner import build
+    from .views import build
 
     plan = _load_plan(args)
     return build(plan, run_options(args, plan))
 
 
 def cmd_status(args) -> int:
-    from .runner import status
+    from .views import status
 
     plan = _load_plan(args)
     return status(plan, run_options(args, plan))
@@ -193,7 +193,7 @@ def cmd_score(args) -> int:
 
         story = load_story(args.spec)
         model = model or model_folder(story, "aesthetic")
-        gate = story.data["submission"]["min_aesthetic"] if gate is None else gate
+        gate = story.spec.submission.min_aesthetic if gate is None else gate
     if model is None:
         raise StorycError("no aesthetic model given", "pass --model DIR or --spec story.yaml")
     return score_folder(Path(args.dir), model, 6.0 if gate is None else gate, args.device)
@@ -233,7 +233,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_publish(args) -> int:
-    from .stages.bundle import publish
+    from .publish import publish
 
     return publish(_load_plan(args), args.model_id, args.dry_run, args.display_name)
 

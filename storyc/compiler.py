@@ -1,7 +1,8 @@
 """Pure compile: Story -> Plan. No I/O here; ``write_plan`` puts the artifacts on disk.
 
-Every artifact is deterministic (sorted keys, no timestamps, paths relative to the project) so the same spec
-compiles to byte-identical files and a change shows up as a small diff.
+The stages and the files each kind compiles come from the registry (``KINDS``); compile adds the plan itself and
+the resolved spec. Every artifact is deterministic (sorted keys, no timestamps, paths relative to the project) so
+the same spec compiles to byte-identical files and a change shows up as a small diff.
 """
 from __future__ import annotations
 
@@ -9,13 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .model import Story
-from .render import atomic_write, canonical_json, render, yaml_file
-from .rules import join_negative
-from .stages.registry import Source, generation_common, stage_jobs
-from .stages.train_config import TrainConfig
-
-FORMAT = 1
+from .model import Story, join_negative, plain
+from .render import atomic_write, canonical_json
+from .stages.registry import FORMAT, KINDS, Compiled, generation_common, scene_file, stage_jobs
 
 
 @dataclass(frozen=True)
@@ -27,126 +24,61 @@ class Plan:
     notes: tuple
 
 
-def _model_ref(story: Story, key: str) -> str:
+def model_ref(story: Story, key: str) -> str:
+    """A model reference as written into artifacts: a local folder relative to the project, else as written."""
     ref = story.models.get(key)
     if ref is None:
-        return story.data["models"][key]
+        return story.spec.models[key]
     return ref.raw if ref.scheme != "local" else story.rel(ref.path)
 
 
-def scene_file(index: int, scene_id: str) -> str:
-    return f"images/{index + 1:02d}-{scene_id}.png"
+def compiled(story: Story, build_dir: Path) -> Compiled:
+    spec = story.spec
+    scenes = [{"index": s.index, "id": s.id, "file": scene_file(s.index, s.id),
+               "prompt": spec.style.prefix + s.prompt,
+               "negative_prompt": join_negative(spec.style.negative, s.negative),
+               "seed": s.seed, "seeds": [s.seed + k for k in range(spec.generation.candidates)],
+               "caption": s.caption} for s in spec.scenes]
+    refs = {k: model_ref(story, k) for k in ("kolors", "vae", "aesthetic")}
+    return Compiled(story, scenes, refs, story.rel(story.spec_path), story.rel(build_dir))
+
+
+def notes(story: Story) -> list[str]:
+    lora, gen = story.spec.lora, story.spec.generation
+    if gen.lora_scale == 1.0:
+        return []
+    common = generation_common(story.spec)
+    return [f"generation.lora_scale {gen.lora_scale:g}: the LoRA trained at alpha {lora.alpha:g} is applied at alpha "
+            f"{common['lora_alpha']:g} (rank {lora.rank}, update scale {common['lora_strength']:g})"]
 
 
 def compile(story: Story, build_dir: Path | None = None) -> Plan:  # noqa: A001 - the verb is the point
-    d = story.data
     build_dir = Path(build_dir) if build_dir else story.root / "build" / story.id
-    spec_rel = story.rel(story.spec_path)
-    build_rel = story.rel(build_dir)
-    lora, train, gen, style, sub = d["lora"], d["train"], d["generation"], d["style"], d["submission"]
-    notes = []
-
-    # ---- every stage, from the registry (each hashes only the slice it reads)
-    scenes = []
-    for s in story.scenes:
-        scenes.append({
-            "index": s.index, "id": s.id, "file": scene_file(s.index, s.id),
-            "prompt": style["prefix"] + s.prompt,
-            "negative_prompt": join_negative(style["negative"], s.negative),
-            "seed": s.seed, "seeds": [s.seed + k for k in range(gen["candidates"])],
-            "caption": s.caption,
-        })
-    kolors, vae = _model_ref(story, "kolors"), _model_ref(story, "vae")
-    refs = {"kolors": kolors, "vae": vae, "aesthetic": _model_ref(story, "aesthetic")}
-    stages = stage_jobs(Source(story, scenes, refs))
-
-    # ---- ingest
-    ingest = {"format": f"storyc.ingest/{FORMAT}", **stages["ingest"].params,
-              "output": {"metadata": "data/input/metadata.jsonl", "images": "data/input/images/"}}
-
-    # ---- filter (Data-Juicer)
-    dj = dj_config(story, spec_rel)
-
-    # ---- train
-    tc = TrainConfig.from_job(stages["train"])
-    w, h = tc.size
-    world = tc.world_size()
-    train_cfg = {
-        "format": f"storyc.train/{FORMAT}",
-        "models": {"kolors": kolors, "vae": vae},
-        "dataset": "data/train/metadata.csv",
-        "lora": lora, "train": {**train, "width": w, "height": h},
-        "world_size": world if world is not None else "one process per GPU found at run time",
-        "total_steps": tc.optimizer_steps(world or 1),  # optimizer steps, as fit counts them
-        "lora_scaling": lora["alpha"] / lora["rank"],
-        "outputs": {f: f"lora/{story.id}.{f}.safetensors" for f in sub["lora_formats"]},
-    }
-    train_sh = render(
-        "train.sh.j2", storyc_version=__version__, spec=spec_rel,
-        unet=f"{kolors}/unet/diffusion_pytorch_model.safetensors", text_encoder=f"{kolors}/text_encoder",
-        vae=f"{vae}/diffusion_pytorch_model.safetensors", rank=lora["rank"], alpha=lora["alpha"],
-        target_modules=",".join(lora["target_modules"]), init=lora["init"],
-        dataset=f"{build_rel}/data/train", output=f"{build_rel}/lora", epochs=train["epochs"],
-        steps_per_epoch=train["steps_per_epoch"], height=h, width=w, center_crop=train["center_crop"],
-        random_flip=train["random_flip"], batch_size=train["batch_size"], num_workers=train["num_workers"],
-        learning_rate=train["learning_rate"], accumulate=train["accumulate_grad_batches"],
-        strategy=train["strategy"], gradient_checkpointing=train["gradient_checkpointing"],
-        precision=train["precision"])
-
-    # ---- generate
-    gen_common = generation_common(story)
-    if gen["lora_scale"] != 1.0:
-        notes.append(f"generation.lora_scale {gen['lora_scale']:g}: the LoRA trained at alpha {lora['alpha']:g} "
-                     f"is applied at alpha {gen_common['lora_alpha']:g} (rank {lora['rank']}, update scale "
-                     f"{gen_common['lora_strength']:g})")
-    gen_plan = {"format": f"storyc.generation/{FORMAT}", "model": kolors, "batch_size": gen["batch_size"],
-                **gen_common, "scenes": scenes}
-
-    # ---- bundle
-    lora_files = [f"{story.id}.{f}.safetensors" for f in sub["lora_formats"]]
-    images = [Path(s["file"]).name for s in scenes]
-    manifest = {
-        "format": f"storyc.submission/{FORMAT}", "story": d["story"], "folder": f"submission/{story.id}",
-        "min_aesthetic": sub["min_aesthetic"], "storyboard": sub["storyboard"],
-        "files": sorted(lora_files + images + ["prompts.txt", "prompts.csv", "prompts.json", "storyboard.png",
-                                              "scores.json", "README.md", "manifest.json", "report.html"]),
-    }
-
+    c = compiled(story, build_dir)
+    stages = stage_jobs(c)
+    artifacts = {}
+    for kind in KINDS.values():
+        jobs = [j for j in stages.values() if j.kind == kind.name]
+        for rel, text in kind.artifacts(c, jobs).items():
+            assert rel not in artifacts, rel
+            artifacts[rel] = text
+    said = notes(story)
     plan_doc = {
-        "format": f"storyc.plan/{FORMAT}", "storyc": __version__, "spec": spec_rel,
-        "sources": [story.rel(p) for p in story.sources], "story": d["story"], "notes": notes,
+        "format": f"storyc.plan/{FORMAT}", "storyc": __version__, "spec": c.spec_rel,
+        "sources": [story.rel(p) for p in story.files], "story": plain(story.spec.story), "notes": said,
         "stages": {n: {"kind": s.kind, "deps": list(s.deps), "params_hash": s.params_hash,
                        **({"settings": s.settings} if s.settings else {})} for n, s in stages.items()},
     }
-    artifacts = {
-        "plan.json": canonical_json(plan_doc),
-        "spec.resolved.json": canonical_json({"format": f"storyc.spec/{FORMAT}", "spec": d}),
-        "data/ingest.json": canonical_json(ingest),
-        "data/data_juicer.yaml": dj,
-        "train/train_config.json": canonical_json(train_cfg),
-        "train/train.sh": train_sh,
-        "generate/generation_plan.json": canonical_json(gen_plan),
-        "submission_manifest.json": canonical_json(manifest),
-    }
-    return Plan(story, build_dir, artifacts, stages, tuple(notes))
+    artifacts["plan.json"] = canonical_json(plan_doc)
+    artifacts["spec.resolved.json"] = canonical_json({"format": f"storyc.spec/{FORMAT}", "spec": story.resolved})
+    return Plan(story, build_dir, dict(sorted(artifacts.items(), key=lambda kv: _ORDER.get(kv[0], 99))), stages,
+                tuple(said))
 
 
-def dj_config(story: Story, spec_rel: str) -> str:
-    """Data-Juicer's config, written by the YAML emitter (comments included): a spec's file name or values can
-    only ever be values here, never keys such as `custom_operator_paths`."""
-    d = story.data
-    cfg = {"project_name": f"storyc-{story.id}", "dataset_path": "data/input/metadata.jsonl",
-           "np": d["processing"]["workers"], "text_keys": "text", "image_key": "image",
-           "image_special_token": "<__dj__image>", "export_path": "data/output/result.jsonl",
-           "executor_type": d["processing"]["executor"]}
-    if d["processing"]["executor"] == "ray":
-        cfg["ray_address"] = "auto"
-    cfg["process"] = [{k: (v or {}) for k, v in op.items()} for op in d["filters"]]
-    return yaml_file([f"Data-Juicer config compiled by storyc {__version__} from {spec_rel} (format "
-                      "storyc.data_juicer/2).",
-                      "Do not edit: edit the spec and run `storyc compile`. Paths are relative to the build folder "
-                      "that holds data/;",
-                      "to run it by hand from there:  dj-process --config data/data_juicer.yaml"], cfg)
+# the order `storyc compile` lists them in
+_ORDER = {rel: i for i, rel in enumerate(("plan.json", "spec.resolved.json", "data/ingest.json", "data/data_juicer.yaml",
+                                          "train/train_config.json", "train/train.sh",
+                                          "generate/generation_plan.json", "submission_manifest.json"))}
 
 
 def changed_artifacts(plan: Plan) -> list[str]:

@@ -95,3 +95,15 @@ class Context:
 
     def upstream(self, name: str) -> LockEntry | None:
         return self.lock.entry(name)
+
+    def output(self, stage: str, ending: str) -> Path | None:
+        """The output of an upstream ``stage`` whose path ends with ``ending``, as its lock entry lists it: a stage
+        reads another's files through what that stage recorded, not by guessing their names."""
+        e = self.lock.entry(stage)
+        found = [rel for rel in (e.outputs if e else ()) if rel.endswith(ending)]
+        if len(found) != 1:
+            from .errors import StageError
+
+            raise StageError(stage, f"no single recorded output ending in `{ending}` "
+                             f"({len(found)} found); rebuild it with `--force {stage}`")
+        return self.build_dir / found[0]

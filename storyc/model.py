@@ -1,18 +1,258 @@
-"""The validated story as frozen dataclasses (defaults already applied from the schema)."""
+"""The validated story as frozen, typed sections, built once after validation.
+
+No default is written here: the schema fills them in before a section is built (``schema.defaults``), and each
+field's hashing policy is the schema's ``x-hash`` (``Section.hashed`` / ``Section.settings`` read it). A test checks
+that every section has exactly the schema's keys.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import ClassVar
+
+
+def plain(v):
+    """Typed values back to plain JSON data (tuples as lists, sections as mappings): what stages hash and the lock
+    stores."""
+    if isinstance(v, Section):
+        return {f.name: plain(getattr(v, f.name)) for f in fields(v)}
+    if isinstance(v, (list, tuple)):
+        return [plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: plain(x) for k, x in v.items()}
+    return v
+
+
+def _frozen(v):
+    if isinstance(v, list):
+        return tuple(_frozen(x) for x in v)
+    if isinstance(v, dict):
+        return {k: _frozen(x) for k, x in v.items()}
+    return v
+
+
+class Section:
+    """A mapping of the spec as a frozen dataclass; ``PATH`` is where the schema declares its keys."""
+
+    PATH: ClassVar[tuple] = ()
+
+    @classmethod
+    def build(cls, data: dict, **typed):
+        own = {f.name for f in fields(cls)} - set(typed)
+        return cls(**{k: _frozen(data[k]) for k in own}, **typed)
+
+    def _policy(self) -> dict:
+        from .schema import fields as schema_fields
+
+        return schema_fields(self.PATH)
+
+    def hashed(self) -> dict:
+        """The values that change what a stage makes: `always` fields, and `when-set` ones that differ from their
+        default (so a lock written before such a field existed stays valid)."""
+        out = {}
+        for name, (policy, default) in self._policy().items():
+            v = plain(getattr(self, name))
+            if policy == "always" or (policy == "when-set" and v != default):
+                out[name] = v
+        return out
+
+    def settings(self) -> dict:
+        """The execution settings (`never` hashed): how fast or resumably a stage runs, never what it makes."""
+        return {n: plain(getattr(self, n)) for n, (policy, _) in self._policy().items() if policy == "never"}
 
 
 @dataclass(frozen=True)
-class Scene:
-    index: int
+class StoryInfo(Section):
+    PATH = ("story",)
+    id: str
+    title: str | None
+    team: str | None
+
+
+@dataclass(frozen=True)
+class Source(Section):
+    """One training data source (`dataset`, or an item of `datasets`)."""
+
+    PATH = ("dataset",)
+    source: str  # modelscope | folder | jsonl
+    id: str | None
+    subset: str
+    split: str
+    revision: str | None
+    path: str | None  # as written, relative to the spec that wrote it (Story.dataset_paths holds it resolved)
+    caption: str
+    limit: int | None
+    repeats: int
+
+
+@dataclass(frozen=True)
+class Processing(Section):
+    PATH = ("processing",)
+    workers: int
+    executor: str
+
+
+@dataclass(frozen=True)
+class LoRA(Section):
+    PATH = ("lora",)
+    rank: int
+    alpha: float
+    target_modules: tuple
+    init: str
+
+
+@dataclass(frozen=True)
+class Train(Section):
+    PATH = ("train",)
+    epochs: int
+    steps_per_epoch: int
+    batch_size: int
+    learning_rate: float
+    resolution: int | tuple
+    center_crop: bool
+    random_flip: bool
+    precision: str
+    gradient_checkpointing: bool | str
+    accumulate_grad_batches: int
+    strategy: str
+    devices: str | int | tuple
+    seed: int
+    checkpoint_every: int
+    num_workers: int
+    compile: bool
+    cuda_graphs: bool
+    min_snr_gamma: float | None
+    noise_offset: float
+    caption_dropout: float
+    ema: float | None
+    optimizer: str
+    lr_scheduler: str
+    lr_warmup_steps: int
+    tensorboard: bool
+    preview_every: int | None
+    preview_steps: int | None
+    preview_size: int | tuple | None
+    select: str
+    buckets: bool
+
+    @property
+    def size(self) -> tuple[int, int]:
+        r = self.resolution
+        return (r, r) if isinstance(r, int) else (r[0], r[1])
+
+    @property
+    def micro_batches(self) -> int:
+        return micro_batches(self.epochs, self.steps_per_epoch, self.batch_size)
+
+    def optimizer_steps(self, world: int) -> int:
+        return optimizer_steps(self.micro_batches, self.accumulate_grad_batches, world)
+
+    def world_size(self, gpus: int | None = None) -> int | None:
+        """Processes that train: 1 unless ddp/deepspeed on several devices; None when it depends on the GPU
+        count and ``gpus`` is not known (compile time)."""
+        if isinstance(self.devices, (list, tuple)):
+            return len(self.devices) if self.strategy != "auto" or len(self.devices) > 1 else 1
+        if isinstance(self.devices, int):
+            return self.devices
+        return 1 if self.strategy == "auto" else gpus
+
+
+@dataclass(frozen=True)
+class Style(Section):
+    PATH = ("style",)
+    prefix: str
+    negative: str
+
+
+@dataclass(frozen=True)
+class Generation(Section):
+    PATH = ("generation",)
+    width: int
+    height: int
+    steps: int
+    cfg_scale: float
+    lora_scale: float
+    candidates: int
+    batch_size: int | str
+    allow_duplicate_seeds: bool
+
+
+@dataclass(frozen=True)
+class Scene(Section):
+    PATH = ("scenes", 0)
+    index: int  # its place in the story (not a spec key)
     id: str
     prompt: str
     seed: int
-    negative: str = ""
-    caption: str = ""
+    negative: str
+    caption: str
+
+
+@dataclass(frozen=True)
+class Storyboard(Section):
+    PATH = ("submission", "storyboard")
+    columns: int
+    captions: bool
+
+
+@dataclass(frozen=True)
+class Submission(Section):
+    PATH = ("submission",)
+    images: int
+    min_aesthetic: float
+    storyboard: Storyboard
+    lora_formats: tuple
+    license: str
+
+
+@dataclass(frozen=True)
+class Spec:
+    """The whole validated spec, typed. ``datasets`` holds every training source; ``many_datasets`` says whether
+    the spec wrote them as `datasets:` (a list) or as the one `dataset:`."""
+
+    story: StoryInfo
+    models: dict  # kolors | vae | aesthetic -> the reference as written
+    datasets: tuple  # of Source
+    many_datasets: bool
+    filters: tuple  # of (Data-Juicer op name, params mapping), in order
+    processing: Processing
+    lora: LoRA
+    train: Train
+    style: Style
+    generation: Generation
+    scenes: tuple  # of Scene
+    submission: Submission
+
+    @classmethod
+    def build(cls, d: dict) -> "Spec":
+        """From the merged, defaulted, validated spec data."""
+        many = isinstance(d.get("datasets"), list)
+        sources = d["datasets"] if many else [d["dataset"]]
+        sub = d["submission"]
+        return cls(
+            story=StoryInfo.build(d["story"]), models=dict(d["models"]),
+            datasets=tuple(Source.build(s) for s in sources), many_datasets=many,
+            filters=tuple(next(iter(op.items())) for op in d["filters"]),
+            processing=Processing.build(d["processing"]), lora=LoRA.build(d["lora"]), train=Train.build(d["train"]),
+            style=Style.build(d["style"]), generation=Generation.build(d["generation"]),
+            scenes=tuple(Scene.build(s, index=i) for i, s in enumerate(d["scenes"])),
+            submission=Submission.build(sub, storyboard=Storyboard.build(sub["storyboard"])))
+
+
+def join_negative(style_neg: str, scene_neg: str) -> str:
+    """The negative prompt of a scene: style negative, then the scene's own (joined with a Chinese comma)."""
+    parts = [p for p in (style_neg.strip(), scene_neg.strip()) if p]
+    return "，".join(parts)
+
+
+def micro_batches(epochs: int, steps_per_epoch: int, batch_size: int) -> int:
+    """Batches over the whole run, as diffsynth counts them (steps_per_epoch samples per epoch)."""
+    return epochs * -(-steps_per_epoch // batch_size)
+
+
+def optimizer_steps(micro: int, accumulate: int, world: int) -> int:
+    """Optimizer steps of a run of ``micro`` batches on ``world`` ranks (each takes every world-th batch)."""
+    return max(1, -(-micro // world) // accumulate)
 
 
 @dataclass(frozen=True)
@@ -29,23 +269,24 @@ class ModelRef:
 class Story:
     spec_path: Path  # the top spec file (absolute)
     root: Path  # project folder: paths may not escape it
-    sources: tuple  # spec files, top first (extends chain)
-    data: dict  # the merged, defaulted spec as plain data (what stages hash)
+    files: tuple  # the spec files read, top first (the `extends` chain)
+    spec: Spec  # the validated spec, typed
+    resolved: dict  # the same, merged and defaulted as plain data: written to spec.resolved.json, read by no stage
     models: dict  # kolors | vae | aesthetic -> ModelRef
-    dataset_paths: tuple  # per training source (rules.sources): its local path, None for ModelScope
-    scenes: tuple
-    warnings: tuple = field(default_factory=tuple)
+    dataset_paths: tuple  # per training source: its local path resolved, None for ModelScope
+    warnings: tuple = ()
 
     @property
     def id(self) -> str:
-        return self.data["story"]["id"]
+        return self.spec.story.id
 
     @property
     def title(self) -> str:
-        return self.data["story"].get("title") or self.id
+        return self.spec.story.title or self.id
 
-    def section(self, name: str):
-        return self.data[name]
+    @property
+    def scenes(self) -> tuple:
+        return self.spec.scenes
 
     def rel(self, p: Path) -> str:
         """A path as written into artifacts: relative to the project folder, POSIX style."""

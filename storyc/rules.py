@@ -7,28 +7,31 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
 from . import tokens
 from .errors import Diagnostic, did_you_mean
-from .model import ModelRef
+from .model import ModelRef, join_negative, micro_batches, optimizer_steps
+from .project import outside_hint, root_and_why
+from .submission import COMPETITION_NAME, PLACEHOLDER_TEAMS
 from .yamlio import Located, json_path
 
 TINY_NAMES = {"kolors": "kolors", "vae": "sdxl-vae", "aesthetic": "aesthetic"}
 
 
-@dataclass
-class Context:
+@dataclass(frozen=True)
+class RuleInput:
+    """What every rule reads: the merged, defaulted spec data (not yet known to be well-typed), where each value
+    came from, and the project. Rules only read it and return diagnostics."""
+
     data: dict
     loc: Located
     root: Path
     spec: Path
     schema_ok: bool
-    models: dict = field(default_factory=dict)
-    dataset_paths: list = field(default_factory=list)  # per source: its local path (None: ModelScope)
 
     def diag(self, path, message, hint=None, rule="", severity="error", key=False):
         return Diagnostic(message, self.loc.mark(path, prefer_key=key), json_path(path), hint, rule, severity)
@@ -39,14 +42,13 @@ class Context:
         return Path(m.file).resolve().parent if m else self.spec.parent
 
 
-def _scenes(ctx):
-    sc = ctx.data.get("scenes")
-    return [s for s in sc if isinstance(s, dict)] if isinstance(sc, list) else []
+def _list(v) -> list:
+    return v if isinstance(v, list) else []
 
 
 def check_unique_scene_ids(ctx):
     seen, out = {}, []
-    for i, s in enumerate(ctx.data.get("scenes") or []):
+    for i, s in enumerate(_list(ctx.data.get("scenes"))):
         sid = s.get("id") if isinstance(s, dict) else None
         if not isinstance(sid, str):
             continue
@@ -63,7 +65,7 @@ def check_unique_seeds(ctx):
     if isinstance(gen, dict) and gen.get("allow_duplicate_seeds") is True:
         return []
     seen, out = {}, []
-    for i, s in enumerate(ctx.data.get("scenes") or []):
+    for i, s in enumerate(_list(ctx.data.get("scenes"))):
         seed = s.get("seed") if isinstance(s, dict) else None
         if not isinstance(seed, int) or isinstance(seed, bool):
             continue
@@ -101,7 +103,7 @@ def modelscope_id_problem(mid: str) -> str | None:
     return None
 
 
-def sources(data: dict) -> list[tuple[tuple, dict]]:
+def dataset_entries(data: dict) -> list[tuple[tuple, dict]]:
     """The training sources with their spec paths: `datasets[i]` when given, else the one `dataset`."""
     many = data.get("datasets")
     if isinstance(many, list):
@@ -117,7 +119,7 @@ def check_dataset_fields(ctx):
         out.append(ctx.diag(("datasets",), "both `dataset` and `datasets` are given",
                             "use `dataset` for one source, or list every source under `datasets`", "dataset_fields",
                             key=True))
-    for where, ds in sources(ctx.data):
+    for where, ds in dataset_entries(ctx.data):
         src = ds.get("source")
         if src == "modelscope" and not ds.get("id"):
             out.append(ctx.diag(where, "`source: modelscope` needs a dataset `id`",
@@ -135,41 +137,35 @@ def _local_path(ctx, path, raw, rule):
     """Resolve a relative path from a spec; return (Path | None, diagnostics)."""
     if Path(raw).is_absolute() or raw.startswith("~"):
         return None, [ctx.diag(path, f"`{raw}` is an absolute path", "paths are relative to the spec file", rule)]
+    if bad_char(raw, False):  # check_text names the character; nothing to resolve
+        return None, []
     p = (ctx.source_dir(path) / raw).resolve()
     try:
         p.relative_to(ctx.root)
     except ValueError:
-        from .spec import outside_hint, root_and_why
-
         return None, [ctx.diag(path, f"`{raw}` points outside the project folder",
                                outside_hint(*root_and_why(ctx.spec)), rule)]
     return p, []
 
 
-def check_paths(ctx):
+def dataset_paths(ctx) -> tuple:
+    """Per training source (in order): its local path resolved against the file that wrote it, None for a
+    ModelScope source or one whose path is refused (check_paths says why)."""
     out = []
-    for where, ds in sources(ctx.data):
-        ctx.dataset_paths.append(None)
-        if not (isinstance(ds.get("path"), str) and ds.get("source") in ("folder", "jsonl")):
-            continue
-        at = (*where, "path")
-        p, errs = _local_path(ctx, at, ds["path"], "paths")
-        out += errs
-        if p is None:
-            continue
-        ctx.dataset_paths[-1] = p
-        if not p.exists():
-            near = did_you_mean(p.name, [c.name for c in p.parent.iterdir()]) if p.parent.is_dir() else None
-            out.append(ctx.diag(at, f"`{ds['path']}` does not exist", near, "paths"))
-        elif ds["source"] == "folder" and not p.is_dir():
-            out.append(ctx.diag(at, f"`{ds['path']}` is a file; `source: folder` needs a folder",
-                                "use `source: jsonl` for a jsonl file", "paths"))
-        elif ds["source"] == "jsonl" and not p.is_file():
-            out.append(ctx.diag(at, f"`{ds['path']}` is a folder; `source: jsonl` needs a file",
-                                "use `source: folder` for a folder of images", "paths"))
+    for where, ds in dataset_entries(ctx.data):
+        p = None
+        if isinstance(ds.get("path"), str) and ds.get("source") in ("folder", "jsonl"):
+            p, _ = _local_path(ctx, (*where, "path"), ds["path"], "paths")
+        out.append(p)
+    return tuple(out)
+
+
+def model_refs(ctx) -> tuple[dict, list]:
+    """models.* as ModelRefs (a local folder, modelscope:<id>, tiny:<name>), and what is wrong with them."""
+    refs, out = {}, []
     models = ctx.data.get("models")
     if not isinstance(models, dict):
-        return out
+        return refs, out
     for key in ("kolors", "vae", "aesthetic"):
         raw = models.get(key)
         if not isinstance(raw, str) or not raw:
@@ -179,23 +175,45 @@ def check_paths(ctx):
             mid = raw.split(":", 1)[1]
             if modelscope_id_problem(mid):
                 out.append(ctx.diag(path, f"`{raw}`: {modelscope_id_problem(mid)}", rule="paths"))
-            ctx.models[key] = ModelRef(raw, "modelscope", None, mid)
+            refs[key] = ModelRef(raw, "modelscope", None, mid)
         elif raw.startswith("tiny:"):
             name = raw.split(":", 1)[1]
             if name != TINY_NAMES[key]:
                 out.append(ctx.diag(path, f"`{raw}`: no tiny model of that name for `models.{key}`",
                                     f"use `tiny:{TINY_NAMES[key]}`", "paths"))
-            ctx.models[key] = ModelRef(raw, "tiny", ctx.root / ".storyc" / "models" / f"tiny-{TINY_NAMES[key]}", name)
+            refs[key] = ModelRef(raw, "tiny", ctx.root / ".storyc" / "models" / f"tiny-{TINY_NAMES[key]}", name)
         else:
             p, errs = _local_path(ctx, path, raw, "paths")
             out += errs
             if p is not None:
-                ctx.models[key] = ModelRef(raw, "local", p)
+                refs[key] = ModelRef(raw, "local", p)
                 if not p.exists():
                     out.append(ctx.diag(path, f"model folder `{raw}` does not exist yet",
                                         "download it before `storyc build` (see README: models), "
                                         "or use `modelscope:<id>`", "paths", severity="warning"))
-    return out
+    return refs, out
+
+
+def check_paths(ctx):
+    out = []
+    for where, ds in dataset_entries(ctx.data):
+        if not (isinstance(ds.get("path"), str) and ds.get("source") in ("folder", "jsonl")):
+            continue
+        at = (*where, "path")
+        p, errs = _local_path(ctx, at, ds["path"], "paths")
+        out += errs
+        if p is None:
+            continue
+        if not p.exists():
+            near = did_you_mean(p.name, [c.name for c in p.parent.iterdir()]) if p.parent.is_dir() else None
+            out.append(ctx.diag(at, f"`{ds['path']}` does not exist", near, "paths"))
+        elif ds["source"] == "folder" and not p.is_dir():
+            out.append(ctx.diag(at, f"`{ds['path']}` is a file; `source: folder` needs a folder",
+                                "use `source: jsonl` for a jsonl file", "paths"))
+        elif ds["source"] == "jsonl" and not p.is_file():
+            out.append(ctx.diag(at, f"`{ds['path']}` is a folder; `source: jsonl` needs a file",
+                                "use `source: folder` for a folder of images", "paths"))
+    return out + model_refs(ctx)[1]
 
 
 @lru_cache(maxsize=1)
@@ -247,9 +265,10 @@ def check_prompt_length(ctx):
     for i, s in enumerate(scenes):
         if not isinstance(s, dict):
             continue
-        for key, text in (("prompt", prefix + (s.get("prompt") or "")), ("negative", join_negative(neg, s.get("negative") or ""))):
-            if not isinstance(text, str):
-                continue
+        prompt, negative = s.get("prompt", ""), s.get("negative", "")
+        if not isinstance(prompt, str) or not isinstance(negative, str):
+            continue  # the schema has said so
+        for key, text in (("prompt", prefix + prompt), ("negative", join_negative(neg, negative))):
             n = counter(text)
             if n > tokens.LIMIT:
                 what = "style prefix + prompt" if key == "prompt" else "style negative + scene negative"
@@ -315,8 +334,6 @@ def check_lora_targets(ctx):
     return out
 
 
-PLACEHOLDER_TEAMS = {"my-team", "team", "your-team", "<team>", "xxx", "todo", "队伍名称", "队伍名"}
-COMPETITION_NAME = "{team}-可图Kolors训练-{rest}"  # the competition's model naming rule
 
 
 def check_team(ctx):
@@ -336,18 +353,19 @@ def check_train_knobs(ctx):
     if not isinstance(tr, dict):
         return []
     out = []
-    from .stages.train_config import TrainConfig
-
-    steps = TrainConfig(ctx.data.get("lora") or {}, tr, (), {}, {}).optimizer_steps(1)  # on one device
+    counts = [tr.get(k) for k in ("epochs", "steps_per_epoch", "batch_size", "accumulate_grad_batches")]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in counts):
+        return out  # the schema has said what is wrong with them
+    steps = optimizer_steps(micro_batches(*counts[:3]), counts[3], 1)  # on one device
     warm = tr.get("lr_warmup_steps") or 0
-    if warm:
+    if isinstance(warm, int) and warm:
         if warm >= steps:
             out.append(ctx.diag(("train", "lr_warmup_steps"), f"{warm} warm-up steps but the run has only {steps} "
                                 "optimizer steps", "warm up over a small part of the run (e.g. 5%)", "train_knobs"))
     if tr.get("select") == "best_score" and not tr.get("preview_every"):
         out.append(ctx.diag(("train", "select"), "`select: best_score` needs previews to score checkpoints",
                             "set `train.preview_every: N` (e.g. 500), or `select: last`", "train_knobs"))
-    if tr.get("preview_every"):
+    if isinstance(tr.get("preview_every"), int) and not isinstance(tr["preview_every"], bool):
         if tr["preview_every"] > steps:
             out.append(ctx.diag(("train", "preview_every"), f"preview every {tr['preview_every']} steps but the run "
                                 f"has {steps}: only the last checkpoint is previewed", severity="warning",
@@ -380,8 +398,6 @@ def bad_char(text: str, multiline: bool) -> str | None:
 def check_text(ctx):
     """No string of the spec carries characters that could hide text, reorder it or end a line in a generated
     file (ids, titles, paths, prompts alike): refused here, with the character named, before anything is written."""
-    import unicodedata
-
     out = []
 
     def walk(v, path):
@@ -414,22 +430,15 @@ def _char_diag(ctx, path, text, c, key=False):
     return ctx.diag(path, f"contains U+{ord(c):04X} ({what}){where}", hint, "text", key=key)
 
 
-def join_negative(style_neg: str, scene_neg: str) -> str:
-    """The negative prompt of a scene: style negative, then the scene's own (joined with a Chinese comma)."""
-    parts = [p for p in (style_neg.strip(), scene_neg.strip()) if p]
-    return "，".join(parts)
-
-
 RULES = [check_text, check_unique_scene_ids, check_unique_seeds, check_scene_count, check_dataset_fields, check_paths,
          check_dj_ops, check_prompt_length, check_storyboard, check_small_sizes, check_lora_targets, check_team,
          check_train_knobs]
 
 
-def run_all(ctx: Context) -> list[Diagnostic]:
+def run_all(ctx: RuleInput) -> list[Diagnostic]:
+    """Every rule's diagnostics. A rule meets values of any type (the schema reports the wrong ones) and checks
+    them itself: an exception here is a bug in the rule, never hidden."""
     out = []
     for rule in RULES:
-        try:
-            out.extend(rule(ctx))
-        except (TypeError, KeyError, AttributeError, ValueError):
-            continue  # a value of the wrong shape: the schema has already said so
+        out.extend(rule(ctx))
     return out

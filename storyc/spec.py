@@ -5,46 +5,17 @@ Light on purpose: no torch, diffsynth, data_juicer or transformers on this path.
 """
 from __future__ import annotations
 
-import copy
 import json
-from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 
 from . import rules
 from .errors import Diagnostic, Mark, SpecError, did_you_mean
-from .model import ModelRef, Scene, Story
+from .model import ModelRef, Spec, Story
+from .project import inside as _inside, outside_hint, project_root, root_and_why
+from .schema import defaults, schema
 from .yamlio import Located, json_path, load, type_name
 
 TINY_MODELS = ("kolors", "sdxl-vae", "aesthetic")
-ROOT_MARKERS = (".git", ".storyc", "storyc.toml")
-
-
-@lru_cache(maxsize=1)
-def schema() -> dict:
-    return json.loads(resources.files("storyc").joinpath("schema/story.schema.json").read_text("utf-8"))
-
-
-def project_root(spec: Path) -> Path:
-    """The nearest folder above the spec holding .git, .storyc or storyc.toml; else the spec's folder."""
-    return root_and_why(spec)[0]
-
-
-def root_and_why(spec: Path) -> tuple[Path, str]:
-    """The project root and how it was chosen (said when a path is refused as outside the project)."""
-    start = Path(spec).resolve().parent
-    for d in (start, *start.parents):
-        for m in ROOT_MARKERS:
-            if (d / m).exists():
-                return d, f"the nearest folder above the spec with {m}"
-    return start, "the spec's own folder, since no folder above it has .git, .storyc or storyc.toml"
-
-
-def outside_hint(root: Path, why: str) -> str:
-    return (f"the project folder is {root} ({why}); keep data and models inside it (links are followed, so a "
-            "link must point inside it too; hard links or copies are fine), or make a folder above it the project root with an empty storyc.toml (or .storyc/) there")
-
-
 # ---------------------------------------------------------------- extends
 
 def _merge(base: Located, child: Located) -> Located:
@@ -107,14 +78,6 @@ def _load_chain(path: Path, root: Path, display, stack: tuple) -> tuple[Located,
     merged = _merge(base, loc)
     merged.data.pop("extends", None)
     return merged, (path, *chain)
-
-
-def _inside(p: Path, root: Path) -> bool:
-    try:
-        p.resolve().relative_to(root)
-        return True
-    except ValueError:
-        return False
 
 
 # ---------------------------------------------------------------- schema
@@ -221,32 +184,7 @@ def _slugify(v) -> str:
     return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", str(v).lower())).strip("-")
 
 
-# ---------------------------------------------------------------- defaults
-
-def apply_defaults(data: dict) -> dict:
-    """A deep copy of the spec with every schema default filled in (the schema is the one source)."""
-    sch = schema()
-
-    def resolve(s):
-        while "$ref" in s:
-            ref = s["$ref"].split("/")[-1]
-            s = {**sch["$defs"][ref], **{k: v for k, v in s.items() if k != "$ref"}}
-        return s
-
-    def fill(s, value):
-        s = resolve(s)
-        if isinstance(value, dict) and "properties" in s:
-            for k, ps in s["properties"].items():
-                ps = resolve(ps)
-                if k not in value and "default" in ps:
-                    value[k] = copy.deepcopy(ps["default"])
-                if k in value:
-                    value[k] = fill(ps, value[k])
-        elif isinstance(value, list) and isinstance(s.get("items"), dict):
-            value = [fill(s["items"], x) for x in value]
-        return value
-
-    return fill(sch, copy.deepcopy(data))
+apply_defaults = defaults  # the schema fills every default (storyc.schema)
 
 
 # ---------------------------------------------------------------- entry point
@@ -269,17 +207,16 @@ def load_located(path, display=None) -> tuple[Located, tuple, Path, Path]:
 
 
 def story_from(loc: Located, chain: tuple, root: Path, spec: Path) -> Story:
-    """Validate a located spec (schema, then the named rules) into a Story, or raise every problem."""
+    """Validate a located spec (schema, then the named rules) into a typed Story, or raise every problem."""
     diags = _schema_diagnostics(loc)
-    data = apply_defaults(loc.data)
-    ctx = rules.Context(data=data, loc=loc, root=root, spec=spec, schema_ok=not diags)
-    diags.extend(rules.run_all(ctx))
+    data = defaults(loc.data)
+    inp = rules.RuleInput(data=data, loc=loc, root=root, spec=spec, schema_ok=not diags)
+    diags.extend(rules.run_all(inp))
     errors = [d for d in diags if d.severity == "error"]
     if errors:
         raise SpecError(errors)
-    scenes = tuple(Scene(index=i, **s) for i, s in enumerate(data["scenes"]))
-    return Story(spec_path=spec, root=root, sources=chain, data=data, models=ctx.models,
-                 dataset_paths=tuple(ctx.dataset_paths), scenes=scenes,
+    return Story(spec_path=spec, root=root, files=chain, spec=Spec.build(data), resolved=data,
+                 models=rules.model_refs(inp)[0], dataset_paths=rules.dataset_paths(inp),
                  warnings=tuple(d for d in diags if d.severity == "warning"))
 
 

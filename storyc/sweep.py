@@ -55,34 +55,6 @@ def parse_path(text: str) -> tuple:
     return tuple(out)
 
 
-def _schema_at(sch: dict, root: dict, path: tuple):
-    """The schema of the value at ``path``; (None, known names) when a key does not exist there."""
-    def resolve(s):
-        while "$ref" in s:
-            s = {**root["$defs"][s["$ref"].split("/")[-1]], **{k: v for k, v in s.items() if k != "$ref"}}
-        return s
-
-    s = resolve(sch)
-    for p in path:
-        if isinstance(p, int):
-            if "items" not in s:
-                return None, []
-            s = resolve(s["items"])
-            continue
-        props = s.get("properties")
-        if props is None and isinstance(s.get("additionalProperties"), dict):
-            s = resolve(s["additionalProperties"])
-            continue
-        if props is None:
-            if s.get("additionalProperties") is not False and s.get("type") in ("object", None):
-                return {}, []  # free-form mapping (e.g. a Data-Juicer op's parameters)
-            return None, []
-        if p not in props:
-            return None, list(props)
-        s = resolve(props[p])
-    return s, []
-
-
 def _set(data, path: tuple, value):
     cur = data
     for p in path[:-1]:
@@ -105,14 +77,14 @@ def load_sweep(spec, display=None, only: str | None = None) -> Sweep | None:
 def sweep_from(loc: Located, chain: tuple, root: Path, path: Path, base, only: str | None = None) -> Sweep:
     """Expand and validate the sweep of an already loaded spec whose story (without the sweep) is ``base``."""
     from .compiler import compile
-    from .spec import schema, story_from
+    from .schema import at as schema_at
+    from .spec import story_from
 
     sw = loc.data["sweep"]
     diags: list[Diagnostic] = []
     if not isinstance(sw, dict):
         raise SpecError([Diagnostic("expected a mapping", loc.mark(("sweep",)), "$.sweep", rule="sweep")])
     dims = []  # (label, spec path, [(value, sweep path of the value)])
-    sch = schema()
     for key, values in (sw.get("parameters") or {}).items():
         at = ("sweep", "parameters", key)
         try:
@@ -126,7 +98,7 @@ def sweep_from(loc: Located, chain: tuple, root: Path, path: Path, base, only: s
             diags.append(Diagnostic(f"`{key}` cannot be swept", loc.mark(at, prefer_key=True), json_path(at),
                                     rule="sweep"))
             continue
-        sub, names = _schema_at(sch, sch, target)
+        sub, names = schema_at(target)
         if sub is None:
             prefix = ".".join(str(p) for p in target[:-1])
             near = did_you_mean(str(target[-1]), names) if names else None
@@ -310,6 +282,7 @@ def apply(spec, variant_id: str) -> tuple[Path, dict]:
     from ruamel.yaml.comments import CommentedMap
 
     from .errors import StorycError
+    from .model import plain
 
     sw = load_sweep(spec)
     if sw is None:
@@ -329,7 +302,7 @@ def apply(spec, variant_id: str) -> tuple[Path, dict]:
             sid = key[len("scenes["):-1]
             scenes = doc.get("scenes")
             if scenes is None:  # the scenes come from the base spec: a list replaces it whole, so copy it
-                doc["scenes"] = scenes = copy.deepcopy(sw.base.data["scenes"])
+                doc["scenes"] = scenes = [{k: v for k, v in plain(s).items() if k != "index"} for s in sw.base.scenes]
                 scenes = doc["scenes"]
             scene = next(s for s in scenes if s.get("id") == sid)
             for k, x in value.items():

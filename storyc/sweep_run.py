@@ -64,34 +64,14 @@ def prepare_data(sw, folder: Path, cache: str | None, quiet: bool) -> None:
                                  quiet=True, live=False, cache_dir=Path(cache) if cache else None))
 
 
-def seed_data(plan, lock_path: Path, folder: Path) -> None:
-    """Give a fresh variant build the sweep's finished ingest + filter: hard links of their outputs and their lock
-    entries, which the runner then checks like any other (a mismatch just reruns the stages)."""
-    import os
-    import shutil
-
+def seed_data(plan, opts, folder: Path) -> None:
+    """Give a fresh variant build the sweep's finished ingest + filter (the runner links their outputs and takes
+    their lock entries, then checks them like any other: a mismatch just reruns the stages)."""
     from .lock import Lock
+    from .runner import adopt
 
     donor = folder / "data" / data_key(plan)
-    mine, theirs = Lock.load(lock_path), Lock.load(donor / "story.lock")
-    entries = {n: theirs.entry(n) for n in DATA}
-    if any(mine.entry(n) for n in DATA) or not all(e and e.params_hash == plan.stages[n].params_hash
-                                                    for n, e in entries.items()):
-        return
-    for e in entries.values():
-        for rel in e.outputs:
-            src, dst = donor / "build" / rel, plan.build_dir / rel
-            for f in ([src] if src.is_file() else sorted(x for x in src.rglob("*") if x.is_file())):
-                to = dst / f.relative_to(src) if f != src else dst
-                to.parent.mkdir(parents=True, exist_ok=True)
-                if not to.exists():
-                    try:
-                        os.link(f, to)
-                    except OSError:  # a file system without hard links
-                        shutil.copy2(f, to)
-    for n, e in entries.items():
-        mine.put(n, e)
-    mine.save(plan.story.spec_path.name)
+    adopt(plan, opts, Lock.load(donor / "story.lock"), donor / "build", DATA)
 
 
 def run_sweep(spec, address: str | None = None, concurrent: int | None = None, gpus_per_trial: float | None = None,
@@ -174,7 +154,7 @@ def _trial(config: dict, spec: str, folder: str, cache: str | None = None) -> No
     plan = compile(v.story, vdir / "build")
     opts = RunOptions(build_dir=plan.build_dir, lock_path=vdir / "story.lock", quiet=True, live=False,
                       cache_dir=Path(cache) if cache else None)
-    seed_data(plan, opts.lock_path, Path(folder))
+    seed_data(plan, opts, Path(folder))
     t0 = time.monotonic()
     res = execute(plan, opts)
     seconds = time.monotonic() - t0

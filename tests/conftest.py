@@ -11,6 +11,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# The fast tier (`python -m pytest -m "not slow"`): everything but the tests that build with the real models.
+# A test is slow when it uses a built project or the tiny models, or says so with @pytest.mark.slow.
+SLOW_FIXTURES = {"tiny_models", "base", "copy", "built", "trained", "filtered"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def run_cli(*args, cwd=None, env=None, timeout=600):
     """Run the real CLI in a subprocess (as a user would); return CompletedProcess with text output."""
     e = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))

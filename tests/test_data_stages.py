@@ -105,7 +105,7 @@ def test_modelscope_offline_fails_fast(project):
                                                      "{source: modelscope, id: AI-ModelScope/lowres_anime}"), "utf-8")
     r = run_cli("run", "ingest", project / "story.yaml", cwd=project, timeout=60)
     assert r.returncode == 1
-    assert "cannot reach ModelScope to load dataset `AI-ModelScope/lowres_anime`" in r.stdout
+    assert "cannot reach ModelScope at https://www.modelscope.cn to load dataset `AI-ModelScope/lowres_anime`" in r.stdout
     assert "`dataset: {source: folder, path: ...}` or `source: jsonl`" in r.stdout
     assert "Traceback" not in r.stdout + r.stderr
 

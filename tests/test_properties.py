@@ -76,8 +76,9 @@ def test_every_generated_spec_is_rejected_clearly_or_compiles(tmp_path, spec):
         story = load_story(path)
     except SpecError as e:
         assert e.diagnostics
-        for d in e.diagnostics:
-            assert d.message and d.path.startswith("$"), d
+        for d in e.diagnostics:  # each at its file:line:col, with its $.path, in the rendered text
+            assert d.message and d.mark is not None and d.mark.line >= 1, d
+            assert d.mark.file.endswith("story.yaml") and d.render().startswith(f"{d.mark}: {d.path}: "), d.render()
         return
     plan = compile(story, tmp_path / "build")
     for rel, text in plan.artifacts.items():

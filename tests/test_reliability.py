@@ -199,7 +199,7 @@ def test_awkward_images_and_captions(project):
 def test_kill_between_last_step_and_lora_export_resumes(base, tmp_path):
     proj = copy_project(base, tmp_path / "k")
     shutil.rmtree(proj.parent / ".storyc/cache/train")
-    code = ("import os, signal, sys\nfrom storyc.stages import lightning_lora as m\n"
+    code = ("import os, signal, sys\nfrom storyc.stages.train import module as m\n"
             "m.LoRAModule.on_train_end = lambda self: os.kill(os.getpid(), signal.SIGKILL)\n"
             "from storyc.cli import main\nsys.exit(main(sys.argv[1:]))\n")
     r = subprocess.run([sys.executable, "-c", code, "build", str(proj), "--force", "train", "--until", "train"],

@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 
+from storyc.errors import SpecError
+
 HERE = Path(__file__).parent / "fixtures"
 VALID = sorted((HERE / "valid").glob("*.yaml"))
 INVALID = sorted((HERE / "invalid").glob("*.yaml"))
@@ -66,10 +68,10 @@ def test_extends_merges_deeply_and_lists_replace(project):
         "filters: [{image_shape_filter: {min_width: 20}}]\nsubmission: {images: 1}\n"
         "scenes: [{id: a, prompt: x, seed: 0}]\n", "utf-8")
     s = load_story(project / "child.yaml")
-    assert s.data["story"] == {"id": "child", "team": "t", "title": None}
-    assert s.data["train"]["epochs"] == 1 and s.data["train"]["seed"] == 9
-    assert s.data["filters"] == [{"image_shape_filter": {"min_width": 20}}]
-    assert [p.name for p in s.sources] == ["child.yaml", "base.yaml"]
+    assert (s.spec.story.id, s.spec.story.team, s.spec.story.title) == ("child", "t", None)
+    assert s.spec.train.epochs == 1 and s.spec.train.seed == 9
+    assert s.spec.filters == (("image_shape_filter", {"min_width": 20}),)
+    assert [p.name for p in s.files] == ["child.yaml", "base.yaml"]
 
 
 def test_extends_cycle_through_two_files(cli, project):
@@ -87,6 +89,17 @@ def test_dates_stay_strings_and_yes_is_not_a_key_bool(project):
         "scenes: [{id: a, prompt: x, seed: 0, caption: 2024-01-01}]\n", "utf-8")
     s = load_story(project / "s.yaml")
     assert s.title == "2024-08-09" and s.scenes[0].caption == "2024-01-01"
+    # a key spelled `yes`, `on` or `1` stays that text (YAML 1.1 would make it True or 1): the spec can name it
+    from storyc.yamlio import load
+
+    (project / "k.yaml").write_text("filters:\n  - yes: {on: 1, 1: x}\n", "utf-8")
+    op = load(project / "k.yaml").data["filters"][0]
+    assert op == {"yes": {"on": 1, "1": "x"}}
+    (project / "s.yaml").write_text(
+        "version: 1\nstory: {id: d}\nsubmission: {images: 1}\nscenes: [{id: a, prompt: x, seed: 0}]\n"
+        "filters: [{yes: {}}]\n", "utf-8")
+    with pytest.raises(SpecError, match="unknown Data-Juicer op `yes`"):
+        load_story(project / "s.yaml")
 
 
 def test_alias_bomb_is_refused_quickly(cli):

@@ -33,7 +33,7 @@ def test_variants_are_expanded_deterministically_and_share_trainings(project):
     assert a.trainings == 1
     v = a.variants[-1]
     assert v.overrides == {"generation.cfg_scale": 5.0, "style.prefix": "日系动漫，", "scenes[wishing-star]": {"seed": 102}}
-    assert v.story.data["generation"]["cfg_scale"] == 5.0
+    assert v.story.spec.generation.cfg_scale == 5.0
     assert [s.seed for s in v.story.scenes if s.id == "wishing-star"] == [102]
     assert a.objective == {"mean_aesthetic": 1.0, "style_coherence": 2.0}
 

@@ -256,15 +256,33 @@ def test_tiny_text_encoder_has_every_weight_initialised(tiny_models):
 
 
 def test_checkpoints_keep_the_trained_state_not_the_frozen_unet(tiny_models):
-    """The module's state_dict (what checkpoints and ddp_spawn's hand-back hold) keeps the LoRA and any state
-    registered beside the UNet (where EMA weights go), never the frozen base weights."""
+    """The module's state_dict (what checkpoints and ddp_spawn's hand-back hold) keeps the LoRA, never the frozen
+    base weights; the EMA is a callback whose state a checkpoint holds beside it and which the export uses."""
+    from types import SimpleNamespace
+
+    from storyc.model import LoRA
     from storyc.models.kolors import load_unet_for
-    from storyc.stages.lightning_lora import LoRAModule
+    from storyc.stages.train.callbacks import EMA
+    from storyc.stages.train.config import train_section
+    from storyc.stages.train.module import LoRAModule
 
     unet = load_unet_for(tiny_models / "tiny-kolors", torch.float32, "cpu")
-    m = LoRAModule(unet, {}, lora={"rank": 2, "alpha": 2.0, "target_modules": ["to_q"], "init": "gaussian"},
-                   train={"seed": 0, "learning_rate": 1e-4, "gradient_checkpointing": False})
-    m.ema = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(3), requires_grad=False)])
+    m = LoRAModule(unet, {}, lora=LoRA.build({"rank": 2, "alpha": 2.0, "target_modules": ["to_q"], "init": "gaussian"}),
+                   train=train_section({"seed": 0, "gradient_checkpointing": False}))
     sd = m.state_dict()
-    assert any(".lora_A." in k for k in sd) and "ema.0" in sd
+    assert any(".lora_A." in k for k in sd)
     assert not [k for k in sd if k.startswith("unet.") and ".lora_" not in k]
+    ema = EMA(0.5)
+    m._trainer = SimpleNamespace(callbacks=[ema], accumulate_grad_batches=1)
+    start = [p.detach().clone() for p in m.trained()]
+    for step in range(2):  # two "optimizer steps" that move every LoRA weight by +1
+        with torch.no_grad():
+            for p in m.trained():
+                p.add_(1.0)
+        ema.on_train_batch_end(m._trainer, m, None, None, step)
+    # EMA = 0.5 * (0.5 * start + 0.5 * (start + 1)) + 0.5 * (start + 2) = start + 1.25, the last weights are start + 2
+    names = [n for n, p in m.unet.named_parameters() if p.requires_grad]
+    exported = m.lora_state()
+    for n, s0 in zip(names, start):
+        assert torch.allclose(exported[n], s0 + 1.25), n
+    assert all(torch.equal(a, b) for a, b in zip(ema.state_dict()["weights"], ema.weights(m)))  # what a checkpoint saves

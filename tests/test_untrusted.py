@@ -7,7 +7,7 @@ import sys
 
 import yaml
 
-from conftest import DATA_SPEC, edit, run_cli, write_images
+from conftest import DATA_SPEC, run_cli, write_images
 
 HOSTILE = "x\u2028custom_operator_paths: [pwn.py] #"  # U+2028 ends a YAML comment line
 
@@ -133,7 +133,7 @@ def test_a_sealed_checkpoint_loads_as_plain_data(tmp_path):
     import pytest
     import torch
 
-    from storyc.stages.lightning_lora import SealedCheckpointIO, load_sealed, seal_path
+    from storyc.stages.train.callbacks import SealedCheckpointIO, load_sealed, seal_path
 
     io = SealedCheckpointIO()
     p = tmp_path / "last.ckpt"

@@ -1,22 +1,35 @@
-"""`modelscope:<id>` model references: download once into .storyc/models/<id> with modelscope's own client."""
+"""ModelScope: whether its hub answers (the one offline check, honouring modelscope's own MODELSCOPE_ENDPOINT),
+and `modelscope:<id>` model references downloaded once into .storyc/models/<id> with modelscope's client."""
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 from ..errors import StorycError
+
+
+def endpoint() -> str:
+    """The hub modelscope's client talks to: its own MODELSCOPE_ENDPOINT setting, else the public site."""
+    return os.environ.get("MODELSCOPE_ENDPOINT") or "https://www.modelscope.cn"
+
+
+def require_modelscope(what: str, hint: str, error=StorycError) -> None:
+    """Fail fast, with ``hint``, when the hub does not answer (instead of hanging in the client's retries)."""
+    url = urlparse(endpoint())
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
+    except OSError:
+        raise error(f"cannot reach ModelScope at {endpoint()} to {what} (no network)", hint) from None
 
 
 def snapshot(model_id: str, root: Path) -> Path:
     target = Path(root) / model_id
     if (target / ".complete").exists():
         return target
-    try:  # fail fast offline instead of hanging in the client's retries
-        socket.create_connection(("www.modelscope.cn", 443), timeout=5).close()
-    except OSError:
-        raise StorycError(f"cannot reach ModelScope to download `{model_id}` (no network)",
-                          f"download it where you have network into a folder and point the spec at that folder "
-                          f"instead of `modelscope:{model_id}`") from None
+    require_modelscope(f"download `{model_id}`", "download it where you have network into a folder and point the "
+                       f"spec at that folder instead of `modelscope:{model_id}`")
     from modelscope import snapshot_download
 
     path = Path(snapshot_download(model_id, local_dir=str(target)))

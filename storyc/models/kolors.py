@@ -73,6 +73,35 @@ def load_unet_for(kolors: Path, dtype, device):
     return load_unet(Path(kolors) / "unet", dtype, device)
 
 
+def _add_text_encoder(mm, kolors: Path) -> None:
+    """ChatGLM (diffsynth's ChatGLMModel, a transformers folder) into a ModelManager, quietly."""
+    import contextlib
+    import io
+
+    from diffsynth.models.kolors_text_encoder import ChatGLMModel
+
+    with contextlib.redirect_stdout(io.StringIO()):  # diffsynth prints every load
+        mm.load_model_from_huggingface_folder(str(Path(kolors) / "text_encoder"), ["kolors_text_encoder"], [ChatGLMModel])
+
+
+def load_prompter(kolors: Path, dtype, device):
+    """Kolors' text encoder behind diffsynth's KolorsPrompter (what encodes prompts for training, generation and
+    previews): the one place ChatGLM is loaded."""
+    import contextlib
+    import io
+
+    from diffsynth import ModelManager
+    from diffsynth.prompters import KolorsPrompter
+
+    check_folder("kolors", kolors)
+    mm = ModelManager(torch_dtype=dtype, device=device)
+    _add_text_encoder(mm, kolors)
+    prompter = KolorsPrompter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        prompter.fetch_models(mm.fetch_model("kolors_text_encoder"))
+    return prompter
+
+
 def load_pipeline(kolors: Path, dtype, device, vae_encoder: Path | None = None, decoder: bool = True,
                   text_encoder: bool = True, unet=None):
     """An SDXLImagePipeline in Kolors mode (KolorsPrompter, 1100-step scheduler); ``unet``: use this UNet (the
@@ -81,17 +110,16 @@ def load_pipeline(kolors: Path, dtype, device, vae_encoder: Path | None = None, 
     import io
 
     from diffsynth import ModelManager, SDXLImagePipeline
-    from diffsynth.models.kolors_text_encoder import ChatGLMModel
 
     from .unet import load_unet
 
     kolors = Path(kolors)
     check_folder("kolors", kolors)
     mm = ModelManager(torch_dtype=dtype, device=device)
+    if text_encoder:
+        _add_text_encoder(mm, kolors)
     with contextlib.redirect_stdout(io.StringIO()):  # diffsynth prints every load
-        if text_encoder:
-            mm.load_model_from_huggingface_folder(str(kolors / "text_encoder"), ["kolors_text_encoder"], [ChatGLMModel])
-        else:  # a placeholder keeps the pipeline in Kolors mode (prompter, scheduler) without 6B weights
+        if not text_encoder:  # a placeholder keeps the pipeline in Kolors mode (prompter, scheduler) without 6B weights
             mm.model.append(_NoTextEncoder())
             mm.model_path.append("none")
             mm.model_name.append("kolors_text_encoder")

@@ -50,15 +50,10 @@ def encode_all(kolors: Path, items: list[dict], cfg_scale: float, dtype, device)
     """Every distinct prompt of ``items`` through ChatGLM in one call, then ChatGLM is released: the 12 GB text
     encoder and the UNet are never on the GPU together. Returns text -> (hidden states, pooled) on the CPU."""
     import torch
-    from diffsynth import ModelManager
-    from diffsynth.models.kolors_text_encoder import ChatGLMModel
-    from diffsynth.prompters import KolorsPrompter
 
-    mm = ModelManager(torch_dtype=dtype, device=device)
-    with silent_stdout():
-        mm.load_model_from_huggingface_folder(str(Path(kolors) / "text_encoder"), ["kolors_text_encoder"], [ChatGLMModel])
-        prompter = KolorsPrompter()
-        prompter.fetch_models(mm.fetch_model("kolors_text_encoder"))
+    from ..models.kolors import load_prompter
+
+    prompter = load_prompter(Path(kolors), dtype, device)
     pos = sorted({it["prompt"] for it in items})
     neg = sorted({it["negative_prompt"] for it in items}) if cfg_scale != 1.0 else []
     shim = type("Encoder", (), {"prompter": prompter, "device": device})()
@@ -69,7 +64,7 @@ def encode_all(kolors: Path, items: list[dict], cfg_scale: float, dtype, device)
         out[("+", t)] = (ehs[i:i + 1].cpu(), ate[i:i + 1].cpu())
     for j, t in enumerate(neg):
         out[("-", t)] = (ehs[len(pos) + j:len(pos) + j + 1].cpu(), ate[len(pos) + j:len(pos) + j + 1].cpu())
-    del mm, prompter, shim, ehs, ate
+    del prompter, shim, ehs, ate
     if str(device).startswith("cuda"):
         torch.cuda.empty_cache()
     return out
@@ -262,8 +257,8 @@ def _shard_task(kolors, lpath, gen, items, device, batch_size):
 
     t0 = time.monotonic()
     quiet_libraries()
-    dtype = torch.float16 if device == "cuda" else torch.float32
-    pipe = load_merged_pipeline(Path(kolors), Path(lpath), gen["lora_strength"], dtype, device)
+    res = resources.for_generate(device)
+    pipe = load_merged_pipeline(Path(kolors), Path(lpath), gen["lora_strength"], res.torch_dtype(), res.device)
     out = []
     batch, _ = resources.plan_generate(resources.free_gib(device), batch_size, gen["width"], gen["height"], len(items))
     for it, img in zip(items, render(pipe, items, gen, batch)):

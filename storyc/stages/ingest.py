@@ -10,19 +10,12 @@ import shutil
 from pathlib import Path
 
 from ..errors import StageError
+from ..project import inside
 from ..render import canonical_json
 from .registry import Result
 
 EXTS = {".jpg", ".jpeg", ".png", ".webp"}
 OUT = "data/input"
-
-
-def _inside(p: Path, root: Path) -> bool:
-    try:
-        p.resolve().relative_to(root.resolve())
-        return True
-    except ValueError:
-        return False
 
 
 def _folder_records(root: Path, caption: str, project: Path):
@@ -33,7 +26,7 @@ def _folder_records(root: Path, caption: str, project: Path):
     for rel, p in walk_files(root):  # the same files the dataset fingerprint covers
         if p.suffix.lower() not in EXTS:
             continue
-        if not _inside(p, project):
+        if not inside(p, project.resolve()):
             raise StageError("ingest", f"{rel} links to a file outside the project ({p.resolve()})",
                              "copy the image into the dataset folder instead of linking to it")
         txt = p.with_suffix(".txt")
@@ -68,7 +61,7 @@ def _jsonl_records(path: Path, caption: str):
             if not isinstance(imgs, list) or not imgs or not all(isinstance(i, str) for i in imgs):
                 raise StageError("ingest", f"{path.name}:{n}: expected {{\"text\": ..., \"image\": [path]}}")
             img = Path(imgs[0])
-            if img.is_absolute() or not _inside(base / img, base):
+            if img.is_absolute() or not inside(base / img, base.resolve()):
                 raise StageError("ingest", f"{path.name}:{n}: image `{imgs[0]}` is outside the dataset folder",
                                  f"image paths are relative to {path.name} and stay inside its folder")
             if not (base / img).is_file():
@@ -80,14 +73,12 @@ def _jsonl_records(path: Path, caption: str):
 
 def _modelscope_records(ds: dict, cache: Path):
     import os
-    import socket
+
+    from ..models.download import require_modelscope
 
     local = ("download it where you have network, then use `dataset: {source: folder, path: ...}` "
              "or `source: jsonl` to point at the local copy")
-    try:  # fail fast offline instead of hanging in retries
-        socket.create_connection(("www.modelscope.cn", 443), timeout=5).close()
-    except OSError:
-        raise StageError("ingest", f"cannot reach ModelScope to load dataset `{ds['id']}` (no network)", local) from None
+    require_modelscope(f"load dataset `{ds['id']}`", local, lambda msg, hint: StageError("ingest", msg, hint))
     os.environ.setdefault("HF_HUB_OFFLINE", "0")
     from modelscope.msdatasets import MsDataset
 

@@ -1,18 +1,25 @@
-"""Every stage kind, declared once: what it hashes, what it only executes with, the models it reads.
+"""Every stage kind, declared once: its stages and their hashed slices, the files it compiles, the models it
+reads, its executor, its verdict, its out-of-memory hint.
 
-A kind's ``jobs`` turns the compiled story into its stages: ``params`` is the slice of the spec that changes
-its outputs (hashed into the lock; an edit there reruns it), ``settings`` are execution-only values (checkpoint
-cadence, CUDA graphs, batch sizes: never hashed, so changing them reruns nothing). The executor is
-``storyc.stages.<kind>.run(ctx, jobs)``: it reads only its jobs' params and settings, and yields one
-``Result`` per finished stage; the runner alone writes the lock. Adding a kind is one entry here and one module.
-This module is light (no torch): ``compile`` and ``status`` use it.
+``compile``, the scheduler, the runner, status, the bundle and sweeps all loop over ``KINDS``; adding a kind is
+one ``StageKind`` here and one executor module. A kind's ``jobs`` turns the compiled story into its stages:
+``params`` is the slice of the spec that changes its outputs (hashed into the lock: an edit there reruns it),
+``settings`` its execution-only values (the schema's ``x-hash: never`` fields: changing them reruns nothing).
+An executor ``run(ctx, jobs)`` reads only its jobs' params and settings and yields one ``Result`` per finished
+stage; the runner alone writes the lock. Light (no torch): ``compile`` and ``status`` use it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
+from .. import __version__
 from ..lock import digest
+from ..model import plain
+from ..render import canonical_json, render, yaml_file
+
+FORMAT = 1  # of the compiled JSON artifacts
 
 
 @dataclass(frozen=True)
@@ -43,120 +50,214 @@ class Result:
 
 
 @dataclass(frozen=True)
-class Source:
-    """What compile derives from the story once, for every kind's ``jobs``."""
+class Compiled:
+    """What compile derives from the story once, for every kind's ``jobs`` and ``artifacts``."""
 
     story: object  # model.Story
     scenes: list  # final scene records (prompt with style prefix, joined negative, seeds, file)
     refs: dict  # model key -> reference as written into artifacts
+    spec_rel: str  # the spec's path relative to the project
+    build_rel: str  # the build folder's path relative to the project
+
+    @property
+    def spec(self):
+        return self.story.spec
 
 
 @dataclass(frozen=True)
 class StageKind:
     name: str
     version: int  # bump when the executor's code changes what it produces
-    jobs: Callable[[Source], list]
+    jobs: Callable[[Compiled], list]
     models: Callable[[StageSpec, object], tuple]  # (job, story) -> model keys whose weights its outputs depend on
+    executor: str  # module whose ``run(ctx, jobs)`` executes the kind (imported only when it runs)
+    artifacts: Callable[[Compiled, list], dict] = lambda c, jobs: {}  # files it compiles: build-relative path -> text
+    scene_keys: tuple = ()  # params keys that come from the scene itself (status says "scenes[i]: prompt changed")
     oom_hint: str = ""  # what to lower when it runs out of memory
-    verdict: bool = False  # its executor module has ``verdict(entry, ctx) -> (exit code, lines)``
+    verdict: str | None = None  # "module:function": (ctx, job, entry) -> (exit code, lines) judging the build
 
 
-# ---------------------------------------------------------------- the kinds, in pipeline order
+def scene_file(index: int, scene_id: str) -> str:
+    return f"images/{index + 1:02d}-{scene_id}.png"
 
-def _ingest(src: Source):
-    from ..rules import sources
 
+# ---------------------------------------------------------------- ingest
+
+def _ingest(c: Compiled):
     out = []
-    for (where, ds), path in zip(sources(src.story.data), src.story.dataset_paths):
-        ds = dict(ds)
+    for src, path in zip(c.spec.datasets, c.story.dataset_paths):
+        ds = src.hashed()  # repeats only when set: a lock from before repeats existed stays valid
         if path is not None:
-            ds["path"] = src.story.rel(path)  # relative to the project, wherever the spec that wrote it lives
-        if ds.get("repeats") == 1:
-            del ds["repeats"]  # the default is not hashed: a lock from before repeats existed stays valid
+            ds["path"] = c.story.rel(path)  # relative to the project, wherever the spec that wrote it lives
         out.append(ds)
-    params = {"datasets": out} if "datasets" in src.story.data else {"dataset": out[0]}
+    params = {"datasets": out} if c.spec.many_datasets else {"dataset": out[0]}
     return [StageSpec("ingest", "ingest", params, ())]
 
 
-def _filter(src: Source):
-    d = src.story.data
-    return [StageSpec("filter", "filter", {"filters": d["filters"], "processing": d["processing"]}, ("ingest",))]
+def _ingest_artifacts(c: Compiled, jobs):
+    job, = jobs
+    return {"data/ingest.json": canonical_json({
+        "format": f"storyc.ingest/{FORMAT}", **job.params,
+        "output": {"metadata": "data/input/metadata.jsonl", "images": "data/input/images/"}})}
 
 
-# train.* values that decide how fast or how resumably it trains, never what it trains
-TRAIN_SETTINGS = ("checkpoint_every", "cuda_graphs", "compile", "num_workers", "gradient_checkpointing",
-                  "tensorboard")
-# the trainers' knobs: hashed only when set, so a spec that leaves them at the notebook's math keeps its lock
-TRAIN_KNOBS = {"min_snr_gamma": None, "noise_offset": 0, "caption_dropout": 0, "ema": None, "optimizer": "adamw",
-               "lr_scheduler": "constant", "lr_warmup_steps": 0, "preview_every": None, "preview_steps": None,
-               "preview_size": None, "select": "last", "buckets": False}
+def _dataset_model(job, story):
+    return ("dataset",) if any(p is not None for p in story.dataset_paths) else ()
 
 
-def _train(src: Source):
-    d = src.story.data
-    train = {k: v for k, v in d["train"].items()
-             if k not in TRAIN_SETTINGS and not (k in TRAIN_KNOBS and v == TRAIN_KNOBS[k])}
-    params = {"lora": d["lora"], "train": train, "models": {"kolors": src.refs["kolors"], "vae": src.refs["vae"]},
-              "formats": list(d["submission"]["lora_formats"])}
-    if d["train"]["preview_every"]:
-        params["preview"] = preview_params(src)
-    settings = {k: d["train"][k] for k in TRAIN_SETTINGS}
-    return [StageSpec("train", "train", params, ("filter",), settings=settings)]
+# ---------------------------------------------------------------- filter (Data-Juicer)
+
+def filter_ops(spec) -> list:
+    return [{name: plain(params) or {}} for name, params in spec.filters]
 
 
-def preview_params(src: Source) -> dict:
+def _filter(c: Compiled):
+    params = {"filters": [{name: plain(p)} for name, p in c.spec.filters], "processing": c.spec.processing.hashed()}
+    return [StageSpec("filter", "filter", params, ("ingest",))]
+
+
+def _filter_artifacts(c: Compiled, jobs):
+    """Data-Juicer's config, written by the YAML emitter (comments included): a spec's file name or values can
+    only ever be values here, never keys such as `custom_operator_paths`."""
+    proc = c.spec.processing
+    cfg = {"project_name": f"storyc-{c.story.id}", "dataset_path": "data/input/metadata.jsonl", "np": proc.workers,
+           "text_keys": "text", "image_key": "image", "image_special_token": "<__dj__image>",
+           "export_path": "data/output/result.jsonl", "executor_type": proc.executor}
+    if proc.executor == "ray":
+        cfg["ray_address"] = "auto"
+    cfg["process"] = filter_ops(c.spec)
+    return {"data/data_juicer.yaml": yaml_file([
+        f"Data-Juicer config compiled by storyc {__version__} from {c.spec_rel} (format storyc.data_juicer/2).",
+        "Do not edit: edit the spec and run `storyc compile`. Paths are relative to the build folder that holds data/;",
+        "to run it by hand from there:  dj-process --config data/data_juicer.yaml"], cfg)}
+
+
+# ---------------------------------------------------------------- train
+
+def _train(c: Compiled):
+    tr = c.spec.train
+    params = {"lora": c.spec.lora.hashed(), "train": tr.hashed(),
+              "models": {"kolors": c.refs["kolors"], "vae": c.refs["vae"]},
+              "formats": list(c.spec.submission.lora_formats)}
+    if tr.preview_every:
+        params["preview"] = preview_params(c)
+    return [StageSpec("train", "train", params, ("filter",), settings=tr.settings())]
+
+
+def preview_params(c: Compiled) -> dict:
     """What the story previews during training render: the scenes (first seed each), at the generation's
     guidance and LoRA strength, at the preview size and steps, scored by the aesthetic model."""
-    tr, common = src.story.data["train"], generation_common(src.story)
-    size = tr["preview_size"]
-    w, h = (size, size) if isinstance(size, int) else (size or (common["width"], common["height"]))
+    tr, common = c.spec.train, generation_common(c.spec)
+    size = tr.preview_size
+    w, h = (size, size) if isinstance(size, int) else (tuple(size) if size else (common["width"], common["height"]))
     return {"scenes": [{"id": s["id"], "prompt": s["prompt"], "negative_prompt": s["negative_prompt"],
-                        "seed": s["seeds"][0]} for s in src.scenes],
-            "width": w, "height": h, "steps": tr["preview_steps"] or common["steps"],
-            "cfg_scale": common["cfg_scale"], "lora_strength": common["lora_strength"], "aesthetic": src.refs["aesthetic"]}
+                        "seed": s["seeds"][0]} for s in c.scenes],
+            "width": w, "height": h, "steps": tr.preview_steps or common["steps"],
+            "cfg_scale": common["cfg_scale"], "lora_strength": common["lora_strength"], "aesthetic": c.refs["aesthetic"]}
 
+
+def _train_artifacts(c: Compiled, jobs):
+    job, = jobs
+    spec, tr, lo = c.spec, c.spec.train, c.spec.lora
+    w, h = tr.size
+    world = tr.world_size()
+    doc = {
+        "format": f"storyc.train/{FORMAT}", "models": job.params["models"], "dataset": "data/train/metadata.csv",
+        "lora": plain(lo), "train": {**plain(tr), "width": w, "height": h},
+        "world_size": world if world is not None else "one process per GPU found at run time",
+        "total_steps": tr.optimizer_steps(world or 1),  # optimizer steps, as fit counts them
+        "lora_scaling": lo.alpha / lo.rank,
+        "outputs": {f: f"lora/{c.story.id}.{f}.safetensors" for f in spec.submission.lora_formats},
+    }
+    kolors, vae = job.params["models"]["kolors"], job.params["models"]["vae"]
+    # what DiffSynth's script has no flag for: said in the script, never silently dropped
+    flags = {"epochs", "steps_per_epoch", "batch_size", "learning_rate", "resolution", "center_crop", "random_flip",
+             "precision", "accumulate_grad_batches", "strategy"}
+    unsupported = [f"train.{k} = {v}" for k, v in job.params["train"].items() if k not in flags]
+    if spec.many_datasets or any(s.repeats != 1 for s in spec.datasets):
+        unsupported.append("several sources / repeats (data/train/metadata.csv already holds a row per repeat)")
+    if "preview" in job.params:
+        unsupported.append("the story previews and checkpoint selection")
+    sh = render("train.sh.j2", storyc_version=__version__, spec=c.spec_rel, unsupported=unsupported,
+                unet=f"{kolors}/unet/diffusion_pytorch_model.safetensors", text_encoder=f"{kolors}/text_encoder",
+                vae=f"{vae}/diffusion_pytorch_model.safetensors", rank=lo.rank, alpha=lo.alpha,
+                target_modules=",".join(lo.target_modules), init=lo.init, dataset=f"{c.build_rel}/data/train",
+                output=f"{c.build_rel}/lora", epochs=tr.epochs, steps_per_epoch=tr.steps_per_epoch, height=h, width=w,
+                center_crop=tr.center_crop, random_flip=tr.random_flip, batch_size=tr.batch_size,
+                num_workers=tr.num_workers, learning_rate=tr.learning_rate, accumulate=tr.accumulate_grad_batches,
+                strategy=tr.strategy, gradient_checkpointing=tr.gradient_checkpointing, precision=tr.precision)
+    return {"train/train_config.json": canonical_json(doc), "train/train.sh": sh}
+
+
+def _train_models(job, story):
+    return ("kolors", "vae", "aesthetic") if "preview" in job.params else ("kolors", "vae")
+
+
+# ---------------------------------------------------------------- generate
 
 # generation values that apply to every scene (lora_scale is hashed through lora_alpha / lora_strength)
 GEN_COMMON = ("width", "height", "steps", "cfg_scale", "lora_alpha", "lora_strength", "candidates")
+SCENE_KEYS = ("prompt", "negative_prompt", "seeds", "file")
 
 
-def generation_common(story) -> dict:
-    lora, gen = story.data["lora"], story.data["generation"]
-    alpha = lora["alpha"] * gen["lora_scale"]
-    return {"width": gen["width"], "height": gen["height"], "steps": gen["steps"], "cfg_scale": gen["cfg_scale"],
-            "lora_scale": gen["lora_scale"], "lora_alpha": alpha, "lora_strength": alpha / lora["rank"],
-            "candidates": gen["candidates"]}
+def generation_common(spec) -> dict:
+    lora, gen = spec.lora, spec.generation
+    alpha = lora.alpha * gen.lora_scale
+    return {"width": gen.width, "height": gen.height, "steps": gen.steps, "cfg_scale": gen.cfg_scale,
+            "lora_scale": gen.lora_scale, "lora_alpha": alpha, "lora_strength": alpha / lora.rank,
+            "candidates": gen.candidates}
 
 
-def _generate(src: Source):
-    common = generation_common(src.story)
+def _generate(c: Compiled):
+    common = generation_common(c.spec)
     out = []
-    for sc in src.scenes:
-        params = {**{k: sc[k] for k in ("prompt", "negative_prompt", "seeds", "file")},
-                  **{k: common[k] for k in GEN_COMMON}, "model": src.refs["kolors"]}
-        settings = {"index": sc["index"], "batch_size": src.story.data["generation"]["batch_size"],
+    for sc in c.scenes:
+        params = {**{k: sc[k] for k in SCENE_KEYS}, **{k: common[k] for k in GEN_COMMON}, "model": c.refs["kolors"]}
+        settings = {"index": sc["index"], "batch_size": c.spec.generation.batch_size,
                     "lora_scale": common["lora_scale"]}
         # it reads the diffsynth LoRA only: exporting another format does not re-render the images
-        reads = {"train": (f"lora/{src.story.id}.diffsynth.safetensors",)}
+        reads = {"train": (f"lora/{c.story.id}.diffsynth.safetensors",)}
         out.append(StageSpec(f"generate[{sc['id']}]", "generate", params, ("train",), sc["id"], settings, reads))
     return out
 
 
-def _score(src: Source):
-    return [StageSpec(f"score[{sc['id']}]", "score", {"model": src.refs["aesthetic"], "file": sc["file"]},
-                      (f"generate[{sc['id']}]",), sc["id"]) for sc in src.scenes]
+def _generate_artifacts(c: Compiled, jobs):
+    gen = c.spec.generation
+    return {"generate/generation_plan.json": canonical_json({
+        "format": f"storyc.generation/{FORMAT}", "model": c.refs["kolors"], "batch_size": gen.batch_size,
+        **generation_common(c.spec), "scenes": c.scenes})}
 
 
-def _bundle(src: Source):
-    d = src.story.data
-    params = {"story": d["story"], "submission": d["submission"], "captions": [s["caption"] for s in src.scenes],
-              "scenes": [{k: s[k] for k in ("id", "prompt", "negative_prompt", "file")} for s in src.scenes]}
-    deps = ("train", *(f"score[{s['id']}]" for s in src.scenes))
+def _generate_models(job, story):
+    return ("kolors", "aesthetic") if job.params["candidates"] > 1 else ("kolors",)
+
+
+# ---------------------------------------------------------------- score
+
+def _score(c: Compiled):
+    return [StageSpec(f"score[{sc['id']}]", "score", {"model": c.refs["aesthetic"], "file": sc["file"]},
+                      (f"generate[{sc['id']}]",), sc["id"]) for sc in c.scenes]
+
+
+# ---------------------------------------------------------------- bundle
+
+def _bundle(c: Compiled):
+    params = {"story": plain(c.spec.story), "submission": plain(c.spec.submission),
+              "captions": [s["caption"] for s in c.scenes],
+              "scenes": [{k: s[k] for k in ("id", "prompt", "negative_prompt", "file")} for s in c.scenes]}
+    deps = ("train", *(f"score[{s['id']}]" for s in c.scenes))
     return [StageSpec("bundle", "bundle", params, deps)]
 
 
-def _no_models(job, story):
-    return ()
+def _bundle_artifacts(c: Compiled, jobs):
+    sid, sub = c.story.id, c.spec.submission
+    lora_files = [f"{sid}.{f}.safetensors" for f in sub.lora_formats]
+    images = [Path(s["file"]).name for s in c.scenes]
+    return {"submission_manifest.json": canonical_json({
+        "format": f"storyc.submission/{FORMAT}", "story": plain(c.spec.story), "folder": f"submission/{sid}",
+        "min_aesthetic": sub.min_aesthetic, "storyboard": plain(sub.storyboard),
+        "files": sorted(lora_files + images + ["prompts.txt", "prompts.csv", "prompts.json", "storyboard.png",
+                                              "scores.json", "README.md", "manifest.json", "report.html"])})}
 
 
 def _captions_font(job, story):
@@ -165,28 +266,29 @@ def _captions_font(job, story):
     return ("font",) if drawn else ()
 
 
+# ---------------------------------------------------------------- the kinds, in pipeline order
+
 KINDS: dict[str, StageKind] = {k.name: k for k in (
-    StageKind("ingest", 1, _ingest,
-              lambda job, story: ("dataset",) if any(p is not None for p in story.dataset_paths) else ()),
-    StageKind("filter", 1, _filter, _no_models),
-    StageKind("train", 1, _train,
-              lambda job, story: ("kolors", "vae", "aesthetic") if "preview" in job.params else ("kolors", "vae"),
+    StageKind("ingest", 1, _ingest, _dataset_model, "storyc.stages.ingest", _ingest_artifacts),
+    StageKind("filter", 1, _filter, lambda job, story: (), "storyc.stages.filter", _filter_artifacts),
+    StageKind("train", 1, _train, _train_models, "storyc.stages.train.stage", _train_artifacts,
               oom_hint="set `train.gradient_checkpointing: true` (or `auto`), lower `train.batch_size` or "
                        "`train.resolution`, or cap the memory storyc plans for with STORYC_GPU_MEMORY_GIB"),
-    StageKind("generate", 1, _generate,
-              lambda job, story: ("kolors", "aesthetic") if job.params["candidates"] > 1 else ("kolors",),
+    StageKind("generate", 1, _generate, _generate_models, "storyc.stages.generate", _generate_artifacts,
+              scene_keys=SCENE_KEYS,
               oom_hint="lower `generation.batch_size` (images per UNet call; `auto` sizes it from free memory), "
                        "or cap the memory storyc plans for with STORYC_GPU_MEMORY_GIB"),
-    StageKind("score", 1, _score, lambda job, story: ("aesthetic",)),
-    StageKind("bundle", 3, _bundle, _captions_font, verdict=True),
+    StageKind("score", 1, _score, lambda job, story: ("aesthetic",), "storyc.stages.score"),
+    StageKind("bundle", 3, _bundle, _captions_font, "storyc.stages.bundle", _bundle_artifacts,
+              verdict="storyc.submission:verdict"),
 )}
 
 
-def stage_jobs(src: Source) -> dict:
+def stage_jobs(c: Compiled) -> dict:
     """Every stage of the story, in pipeline order: name -> StageSpec."""
     stages = {}
     for kind in KINDS.values():
-        for job in kind.jobs(src):
+        for job in kind.jobs(c):
             assert job.name not in stages, job.name
             stages[job.name] = job
     return stages

@@ -89,7 +89,7 @@ def score_folder(folder: Path, model: Path, gate: float, device: str | None = No
     from PIL import Image
 
     from ..errors import StorycError
-    from ._quiet import quiet_libraries
+    from ..submission import Gate
 
     quiet_libraries()
 
@@ -120,7 +120,6 @@ def score_folder(folder: Path, model: Path, gate: float, device: str | None = No
     width = max(len(p.name) for p in files)
     for p, s in zip(files, scores):
         print(f"{p.name:<{width}}  {s:8.4f}")
-    mean = sum(scores) / len(scores)
-    verdict = "PASS" if mean >= gate else "FAIL"
-    print(f"{'mean':<{width}}  {mean:8.4f}  {verdict} (gate {gate:g})")
-    return 0 if verdict == "PASS" else 1
+    g = Gate.of(scores, gate)
+    print(f"{'mean':<{width}}  {g.mean:8.4f}  {'PASS' if g.valid else 'FAIL'} (gate {gate:g})")
+    return 0 if g.valid else 3  # as a build's INVALID

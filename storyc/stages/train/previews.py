@@ -14,8 +14,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from .. import lora as lora_mod
-from ..render import atomic_write, canonical_json
+from ... import lora as lora_mod
+from ...render import atomic_write, canonical_json
 
 STRIP_HEIGHT = 128  # preview strip thumbnails: one row of the story, small enough to embed in report.html
 
@@ -65,39 +65,36 @@ def load_records(folder: Path) -> dict:
 def _preview_weights(module, strength: float):
     """The training UNet as generation would use the LoRA: eval mode, the generation's strength (alpha/rank x
     lora_scale) instead of the training scaling, EMA weights swapped in when train.ema is on."""
+    from .callbacks import EMA
+
     unet = module.unet
     layers = [m for m in unet.modules() if hasattr(m, "scaling") and isinstance(m.scaling, dict)]
     scalings = [dict(m.scaling) for m in layers]
-    swapped = []
-    if module.cfg.get("ema"):
-        trained = [p for p in unet.parameters() if p.requires_grad]
-        for p, e in zip(trained, module._ema_buffers()):
-            swapped.append((p, p.data.clone()))
-            p.data.copy_(e.to(p.dtype))
+    ema = next((cb for cb in module.trainer.callbacks if isinstance(cb, EMA)), None)
     was_training = unet.training
     unet.eval()
     for m in layers:
         for k in m.scaling:
             m.scaling[k] = strength
     try:
-        yield unet
+        with ema.swapped(module) if ema is not None else contextlib.nullcontext():
+            yield unet
     finally:
         for m, s in zip(layers, scalings):
             m.scaling.update(s)
-        for p, data in swapped:
-            p.data.copy_(data)
         unet.train(was_training)
 
 
 def preview_checkpoint(module, step: int, p: dict, table: dict, kolors: Path, aesthetic: Path, folder: Path) -> dict:
     """Render, score and keep one checkpoint: its LoRA (step-N.safetensors) and preview strip (step-N.png)."""
-    from ..models.kolors import load_pipeline
-    from .generate import cached_encoder, render_iter
-    from .score import Scorer, coherence
+    from ... import resources
+    from ...models.kolors import load_pipeline
+    from ..generate import cached_encoder, render_iter
+    from ..score import Scorer, coherence
 
     folder.mkdir(parents=True, exist_ok=True)
     lo = module.lora_cfg
-    lora_mod.save(folder / f"step-{step}.safetensors", module.lora_state(), {"rank": lo["rank"], "alpha": lo["alpha"]})
+    lora_mod.save(folder / f"step-{step}.safetensors", module.lora_state(), {"rank": lo.rank, "alpha": lo.alpha})
     dev = module.device
     dtype = next(q for q in module.unet.parameters() if not q.requires_grad).dtype
     items = [{"prompt": s["prompt"], "negative_prompt": s["negative_prompt"], "seed": s["seed"]} for s in p["scenes"]]
@@ -105,9 +102,10 @@ def preview_checkpoint(module, step: int, p: dict, table: dict, kolors: Path, ae
     autocast = torch.autocast("cuda", dtype=dtype) if dev.type == "cuda" else contextlib.nullcontext()
     with _preview_weights(module, p["lora_strength"]) as unet, autocast:
         pipe = load_pipeline(kolors, dtype, dev, text_encoder=False, unet=unet)
-        images = list(render_iter(pipe, items, gen, len(items), encode=cached_encoder(table)))
+        batch, _ = resources.plan_generate(resources.free_gib(str(dev)), "auto", gen["width"], gen["height"], len(items))
+        images = list(render_iter(pipe, items, gen, batch, encode=cached_encoder(table)))
         del pipe
-    scorer = Scorer(aesthetic)
+    scorer = Scorer(aesthetic, resources.for_score(str(dev)))
     scores, embeds = scorer.score_and_embed(images)
     del scorer
     if dev.type == "cuda":

@@ -1,0 +1,78 @@
+"""report.html: the submission's human-readable report (scenes, scores, data, training, checkpoints), beside the
+images it shows. Every text from a spec goes through html.escape."""
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+from .submission import read_json
+
+
+def loss_svg(log: Path, w: int = 640, h: int = 200) -> str:
+    """The training loss per step as an inline SVG polyline (no plotting library)."""
+    try:
+        rows = [ln.split(",") for ln in log.read_text("utf-8").splitlines()[1:] if ln.strip()]
+        pts = [(int(a), float(b)) for a, b in rows]
+    except (OSError, ValueError):
+        return ""
+    pts = [(x, y) for x, y in pts if y == y]  # no NaN
+    if len(pts) < 2:
+        return ""
+    x0, x1 = pts[0][0], pts[-1][0]
+    y0, y1 = min(y for _, y in pts), max(y for _, y in pts)
+    sx = (w - 20) / max(x1 - x0, 1)
+    sy = (h - 20) / max(y1 - y0, 1e-12)
+    line = " ".join(f"{10 + (x - x0) * sx:.1f},{h - 10 - (y - y0) * sy:.1f}" for x, y in pts)
+    return (f'<figure id="loss"><svg width="{w}" height="{h}" viewBox="0 0 {w} {h}" style="border:1px solid #ccc">'
+            f'<polyline fill="none" stroke="#2a6fdb" stroke-width="1.5" points="{line}"/></svg>'
+            f"<figcaption>loss per step ({pts[0][0]}-{pts[-1][0]}; {y0:.4f} to {y1:.4f})</figcaption></figure>")
+
+
+def checkpoints_html(lora: Path) -> str:
+    """Each previewed checkpoint's strip (the story rendered with that checkpoint) and its scores."""
+    doc = read_json(lora / "checkpoints.json")
+    if not isinstance(doc, dict):
+        return ""
+    rows = []
+    for c in doc.get("checkpoints", []):
+        strip = lora / "checkpoints" / f"step-{c['step']}.png"
+        if not strip.is_file():
+            continue
+        src = "data:image/png;base64," + base64.b64encode(strip.read_bytes()).decode()
+        chosen = " (used)" if c["step"] == doc.get("selected") else ""
+        rows.append(f"<tr><td>{c['step']}{chosen}</td><td>{c['mean']:.3f}</td><td>{c['coherence']:.3f}</td>"
+                    f"<td><img src='{src}' height='96'></td></tr>")
+    return (f"<h3 id='checkpoints'>Checkpoints (train.select: {html.escape(str(doc.get('select')))})</h3><table>"
+            "<tr><th>step</th><th>mean aesthetic</th><th>coherence</th><th>preview</th></tr>" + "".join(rows)
+            + "</table>")
+
+
+def report_html(c: dict) -> str:
+    """The report beside the images it shows: relative links, not a second (base64) copy of every PNG."""
+    e = html.escape
+    rows = "".join(
+        f"<tr><td>{i + 1}</td><td><img src='{e(r['file'])}' width='256'></td><td><b>{e(r['scene'])}</b><br>"
+        f"{e(r['prompt'])}<br><i>negative:</i> {e(r['negative_prompt'])}<br>{e(r.get('caption', ''))}</td>"
+        f"<td>{r['seed']}</td><td>{c['scores'][i]:.3f}</td></tr>" for i, r in enumerate(c["recs"]))
+    filt = c["filt"] or {}
+    frows = "".join(f"<tr><td>{e(o['op'])}</td><td>{o['in']}</td><td>{o['kept']}</td></tr>" for o in filt.get("ops", []))
+    tr = c["train"] or {}
+    verdict = "VALID" if c["valid"] else "INVALID"
+    return f"""<!doctype html>
+<html lang="zh"><head><meta charset="utf-8"><title>{e(c['title'])} - storyc report</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{border:1px solid #ccc;padding:4px;vertical-align:top}}
+table{{border-collapse:collapse}}.valid{{color:green}}.invalid{{color:#b00}}</style></head><body>
+<h1>{e(c['title'])}</h1>
+<p id="verdict" class="{verdict.lower()}">Mean aesthetic score {c['mean']:.3f} (gate {c['gate']:g}): <b>{verdict}</b>.
+Style coherence (mean pairwise CLIP cosine) {c['coherence']:.3f}; least like the others: {e(c['odd'])}.</p>
+<h2>Storyboard</h2><img id="storyboard" src="storyboard.png" style="max-width:100%">
+<h2>Scenes</h2><table><tr><th>#</th><th>image</th><th>prompt</th><th>seed</th><th>score</th></tr>{rows}</table>
+<h2>Data</h2><p>{filt.get('input', '?')} images in, {filt.get('kept', '?')} kept.</p>
+<table><tr><th>op</th><th>in</th><th>kept</th></tr>{frows}</table>
+<h2>Training</h2><p>{tr.get('steps', '?')} steps, final loss {tr.get('final_loss', float('nan')):.4f}, LoRA rank {c['lora']['rank']}
+alpha {c['lora']['alpha']:g}, on {e(str(tr.get('device', '?')))} ({e(str(tr.get('precision', '?')))}).</p>
+{c.get('loss_svg', '')}
+{c.get('checkpoints_html', '')}
+</body></html>
+"""
