@@ -134,7 +134,7 @@ def test_scores_match_the_notebooks_evaluate(built, tiny_models, tmp_path):
 
 def test_score_cli_on_a_submission_scores_the_scene_images_only(built, tiny_models):
     r = run_cli("score", built.parent / "build/t/submission/t", "--model", tiny_models / "tiny-aesthetic")
-    assert r.returncode == 1 and "FAIL (gate 6)" in r.stdout  # the default gate: random weights score ~0
+    assert r.returncode == 3 and "FAIL (gate 6)" in r.stdout  # the default gate (exit 3, as an INVALID build)
     names = [ln.split()[0] for ln in r.stdout.splitlines()]
     assert names == ["01-home.png", "02-concert.png", "03-stage.png", "mean"]  # never the storyboard
     assert not r.stderr  # no library warnings

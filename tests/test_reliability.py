@@ -74,28 +74,47 @@ def test_concurrent_builds_refuse_wait_and_take_over_stale_locks(copy):
 
 # ---------------------------------------------------------------- 2. caches are verified before use
 
-def test_corrupt_cached_lora_is_dropped_and_retrained(copy):
-    entry = next(p for p in (copy.parent / ".storyc/cache/train").iterdir() if p.is_dir())
-    f = entry / "diffsynth.safetensors"
+def _rot(f, keep_mtime=True):
+    """Bit rot: the same size and (by default) the same mtime, other bytes."""
+    st = f.stat()
     raw = bytearray(f.read_bytes())
-    raw[-100:] = bytes(100)  # same size, other bytes (a LoRA that would render different images)
+    raw[-100:] = bytes(b ^ 0xFF for b in raw[-100:])
     f.write_bytes(bytes(raw))
+    if keep_mtime:
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_corrupt_cached_lora_is_dropped_and_retrained(copy):
+    """A cached LoRA is verified byte for byte before it is reused: bit rot that keeps size and mtime (which the
+    fingerprint cache would trust) and an emptied seal are both "not usable", and the LoRA is trained again."""
+    entry = next(p for p in (copy.parent / ".storyc/cache/train").iterdir() if p.is_dir())
+    _rot(entry / "diffsynth.safetensors")
     other = copy.parent / "other.yaml"
     other.write_text(copy.read_text("utf-8").replace("story: {id: t}", "story: {id: t2}"), "utf-8")
     r = run_cli("build", other, "--until", "train", cwd=copy.parent)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "is corrupt" in r.stdout and "reused cached LoRA" not in r.stdout
+    assert "diffsynth.safetensors differs from its seal" in r.stdout and "reused cached LoRA" not in r.stdout
     assert _lora_bytes(other, "t2")[-2000:] == _lora_bytes(copy)[-2000:]  # retrained: the same LoRA again
+    (entry / "DONE").write_text("", "utf-8")  # an empty seal is no seal
+    third = copy.parent / "third.yaml"
+    third.write_text(copy.read_text("utf-8").replace("story: {id: t}", "story: {id: t3}"), "utf-8")
+    r = run_cli("build", third, "--until", "train", cwd=copy.parent)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"cache entry {entry.name[:12]} not sealed" in r.stdout and "trained 4 steps" in r.stdout
 
 
 def test_garbage_cached_latents_are_encoded_again_and_force_retrains(copy):
-    for lat in (copy.parent / ".storyc/cache/latents").glob("*.safetensors"):
-        lat.write_bytes(b"garbage" * 100)
+    lats = sorted((copy.parent / ".storyc/cache/latents").glob("*.safetensors"))
+    assert len(lats) == 2  # the two training images the filters keep
+    _rot(lats[0])  # same size and mtime
+    lats[1].with_name(lats[1].name + ".sha256").unlink()  # no seal: not trusted, never re-sealed as good
     before = _lora_bytes(copy)
     r = run_cli("build", copy, "--force", "train", "--until", "train", cwd=copy.parent)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "--force train: retraining" in r.stdout and "trained 4 steps" in r.stdout
-    assert "is corrupt; encoding it again" in r.stdout
+    assert r.stdout.count("its bytes differ from its seal; making it again") == 1
+    assert r.stdout.count("not sealed; making it again") == 1
+    assert "2 images and 0 prompts encoded now" in r.stdout
     assert _lora_bytes(copy) == before
 
 

@@ -275,6 +275,7 @@ def test_checkpoints_keep_the_trained_state_not_the_frozen_unet(tiny_models):
     ema = EMA(0.5)
     m._trainer = SimpleNamespace(callbacks=[ema], accumulate_grad_batches=1)
     start = [p.detach().clone() for p in m.trained()]
+    ema.on_train_start(m._trainer, m)  # the average starts at the initial weights
     for step in range(2):  # two "optimizer steps" that move every LoRA weight by +1
         with torch.no_grad():
             for p in m.trained():

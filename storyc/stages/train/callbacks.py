@@ -116,9 +116,11 @@ class EMA(L.Callback):
         self._pairs = None
 
     def on_train_start(self, trainer, module):
-        if self._weights is not None:  # restored from a checkpoint on the CPU: to the training device
+        if self._weights is None:  # the average starts at the initial weights (before the first step)
+            self.weights(module)
+        else:  # restored from a checkpoint on the CPU: to the training device
             self._weights = [w.to(module.device, torch.float32) for w in self._weights]
-            self._pairs = None
+        self._pairs = None
 
     def swapped(self, module):
         """A context in which the trained tensors hold the EMA weights (previews render what would be exported)."""
