@@ -65,6 +65,7 @@ def test_shell_values_are_quoted(project, cli):
     assert "'my models/$(rm -rf x)/unet/diffusion_pytorch_model.safetensors'" in sh
 
 
+@pytest.mark.slow  # imports Data-Juicer
 def test_compiled_data_juicer_config_loads_with_data_juicer(tmp_path, cli):
     import subprocess
     import sys
@@ -108,3 +109,17 @@ def test_stage_hashes_read_only_their_slice(tmp_path):
     for name in ("ingest", "filter", "train"):
         assert camp.stages[name].params_hash == winter.stages[name].params_hash, name
     assert camp.stages["bundle"].params_hash != winter.stages["bundle"].params_hash
+
+
+def test_train_sh_says_which_hashed_settings_the_script_cannot_reproduce(tmp_path, cli):
+    """The DiffSynth command in train.sh has no flag for storyc's knobs: it lists them instead of dropping them."""
+    from pathlib import Path
+
+    spec = Path(__file__).parent / "fixtures/golden/knobs.yaml"
+    assert cli("compile", spec, "-o", tmp_path)[0] == 0
+    sh = (tmp_path / "knobs/train/train.sh").read_text("utf-8")
+    head = sh.split("set -euo pipefail")[0]
+    for knob in ("train.min_snr_gamma = 5", "train.ema = 0.99", 'train.lr_scheduler = "cosine"', "train.buckets = true",
+                 "several sources / repeats", "the story previews"):
+        assert f"#   {knob}" in head, knob
+    assert "--learning_rate" in sh and "train.learning_rate" not in head  # a setting with a flag is passed, not listed

@@ -67,6 +67,7 @@ def test_folder_captions_from_txt_files(filtered):
     assert texts[(1024, 1024)] == "二次元"
 
 
+@pytest.mark.slow  # Data-Juicer, Ray or full-size layouts: seconds to minutes
 def test_jsonl_source_and_limit(project):
     _img(project / "set/x/one.png", 1024, 1024)
     _img(project / "set/x/two.png", 1300, 1024)
@@ -92,6 +93,7 @@ def test_jsonl_broken_line_is_a_clear_error(project):
     assert "data.jsonl:2: not valid JSON" in r.stdout and "Traceback" not in r.stdout + r.stderr
 
 
+@pytest.mark.slow  # Data-Juicer, Ray or full-size layouts: seconds to minutes
 def test_empty_result_names_the_op(project):
     _img(project / "imgs/small.png", 300, 300)
     (project / "story.yaml").write_text(SPEC, "utf-8")
@@ -110,6 +112,7 @@ def test_modelscope_offline_fails_fast(project):
     assert "Traceback" not in r.stdout + r.stderr
 
 
+@pytest.mark.slow  # Data-Juicer, Ray or full-size layouts: seconds to minutes
 def test_bad_op_parameter_value_is_data_juicers_error_at_the_spec_line(project):
     _img(project / "imgs/a.png", 1024, 1024)
     (project / "story.yaml").write_text(SPEC + "filters:\n  - image_shape_filter: {min_width: wide}\n", "utf-8")
@@ -119,6 +122,7 @@ def test_bad_op_parameter_value_is_data_juicers_error_at_the_spec_line(project):
             "Parameter 'min_width' expects type 'int', got 'str'") in r.stdout, r.stdout
 
 
+@pytest.mark.slow  # Data-Juicer, Ray or full-size layouts: seconds to minutes
 def test_ray_executor(project):
     import shutil
     import subprocess
@@ -183,6 +187,7 @@ def _users_ray():
     return p, address.read_text().strip()
 
 
+@pytest.mark.slow  # Data-Juicer, Ray or full-size layouts: seconds to minutes
 def test_several_sources_with_their_captions_and_repeats(project):
     _img(project / "a/x.png", 1024, 1024)
     _img(project / "a/y.png", 1024, 1024)

@@ -83,6 +83,7 @@ scenes:
 """
 
 
+@pytest.mark.slow  # Data-Juicer, Ray or full-size layouts: seconds to minutes
 def test_fullsize_layout_writer_at_tiny_scale_loads_through_storyc(project):
     r = subprocess.run([sys.executable, str(REPO / "bench/fullsize.py"), str(project / "models"), "--scale", "tiny",
                         "--device", "cpu"], capture_output=True, text=True, timeout=600)

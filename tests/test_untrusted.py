@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from conftest import DATA_SPEC, run_cli, write_images
@@ -16,6 +17,7 @@ def _dj_keys(build):
     return set(yaml.safe_load((build / "data/data_juicer.yaml").read_text("utf-8")))
 
 
+@pytest.mark.slow  # Data-Juicer, Ray or full-size layouts: seconds to minutes
 def test_a_spec_file_name_cannot_add_keys_to_the_data_juicer_config(project):
     """The probe: a spec named `x<U+2028>custom_operator_paths: [pwn.py] #.yaml` made Data-Juicer import pwn.py."""
     write_images(project / "imgs", [(1024, 1024), (1200, 1024)])

@@ -10,6 +10,7 @@ stage; the runner alone writes the lock. Light (no torch): ``compile`` and ``sta
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -173,7 +174,8 @@ def _train_artifacts(c: Compiled, jobs):
     # what DiffSynth's script has no flag for: said in the script, never silently dropped
     flags = {"epochs", "steps_per_epoch", "batch_size", "learning_rate", "resolution", "center_crop", "random_flip",
              "precision", "accumulate_grad_batches", "strategy"}
-    unsupported = [f"train.{k} = {v}" for k, v in job.params["train"].items() if k not in flags]
+    unsupported = [f"train.{k} = {json.dumps(v)}" + (" (the GPUs: CUDA_VISIBLE_DEVICES)" if k == "devices" else "")
+                   for k, v in job.params["train"].items() if k not in flags]
     if spec.many_datasets or any(s.repeats != 1 for s in spec.datasets):
         unsupported.append("several sources / repeats (data/train/metadata.csv already holds a row per repeat)")
     if "preview" in job.params:
