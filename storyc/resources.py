@@ -63,6 +63,10 @@ def plan_train(free_gib: float | None, gc: "bool | str", graphs: bool, batch: in
         why = (f"{free_gib:.1f} GiB free {'<' if use_gc else '>='} {need:.1f} GiB needed without checkpointing: "
                f"gradient checkpointing {'on' if use_gc else 'off'}")
     use_graphs = bool(graphs) and not use_gc and world == 1 and free_gib is not None
+    least = UNET_GIB + TRAIN_ACTIVATIONS_GC_GIB * scale + HEADROOM_GIB
+    if use_gc and free_gib is not None and free_gib < least:
+        why += (f"; even with checkpointing about {least:.1f} GiB is needed ({free_gib:.1f} free): lower "
+                "train.batch_size or train.resolution")
     return TrainMemory(use_gc, use_graphs, why)
 
 

@@ -25,7 +25,7 @@ from .compiler import Plan, changed_artifacts, write_plan
 from .context import Context
 from .errors import StorycError
 from .lock import Hasher, Lock, LockEntry, digest
-from .locks import exclusive
+from .mutex import exclusive
 from .options import RunOptions
 from .progress import Reporter
 from .render import atomic_write, canonical_json

@@ -100,3 +100,10 @@ def test_fullsize_layout_writer_at_tiny_scale_loads_through_storyc(project):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "submission VALID" in r.stdout
     assert "generate: on the CPU" in r.stdout  # batch_size auto, planned
+
+
+def test_a_card_too_small_even_with_checkpointing_is_said():
+    from storyc.resources import plan_train
+
+    assert "lower train.batch_size or train.resolution" in plan_train(6.0, "auto", True, 1, 1024, 1024).reason
+    assert "even with" not in plan_train(9.0, "auto", True, 1, 1024, 1024).reason

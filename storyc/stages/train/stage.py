@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ... import cache
 from ...lock import digest
-from ...locks import exclusive
+from ...mutex import exclusive
 from ...render import atomic_write, canonical_json
 from ..registry import Result
 from .config import TrainConfig
