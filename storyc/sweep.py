@@ -201,8 +201,11 @@ def score(objective: dict, mean_aesthetic: float, style_coherence: float) -> flo
 
 
 def _train_identity(plan) -> str:
-    """What decides whether two variants share one training: the train stage's and its inputs' slices."""
-    return digest([plan.stages[n].params_hash for n in ("ingest", "filter", "train")])
+    """What decides whether two variants share one training: the slices of train and every stage it needs."""
+    from .schedule import order, selected
+
+    needed = selected(plan, "train")
+    return digest([plan.stages[n].params_hash for n in order(plan) if n in needed])
 
 
 # ---------------------------------------------------------------- positions

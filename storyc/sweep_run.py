@@ -34,12 +34,17 @@ def trial_order(sw) -> list[str]:
     return leaders + rest
 
 
-DATA = ("ingest", "filter")
+def data_stages(plan) -> tuple:
+    """The data stages: filter (Data-Juicer) and everything it needs, in order."""
+    from .schedule import order, selected
+
+    needed = selected(plan, "filter")
+    return tuple(n for n in order(plan) if n in needed)
 
 
 def data_key(plan) -> str:
     """Variants with the same key read the same filtered data: their ingest + filter (Data-Juicer) is one job."""
-    return digest([plan.stages[n].params_hash for n in DATA])[:16]
+    return digest([plan.stages[n].params_hash for n in data_stages(plan)])[:16]
 
 
 def prepare_data(sw, folder: Path, cache: str | None, quiet: bool) -> None:
@@ -71,7 +76,7 @@ def seed_data(plan, opts, folder: Path) -> None:
     from .runner import adopt
 
     donor = folder / "data" / data_key(plan)
-    adopt(plan, opts, Lock.load(donor / "story.lock"), donor / "build", DATA)
+    adopt(plan, opts, Lock.load(donor / "story.lock"), donor / "build", data_stages(plan))
 
 
 def run_sweep(spec, address: str | None = None, concurrent: int | None = None, gpus_per_trial: float | None = None,
