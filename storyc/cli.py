@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import SpecError, StorycError
+from .errors import SpecError, StorycError, UsageError
 
 
 def _out(msg: str = "", err: bool = False) -> None:
@@ -136,8 +136,19 @@ def cmd_init(args) -> int:
     if target.exists() and not args.force:
         raise StorycError(f"{target} already exists", "pass --force to overwrite it")
     atomic_write(target, resources.files("storyc").joinpath("templates/starter.yaml").read_text("utf-8"))
-    _out(f"wrote {target}; next: storyc validate {target}")
+    _out(f"wrote {target}")
+    ignore = Path(args.dir) / ".gitignore"  # what a build writes is rebuilt from the spec and its lock: not versioned
+    lines = ignore.read_text("utf-8").splitlines() if ignore.is_file() else []
+    missing = [p for p in GITIGNORE if p not in lines]
+    if missing:
+        atomic_write(ignore, "\n".join([*lines, *(["# storyc: builds, model folders and caches (commit story.yaml and story.lock)"]
+                                                  if not lines else []), *missing]) + "\n")
+        _out(f"{'added ' + ', '.join(missing) + ' to' if lines else 'wrote'} {ignore}")
+    _out(f"next: write your team under `story:`, then `storyc validate {target}`")
     return 0
+
+
+GITIGNORE = ["/build/", "/.storyc/", "/models/"]
 
 
 def cmd_ops(args) -> int:
@@ -204,7 +215,7 @@ def cmd_sweep(args) -> int:
     words = list(args.words)
     if words[0] == "show":
         if len(words) != 2:
-            raise StorycError("usage: storyc sweep show SPEC")
+            raise UsageError("usage: storyc sweep show SPEC")
         from .sweep import load_sweep
         from .sweep_run import show, sweep_dir
 
@@ -217,7 +228,7 @@ def cmd_sweep(args) -> int:
         return 0
     if words[0] == "apply":
         if len(words) != 3:
-            raise StorycError("usage: storyc sweep apply SPEC VARIANT")
+            raise UsageError("usage: storyc sweep apply SPEC VARIANT")
         from .sweep import apply
 
         path, values = apply(words[1], words[2])
@@ -226,7 +237,7 @@ def cmd_sweep(args) -> int:
         _out(f"wrote the values of {words[2]} into {path}; `storyc build {words[1]}` builds it")
         return 0
     if len(words) != 1:
-        raise StorycError("usage: storyc sweep SPEC | storyc sweep show SPEC | storyc sweep apply SPEC VARIANT")
+        raise UsageError("usage: storyc sweep SPEC | storyc sweep show SPEC | storyc sweep apply SPEC VARIANT")
     from .sweep_run import run_sweep
 
     return run_sweep(words[0], args.address, args.concurrent, args.gpus_per_trial, args.quiet, args.cache)
@@ -404,7 +415,7 @@ def _dispatch(args) -> int:
         _out(f"error: {e.message}", err=True)
         if e.hint:
             _out(f"hint: {e.hint}", err=True)
-        return 1
+        return USAGE_ERROR if isinstance(e, UsageError) else 1
     except KeyboardInterrupt:
         _out("interrupted: finished outputs are kept; run the same command again to resume", err=True)
         return 130

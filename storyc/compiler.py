@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
+from .errors import StorycError
 from .model import Story, join_negative, plain
 from .render import atomic_write, canonical_json
 from .stages.registry import FORMAT, KINDS, Compiled, generation_common, scene_file, stage_jobs
@@ -94,8 +95,38 @@ def changed_artifacts(plan: Plan) -> list[str]:
     return out
 
 
+OWNER = ".storyc-spec"  # in a build folder: the spec it is the build of
+
+
+def owner(plan: Plan) -> str | None:
+    """The spec (project-relative) whose build folder this is, if another spec still exists and claimed it first;
+    None when the folder is this spec's or nobody's."""
+    try:
+        other = (plan.build_dir / OWNER).read_text("utf-8").strip()
+    except OSError:
+        return None
+    me = plan.story.rel(plan.story.spec_path)
+    return other if other and other != me and (plan.story.root / other).is_file() else None
+
+
+def check_owner(plan: Plan) -> None:
+    """Two specs never share a build folder: a spec that extends another inherits its story.id, and building it
+    would overwrite the other's images, lock records and submission."""
+    other = owner(plan)
+    if other is not None:
+        me, folder = plan.story.rel(plan.story.spec_path), plan.story.rel(plan.build_dir)
+        raise StorycError(f"{folder}/ is the build folder of {other}; {me} has the same story.id `{plan.story.id}`",
+                          f"give {me} a story.id of its own (`story: {{id: ...}}`: a spec that `extends` another "
+                          "inherits its id), or build it into another folder with -o DIR")
+
+
 def write_plan(plan: Plan) -> list[str]:
-    """Write every changed artifact (atomically); return the paths written."""
+    """Write every changed artifact (atomically); return the paths written. Claims the build folder for the spec
+    (refused when another spec's build is there)."""
+    check_owner(plan)
+    me = plan.story.rel(plan.story.spec_path) + "\n"
+    if not (plan.build_dir / OWNER).is_file() or (plan.build_dir / OWNER).read_text("utf-8") != me:
+        atomic_write(plan.build_dir / OWNER, me)
     written = changed_artifacts(plan)
     for rel in written:
         atomic_write(plan.build_dir / rel, plan.artifacts[rel])

@@ -31,6 +31,21 @@ def model_folder(story, key: str, report: Reporter | None = None) -> Path:
     return ref.path
 
 
+def check_model(story, key: str) -> None:
+    """Before a build runs anything: the model is there (a local folder with its files), or can be made (tiny) or
+    fetched (modelscope: the hub answers). A clear error otherwise, never halfway through a build."""
+    ref = story.models[key]
+    if ref.scheme == "local":
+        from .models.kolors import check_folder
+
+        check_folder(key, ref.path)
+    elif ref.scheme == "modelscope" and not (story.root / ".storyc" / "models" / ref.name / ".complete").exists():
+        from .models.download import require_modelscope
+
+        require_modelscope(f"download `{ref.name}` (models.{key})", "download it where you have network into a "
+                           f"folder and point `models.{key}` at that folder")
+
+
 class Context:
     def __init__(self, plan, opts: RunOptions, lock: Lock, hasher: Hasher, reporter: Reporter):
         self.plan, self.story, self.build_dir = plan, plan.story, plan.build_dir

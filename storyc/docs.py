@@ -12,13 +12,13 @@ BEGIN, END = "<!-- spec-reference:begin -->", "<!-- spec-reference:end -->"
 
 
 def spec_reference() -> str:
-    from .spec import schema
+    from .schema import resolve, schema
 
     sch = schema()
     rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    policy = {"never": " *Not hashed: an execution setting.*", "when-set": " *Hashed only when set.*"}
 
     def typ(s):
-        s = {**sch["$defs"].get(s.get("$ref", "#").split("/")[-1], {}), **s}
         if "enum" in s:
             return " \\| ".join(map(str, s["enum"]))
         if "const" in s:
@@ -30,17 +30,14 @@ def spec_reference() -> str:
         bits = [f"{k} {s[k]}" for k in ("minimum", "maximum", "exclusiveMinimum", "multipleOf") if k in s]
         return t + (f" ({', '.join(bits)})" if bits else "")
 
-    def resolve(s):
-        ref = s.get("$ref", "").split("/")[-1]
-        return {**sch["$defs"][ref], **{k: v for k, v in s.items() if k != "$ref"}} if ref else s
-
     def walk(props, prefix, required=()):
         for k, s in props.items():
             s = resolve(s)
             key = f"{prefix}{k}"
             default = "**required**" if k in required else (
                 "`" + json.dumps(s["default"], ensure_ascii=False) + "`" if "default" in s and s["default"] != {} else "")
-            rows.append(f"| `{key}` | {typ(s)} | {default} | {s.get('description', '')} |")
+            meaning = s.get("description", "") + policy.get(s.get("x-hash"), "")
+            rows.append(f"| `{key}` | {typ(s)} | {default} | {meaning} |")
             if "properties" in s:
                 walk(s["properties"], key + ".", s.get("required", ()))
             elif s.get("type") == "array" and "properties" in resolve(s.get("items", {})):

@@ -51,6 +51,10 @@ class StorycError(Exception):
         return self.message
 
 
+class UsageError(StorycError):
+    """A wrong command line (exit 64, as argparse's own usage errors)."""
+
+
 class SpecError(StorycError):
     """A spec with one or more problems; carries every diagnostic found in one pass."""
 

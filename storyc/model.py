@@ -203,6 +203,7 @@ class Submission(Section):
     storyboard: Storyboard
     lora_formats: tuple
     license: str
+    rules: str  # competition | none
 
 
 @dataclass(frozen=True)

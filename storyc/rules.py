@@ -188,9 +188,10 @@ def model_refs(ctx) -> tuple[dict, list]:
             if p is not None:
                 refs[key] = ModelRef(raw, "local", p)
                 if not p.exists():
-                    out.append(ctx.diag(path, f"model folder `{raw}` does not exist yet",
-                                        "download it before `storyc build` (see README: models), "
-                                        "or use `modelscope:<id>`", "paths", severity="warning"))
+                    from .models.kolors import model_hint
+
+                    out.append(ctx.diag(path, f"model folder `{raw}` does not exist yet", model_hint(key, raw),
+                                        "paths", severity="warning"))
     return refs, out
 
 
@@ -347,6 +348,42 @@ def check_team(ctx):
     return []
 
 
+COMPETITION_IMAGES, COMPETITION_GATE = 8, 6.0
+NOT_AN_ENTRY = "or set `submission.rules: none` for a story that is not a competition entry"
+
+
+def check_competition(ctx):
+    """With `submission.rules: competition` (the default) the spec must be an entry the Kolors LoRA story
+    competition takes: 8 images, its gate of a mean aesthetic score of 6, the LoRA file its notebook loads, and a
+    team to name the model after."""
+    sub, story = ctx.data.get("submission"), ctx.data.get("story")
+    if not isinstance(sub, dict) or sub.get("rules", "competition") != "competition":
+        return []
+    out = []
+    images = sub.get("images")
+    if isinstance(images, int) and not isinstance(images, bool) and images != COMPETITION_IMAGES:
+        out.append(ctx.diag(("submission", "images"), f"the competition takes {COMPETITION_IMAGES} images; this story "
+                            f"has `submission.images: {images}`", f"tell the story in {COMPETITION_IMAGES} scenes, "
+                            + NOT_AN_ENTRY, "competition"))
+    gate = sub.get("min_aesthetic")
+    if isinstance(gate, (int, float)) and not isinstance(gate, bool) and gate < COMPETITION_GATE:
+        out.append(ctx.diag(("submission", "min_aesthetic"), f"the competition's gate is a mean aesthetic score of "
+                            f"{COMPETITION_GATE:g}; `min_aesthetic: {gate:g}` would call an entry valid that it "
+                            "rejects", f"remove the line (the default is {COMPETITION_GATE:g}), " + NOT_AN_ENTRY,
+                            "competition"))
+    formats = sub.get("lora_formats")
+    if isinstance(formats, list) and "diffsynth" not in formats:
+        out.append(ctx.diag(("submission", "lora_formats"), "the competition loads the LoRA with DiffSynth's "
+                            "`load_lora` (its notebook's): the submission needs the diffsynth file",
+                            "add `diffsynth` to `submission.lora_formats`, " + NOT_AN_ENTRY, "competition"))
+    if isinstance(story, dict) and not story.get("team"):
+        out.append(ctx.diag(("story",), "story.team is not set: the competition names the model "
+                            f"`{COMPETITION_NAME.format(team='<team>', rest='<title>')}`",
+                            "add `team: <your team>` under `story:` (`storyc publish` refuses without it)",
+                            "competition", severity="warning"))
+    return out
+
+
 def check_train_knobs(ctx):
     """Combinations of the trainers' knobs that cannot work, or that almost certainly are a mistake."""
     tr = ctx.data.get("train")
@@ -432,7 +469,7 @@ def _char_diag(ctx, path, text, c, key=False):
 
 RULES = [check_text, check_unique_scene_ids, check_unique_seeds, check_scene_count, check_dataset_fields, check_paths,
          check_dj_ops, check_prompt_length, check_storyboard, check_small_sizes, check_lora_targets, check_team,
-         check_train_knobs]
+         check_train_knobs, check_competition]
 
 
 def run_all(ctx: RuleInput) -> list[Diagnostic]:

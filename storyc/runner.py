@@ -246,6 +246,7 @@ class _Build:
         ctx, state = self.ctx, self.result.states
         if ctx.lock.problem:
             self.reporter.line(f"warning: {ctx.lock.problem}")
+        self._preflight()
         pending = [n for n in order(self.plan) if n in self.sel]
         t_build = time.monotonic()
         try:
@@ -264,6 +265,16 @@ class _Build:
         if not self.result.failures:
             self.result.verdict, self.result.verdict_lines = self._verdicts()
         return self.result
+
+    def _preflight(self) -> None:
+        """Every model a stage that may run reads is there (or can be made or fetched) before the first stage runs:
+        a missing Kolors folder is found before Data-Juicer runs (or a dataset downloads), not after."""
+        from .context import check_model
+
+        decisions = _decide(self.ctx, self.opts.target, self.opts.force)
+        keys = {k for d in decisions if d.stale or d.maybe for k in models_of(self.ctx, self.plan.stages[d.name])}
+        for key in sorted(keys & set(self.plan.story.models)):
+            check_model(self.plan.story, key)
 
     def _next_group(self, pending: list) -> tuple[str, list]:
         """The ready stages of the first ready kind (all scenes of generate run as one batch)."""

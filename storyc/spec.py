@@ -18,7 +18,38 @@ from .yamlio import Located, json_path, load, type_name
 TINY_MODELS = ("kolors", "sdxl-vae", "aesthetic")
 # ---------------------------------------------------------------- extends
 
+def _scene_edits(base: Located, child: Located) -> Located:
+    """`scenes` in a spec that extends another: when every scene it lists has the id of one of the base's scenes,
+    those scenes are edited in place (their keys merge; the order and the other scenes stay). Otherwise the list
+    is a story of its own and replaces the base's, as any list does. Positions follow: a key the child wrote
+    points at the child's line, the rest at the base's."""
+    bs, cs = base.data.get("scenes"), child.data.get("scenes")
+    if not (isinstance(bs, list) and isinstance(cs, list) and cs):
+        return child
+    ids = [s.get("id") if isinstance(s, dict) else None for s in bs]
+    if not all(isinstance(s, dict) and s.get("id") in ids for s in cs):
+        return child
+    if len({s["id"] for s in cs}) != len(cs):
+        return child  # an id twice: the rules report it on the child's list as written
+    at = {s["id"]: j for j, s in enumerate(cs)}
+    merged = [{**b, **cs[at[b["id"]]]} if isinstance(b, dict) and b.get("id") in at else b for b in bs]
+    values = {p: m for p, m in child.values.items() if p[:1] != ("scenes",)}
+    keys = {p: m for p, m in child.keys.items() if p[:1] != ("scenes",)}
+    for table, btable, ctable in ((values, base.values, child.values), (keys, base.keys, child.keys)):
+        for p, m in btable.items():
+            if p[:1] == ("scenes",) and len(p) > 1:
+                table[p] = m
+        for p, m in ctable.items():
+            if p[:1] == ("scenes",) and len(p) > 1:
+                table[("scenes", ids.index(cs[p[1]]["id"]), *p[2:])] = m
+        if ("scenes",) in ctable:
+            table[("scenes",)] = ctable[("scenes",)]
+    return Located({**child.data, "scenes": merged}, values, keys)
+
+
 def _merge(base: Located, child: Located) -> Located:
+    child = _scene_edits(base, child)
+
     def deep(b, c):
         if isinstance(b, dict) and isinstance(c, dict):
             out = dict(b)

@@ -65,9 +65,12 @@ def verdict(ctx, job, entry) -> tuple[int, list]:
             return 1, [f"error: no score for scene {s['id']}: rebuild with `storyc build`"]
         scores[s["id"]] = float(doc["score"])
     gate = Gate.of(scores.values(), job.params["submission"]["min_aesthetic"])
+    entry = job.settings.get("rules", "competition") == "competition"
+    rules = ("by the competition's rules (8 images, mean >= 6)" if entry else
+             "by its own gate (submission.rules: none: not a competition entry, whose gate is a mean of 6)")
     if gate.valid:
-        return 0, [f"submission VALID: mean aesthetic {gate.mean:.3f} >= {gate.minimum:g} -> {folder}/"]
+        return 0, [f"submission VALID {rules}: mean aesthetic {gate.mean:.3f} >= {gate.minimum:g} -> {folder}/"]
     weakest = ", ".join(f"{s} ({v:.2f})" for s, v in sorted(scores.items(), key=lambda kv: kv[1])[:3])
-    return 3, [f"error: submission INVALID: mean aesthetic {gate.mean:.3f} < {gate.minimum:g} (weakest: {weakest}); "
-               f"the bundle is written to {folder}/ and marked invalid",
+    return 3, [f"error: submission INVALID {rules}: mean aesthetic {gate.mean:.3f} < {gate.minimum:g} (weakest: "
+               f"{weakest}); the bundle is written to {folder}/ and marked invalid",
                "hint: rework the weakest scenes (prompt, seed, or generation.candidates) and build again"]

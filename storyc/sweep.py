@@ -285,7 +285,6 @@ def apply(spec, variant_id: str) -> tuple[Path, dict]:
     from ruamel.yaml.comments import CommentedMap
 
     from .errors import StorycError
-    from .model import plain
 
     sw = load_sweep(spec)
     if sw is None:
@@ -304,10 +303,12 @@ def apply(spec, variant_id: str) -> tuple[Path, dict]:
         if key.startswith("scenes["):
             sid = key[len("scenes["):-1]
             scenes = doc.get("scenes")
-            if scenes is None:  # the scenes come from the base spec: a list replaces it whole, so copy it
-                doc["scenes"] = scenes = [{k: v for k, v in plain(s).items() if k != "index"} for s in sw.base.scenes]
-                scenes = doc["scenes"]
-            scene = next(s for s in scenes if s.get("id") == sid)
+            if scenes is None:  # the scenes come from the base spec: an edit by id merges into it
+                doc["scenes"] = scenes = [CommentedMap(id=sid)]
+            scene = next((s for s in scenes if s.get("id") == sid), None)
+            if scene is None:  # this spec edits other scenes of its base by id: edit this one too
+                scene = CommentedMap(id=sid)
+                scenes.append(scene)
             for k, x in value.items():
                 scene[k] = x
             continue

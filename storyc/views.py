@@ -113,8 +113,12 @@ def status(plan, opts) -> int:
     from .runner import open_context
     from .schedule import decide
 
+    from .compiler import owner
+
     ctx = open_context(plan, opts)
-    print(f"build folder: {plan.story.rel(plan.build_dir)}/  lock: {plan.story.rel(opts.lock_for(plan.story))}")
+    other = owner(plan)
+    print(f"build folder: {plan.story.rel(plan.build_dir)}/" + (f" (the build of {other}: same story.id; building "
+          f"this spec is refused)" if other else "") + f"  lock: {plan.story.rel(opts.lock_for(plan.story))}")
     if ctx.lock.problem:
         print(f"warning: {ctx.lock.problem}")
     changed = changed_artifacts(plan)

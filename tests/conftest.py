@@ -87,7 +87,7 @@ lora: {rank: 4, alpha: 4.0}
 train: {epochs: 1, steps_per_epoch: 4, resolution: 64, precision: "32", gradient_checkpointing: false, checkpoint_every: 2}
 style: {prefix: "二次元，", negative: 丑陋}
 generation: {width: 64, height: 64, steps: 2, cfg_scale: 4.0, batch_size: 8}
-submission: {images: 3, min_aesthetic: -1.0, lora_formats: [diffsynth]}
+submission: {rules: none, images: 3, min_aesthetic: -1.0, lora_formats: [diffsynth]}
 scenes:
   - {id: home, prompt: 一个紫色短发小女孩在家, seed: 0, caption: 在家}
   - {id: concert, prompt: 一个紫色短发小女孩在演唱会, seed: 1, caption: 演唱会}
@@ -183,7 +183,7 @@ version: 1
 story: {id: d}
 dataset: {source: folder, path: imgs, caption: 二次元}
 processing: {workers: 1}
-submission: {images: 1}
+submission: {rules: none, images: 1}
 scenes: [{id: a, prompt: x, seed: 0}]
 """
 

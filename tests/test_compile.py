@@ -21,7 +21,7 @@ def test_shipped_spec_validates_and_compiles_identically(cli, spec, tmp_path):
     assert cli("compile", spec, "-o", a)[0] == 0
     files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
-    assert files_a == files_b and len(files_a) == 8
+    assert files_a == files_b and len(files_a) == 9  # 8 artifacts and the folder's owner (.storyc-spec)
     for rel in files_a:
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
     # a recompile changes nothing on disk
@@ -58,7 +58,7 @@ def test_camp_spec_matches_the_notebook(tmp_path, cli):
 
 def test_shell_values_are_quoted(project, cli):
     (project / "s.yaml").write_text(
-        "version: 1\nstory: {id: q}\nmodels: {kolors: \"my models/$(rm -rf x)\"}\nsubmission: {images: 1}\n"
+        "version: 1\nstory: {id: q}\nmodels: {kolors: \"my models/$(rm -rf x)\"}\nsubmission: {rules: none, images: 1}\n"
         "scenes: [{id: a, prompt: x, seed: 0}]\n", "utf-8")
     assert cli("compile", project / "s.yaml")[0] == 0
     sh = (project / "build/q/train/train.sh").read_text("utf-8")

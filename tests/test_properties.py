@@ -41,6 +41,7 @@ def specs(draw):
             s["id"], s["seed"] = f"s{i}", i
         spec["scenes"] = scenes
         spec.setdefault("submission", {})["images"] = len(scenes)
+        spec["submission"]["rules"] = "none"  # any number of scenes and any gate
         if isinstance(spec.get("dataset"), dict) and spec["dataset"].get("source") in ("folder", "jsonl"):
             spec["dataset"]["source"] = "modelscope"
             spec["dataset"]["id"] = "AI-ModelScope/lowres_anime"
@@ -108,7 +109,7 @@ def _scaled_down(spec: dict, data: str) -> dict:
     gen.update(width=64, height=64, steps=min(gen.get("steps", 2), 2), candidates=min(gen.get("candidates", 1), 2))
     s["generation"] = gen
     sub = dict(s.get("submission") or {})
-    sub["images"] = n
+    sub["images"], sub["rules"] = n, "none"
     s["submission"] = sub
     s["style"] = {k: v[:40] for k, v in (s.get("style") or {}).items()}
     return s

@@ -269,7 +269,7 @@ def _dj_pids(spec):
 def test_names_and_texts_cannot_inject(project, cli):
     name = "evil\ntouch PWNED\n.yaml"
     spec = project / name
-    spec.write_text("version: 1\nstory: {id: q, title: \"<script>alert(1)</script>\"}\nsubmission: {images: 1}\n"
+    spec.write_text("version: 1\nstory: {id: q, title: \"<script>alert(1)</script>\"}\nsubmission: {rules: none, images: 1}\n"
                     "scenes: [{id: a, prompt: \"=HYPERLINK(\\\"http://x\\\")\", seed: 0, caption: \"a|b\"}]\n", "utf-8")
     assert cli("compile", spec)[0] == 0
     for art in ("train/train.sh", "data/data_juicer.yaml"):
@@ -305,7 +305,7 @@ def test_compiled_json_is_strict(tmp_path):
 def test_a_very_long_extends_chain_is_a_clear_error(project, cli):
     for i in range(40):
         (project / f"s{i}.yaml").write_text(f"version: 1\nextends: s{i + 1}.yaml\n", "utf-8")
-    (project / "s40.yaml").write_text("version: 1\nstory: {id: x}\nsubmission: {images: 1}\n"
+    (project / "s40.yaml").write_text("version: 1\nstory: {id: x}\nsubmission: {rules: none, images: 1}\n"
                                       "scenes: [{id: a, prompt: x, seed: 0}]\n", "utf-8")
     code, _, err = cli("validate", project / "s0.yaml")
     assert code == 1 and "`extends` chain is longer than 32 files" in err and "Traceback" not in err

@@ -76,7 +76,7 @@ processing: {workers: 1}
 lora: {rank: 4, alpha: 4.0}
 train: {epochs: 1, steps_per_epoch: 2, resolution: 64, precision: "32"}
 generation: {width: 64, height: 64, steps: 2}
-submission: {images: 2, min_aesthetic: -1000}
+submission: {rules: none, images: 2, min_aesthetic: -1000}
 scenes:
   - {id: a, prompt: 一个女孩, seed: 0}
   - {id: b, prompt: 一个男孩, seed: 1}

@@ -14,7 +14,7 @@ version: 1
 story: {id: f}
 models: {kolors: m/kolors, vae: m/vae, aesthetic: m/aesthetic}
 dataset: {source: folder, path: imgs}
-submission: {images: 2, min_aesthetic: 5.0}
+submission: {rules: none, images: 2, min_aesthetic: 5.0}
 scenes:
   - {id: a, prompt: 一个女孩, seed: 0}
   - {id: b, prompt: 两个女孩, seed: 1}
@@ -23,9 +23,13 @@ scenes:
 
 @pytest.fixture
 def proj(project):
-    for m in ("kolors", "vae", "aesthetic"):
-        (project / "m" / m).mkdir(parents=True)
-        (project / "m" / m / "w.bin").write_bytes(m.encode())
+    for m, files in (("kolors", ["text_encoder/config.json", "text_encoder/w.bin",
+                                 "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"]),
+                     ("vae", ["diffusion_pytorch_model.safetensors"]),
+                     ("aesthetic", ["config.json", "preprocessor_config.json"])):
+        for f in files:  # the files a model folder must have (their bytes are never read here)
+            (project / "m" / m / f).parent.mkdir(parents=True, exist_ok=True)
+            (project / "m" / m / f).write_bytes(f.encode())
     (project / "imgs").mkdir()
     (project / "imgs/x.png").write_bytes(b"png")
     (project / "story.yaml").write_text(SPEC, "utf-8")
@@ -80,7 +84,8 @@ def test_a_fresh_build_runs_every_stage_in_order_then_nothing(proj):
     assert res.exit_code == 0 and not res.failures
     assert [k for k, _ in f.calls] == ["ingest", "filter", "train", "generate", "score", "bundle"]
     assert dict(f.calls)["generate"] == ["generate[a]", "generate[b]"]  # one executor call for every scene
-    assert res.verdict_lines[0].startswith("submission VALID: mean aesthetic 7.000 >= 5")
+    assert res.verdict_lines[0].startswith("submission VALID by its own gate (submission.rules: none: not a "
+                                           "competition entry, whose gate is a mean of 6): mean aesthetic 7.000 >= 5")
     f2 = Fakes()
     res = build(proj, f2)
     assert f2.calls == [] and set(res.states.values()) == {"up to date"}
@@ -154,7 +159,7 @@ def test_a_failure_keeps_what_finished_and_keep_going_runs_the_rest(proj):
 
 def test_the_verdict_is_recomputed_from_the_score_files(proj):
     res = build(proj, Fakes(score=1.0))
-    assert res.exit_code == 3 and "submission INVALID: mean aesthetic 1.000 < 5" in res.verdict_lines[0]
+    assert res.exit_code == 3 and "mean aesthetic 1.000 < 5 (weakest" in res.verdict_lines[0]
     (proj.parent / "build/f/scores/a.json").write_text('{"score": 99}', "utf-8")  # an edit is not a better score
     from storyc.compiler import compile
     from storyc.options import RunOptions
@@ -218,3 +223,12 @@ def test_the_scene_keys_of_a_kind_name_the_scene(proj):
 
     assert KINDS["generate"].scene_keys and not KINDS["bundle"].scene_keys
     assert replace(KINDS["score"], oom_hint="x").oom_hint == "x"  # frozen declarations
+
+
+def test_a_competition_entry_says_so_in_its_verdict(proj):
+    text = proj.read_text("utf-8").replace("images: 2, min_aesthetic: 5.0}", "images: 8}").replace("rules: none, ", "")
+    text += "".join(f"  - {{id: s{i}, prompt: 场景{i}, seed: {i + 10}}}\n" for i in range(6))
+    proj.write_text(text, "utf-8")
+    res = build(proj, Fakes(score=6.5))
+    assert res.verdict_lines == ["submission VALID by the competition's rules (8 images, mean >= 6): mean aesthetic "
+                                 "6.500 >= 6 -> build/f/submission/f/"]

@@ -36,7 +36,7 @@ def test_invalid(cli, path, monkeypatch):
 def test_every_problem_in_one_pass(cli, project):
     spec = project / "s.yaml"
     spec.write_text(
-        "version: 1\nstory: {id: Bad}\nlora: {rank: 0, alpah: 2}\nsubmission: {images: 3}\nscenes:\n"
+        "version: 1\nstory: {id: Bad}\nlora: {rank: 0, alpah: 2}\nsubmission: {rules: none, images: 3}\nscenes:\n"
         "  - {id: a, prompt: x, seed: 1}\n  - {id: a, prompt: y, seed: 1}\n", "utf-8")
     code, _, err = cli("validate", spec)
     assert code == 1
@@ -50,7 +50,7 @@ def test_every_problem_in_one_pass(cli, project):
 def test_extends_errors_point_at_the_base_file(cli, project):
     (project / "base.yaml").write_text("version: 1\nstory: {id: base}\nlora: {rank: -3}\n", "utf-8")
     (project / "child.yaml").write_text(
-        "version: 1\nextends: base.yaml\nstory: {id: child}\nsubmission: {images: 1}\n"
+        "version: 1\nextends: base.yaml\nstory: {id: child}\nsubmission: {rules: none, images: 1}\n"
         "scenes: [{id: a, prompt: x, seed: 0}]\n", "utf-8")
     code, _, err = cli("validate", project / "child.yaml")
     assert code == 1
@@ -65,7 +65,7 @@ def test_extends_merges_deeply_and_lists_replace(project):
         "filters: [{image_shape_filter: {min_width: 10}}, {image_aspect_ratio_filter: {}}]\n", "utf-8")
     (project / "child.yaml").write_text(
         "version: 1\nextends: base.yaml\nstory: {id: child}\ntrain: {epochs: 1}\n"
-        "filters: [{image_shape_filter: {min_width: 20}}]\nsubmission: {images: 1}\n"
+        "filters: [{image_shape_filter: {min_width: 20}}]\nsubmission: {rules: none, images: 1}\n"
         "scenes: [{id: a, prompt: x, seed: 0}]\n", "utf-8")
     s = load_story(project / "child.yaml")
     assert (s.spec.story.id, s.spec.story.team, s.spec.story.title) == ("child", "t", None)
@@ -85,7 +85,7 @@ def test_dates_stay_strings_and_yes_is_not_a_key_bool(project):
     from storyc.spec import load_story
 
     (project / "s.yaml").write_text(
-        "version: 1\nstory: {id: d, title: 2024-08-09}\nsubmission: {images: 1}\n"
+        "version: 1\nstory: {id: d, title: 2024-08-09}\nsubmission: {rules: none, images: 1}\n"
         "scenes: [{id: a, prompt: x, seed: 0, caption: 2024-01-01}]\n", "utf-8")
     s = load_story(project / "s.yaml")
     assert s.title == "2024-08-09" and s.scenes[0].caption == "2024-01-01"
@@ -96,7 +96,7 @@ def test_dates_stay_strings_and_yes_is_not_a_key_bool(project):
     op = load(project / "k.yaml").data["filters"][0]
     assert op == {"yes": {"on": 1, "1": "x"}}
     (project / "s.yaml").write_text(
-        "version: 1\nstory: {id: d}\nsubmission: {images: 1}\nscenes: [{id: a, prompt: x, seed: 0}]\n"
+        "version: 1\nstory: {id: d}\nsubmission: {rules: none, images: 1}\nscenes: [{id: a, prompt: x, seed: 0}]\n"
         "filters: [{yes: {}}]\n", "utf-8")
     with pytest.raises(SpecError, match="unknown Data-Juicer op `yes`"):
         load_story(project / "s.yaml")

@@ -108,7 +108,7 @@ def test_bad_knob_combinations_are_spec_errors(project):
     spec = project / "story.yaml"
     spec.write_text("version: 1\nstory: {id: k}\ntrain:\n  epochs: 1\n  steps_per_epoch: 10\n"
                     "  lr_warmup_steps: 10\n  optimizer: prodigy\nscenes: [{id: a, prompt: x, seed: 0}]\n"
-                    "submission: {images: 1}\n", "utf-8")
+                    "submission: {rules: none, images: 1}\n", "utf-8")
     r = run_cli("validate", spec, cwd=project)
     assert r.returncode == 1
     assert "story.yaml:6:20: $.train.lr_warmup_steps: 10 warm-up steps but the run has only 10 optimizer steps" in r.stderr
@@ -194,7 +194,7 @@ def test_story_previews_score_each_checkpoint_and_select_the_best(base, tmp_path
 def test_best_score_needs_previews(project):
     spec = project / "story.yaml"
     spec.write_text("version: 1\nstory: {id: k}\ntrain: {select: best_score}\nscenes: [{id: a, prompt: x, seed: 0}]\n"
-                    "submission: {images: 1}\n", "utf-8")
+                    "submission: {rules: none, images: 1}\n", "utf-8")
     r = run_cli("validate", spec, cwd=project)
     assert r.returncode == 1 and "$.train.select: `select: best_score` needs previews" in r.stderr
 

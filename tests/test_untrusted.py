@@ -83,7 +83,7 @@ def test_text_that_could_hide_or_break_lines_is_a_spec_error(project):
         'version: 1\nstory: {id: "s\\n", title: "a\\u202eb", team: "t\\nx"}\n'
         'dataset: {source: folder, path: "im\\0gs"}\n'
         'scenes: [{id: "a\\n", prompt: "p\\x00q", seed: 0, caption: "two\\nlines"}]\n'
-        'submission: {images: 1}\nmodels: {kolors: "m\\u2028x"}\n', "utf-8")
+        'submission: {rules: none, images: 1}\nmodels: {kolors: "m\\u2028x"}\n', "utf-8")
     r = run_cli("validate", "story.yaml", cwd=project)
     assert r.returncode == 1
     err = r.stderr

@@ -24,24 +24,29 @@ REQUIRED = {
     "vae": ["diffusion_pytorch_model.safetensors"],
     "aesthetic": ["config.json", "preprocessor_config.json"],
 }
-HOW_TO_GET = {
-    "kolors": "download Kwai-Kolors/Kolors (e.g. `modelscope download --model Kwai-Kolors/Kolors --local_dir DIR`)",
-    "vae": "download AI-ModelScope/sdxl-vae-fp16-fix",
-    "aesthetic": "download AI-ModelScope/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE",
-}
+MODELSCOPE_IDS = {"kolors": "Kwai-Kolors/Kolors", "vae": "AI-ModelScope/sdxl-vae-fp16-fix",
+                  "aesthetic": "AI-ModelScope/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE"}
+
+
+def model_hint(kind: str, folder: str = "DIR") -> str:
+    """How to get a model (the same words in validate's warning and in a build's error)."""
+    mid = MODELSCOPE_IDS[kind]
+    return (f"download it: `modelscope download --model {mid} --local_dir {folder}`, or write "
+            f"`models.{kind}: modelscope:{mid}` to download it on first use")
 
 
 def check_folder(kind: str, folder: Path) -> None:
     """Raise a clear error listing what a model folder lacks."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise StorycError(f"model folder {folder} does not exist", f"{HOW_TO_GET[kind]}, or point `models.{kind}` at it")
+        raise StorycError(f"models.{kind}: model folder {folder} does not exist", model_hint(kind, str(folder)))
     missing = [f for f in REQUIRED[kind] if not (folder / f).exists()]
     if kind == "kolors" and not any((folder / "text_encoder").glob("*.safetensors")) and not any(
             (folder / "text_encoder").glob("*.bin")):
         missing.append("text_encoder/*.safetensors or *.bin")
     if missing:
-        raise StorycError(f"model folder {folder} is incomplete: missing {', '.join(missing)}", HOW_TO_GET[kind])
+        raise StorycError(f"models.{kind}: model folder {folder} is incomplete: missing {', '.join(missing)}",
+                          model_hint(kind, str(folder)))
 
 
 def unet_config(folder: Path) -> dict:

@@ -244,11 +244,11 @@ def _score(c: Compiled):
 # ---------------------------------------------------------------- bundle
 
 def _bundle(c: Compiled):
-    params = {"story": plain(c.spec.story), "submission": plain(c.spec.submission),
+    params = {"story": plain(c.spec.story), "submission": c.spec.submission.hashed(),
               "captions": [s["caption"] for s in c.scenes],
               "scenes": [{k: s[k] for k in ("id", "prompt", "negative_prompt", "file")} for s in c.scenes]}
     deps = ("train", *(f"score[{s['id']}]" for s in c.scenes))
-    return [StageSpec("bundle", "bundle", params, deps)]
+    return [StageSpec("bundle", "bundle", params, deps, settings=c.spec.submission.settings())]
 
 
 def _bundle_artifacts(c: Compiled, jobs):
