@@ -90,6 +90,10 @@ def stage_upload(plan, model_id: str, display: str | None = None, dry_run: bool 
     for rel in keep:
         (tree / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(folder / rel, tree / rel)
+    from .reproduce import plan as reproduce_plan
+    from .reproduce import stage as reproduce_stage
+
+    reproduce_stage(reproduce_plan(story, plan_lock(plan)), tree)
     readme = (tree / "README.md").read_text("utf-8")
     missing = [t for t in _links(readme) if not (tree / t).is_file()]
     if missing:  # a model page with broken pictures is not what we upload
@@ -100,6 +104,12 @@ def stage_upload(plan, model_id: str, display: str | None = None, dry_run: bool 
                   url=f"https://modelscope.cn/models/{model_id}", title=story.title, scenes=prompts, mean=gate.mean)
     (out / "POST.md").write_text(post, "utf-8")
     return tree, out / "POST.md", name
+
+
+def plan_lock(plan) -> Path:
+    from .options import RunOptions
+
+    return RunOptions().lock_for(plan.story)
 
 
 def _links(markdown: str) -> list[str]:

@@ -61,7 +61,7 @@ def report_html(c: dict) -> str:
     verdict = "VALID" if c["valid"] else "INVALID"
     return f"""<!doctype html>
 <html lang="zh"><head><meta charset="utf-8"><title>{e(c['title'])} - storyc report</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{border:1px solid #ccc;padding:4px;vertical-align:top}}
+<style>{c.get('font_face', '')}body{{font-family:{'storyc-cjk,' if c.get('font_face') else ''}sans-serif;max-width:1100px;margin:2em auto}}td,th{{border:1px solid #ccc;padding:4px;vertical-align:top}}
 table{{border-collapse:collapse}}.valid{{color:green}}.invalid{{color:#b00}}</style></head><body>
 <h1>{e(c['title'])}</h1>
 <p id="verdict" class="{verdict.lower()}">Mean aesthetic score {c['mean']:.3f} (gate {c['gate']:g}): <b>{verdict}</b>.
@@ -76,3 +76,36 @@ alpha {c['lora']['alpha']:g}, on {e(str(tr.get('device', '?')))} ({e(str(tr.get(
 {c.get('checkpoints_html', '')}
 </body></html>
 """
+
+
+def font_face(page: str, font, cache_dir: Path) -> str | None:
+    """The page's own font: the caption font (Noto Sans CJK by default) cut down to the characters the page holds,
+    embedded as a small WOFF (tens of kB, not the 15 MB collection; a font file beside the page would not load
+    from disk: browsers treat file:// fonts as cross-origin), so its Chinese shows on a machine without CJK fonts.
+    The cut is cached by content: a page with the same characters reuses it. The CSS rule, or None without a font."""
+    if font is None:
+        return None
+    from . import cache
+    from .lock import digest
+
+    chars = "".join(sorted(set(page) | set(" ?.0123456789")))
+    key = digest({"font": font.name, "face": font.index, "sha": cache.sha256(font.path), "chars": chars})
+    path = cache_dir / "fonts" / f"{key}.woff"
+    if not cache.file_ok(path):
+        cache.save_file(path, lambda tmp: _subset(font, chars, tmp))
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f"@font-face{{font-family:storyc-cjk;src:url(data:font/woff;base64,{data}) format('woff')}}"
+
+
+def _subset(font, chars: str, out: Path) -> None:
+    from fontTools import subset
+    from fontTools.ttLib import TTFont
+
+    tt = TTFont(str(font.path), fontNumber=font.index, lazy=True, recalcTimestamp=False)
+    opts = subset.Options()
+    opts.flavor, opts.layout_features, opts.name_IDs = "woff", ["*"], ["*"]
+    sub = subset.Subsetter(opts)
+    sub.populate(text=chars)
+    sub.subset(tt)
+    tt.flavor = "woff"
+    tt.save(str(out))

@@ -32,18 +32,26 @@ def run_cli(*args, cwd=None, env=None, timeout=600):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
-def chromium_render(html, tmp):
-    """Open a page in headless Chromium (as a user's browser would): its screenshot (RGB array) and its DOM."""
+def chromium_render(html, tmp, no_system_fonts=False):
+    """Open a page in headless Chromium (as a user's browser would): its screenshot (RGB array) and its DOM.
+    ``no_system_fonts``: as on a machine without fonts (an empty fontconfig): only the page's own fonts render."""
     import numpy as np
     from PIL import Image
 
+    env = dict(os.environ)
+    if no_system_fonts:
+        conf = tmp / "fonts.conf"
+        conf.write_text(f"<?xml version='1.0'?><fontconfig><dir>{tmp / 'no-fonts'}</dir>"
+                        f"<cachedir>{tmp / 'fc-cache'}</cachedir></fontconfig>", "utf-8")
+        env["FONTCONFIG_FILE"] = str(conf)
     shot = tmp / f"{html.stem}-shot.png"
-    base = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+    base = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--virtual-time-budget=10000", "--run-all-compositor-stages-before-draw"]  # its web font drawn
     r = subprocess.run([*base, f"--user-data-dir={tmp / 'profile'}", f"--screenshot={shot}", "--window-size=1000,1400",
-                        html.as_uri()], capture_output=True, text=True, timeout=120)
+                        html.as_uri()], capture_output=True, text=True, timeout=120, env=env)
     assert shot.exists(), r.stderr
     dom = subprocess.run([*base, "--dump-dom", f"--user-data-dir={tmp / 'profile2'}", html.as_uri()],
-                         capture_output=True, text=True, timeout=120).stdout
+                         capture_output=True, text=True, timeout=120, env=env).stdout
     return np.asarray(Image.open(shot).convert("RGB")).astype(int), dom
 
 

@@ -54,9 +54,12 @@ def test_bundle_readme_is_a_model_card_with_real_reproduce_steps(built):
     assert "![storyboard](storyboard.png)" in readme and "![home](images/01-home.png)" in readme
     for target in re.findall(r"\]\(([^)\s]+)\)", readme):  # every local link resolves inside the folder
         assert "://" in target or (sub / target).is_file(), target
-    assert "python3 -m pip install -e '.[run]'" in readme and "storyc build story.yaml" in readme
+    steps = readme.split("## Reproduce")[1]
+    assert f"python3 -m pip install -c constraints.txt './storyc-{__version__}-py3-none-any.whl[run]'" in steps
+    assert "    storyc build story.yaml\n" in steps and "modelscope download" not in steps  # tiny models: none
+    assert "No model to download" in steps and "the training images" in steps
     assert f"storyc {__version__}" in readme and "pip install storyc" not in readme
-    assert "<" not in readme.split("## Reproduce")[1]  # no placeholder left
+    assert "<" not in steps  # no placeholder left
 
 
 def test_images_reproducible_across_batch_sizes(built, tiny_models):
@@ -187,6 +190,31 @@ def test_report_renders_in_headless_chromium(built, tmp_path):
     img, dom = chromium_render(built.parent / "build/t/submission/t/report.html", tmp_path)
     assert colourful(img) > 0.03, colourful(img)  # the storyboard and images loaded from their relative links
     assert 'id="verdict"' in dom and "VALID" in dom and "storyboard" in dom
+
+
+def test_report_shows_chinese_without_system_fonts(built, tmp_path):
+    """report.html carries its own font (the packaged Noto Sans CJK cut to the page's characters): on a machine
+    without CJK fonts its Chinese renders as glyphs, not boxes. With boxes, two different titles of the same
+    length draw the same pixels; with glyphs they do not."""
+    import shutil
+
+    import numpy as np
+
+    from conftest import CHROMIUM, chromium_render
+
+    if not CHROMIUM:
+        pytest.skip("Chromium is not installed (apt-get install chromium to run this check)")
+    folder = tmp_path / "sub"
+    shutil.copytree(built.parent / "build/t/submission/t", folder)
+    page = (folder / "report.html").read_text("utf-8")
+    assert len(page.encode()) < 200_000  # light: the font holds the page's characters only
+    assert "@font-face{font-family:storyc-cjk;src:url(data:font/woff;base64," in page and "<h1>紫发女孩</h1>" in page
+    (folder / "other.html").write_text(page.replace("<h1>紫发女孩</h1>", "<h1>演唱会梦</h1>"), "utf-8")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, _ = chromium_render(folder / "report.html", tmp_path / "a", no_system_fonts=True)
+    b, _ = chromium_render(folder / "other.html", tmp_path / "b", no_system_fonts=True)
+    assert a.shape == b.shape and int(np.abs(a - b).sum()) > 0, "the title drew the same boxes: no CJK glyphs"
 
 
 def test_publish_offline_fails_fast(built, monkeypatch):

@@ -1,14 +1,12 @@
 """A fresh install gets the versions the suite passed with: the test tools are pinned exactly and every package
 of storyc[run,test] comes from constraints.txt (hypothesis 6.170 broke hypothesis-jsonschema 0.23.1 once)."""
 import re
-import sys
 from importlib import metadata
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+from storyc.deps import closure, norm
 
-from constraints import closure, norm  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _pins() -> dict:

@@ -2,6 +2,8 @@
 and uploaded to a local hub through modelscope's own client), and LoRA files that ComfyUI and diffusers load."""
 import hashlib
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -86,15 +88,54 @@ def test_publish_dry_run_stages_the_exact_tree_and_the_post(built, tmp_path):
     assert "dry run: nothing uploaded" in r.stdout and "测试队-可图Kolors训练-紫发女孩" in r.stdout
     tree = spec.parent / "build/t/publish/model"
     files = sorted(p.relative_to(tree).as_posix() for p in tree.rglob("*") if p.is_file())
-    assert files == ["README.md", "configuration.json", "images/01-home.png", "images/02-concert.png",
-                     "images/03-stage.png", "prompts.txt", "scores.json", "storyboard.png", "t.diffsynth.safetensors",
-                     "t.diffusers.safetensors", "t.kohya.safetensors"]
-    for rel in files:  # listed, and byte-identical to the built submission
+    page = [f for f in files if not f.startswith("reproduce/")]
+    assert page == ["README.md", "configuration.json", "images/01-home.png", "images/02-concert.png",
+                    "images/03-stage.png", "prompts.txt", "scores.json", "storyboard.png", "t.diffsynth.safetensors",
+                    "t.diffusers.safetensors", "t.kohya.safetensors"]
+    for rel in page:  # listed, and byte-identical to the built submission
         assert rel in r.stdout
         assert (tree / rel).read_bytes() == (spec.parent / "build/t/submission/t" / rel).read_bytes()
+    from storyc import __version__
+
+    assert {f for f in files if f.startswith("reproduce/")} == {
+        "reproduce/storyc.toml", "reproduce/story.yaml", "reproduce/story.lock", "reproduce/constraints.txt",
+        f"reproduce/storyc-{__version__}-py3-none-any.whl", *(f"reproduce/data/img0{i}.png" for i in range(3))}
+    assert (tree / "reproduce/story.lock").read_bytes() == (spec.parent / "story.lock").read_bytes()
     post = (spec.parent / "build/t/publish/POST.md").read_text("utf-8")
     assert post.startswith("测试队 + https://modelscope.cn/models/team/purple")
     assert "images/01-home.png" in post and "在家" in post
+
+
+def test_the_model_page_alone_rebuilds_the_story(built, tiny_models, tmp_path):
+    """A stranger with the published page only: install the storyc wheel from reproduce/, run the card's build step
+    there, and get the published images and lock digests back."""
+    import re
+    import subprocess
+    import sys
+
+    spec = copy_project(built, tmp_path / "p")
+    assert run_cli("publish", spec, "--model-id", "team/purple", "--dry-run", cwd=spec.parent).returncode == 0
+    page = tmp_path / "page"
+    shutil.copytree(spec.parent / "build/t/publish/model", page)
+    steps = (page / "README.md").read_text("utf-8").split("## Reproduce")[1]
+    build = re.search(r"^    (storyc build \S+)$", steps, re.M).group(1).split()
+    site = tmp_path / "site"
+    wheel = next((page / "reproduce").glob("storyc-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True)
+    work = page / "reproduce"
+    (work / ".storyc/models").mkdir(parents=True)
+    for d in tiny_models.iterdir():  # the tiny models storyc would build there (the same seeded bytes): linked
+        (work / ".storyc/models" / d.name).symlink_to(d)
+    r = subprocess.run([sys.executable, "-m", *build[:1], *build[1:]], cwd=work, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(site)), timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    which = subprocess.run([sys.executable, "-c", "import storyc; print(storyc.__file__)"], cwd=work, text=True,
+                           capture_output=True, env=dict(os.environ, PYTHONPATH=str(site))).stdout
+    assert which.startswith(str(site))  # the wheel from the page ran, not this checkout
+    for i, name in enumerate(("01-home", "02-concert", "03-stage")):
+        assert (work / f"build/t/submission/t/images/{name}.png").read_bytes() == (page / f"images/{name}.png").read_bytes()
+    assert (work / "story.lock").read_bytes() == (spec.parent / "story.lock").read_bytes()
 
 
 @pytest.mark.parametrize("edit, message", [

@@ -12,9 +12,11 @@ import json
 import shutil
 from pathlib import Path
 
+from .. import reproduce
 from ..errors import StorycError
+from ..fonts import find_font
 from ..render import canonical_json, csv_cell, render
-from ..report import checkpoints_html, loss_svg, report_html
+from ..report import checkpoints_html, font_face, loss_svg, report_html
 from ..submission import Gate, display_name, files, read_json, sha256
 from .registry import Result
 from .score import coherence
@@ -25,25 +27,6 @@ FORMAT_USE = {
     "kohya": "ComfyUI's LoRA loader and the WebUIs (kohya `lora_unet_` keys)",
     "diffusers": "diffusers: `KolorsPipeline.load_lora_weights(folder, weight_name=...)`",
 }
-
-
-def storyc_commit() -> str | None:
-    """The git commit of the storyc checkout that built this (None for an installed release)."""
-    import subprocess
-
-    root = Path(__file__).resolve().parents[2]
-    if not (root / ".git").exists():
-        return None
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "storyc"],
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if head.returncode != 0:
-        return None
-    return head.stdout.strip()[:12] + ("+modified" if dirty.stdout.strip() else "")
 
 
 def cjk_font(size: int):
@@ -178,21 +161,28 @@ def _write_bundle(ctx, p: dict, tmp: Path, scenes: list, lora_cfg: dict):
     from .. import __version__
 
     title = story.get("title") or sid
+    rp = reproduce.plan(ctx.story, ctx.opts.lock_for(ctx.story))
     front = {"frameworks": ["Pytorch"], "license": sub["license"], "tasks": ["text-to-image-synthesis"],
              "base_model": ["Kwai-Kolors/Kolors"], "base_model_relation": "adapter",
              "tags": ["LoRA", "Kolors", "text-to-image", "storyc", sid]}
     ctxd = dict(story=story, front_matter=front, title=title, scenes=scenes, recs=recs, scores=scores, mean=mean,
                 gate=gate, valid=valid, coherence=coh, odd=scenes[odd]["id"], lora_names=lora_names,
                 spec=ctx.story.rel(ctx.story.spec_path), lora=lora_cfg, gen=gen, filt=filt, train=train,
+                steps=rp.steps, notes=rp.notes, files=len(ctx.story.files) + 1,
+                datasets=rp.datasets_included,
                 license=sub["license"], display_name=display_name(story), storyc_version=__version__,
-                storyc_commit=storyc_commit(),
+                storyc_commit=reproduce.storyc_commit(),
                 formats={f"{sid}.{f}.safetensors": FORMAT_USE[f] for f in sub["lora_formats"]})
     (tmp / "README.md").write_text(render("submission_readme.md.j2", **ctxd), "utf-8")
     # what DiffSynth-Studio's own upload writes into a model folder before pushing it to ModelScope
     (tmp / "configuration.json").write_text(canonical_json(CONFIGURATION), "utf-8")
     ctxd["loss_svg"] = loss_svg(ctx.output("train", "train_log.csv"))
     ctxd["checkpoints_html"] = checkpoints_html(ctx.path("lora"))
-    (tmp / "report.html").write_text(report_html(ctxd), "utf-8")
+    page = report_html(ctxd)
+    ctxd["font_face"] = font_face(page, find_font(), ctx.cache_dir)
+    if ctxd["font_face"]:  # the page with its own font: Chinese shows without system CJK fonts
+        page = report_html(ctxd)
+    (tmp / "report.html").write_text(page, "utf-8")
     manifest = {"format": "storyc.manifest/2", "story": sid, "valid": valid,
                 "files": {f: {"sha256": sha256(tmp / f), "size": (tmp / f).stat().st_size} for f in files(tmp)}}
     (tmp / "manifest.json").write_text(canonical_json(manifest), "utf-8")

@@ -262,10 +262,9 @@ def _bundle_artifacts(c: Compiled, jobs):
                                               "scores.json", "README.md", "manifest.json", "report.html"])})}
 
 
-def _captions_font(job, story):
-    """The bundle depends on the caption font only when it draws captions."""
-    drawn = job.params["submission"]["storyboard"]["captions"] and any(job.params["captions"])
-    return ("font",) if drawn else ()
+def _bundle_models(job, story):
+    """The bundle draws its captions and report.html's text with the font (storyc.fonts)."""
+    return ("font",)
 
 
 # ---------------------------------------------------------------- the kinds, in pipeline order
@@ -281,7 +280,7 @@ KINDS: dict[str, StageKind] = {k.name: k for k in (
               oom_hint="lower `generation.batch_size` (images per UNet call; `auto` sizes it from free memory), "
                        "or cap the memory storyc plans for with STORYC_GPU_MEMORY_GIB"),
     StageKind("score", 1, _score, lambda job, story: ("aesthetic",), "storyc.stages.score"),
-    StageKind("bundle", 3, _bundle, _captions_font, "storyc.stages.bundle", _bundle_artifacts,
+    StageKind("bundle", 4, _bundle, _bundle_models, "storyc.stages.bundle", _bundle_artifacts,
               verdict="storyc.submission:verdict"),
 )}
 
