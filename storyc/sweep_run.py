@@ -107,6 +107,11 @@ def run_sweep(spec, address: str | None = None, concurrent: int | None = None, g
     address = address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         kw = {"address": address} if address else {"num_cpus": max(1, concurrent or 1)}
+        if not address:  # a private local cluster: its own token, said nowhere (Ray warns when it picks the mode)
+            import secrets
+
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
+            os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
         ray.init(include_dashboard=False, log_to_driver=not quiet, configure_logging=False, **kw)
         started = True
     try:

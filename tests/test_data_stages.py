@@ -179,9 +179,13 @@ def _users_ray():
     from pathlib import Path
 
     address = Path(temp) / "ray_current_cluster"
-    while not address.is_file() and p.poll() is None and time.time() < deadline:
+
+    def written():  # Ray writes the file, then its address: wait for the address
+        return address.is_file() and ":" in address.read_text()
+
+    while not written() and p.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    if p.poll() is not None or not address.is_file():
+    if p.poll() is not None or not written():
         p.terminate()
         pytest.fail("could not start the user's Ray instance")
     return p, address.read_text().strip()
