@@ -386,7 +386,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _terminate(signum, frame):
-    # SIGTERM (a kill of storyc) unwinds like Ctrl-C: stages end the processes they started, outputs stay
+    # SIGTERM or SIGHUP unwinds like Ctrl-C: stages end the processes they started, outputs stay
     raise KeyboardInterrupt
 
 
@@ -394,15 +394,17 @@ def main(argv=None) -> int:
     import signal
 
     args = parser().parse_args(argv)
-    try:
-        previous = signal.signal(signal.SIGTERM, _terminate)
-    except ValueError:  # not the main thread (an embedding caller): leave its handlers alone
-        previous = None
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # a kill, a closed terminal: unwind like Ctrl-C
+        try:
+            previous[sig] = signal.signal(sig, _terminate)
+        except ValueError:  # not the main thread (an embedding caller): leave its handlers alone
+            pass
     try:
         return _dispatch(args)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _dispatch(args) -> int:

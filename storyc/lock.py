@@ -13,7 +13,6 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import yaml
 
 from . import __version__
 from .errors import StorycError
@@ -167,15 +166,25 @@ class Lock:
 
     @classmethod
     def load(cls, path: Path) -> "Lock":
+        from .errors import SpecError
+        from .yamlio import MAX_BYTES, NotRegular, load, read_regular
+
         path = Path(path)
         if not path.exists():
             return cls(path)
         try:
-            data = yaml.safe_load(path.read_text("utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            return cls(path, problem=f"{path.name} is not valid YAML ({type(e).__name__}); every stage is rechecked")
+            raw = read_regular(path, 64 * MAX_BYTES + 1)
+        except NotRegular:
+            raise StorycError(f"{path} is not a regular file (a pipe, a device or a socket)",
+                              "point --lock at a file, or remove it to rebuild from scratch") from None
         except OSError as e:
             raise StorycError(f"cannot read {path}: {e.strerror}", "check the file's permissions") from None
+        if len(raw) > 64 * MAX_BYTES:
+            return cls(path, problem=f"{path.name} is larger than any storyc lock; every stage is rechecked")
+        try:  # the bounded loader: no alias bomb, no duplicate keys, no Python tags
+            data = load(path, path.name, text=raw.decode("utf-8-sig")).data
+        except (SpecError, UnicodeDecodeError) as e:
+            return cls(path, problem=f"{path.name} is not valid YAML ({type(e).__name__}); every stage is rechecked")
         if not isinstance(data, dict) or not isinstance(data.get("stages", {}), dict):
             return cls(path, problem=f"{path.name} is not a storyc lock; every stage is rechecked")
         fmt = data.get("format")

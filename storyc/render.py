@@ -19,7 +19,11 @@ def canonical_json(obj) -> str:
 class _Dumper(yaml.SafeDumper):
     """Readable UTF-8 YAML in which no string can break out of its scalar: one holding anything unprintable
     (U+2028, U+0085, NUL, controls, bidi marks) is written double-quoted, where the emitter escapes line breaks
-    and controls, so every YAML 1.1 or 1.2 reader gets the same document back."""
+    and controls, so every YAML 1.1 or 1.2 reader gets the same document back. No anchors or aliases: what
+    storyc writes is plain data, and a file holding them is not one of storyc's."""
+
+    def ignore_aliases(self, data):
+        return True
 
 
 def _represent_str(dumper, s: str):
@@ -122,10 +126,12 @@ def atomic_write(path, data, mode: str = "w") -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and e.filename in (None, tmp):  # disk full: name the file being written
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
     return path

@@ -131,12 +131,21 @@ def _log_traceback(ctx: Context, kind: str, e: BaseException) -> None:
 
 # ---------------------------------------------------------------- the lock (written here only)
 
-def record(ctx: Context, job: StageSpec, res: Result) -> LockEntry:
-    """Write a finished stage into the lock (and save it) right away."""
+def record(ctx: Context, job: StageSpec, res: Result, before: dict | None = None) -> LockEntry:
+    """Write a finished stage into the lock (and save it) right away. ``before``: the fingerprints of its models
+    taken before it ran; those are recorded (an input edited while the stage ran is then seen as changed by the
+    next build, never recorded as the one the outputs came from)."""
     outs = {rel: ctx.record(ctx.build_dir / rel) for rel in sorted(res.outputs)}
     deps = {d: dep_digest(ctx, job, d) for d in job.deps}
+    models = {}
+    for k in models_of(ctx, job):
+        now, then = ctx.fingerprint(k), (before or {}).get(k)
+        if then is not None and now != then:
+            ctx.report.line(f"warning: {'the dataset source' if k == 'dataset' else 'model ' + k} changed while "
+                            f"{job.name} ran; the next build runs it again")
+        models[k] = then if then is not None else now
     entry = LockEntry(params=job.params, params_hash=job.params_hash, storyc=__version__, deps=deps,
-                      models={k: ctx.fingerprint(k) for k in models_of(ctx, job)}, outputs=outs,
+                      models=models, outputs=outs,
                       digest=digest({"outputs": outs, "extra": res.digest_facts}), extra=res.facts or None)
     _put(ctx, job.name, entry)
     return entry
@@ -183,6 +192,7 @@ def _run_group(ctx: Context, run: Callable, kind: str, todo: dict, state: dict) 
 
     jobs = [ctx.plan.stages[n] for n in todo]
     done: set = set()
+    before = {j.name: {k: ctx.fingerprint(k) for k in models_of(ctx, j)} for j in jobs}  # the inputs as they ran
     try:
         quiet_libraries()
         gen = run(ctx, jobs)
@@ -195,7 +205,7 @@ def _run_group(ctx: Context, run: Callable, kind: str, todo: dict, state: dict) 
                 break
             if res.name not in todo or res.name in done:
                 raise RuntimeError(f"executor {kind} reported an unexpected stage {res.name}")
-            record(ctx, ctx.plan.stages[res.name], res)
+            record(ctx, ctx.plan.stages[res.name], res, before[res.name])
             done.add(res.name)
             state[res.name] = "ran"
         missing = [n for n in todo if n not in done]

@@ -99,19 +99,20 @@ def run_sweep(spec, address: str | None = None, concurrent: int | None = None, g
     # only the JSON result logger (below): the default set wants tensorboardX and warns without it
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # the trials' "Loading checkpoint shards" bars
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:  # a private local cluster: its own token (set before Ray reads its config; Ray warns when it
+        import secrets  # picks the mode itself)
+
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
     import ray
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
 
     started = False
-    address = address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         kw = {"address": address} if address else {"num_cpus": max(1, concurrent or 1)}
-        if not address:  # a private local cluster: its own token, said nowhere (Ray warns when it picks the mode)
-            import secrets
 
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
-            os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
         ray.init(include_dashboard=False, log_to_driver=not quiet, configure_logging=False, **kw)
         started = True
     try:
@@ -119,17 +120,19 @@ def run_sweep(spec, address: str | None = None, concurrent: int | None = None, g
         trainable = tune.with_resources(functools.partial(_trial, spec=str(sw.spec), folder=str(folder),
                                                           cache=str(Path(cache).resolve()) if cache else None),
                                         {"cpu": 1, "gpu": gpus})
-        exp = folder / "tune"
+        # Every run is a fresh experiment over the current variants (a restored Tune experiment would keep its old
+        # grid and call stale trials finished): each trial is an incremental storyc build, so an up-to-date one
+        # does nothing, a stale one reruns what changed, a new grid point runs.
+        import shutil
+
+        shutil.rmtree(folder / "tune", ignore_errors=True)
         t0 = time.monotonic()
-        if tune.Tuner.can_restore(str(exp)):  # a sweep run before: Tune resumes it, finished trials stay done
-            tuner = tune.Tuner.restore(str(exp), trainable, resume_errored=True)
-        else:
-            tuner = tune.Tuner(
-                trainable, param_space={"variant": tune.grid_search(order)},
-                tune_config=tune.TuneConfig(max_concurrent_trials=concurrent or None),
-                run_config=tune.RunConfig(storage_path=str(folder), name="tune", verbose=0,
-                                          callbacks=[JsonLoggerCallback()],
-                                          failure_config=tune.FailureConfig(max_failures=2)))
+        tuner = tune.Tuner(
+            trainable, param_space={"variant": tune.grid_search(order)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent or None),
+            run_config=tune.RunConfig(storage_path=str(folder), name="tune", verbose=0,
+                                      callbacks=[JsonLoggerCallback()],
+                                      failure_config=tune.FailureConfig(max_failures=2)))
         grid = tuner.fit()
         wall = time.monotonic() - t0
     finally:
@@ -145,6 +148,9 @@ def run_sweep(spec, address: str | None = None, concurrent: int | None = None, g
     if failed or errors:
         print(f"{len(failed)} variant(s) did not finish; run `storyc sweep {sw.base.rel(sw.spec)}` again to resume")
         return 1
+    if not any(r["valid"] for r in rows):
+        print("no variant is a valid submission (each is below its gate)")
+        return 3
     return 0
 
 
@@ -171,28 +177,37 @@ def _trial(config: dict, spec: str, folder: str, cache: str | None = None) -> No
     if res.failures:
         raise RuntimeError("; ".join(f.message for f in res.failures))
     done = vdir / "result.json"
-    if res.ran or not done.is_file():  # else finished before (a resumed sweep): keep its record, time and all
-        facts = Lock.load(vdir / "story.lock").entry("bundle").facts
-        times = json.loads((plan.build_dir / "build_times.json").read_text("utf-8"))
-        trained = "train.fit_s" in times.get("metrics", {})
-        atomic_write(done, canonical_json({
-            "variant": v.id, "values": v.overrides, "mean_aesthetic": facts["mean_aesthetic"],
-            "style_coherence": facts["style_coherence"], "valid": facts["valid"],
-            "objective": score(sw.objective, facts["mean_aesthetic"], facts["style_coherence"]),
-            "seconds": round(seconds, 2), "trained": trained, "stages_ran": len(res.ran),
-            "submission": str(plan.build_dir / "submission" / v.story.id)}))
+    try:
+        before = json.loads(done.read_text("utf-8"))
+    except (OSError, ValueError):
+        before = None
+    facts = Lock.load(vdir / "story.lock").entry("bundle").facts
+    times = json.loads((plan.build_dir / "build_times.json").read_text("utf-8"))
+    trained = "train.fit_s" in times.get("metrics", {}) or bool("train" not in res.ran and before and before["trained"])
+    record = {"variant": v.id, "values": v.overrides, "mean_aesthetic": facts["mean_aesthetic"],
+              "style_coherence": facts["style_coherence"], "valid": facts["valid"], "trained": trained,
+              "submission": str(plan.build_dir / "submission" / v.story.id)}
+    # what the build is now, never a record of an earlier state: rewritten when anything differs (an up-to-date
+    # trial of a resumed sweep keeps its record, time and all)
+    if before is None or res.ran or {k: before.get(k) for k in record} != record:
+        atomic_write(done, canonical_json({**record, "seconds": round(seconds, 2), "stages_ran": len(res.ran)}))
     out = json.loads(done.read_text("utf-8"))
-    tune.report({k: out[k] for k in ("mean_aesthetic", "style_coherence", "objective", "seconds")}
-                | {"valid": int(out["valid"]), "trained": int(out["trained"])})
+    tune.report({k: out[k] for k in ("mean_aesthetic", "style_coherence", "seconds")}
+                | {"valid": int(out["valid"]), "trained": int(out["trained"]),
+                   "objective": score(sw.objective, out["mean_aesthetic"], out["style_coherence"])})
 
 
 def collect(sw, folder: Path) -> list[dict]:
+    """The current variants' records, with the current objective (an edited objective re-ranks, nothing reruns)."""
+    from .sweep import score
+
     rows = []
     for v in sw.variants:
         try:
             r = json.loads((folder / v.id / "result.json").read_text("utf-8"))
-            rows.append({**r, "state": "done"})
-        except (OSError, ValueError):
+            rows.append({**r, "objective": score(sw.objective, r["mean_aesthetic"], r["style_coherence"]),
+                         "state": "done"})
+        except (OSError, ValueError, KeyError):
             rows.append({"variant": v.id, "values": v.overrides, "state": "not finished"})
     return sorted(rows, key=lambda r: (r["state"] != "done", not r.get("valid", False), -r.get("objective", 0)))
 

@@ -66,10 +66,35 @@ def _mark(file: str, m) -> Mark:
     return Mark(file, m.line + 1, m.column + 1)
 
 
+class NotRegular(OSError):
+    """A path that is a FIFO, a device or a socket: reading it could block forever or never end."""
+
+
+def read_regular(path: Path, limit: int) -> bytes:
+    """At most ``limit`` bytes of a regular file (a folder raises IsADirectoryError; a FIFO, device or socket
+    NotRegular), never blocking: the file is opened without waiting for a writer and checked before reading."""
+    import os
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except IsADirectoryError:
+        raise
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(21, "Is a directory", str(path))
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegular(f"{path} is not a regular file")
+        return f.read(limit)
+
+
 def read_text(path: Path, name: str | None = None) -> str:
     name = name or str(path)
     try:
-        raw = path.read_bytes()
+        raw = read_regular(path, MAX_BYTES + 1)
+    except NotRegular:
+        raise SpecError([Diagnostic(f"{name} is not a regular file (a pipe, a device or a socket)", rule="yaml")]) from None
     except FileNotFoundError:
         raise SpecError([Diagnostic(f"no such file: {name}", rule="yaml")]) from None
     except IsADirectoryError:
@@ -89,10 +114,11 @@ def read_text(path: Path, name: str | None = None) -> str:
             hint="save the file as UTF-8", rule="yaml")]) from None
 
 
-def load(path: Path, display: str | None = None) -> Located:
-    """Load one YAML file into plain data with positions; raise SpecError on any problem."""
+def load(path: Path, display: str | None = None, text: str | None = None) -> Located:
+    """Load one YAML file (or its ``text``, already read) into plain data with positions; raise SpecError on any
+    problem. Bounded: aliases expand to at most MAX_NODES nodes and MAX_EXPANDED characters."""
     name = display or str(path)
-    text = read_text(path, name)
+    text = read_text(path, name) if text is None else text
     if not text.strip() or all(not ln.strip() or ln.lstrip().startswith("#") for ln in text.splitlines()):
         raise SpecError([Diagnostic("file is empty", Mark(name, 1, 1), rule="yaml",
                                     hint="a spec needs at least `version: 1`, `story: {id: ...}` and `scenes:`; "

@@ -121,7 +121,9 @@ def test_garbage_cached_latents_are_encoded_again_and_force_retrains(copy):
 # ---------------------------------------------------------------- 3. captions come from the spec
 
 def test_caption_edit_updates_every_file_of_the_bundle(copy):
-    _edit(copy, "caption: 舞台}", "caption: 新的舞台说明}")
+    """A caption edit reaches every file; a caption over several lines (`caption: |`) too (it crashed the bundle):
+    one line under its storyboard image, its own line breaks where a format keeps them."""
+    _edit(copy, "caption: 舞台}", "caption: \"新的舞台说明\\n第二行\"}")
     from storyc.cli import main
 
     assert main(["build", str(copy), "-q"]) == 0
@@ -130,6 +132,8 @@ def test_caption_edit_updates_every_file_of_the_bundle(copy):
     for name in ("prompts.csv", "prompts.json", "README.md", "report.html"):
         text = (sub / name).read_text("utf-8-sig")
         assert "新的舞台说明" in text and "舞台}" not in text, name
+    assert "### 3. 新的舞台说明 第二行" in (sub / "README.md").read_text("utf-8")  # one Markdown heading line
+    assert json.loads((sub / "prompts.json").read_text("utf-8"))["scenes"][2]["caption"] == "新的舞台说明\n第二行"
 
 
 # ---------------------------------------------------------------- 5. the verdict is recomputed
@@ -240,13 +244,17 @@ def test_ctrl_c_during_training_exits_130(copy):
     assert "interrupted: finished outputs are kept" in out
 
 
-def test_sigterm_during_filter_leaves_no_data_juicer_running(copy):
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP", "SIGKILL"])
+def test_a_killed_build_leaves_no_data_juicer_running(copy, sig):
+    """SIGTERM and SIGHUP (a closed terminal) unwind like Ctrl-C; SIGKILL gives storyc no chance at all, and
+    Data-Juicer's process group still dies with it (the watchdog pipe), instead of running on forever."""
     _edit(copy, "max_ratio: 2.0", "max_ratio: 2.5")
     p = _popen(copy)
     assert _wait_for(lambda: (copy.parent / "build/t/data/output").exists() and _dj_pids(copy))
-    p.send_signal(signal.SIGTERM)
+    p.send_signal(getattr(signal, sig))
     out = p.communicate(timeout=120)[0]
-    assert p.returncode == 130 and "interrupted" in out, out
+    if sig != "SIGKILL":
+        assert p.returncode == 130 and "interrupted" in out, out
     assert _wait_for(lambda: not _dj_pids(copy), 30), _dj_pids(copy)
 
 
@@ -361,3 +369,80 @@ def test_failed_bundle_leaves_no_partial_folder(copy, monkeypatch):
     assert main(["build", str(copy), "-q"]) == 1
     assert not list((copy.parent / "build/t/submission").glob(".*partial"))
     assert (copy.parent / "build/t/submission/t/manifest.json").is_file()  # the previous bundle is intact
+
+
+# ---------------------------------------------------------------- round 2: resource bounds and silent drops
+
+def test_every_image_type_pillow_reads_is_ingested_and_other_files_are_named(project):
+    """.gif, .bmp, .tif, .tiff and .jfif were dropped without a word; a file that is no image is said, by name."""
+    (project / "imgs").mkdir()
+    for ext, fmt in ((".gif", "GIF"), (".bmp", "BMP"), (".tif", "TIFF"), (".tiff", "TIFF"), (".jfif", "JPEG")):
+        Image.new("RGB", (64, 64), (10, 200, 30)).save(project / f"imgs/x{ext}", fmt)
+    (project / "imgs/notes.md").write_text("# not an image", "utf-8")
+    (project / "imgs/x.txt").write_text("a caption, not a file to report", "utf-8")
+    r = _ingest(project)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rep = json.loads((project / "build/d/data/input/ingest_report.json").read_text("utf-8"))
+    assert rep["records"] == 5
+    assert [s["source"] for s in rep["skipped"]] == ["notes.md"] and "not an image type" in rep["skipped"][0]["reason"]
+    assert "warning: ingest skipped notes.md: not an image type storyc reads" in r.stdout
+
+
+def test_pipes_and_devices_are_never_read_as_specs_or_locks(project):
+    spec = project / "fifo.yaml"
+    os.mkfifo(spec)
+    r = run_cli("validate", spec, cwd=project, timeout=30)
+    assert r.returncode == 1 and "fifo.yaml is not a regular file (a pipe, a device or a socket)" in r.stderr
+    (project / "s.yaml").write_text("version: 1\nstory: {id: s}\nsubmission: {rules: none, images: 1}\n"
+                                    "scenes: [{id: a, prompt: x, seed: 0}]\n", "utf-8")
+    r = run_cli("status", "s.yaml", "--lock", "/dev/zero", cwd=project, timeout=30)
+    assert r.returncode == 1 and "/dev/zero is not a regular file" in r.stderr
+
+
+def test_an_alias_bomb_in_a_committed_lock_is_refused_not_expanded(project):
+    (project / "s.yaml").write_text("version: 1\nstory: {id: s}\nsubmission: {rules: none, images: 1}\n"
+                                    "scenes: [{id: a, prompt: x, seed: 0}]\n", "utf-8")
+    # a well-formed entry whose params alias a structure that doubles 40 times (saving it would write 2^40 items)
+    bomb = "format: 1\nbomb:\n  b0: &b0 [x, x]\n"
+    for i in range(1, 41):
+        bomb += f"  b{i}: &b{i} [*b{i - 1}, *b{i - 1}]\n"
+    bomb += ("stages:\n  ingest:\n    params: {a: *b40}\n    params_hash: h\n    digest: " + "0" * 64
+             + "\n    outputs: {}\n")
+    (project / "s.lock").write_text(bomb, "utf-8")
+    r = run_cli("status", "s.yaml", cwd=project, timeout=60)
+    assert r.returncode == 0 and "s.lock is not valid YAML" in r.stdout and "every stage is rechecked" in r.stdout
+
+
+def test_a_long_caption_fits_in_log_time():
+    """Fitting a caption to its cell measured it once per dropped character (quadratic): now by bisection."""
+    import time
+
+    from PIL import Image as PILImage
+    from PIL import ImageDraw
+
+    from storyc.stages.bundle import _fit, cjk_font
+
+    font, _ = cjk_font(16)
+    draw = ImageDraw.Draw(PILImage.new("RGB", (10, 10)))
+    calls = []
+    real = draw.textlength
+    draw.textlength = lambda text, font=None: calls.append(1) or real(text, font=font)
+    t = time.perf_counter()
+    out = _fit(draw, "紫发女孩在舞台上唱歌\n第二行" * 2000, font, 200)
+    assert out.endswith("…") and "\n" not in out and real(out, font=font) <= 200
+    assert len(calls) < 40 and time.perf_counter() - t < 5  # ~log2(34000) measurements
+
+
+def test_disk_full_while_writing_names_the_file_not_its_temporary(tmp_path, monkeypatch):
+    from storyc.render import atomic_write
+    from storyc.runner import explain
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as e:
+        atomic_write(tmp_path / "scores/01-home.json", "{}")
+    assert e.value.filename == str(tmp_path / "scores/01-home.json")
+    assert explain(e.value, "score").message == f"stage score: no space left on the device writing {e.value.filename}"
+    assert not list((tmp_path / "scores").iterdir())  # no temporary left behind

@@ -40,8 +40,9 @@ class Fakes:
     """Executors that write a file per stage derived from its params (and the data a filter keeps), and count
     their calls. ``score`` writes the score file the bundle's verdict reads."""
 
-    def __init__(self, score=7.0, fail=None, kept="all"):
+    def __init__(self, score=7.0, fail=None, kept="all", during=None):
         self.calls, self.score, self.fail, self.kept = [], score, fail, kept
+        self.during = during or {}  # kind -> what happens while it runs (an edit by the user, say)
 
     def __call__(self, kind):
         def run(ctx, jobs):
@@ -49,6 +50,8 @@ class Fakes:
             from storyc.stages.registry import Result
 
             self.calls.append((kind, [j.name for j in jobs]))
+            if kind in self.during:
+                self.during[kind](ctx)
             for j in jobs:
                 if self.fail == j.name:
                     raise (self.fail_with if hasattr(self, "fail_with") else RuntimeError("boom"))
@@ -232,3 +235,16 @@ def test_a_competition_entry_says_so_in_its_verdict(proj):
     res = build(proj, Fakes(score=6.5))
     assert res.verdict_lines == ["submission VALID by the competition's rules (8 images, mean >= 6): mean aesthetic "
                                  "6.500 >= 6 -> build/f/submission/f/"]
+
+
+def test_an_input_edited_while_its_stage_runs_is_not_recorded_as_built(proj):
+    """The dataset's fingerprint is taken before ingest runs: an edit made meanwhile leaves ingest stale (it was
+    taken after, so status said up to date while the old captions stayed ingested)."""
+    def edit(ctx):
+        (proj.parent / "imgs/x.txt").write_text("a caption written while ingest ran", "utf-8")
+
+    res = build(proj, Fakes(during={"ingest": edit}))
+    assert res.exit_code == 0
+    r = run_cli("status", proj, cwd=proj.parent)
+    assert "ingest       stale       dataset source changed" in r.stdout, r.stdout
+    assert ran(build(proj, Fakes())) == ["ingest"]

@@ -125,6 +125,19 @@ def test_sweep_runs_variants_as_ray_tune_trials_and_resumes(base, tmp_path):
     r = run_cli("sweep", "show", sweep, cwd=spec.parent)
     assert r.returncode == 0 and "cache hit" in r.stdout and "trained" in r.stdout
 
+    # as honest as a build: a raised gate reruns the bundles (now INVALID), a new grid value runs, nothing else
+    sweep.write_text(sweep.read_text("utf-8").replace("[4.0, 5.0]", "[4.0, 5.0, 6.0]")
+                     + "submission: {min_aesthetic: 100}\n", "utf-8")
+    r = run_cli("sweep", sweep, "--concurrent", "2", "-q", cwd=spec.parent, timeout=600)
+    assert r.returncode == 3 and "no variant is a valid submission" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    rows3 = json.loads((folder / "results.json").read_text("utf-8"))["variants"]
+    assert len(rows3) == 3 and not any(row["valid"] for row in rows3)
+    assert {row["variant"]: row["stages_ran"] for row in rows3 if row["variant"] in stamps_ids(stamps)} == \
+        {v: 1 for v in stamps_ids(stamps)}  # only the bundle reran in the two earlier variants
+    assert sum(row["trained"] for row in rows3) == 1  # the new value took the cached LoRA
+    sweep.write_text(sweep.read_text("utf-8").replace("[4.0, 5.0, 6.0]", "[4.0, 5.0]")
+                     .replace("submission: {min_aesthetic: 100}\n", ""), "utf-8")
+
     # apply the cfg 5.0 variant: an ordinary story (comments kept) that builds to that variant's lock
     import yaml
 
@@ -136,6 +149,8 @@ def test_sweep_runs_variants_as_ray_tune_trials_and_resumes(base, tmp_path):
     assert yaml.safe_load(text)["generation"]["cfg_scale"] == 5.0 and yaml.safe_load(text)["lora"]["rank"] == 2
     # one CPU thread, as Ray gives a 1-CPU trial: on CPU, float reductions (and so PNG bytes) follow the thread count
     r = run_cli("build", sweep, "-q", cwd=spec.parent, env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 1 and "build/t/ is the build folder of story.yaml" in r.stderr  # the same story.id
+    r = run_cli("build", sweep, "-q", "-o", "applied", cwd=spec.parent, env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout + r.stderr
     ours = yaml.safe_load((spec.parent / "sweep.lock").read_text("utf-8"))["stages"]
     theirs = yaml.safe_load((folder / winner / "story.lock").read_text("utf-8"))["stages"]
@@ -144,6 +159,10 @@ def test_sweep_runs_variants_as_ray_tune_trials_and_resumes(base, tmp_path):
         assert ours[name]["params_hash"] == theirs[name]["params_hash"], name
         assert {k: v["sha256"] for k, v in ours[name]["outputs"].items()} == \
             {k: v["sha256"] for k, v in theirs[name]["outputs"].items()}, name
+
+
+def stamps_ids(stamps: dict) -> set:
+    return {p.parent.name for p in stamps}
 
 
 def test_a_killed_sweep_resumes_without_redoing_finished_trials(base, tmp_path):

@@ -68,9 +68,19 @@ def storyboard(images, captions, columns: int, draw_captions: bool):
 
 
 def _fit(draw, text, font, width):
-    while text and draw.textlength(text, font=font) > width:
-        text = text[:-2] + "…"
-    return text
+    """The caption on one line (a `caption: |` block's line breaks become spaces), cut with … to ``width``: the
+    longest prefix that fits, found by bisection (log n measurements, not one per dropped character)."""
+    text = " ".join(text.split())
+    if draw.textlength(text, font=font) <= width:
+        return text
+    lo, hi = 0, len(text)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if draw.textlength(text[:mid] + "…", font=font) <= width:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo] + "…" if lo else ""
 
 
 def run(ctx, jobs):

@@ -12,24 +12,24 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 from ..errors import StageError
 from ..render import canonical_json
+from ._child import release, spawn
 from .registry import Result
 
 _LEFT = re.compile(r"OP \[(\w+)\] Done in [\d.]+s\. Left (\d+) samples")
 _ERR = re.compile(r"(\w+Error|Exception): (.+)")
 
 
-def dj_command(config: Path, dataset: Path, export: Path, np: int, ray_address: str | None) -> list[str]:
-    cmd = [sys.executable, "-c", "from data_juicer.tools.process_data import main; main()",
-           "--config", str(config), "--dataset_path", str(dataset), "--export_path", str(export), "--np", str(np),
-           "--work_dir", str(export.parent)]
+def dj_args(config: Path, dataset: Path, export: Path, np: int, ray_address: str | None) -> list[str]:
+    """The arguments of Data-Juicer's own `dj-process` for the compiled config."""
+    args = ["--config", str(config), "--dataset_path", str(dataset), "--export_path", str(export), "--np", str(np),
+            "--work_dir", str(export.parent)]
     if ray_address:
-        cmd += ["--executor_type", "ray", "--ray_address", ray_address]
-    return cmd
+        args += ["--executor_type", "ray", "--ray_address", ray_address]
+    return args
 
 
 def _op_line(ctx, index: int) -> str:
@@ -61,10 +61,11 @@ def run(ctx, jobs):
         address, stop_ray, ray_env = _start_ray(ctx, proc["workers"])
         env.update(ray_env)
     try:
-        cmd = dj_command(data / "data_juicer.yaml", inp, out_dir / "result.jsonl", proc["workers"], address)
-        # its own process group: on an interruption storyc ends Data-Juicer and its worker pool, nothing else
-        p = subprocess.Popen(cmd, cwd=build, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, errors="replace", start_new_session=True)
+        args = dj_args(data / "data_juicer.yaml", inp, out_dir / "result.jsonl", proc["workers"], address)
+        # its own process group: on an interruption storyc ends Data-Juicer and its worker pool, nothing else;
+        # and the group dies with storyc however storyc ends (the watchdog of _child.spawn)
+        p = spawn("data_juicer.tools.process_data:main", args, cwd=build, env=env, stdout=subprocess.PIPE,
+                  stderr=subprocess.STDOUT, text=True, errors="replace")
         log, left = [], {}
         try:
             for line in p.stdout:
@@ -77,6 +78,8 @@ def run(ctx, jobs):
         except BaseException:
             _end_group(p)
             raise
+        finally:
+            release(p)
     finally:
         if stop_ray:
             stop_ray()
@@ -210,11 +213,10 @@ def _start_ray(ctx, workers: int):
     # its own token: Data-Juicer's driver authenticates with it, whatever ~/.ray/auth_token holds
     ray_env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env = dict(os.environ, **ray_env)
-    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
-           f"--num-cpus={workers}", f"--temp-dir={temp}", "--include-dashboard=false",
-           "--disable-usage-stats"]
+    args = ["start", "--head", "--block", f"--port={port}", f"--num-cpus={workers}", f"--temp-dir={temp}",
+            "--include-dashboard=false", "--disable-usage-stats"]
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = spawn("-mray.scripts.scripts", args, env=env, stdout=out, stderr=subprocess.STDOUT)
 
     def stop():
         if proc.poll() is None:
@@ -224,6 +226,7 @@ def _start_ray(ctx, workers: int):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, 9)  # its own process group only (start_new_session)
                 proc.wait()
+        release(proc)
         shutil.rmtree(temp, ignore_errors=True)
 
     deadline = time.monotonic() + 180

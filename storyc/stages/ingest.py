@@ -14,17 +14,21 @@ from ..project import inside
 from ..render import canonical_json
 from .registry import Result
 
-EXTS = {".jpg", ".jpeg", ".png", ".webp"}
+EXTS = {".jpg", ".jpeg", ".jfif", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}  # what Pillow reads
+SIDECARS = {".txt"}  # same-name captions
 OUT = "data/input"
 
 
-def _folder_records(root: Path, caption: str, project: Path):
+def _folder_records(root: Path, caption: str, project: Path, skipped: list):
     if not root.is_dir():
         raise StageError("ingest", f"dataset folder {root} does not exist")
     from ..lock import walk_files
 
     for rel, p in walk_files(root):  # the same files the dataset fingerprint covers
         if p.suffix.lower() not in EXTS:
+            if p.suffix.lower() not in SIDECARS:  # said per file, never dropped without a word
+                skipped.append({"source": rel, "reason": f"not an image type storyc reads "
+                                                         f"({', '.join(sorted(EXTS))})"})
             continue
         if not inside(p, project.resolve()):
             raise StageError("ingest", f"{rel} links to a file outside the project ({p.resolve()})",
@@ -114,7 +118,7 @@ def _ingest_source(ctx, ds: dict, tmp: Path, lines: list, skipped: list) -> None
 
     source = ctx.project_path(ds["path"]) if ds.get("path") else None
     if ds["source"] == "folder":
-        records = _folder_records(source, ds["caption"], ctx.story.root)
+        records = _folder_records(source, ds["caption"], ctx.story.root, skipped)
     elif ds["source"] == "jsonl":
         records = _jsonl_records(source, ds["caption"])
     else:
