@@ -54,7 +54,7 @@ def notes(story: Story) -> list[str]:
 
 
 def compile(story: Story, build_dir: Path | None = None) -> Plan:  # noqa: A001 - the verb is the point
-    build_dir = Path(build_dir) if build_dir else story.root / "build" / story.id
+    build_dir = Path(build_dir).resolve() if build_dir else story.root / "build" / story.id  # -o DIR: from here
     c = compiled(story, build_dir)
     stages = stage_jobs(c)
     artifacts = {}

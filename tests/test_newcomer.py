@@ -1,6 +1,8 @@
 """What a new user hit in an afternoon (issue 21), each through the CLI: build folders shared by two specs, models
 found missing late, exit codes that disagreed with the README, a starter project git would track, scenes that
 could not be edited through `extends`, the competition's rules unchecked."""
+import pytest
+
 from conftest import run_cli
 
 STORY = """\
@@ -106,3 +108,19 @@ def test_a_spec_that_extends_another_edits_scenes_by_id(project):
     (project / "new.yaml").write_text("version: 1\nextends: story.yaml\nstory: {id: z}\n"
                                       "scenes: [{id: d, prompt: 猫, seed: 5}]\nsubmission: {images: 1}\n", "utf-8")
     assert [x.id for x in load_story(project / "new.yaml").scenes] == ["d"]  # new ids: the list replaces
+
+
+@pytest.mark.slow  # Data-Juicer
+def test_a_relative_output_folder_builds(project):
+    """`-o DIR` relative to where storyc runs: Data-Juicer (which runs in the build folder) found its config at
+    DIR/<id>/DIR/<id>/data/... and failed."""
+    import json
+
+    from conftest import write_images
+
+    spec = _project(project, STORY.replace("models: {kolors: models/kolors, vae: models/vae, aesthetic: models/aesthetic}\n", ""))
+    write_images(project / "imgs", [(1024, 1024)])
+    (project / "imgs/i.png").unlink()
+    r = run_cli("build", spec, "--until", "filter", "-o", "out", cwd=project)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads((project / "out/x/data/filter_report.json").read_text("utf-8"))["kept"] == 1
