@@ -116,6 +116,7 @@ class Train(Section):
     accumulate_grad_batches: int
     strategy: str
     devices: str | int | tuple
+    num_nodes: int
     seed: int
     checkpoint_every: int
     num_workers: int
@@ -151,10 +152,12 @@ class Train(Section):
         """Processes that train: 1 unless ddp/deepspeed on several devices; None when it depends on the GPU
         count and ``gpus`` is not known (compile time)."""
         if isinstance(self.devices, (list, tuple)):
-            return len(self.devices) if self.strategy != "auto" or len(self.devices) > 1 else 1
-        if isinstance(self.devices, int):
-            return self.devices
-        return 1 if self.strategy == "auto" else gpus
+            per = len(self.devices) if self.strategy != "auto" or len(self.devices) > 1 else 1
+        elif isinstance(self.devices, int):
+            per = self.devices
+        else:
+            per = 1 if self.strategy == "auto" else gpus
+        return None if per is None else per * self.num_nodes
 
 
 @dataclass(frozen=True)

@@ -190,7 +190,10 @@ def _trial(config: dict, spec: str, folder: str, cache: str | None = None) -> No
     # what the build is now, never a record of an earlier state: rewritten when anything differs (an up-to-date
     # trial of a resumed sweep keeps its record, time and all)
     if before is None or res.ran or {k: before.get(k) for k in record} != record:
-        atomic_write(done, canonical_json({**record, "seconds": round(seconds, 2), "stages_ran": len(res.ran)}))
+        import ray
+
+        atomic_write(done, canonical_json({**record, "seconds": round(seconds, 2), "stages_ran": len(res.ran),
+                                           "node": ray.get_runtime_context().get_node_id()}))  # where it ran
     out = json.loads(done.read_text("utf-8"))
     tune.report({k: out[k] for k in ("mean_aesthetic", "style_coherence", "seconds")}
                 | {"valid": int(out["valid"]), "trained": int(out["trained"]),

@@ -1,4 +1,6 @@
 """Sweeps in the spec language: validation with file:line, deterministic variants, shared trainings."""
+import os
+
 from conftest import REPO, run_cli
 
 SWEEP = """\
@@ -206,3 +208,65 @@ def test_a_killed_sweep_resumes_without_redoing_finished_trials(base, tmp_path):
     assert len([e for e in (cache / "train").iterdir() if e.is_dir()]) == 1  # the one LoRA, in the given cache
     assert first.stat().st_mtime_ns == stamp and (first.parent / "story.lock").stat().st_mtime_ns == lock_stamp
     assert sum(row["trained"] for row in rows) == 1  # one LoRA for all three, trained before the kill
+
+
+def test_a_sweep_on_a_two_node_ray_cluster_trains_once(base, tmp_path):
+    """A Ray cluster of two nodes on loopback (a head and a second node, one CPU each, as `ray start` makes them
+    on two machines) sharing one --cache: the two variants' trials run one on each node, and the LoRA they share
+    is trained once (the second node waits on the cache entry, or takes it)."""
+    import json
+    import secrets
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from conftest import copy_project
+
+    spec = copy_project(base, tmp_path / "p")
+    sweep = spec.parent / "sweep.yaml"
+    sweep.write_text("version: 1\nextends: story.yaml\n"
+                     "sweep:\n  parameters:\n    lora.rank: [2]\n    generation.cfg_scale: [3.0, 6.0]\n", "utf-8")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0")
+    ray = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--node-ip-address=127.0.0.1",
+           "--num-cpus=1", "--disable-usage-stats"]
+    head = subprocess.Popen([*ray, "--head", f"--port={port}", "--include-dashboard=false",
+                             f"--temp-dir={tempfile.mkdtemp(prefix='ray-')}"],  # short: socket paths fit 107 B
+                            env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    nodes = [head]
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        nodes.append(subprocess.Popen([*ray, f"--address=127.0.0.1:{port}"], env=env, start_new_session=True,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        probe = ("import ray, time; ray.init(address='127.0.0.1:%d', log_to_driver=False)\n"
+                 "t = time.time()\nwhile len([n for n in ray.nodes() if n['Alive']]) < 2 and time.time() - t < 120:"
+                 " time.sleep(0.5)\nprint(len([n for n in ray.nodes() if n['Alive']]))" % port)
+        assert subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                              timeout=180).stdout.strip().endswith("2")
+        cache = tmp_path / "shared-cache"
+        r = run_cli("sweep", sweep, "--address", f"127.0.0.1:{port}", "--concurrent", "2", "--cache", cache, "-q",
+                    cwd=spec.parent, env={k: env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    finally:
+        for n in nodes:  # `ray start --block` ends what it started on SIGTERM: never `ray stop`
+            os.killpg(n.pid, signal.SIGTERM)
+        for n in nodes:
+            n.wait(timeout=120)
+    rows = json.loads((spec.parent / "build/t/sweeps/sweep/results.json").read_text("utf-8"))["variants"]
+    assert [row["state"] for row in rows] == ["done", "done"]
+    assert len({json.loads((spec.parent / "build/t/sweeps/sweep" / row["variant"] / "result.json")
+                           .read_text("utf-8"))["node"] for row in rows}) == 2  # one trial on each node
+    assert sum(row["trained"] for row in rows) == 1
+    assert len([e for e in (cache / "train").iterdir() if e.is_dir()]) == 1

@@ -1,5 +1,6 @@
 """train stage on tiny random-init Kolors-architecture models, through the CLI and the real libraries."""
 import json
+import os
 
 import pytest
 import torch
@@ -240,6 +241,33 @@ def test_ddp_on_two_processes_equals_one_process_at_the_global_batch(tmp_path, t
     assert sa.keys() == sb.keys()
     assert max(float(v.abs().max()) for k, v in sa.items() if "lora_B" in k) > 0
     assert max(float((sa[k] - sb[k]).abs().max()) for k in sa) < 1e-5
+
+    # the same run on two "machines" (train.num_nodes: 2, NODE_RANK 0 and 1 over loopback, one process each),
+    # sharing one cache as a cluster's nodes share storage: node 0 writes the LoRA, node 1 joins and takes it
+    import socket
+    import subprocess
+    import sys
+
+    nodes = [copy_project(ddp, tmp_path / f"node{i}") for i in range(2)]
+    for spec in nodes:
+        spec.write_text(base.replace("checkpoint_every: 2}", "checkpoint_every: 2, strategy: ddp, num_nodes: 2}"),
+                        "utf-8")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-m", "storyc", "build", str(spec), "--until", "train", "--cache",
+                               str(tmp_path / "shared-cache")], cwd=spec.parent, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env=dict(os.environ, NODE_RANK=str(i), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+             for i, spec in enumerate(nodes)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "node 1 of 2: trained with node 0" in outs[1] and "reused cached LoRA" in outs[1]
+    s0, _ = _lora(nodes[0])
+    s1, _ = _lora(nodes[1])
+    assert all(torch.equal(s0[k], s1[k]) for k in s0)  # node 1 took node 0's LoRA from the cache
+    assert max(float((s0[k] - sb[k]).abs().max()) for k in s0) < 1e-5  # = one process at the global batch
+    assert json.loads((nodes[0].parent / "build/t/lora/train_report.json").read_text())["steps"] == 3
 
 
 def test_tiny_text_encoder_has_every_weight_initialised(tiny_models):

@@ -20,8 +20,10 @@ FORMATS = ("diffsynth", "diffusers", "kohya")  # the cache holds all three: stor
 
 # ---------------------------------------------------------------- training
 
-def train(ctx, cfg: TrainConfig, work: Path):
-    """setup (resources, cached data) -> fit -> export, into the cache entry's work folder."""
+def train(ctx, cfg: TrainConfig, work: Path, node: int = 0, leader: Path | None = None):
+    """setup (resources, cached data) -> fit -> export, into the cache entry's work folder. ``node`` > 0: this
+    machine joins node 0's run (train.num_nodes), resuming from ``leader``'s checkpoint when it has one; node 0
+    alone exports."""
     res = resources.for_train(ctx.device, cfg.train.precision, cfg.train.batch_size)
     if res.note:
         ctx.report.line(f"warning: {res.note}")
@@ -41,7 +43,10 @@ def train(ctx, cfg: TrainConfig, work: Path):
                     "kolors": kolors, "aesthetic": ctx.model("aesthetic")}
         ctx.metric("train.preview_encode_s", time.monotonic() - t)
     t1 = time.monotonic()
-    steps, final_loss = fit(ctx, cfg, work, kolors, data, res, previews)
+    steps, final_loss = fit(ctx, cfg, work, kolors, data, res, previews, node, leader)
+    if node:
+        ctx.report.info(f"     node {node} of {cfg.train.num_nodes}: trained with node 0, which writes the LoRA")
+        return
     train_s = time.monotonic() - t1
     ctx.metric("train.cache_pass_s", cache_s)
     ctx.metric("train.fit_s", train_s)  # UNet load, CUDA-graph capture and every step
@@ -71,7 +76,8 @@ def train(ctx, cfg: TrainConfig, work: Path):
     ctx.report.info(f"     cache pass {cache_s:.1f}s, training {train_s:.1f}s ({steps / max(train_s, 1e-9):.2f} steps/s)")
 
 
-def fit(ctx, cfg: TrainConfig, work: Path, kolors: Path, data: dict, res, previews=None) -> tuple[int, float]:
+def fit(ctx, cfg: TrainConfig, work: Path, kolors: Path, data: dict, res, previews=None, node: int = 0,
+        leader: Path | None = None) -> tuple[int, float]:
     """Train the LoRA with Lightning; resume from work/checkpoints/last.ckpt when present.
 
     With ``strategy: ddp`` and several devices, Lightning's ddp_spawn runs one process per device; each builds its
@@ -92,7 +98,7 @@ def fit(ctx, cfg: TrainConfig, work: Path, kolors: Path, data: dict, res, previe
     atomic_write(work / "memory_plan.json", canonical_json(
         {"gradient_checkpointing": mem.gradient_checkpointing, "cuda_graphs": mem.cuda_graphs}))
     module = setup_module(cfg, kolors, data, res, export_file, mem)
-    resume = _resume_point(ctx, work / "checkpoints" / "last.ckpt")
+    resume = _resume_point(ctx, (leader or work) / "checkpoints" / "last.ckpt", remove=not node)
     total = cfg.optimizer_steps(world)
     if world > 1:
         ctx.report.info(f"     {strategy} on {world} {'GPUs' if accel == 'gpu' else 'CPU processes'}: "
@@ -112,6 +118,8 @@ def fit(ctx, cfg: TrainConfig, work: Path, kolors: Path, data: dict, res, previe
         raise
     if trainer.interrupted:
         raise KeyboardInterrupt
+    if node:  # global rank 0 (on node 0) wrote the LoRA and the fit result
+        return total, None
     if not export_file.exists() or not result.exists():
         _export_from_checkpoint(work, total, export_file, result, cfg)
     out = json.loads(result.read_text("utf-8"))
@@ -233,14 +241,15 @@ def setup_trainer(cfg: TrainConfig, accel, devices, strategy, precision, total: 
         logging.getLogger(name).setLevel(logging.ERROR)
     from .callbacks import SealedCheckpointIO
 
-    return L.Trainer(accelerator=accel, devices=devices, strategy=strategy, precision=precision, max_epochs=1,
+    return L.Trainer(accelerator=accel, devices=devices, num_nodes=cfg.train.num_nodes, strategy=strategy,
+                     precision=precision, max_epochs=1,
                      plugins=[SealedCheckpointIO()],
                      max_steps=total, accumulate_grad_batches=cfg.train.accumulate_grad_batches, callbacks=callbacks,
                      logger=logger, log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                      default_root_dir=str(work), deterministic=False, use_distributed_sampler=False)
 
 
-def _resume_point(ctx, last: Path) -> str | None:
+def _resume_point(ctx, last: Path, remove: bool = True) -> str | None:
     """The checkpoint to resume from: only one this storyc sealed, whose bytes match the seal, loaded as plain
     data (never pickle code). Anything else is removed and training starts over, with a warning."""
     from .callbacks import load_sealed, seal_path
@@ -254,8 +263,9 @@ def _resume_point(ctx, last: Path) -> str | None:
         why = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {str(e)[:120]}"
         ctx.report.line(f"warning: checkpoint {last.parent.parent.name[:12]}…/{last.name} not used ({why}); "
                         "training from step 0")
-        last.unlink(missing_ok=True)
-        seal_path(last).unlink(missing_ok=True)
+        if remove:  # (another node's checkpoint is that node's to remove)
+            last.unlink(missing_ok=True)
+            seal_path(last).unlink(missing_ok=True)
         return None
 
 
@@ -270,16 +280,20 @@ def setup_strategy(cfg: TrainConfig, accel: str):
         if importlib.util.find_spec("deepspeed") is None:
             raise StageError("train", f"train.strategy {strategy} needs the deepspeed package, which is not installed",
                              "pip install deepspeed, or use strategy ddp (one process per GPU) or auto")
+    nodes = cfg.train.num_nodes
     if accel == "cpu":  # on the CPU only ddp runs several processes (how the tests check DDP without GPUs)
         n = devices if isinstance(devices, int) and strategy == "ddp" else 1
-        return ("ddp_spawn" if n > 1 else "auto"), n, n
+        return ("ddp_spawn" if n > 1 else "ddp" if nodes > 1 else "auto"), n, n * nodes
     world = cfg.world_size(torch.cuda.device_count())
+    per_node = world // nodes
     if devices == "auto":
-        devices = world
-    if strategy == "ddp":
-        strategy = "ddp_spawn"  # a plain ddp launcher would re-run the whole storyc command in every rank
-    elif strategy == "auto" and world > 1:
+        devices = per_node
+    # ddp_spawn starts this node's processes; one process per node needs no launcher (plain ddp): a ddp launcher
+    # of several would re-run the whole storyc command in every rank
+    if per_node > 1 and strategy in ("ddp", "auto"):
         strategy = "ddp_spawn"
+    elif nodes > 1 and strategy in ("ddp", "auto"):
+        strategy = "ddp"
     return strategy, devices, world
 
 

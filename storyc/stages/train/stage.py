@@ -64,6 +64,23 @@ def _adopt_legacy(ctx, cfg: TrainConfig, key: str, final: Path) -> bool:
     return True
 
 
+def _node(cfg: TrainConfig) -> int:
+    """This machine's NODE_RANK when several train together (train.num_nodes), else 0."""
+    import os
+
+    if cfg.train.num_nodes == 1:
+        return 0
+    raw = os.environ.get("NODE_RANK", "")
+    if not raw.isdigit() or int(raw) >= cfg.train.num_nodes or not os.environ.get("MASTER_ADDR"):
+        from ...errors import StageError
+
+        raise StageError("train", f"train.num_nodes is {cfg.train.num_nodes}: NODE_RANK (0..{cfg.train.num_nodes - 1})"
+                         " and MASTER_ADDR / MASTER_PORT (node 0's address) must be set on every node",
+                         "e.g. NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 storyc build story.yaml on node 0, "
+                         "NODE_RANK=1 ... on node 1 (README: On GPUs)")
+    return int(raw)
+
+
 def output_names(story_id: str, cfg: TrainConfig) -> dict:
     """format -> file name in build/<id>/lora/ (the cache names them by format alone)."""
     fmts = ["diffsynth"] + [f for f in cfg.formats if f != "diffsynth"]
@@ -80,6 +97,12 @@ def run(ctx, jobs):
     ctx.model("kolors"), ctx.model("vae")  # build/download/check before fingerprinting
     key = train_key(ctx, cfg)
     final = ctx.cache_dir / "train" / key
+    node = _node(cfg)
+    if node and not cache.entry_ok(final):  # train.num_nodes: join node 0's run; it writes the entry
+        work = final.with_name(f"{key}.partial.node{node}")
+        work.mkdir(parents=True, exist_ok=True)
+        train(ctx, cfg, work, node, leader=final.with_name(key + ".partial"))
+        shutil.rmtree(work, ignore_errors=True)
     # one trainer per cache entry: a second story training the same LoRA waits, then reuses it
     with exclusive(final.with_name(key + ".lock"), f"the training of cache entry {key[:12]}", wait=True,
                    on_wait=lambda who: ctx.report.line(f"     waiting for another storyc process{who}, which is "
@@ -89,6 +112,12 @@ def run(ctx, jobs):
             ctx.report.info(f"     --force train: retraining (replacing cache entry {key[:12]})")
             shutil.rmtree(final)
         reused = cache.entry_ok(final, ctx.report)
+        if not reused and node:
+            from ...errors import StageError
+
+            raise StageError("train", f"node {node}: node 0 has not written the LoRA into the shared cache "
+                             f"({ctx.cache_dir})", "every node must see the same cache: --cache DIR on shared "
+                             "storage; run the same command on every node again")
         if not reused:
             work = final.with_name(key + ".partial")
             work.mkdir(parents=True, exist_ok=True)
