@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import StorycError
-from .model import Story, join_negative, plain
+from .model import Story, join_negative, plain, refine_for
 from .render import atomic_write, canonical_json
 from .stages.registry import FORMAT, KINDS, Compiled, generation_common, scene_file, stage_jobs
 
@@ -40,6 +40,9 @@ def compiled(story: Story, build_dir: Path) -> Compiled:
                "negative_prompt": join_negative(spec.style.negative, s.negative),
                "seed": s.seed, "seeds": [s.seed + k for k in range(spec.generation.candidates)],
                "caption": s.caption} for s in spec.scenes]
+    if any(refine_for(spec, s) for s in spec.scenes):  # the hi-res pass, per scene (only when any scene has one)
+        for rec, s in zip(scenes, spec.scenes):
+            rec["refine"] = refine_for(spec, s)
     refs = {k: model_ref(story, k) for k in ("kolors", "vae", "aesthetic")}
     return Compiled(story, scenes, refs, story.rel(story.spec_path), story.rel(build_dir))
 

@@ -178,6 +178,7 @@ class Generation(Section):
     candidates: int
     batch_size: int | str
     allow_duplicate_seeds: bool
+    refine: dict | None  # the hi-res refine pass of every scene (null: off); scenes may override it
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,7 @@ class Scene(Section):
     seed: int
     negative: str
     caption: str
+    refine: dict | bool | None  # None: as generation.refine; False: not refined; a mapping: some settings over it
 
 
 @dataclass(frozen=True)
@@ -247,6 +249,24 @@ def join_negative(style_neg: str, scene_neg: str) -> str:
     """The negative prompt of a scene: style negative, then the scene's own (joined with a Chinese comma)."""
     parts = [p for p in (style_neg.strip(), scene_neg.strip()) if p]
     return "，".join(parts)
+
+
+def refine_for(spec, scene) -> dict | None:
+    """The refine settings of ``scene`` (None: not refined): generation.refine with the scene's own settings over
+    it; a scene may refine on its own (its settings over the schema's defaults). cfg_scale resolved."""
+    from .schema import resolve
+
+    if scene.refine is False:
+        return None
+    base = plain(spec.generation.refine)
+    if isinstance(scene.refine, dict):
+        props = resolve({"$ref": "#/$defs/refine"})["properties"]
+        defaults = {k: v.get("default") for k, v in props.items()} if base is None else base
+        base = {**defaults, **{k: v for k, v in plain(scene.refine).items() if v is not None}}
+    if base is None:
+        return None
+    return {**base, "cfg_scale": base["cfg_scale"] if base["cfg_scale"] is not None else spec.generation.cfg_scale}
+
 
 
 def micro_batches(epochs: int, steps_per_epoch: int, batch_size: int) -> int:

@@ -83,6 +83,25 @@ def plan_generate(free_gib: float | None, batch: "int | str", width: int, height
     return b, f"{free_gib:.1f} GiB free: {b} image(s) per UNet batch ({per:.1f} GiB each)"
 
 
+# The refine pass: the SDXL VAE's activations at full resolution dominate its peak (the UNet works on latents an
+# eighth of the size). Per megapixel of the refined image, fp16, untiled; tiled VAE holds ~a 512-px tile at a time.
+VAE_PER_MPX_GIB = 3.6
+VAE_TILED_GIB = 1.5
+
+
+def plan_refine(free_gib: float | None, tile: "bool | str", width: int, height: int) -> tuple[bool, str]:
+    """Tiled VAE encode/decode for a refine at width x height: the spec's choice, or (auto) tiled when the untiled
+    VAE would not fit beside the UNet in the free memory. On the CPU: untiled (memory is not the limit)."""
+    if isinstance(tile, bool):
+        return tile, f"generation.refine.tile: {str(tile).lower()} (spec)"
+    if free_gib is None:
+        return False, "on the CPU: untiled VAE"
+    need = UNET_GIB + VAE_PER_MPX_GIB * width * height / 1e6 + HEADROOM_GIB
+    tiled = free_gib < need
+    return tiled, (f"{free_gib:.1f} GiB free {'<' if tiled else '>='} {need:.1f} GiB for an untiled VAE at "
+                   f"{width}x{height}: tiled VAE {'on' if tiled else 'off'}")
+
+
 def cap_gib() -> float | None:
     """``STORYC_GPU_MEMORY_GIB``: the GPU memory storyc may use (e.g. 22 to behave like a 24 GB card)."""
     raw = os.environ.get("STORYC_GPU_MEMORY_GIB", "").strip()

@@ -55,6 +55,8 @@ def defaults(data: dict) -> dict:
     """A deep copy of ``data`` with every schema default filled in."""
     def fill(s, value):
         s = resolve(s)
+        if isinstance(value, dict) and "properties" not in s:  # null or a mapping (oneOf): the mapping's defaults
+            s = next((resolve(b) for b in s.get("oneOf", ()) if "properties" in resolve(b)), s)
         if isinstance(value, dict) and "properties" in s:
             for k, ps in s["properties"].items():
                 ps = resolve(ps)

@@ -191,6 +191,11 @@ def _explain(err, loc: Located) -> list[Diagnostic]:
             return [d(f"expected \"auto\", a GPU count or a list of GPU indices, got `{_short(v)}`")]
         if path and path[-1] == "resolution":
             return [d(f"expected one side (multiple of 32, 64..4096) or [width, height], got `{_short(v)}`")]
+        if isinstance(v, dict) and err.context:  # e.g. null or a mapping: the mapping's own problem, explained
+            from jsonschema.exceptions import best_match
+
+            inner = [e for e in err.context if e.validator not in ("type", "const", "enum")]  # the mapping branch
+            return _explain(best_match(inner or err.context), loc)
     return [d(err.message)]
 
 

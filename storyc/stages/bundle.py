@@ -42,14 +42,17 @@ def cjk_font(size: int):
     return ImageFont.truetype(str(f.path), size, index=f.index, layout_engine=ImageFont.Layout.BASIC), f.name
 
 
+BOARD_CELL = 1024
+
+
 def storyboard(images, captions, columns: int, draw_captions: bool):
     """Grid in story order; each image keeps its aspect ratio inside its cell; captions under each image."""
     from PIL import Image, ImageDraw
 
     n = len(images)
     rows = -(-n // columns)
-    cw = max(im.width for im in images)
-    ch = max(im.height for im in images)
+    cw = min(max(im.width for im in images), BOARD_CELL)  # refined 2048-px images: the board keeps 1024-px cells
+    ch = min(max(im.height for im in images), BOARD_CELL)
     font, font_path = cjk_font(max(12, cw // 24))
     cap_h = (font.size * 2 + 8) if draw_captions and any(captions) else 0
     board = Image.new("RGB", (cw * columns, (ch + cap_h) * rows), "white")
@@ -125,10 +128,11 @@ def _write_bundle(ctx, p: dict, tmp: Path, scenes: list, lora_cfg: dict):
     recs, scores, embeds, imgs = [], [], [], []
     (tmp / "images").mkdir()
     for s in scenes:
-        rec = json.loads(ctx.output(f"generate[{s['id']}]", ".json").read_text("utf-8"))  # what it rendered
+        last = f"refine[{s['id']}]" if f"refine[{s['id']}]" in ctx.plan.stages else f"generate[{s['id']}]"
+        rec = json.loads(ctx.output(last, ".json").read_text("utf-8"))  # what the scene's last stage rendered
         sc = json.loads(ctx.output(f"score[{s['id']}]", ".json").read_text("utf-8"))
         name = f"images/{Path(s['file']).name}"
-        shutil.copyfile(ctx.path(s["file"]), tmp / name)
+        shutil.copyfile(ctx.output(last, ".png"), tmp / name)
         recs.append({**rec, "file": name, "caption": s["caption"]})
         scores.append(sc["score"])
         embeds.append(sc["clip_embedding"])

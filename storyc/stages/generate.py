@@ -27,13 +27,13 @@ def lora_file(ctx) -> Path:
 
 
 def load_merged_pipeline(kolors: Path, lora_path: Path | None, strength: float, dtype, device,
-                         text_encoder: bool = True):
+                         text_encoder: bool = True, vae_encoder: Path | None = None):
     """Kolors pipeline with the LoRA merged into the UNet at ``strength`` (= alpha/rank * lora_scale)."""
     from .. import lora as L
     from ..models.kolors import load_pipeline
 
     with silent_stdout():
-        pipe = load_pipeline(kolors, dtype, device, text_encoder=text_encoder)
+        pipe = load_pipeline(kolors, dtype, device, text_encoder=text_encoder, vae_encoder=vae_encoder)
     if lora_path is not None and strength:
         state, _ = L.load(lora_path)
         if not L.merge(pipe.unet, state, strength):
@@ -100,22 +100,39 @@ def render_iter(pipe, items: list[dict], gen: dict, batch_size: int, progress=No
             latents = torch.cat([pipe.generate_noise((1, 4, h // 8, w // 8), seed=it["seed"], device=dev, dtype=dt)
                                  for it in chunk])
             pipe.scheduler.set_timesteps(steps)
-            n = ehs.shape[0]
-            add_time_id = torch.tensor([h, w, 0, 0, h, w], device=dev).repeat(n)
-            for t in pipe.scheduler.timesteps:
-                timestep = t.unsqueeze(0).to(dev)
-                x = torch.cat([latents, latents]) if cfg != 1.0 else latents
-                pred = pipe.unet(x, timestep=timestep, encoder_hidden_states=ehs, add_time_id=add_time_id,
-                                 add_text_embeds=ate)
-                if cfg != 1.0:
-                    posi, nega = pred[:b], pred[b:]
-                    pred = nega + cfg * (posi - nega)
-                latents = pipe.scheduler.step(pred, timestep, latents)
+
+            def step(k):
+                nonlocal done
                 done += b
                 if progress:
                     progress(done, total)
+
+            latents = denoise(pipe, latents, ehs, ate, cfg, step)
             decoded = [pipe.decode_image(latents[i:i + 1]) for i in range(b)]
         yield from decoded
+
+
+def denoise(pipe, latents, ehs, ate, cfg: float, each_step=None):
+    """The sampling loop over the scheduler's timesteps (as set), classifier-free guidance batched with the
+    images: one UNet call per step for 2 x batch rows (the notebook's pipeline makes two calls per image). Shared
+    by generation and the refine pass (which starts from a noised image at its strength's first timestep)."""
+    import torch
+
+    b, dev = latents.shape[0], pipe.device
+    h, w = latents.shape[2] * 8, latents.shape[3] * 8
+    add_time_id = torch.tensor([h, w, 0, 0, h, w], device=dev).repeat(ehs.shape[0])
+    for k, t in enumerate(pipe.scheduler.timesteps):
+        timestep = t.unsqueeze(0).to(dev)
+        x = torch.cat([latents, latents]) if cfg != 1.0 else latents
+        pred = pipe.unet(x, timestep=timestep, encoder_hidden_states=ehs, add_time_id=add_time_id,
+                         add_text_embeds=ate)
+        if cfg != 1.0:
+            posi, nega = pred[:b], pred[b:]
+            pred = nega + cfg * (posi - nega)
+        latents = pipe.scheduler.step(pred, timestep, latents)
+        if each_step:
+            each_step(k)
+    return latents
 
 
 def encode_prompts(pipe, positive: list[str], negative: list[str]):
@@ -188,13 +205,13 @@ def _finish_scene(ctx, gen, s, cands, scorer, lora_sha, memory=None) -> Result:
         scores = scorer.score([img for _, img in cands])
         cand_scores = {}
         for (it, img), sc in zip(cands, scores):
-            _save_png(img, folder / f"{Path(s['file']).stem}-s{it['seed']}.png")
+            save_png(img, folder / f"{Path(s['file']).stem}-s{it['seed']}.png")
             cand_scores[str(it["seed"])] = round(sc, 6)
         best = max(range(len(cands)), key=lambda i: (scores[i], -cands[i][0]["seed"]))
         chosen_seed, image = cands[best][0]["seed"], cands[best][1]
     else:
         image = cands[0][1]
-    _save_png(image, ctx.path(s["file"]))
+    save_png(image, ctx.path(s["file"]))
     # what was rendered: the scene's hashed values (its caption belongs to the bundle, not to the image)
     rec = {"format": "storyc.scene/1", "scene": s["id"], "index": s["index"], "prompt": s["prompt"],
            "negative_prompt": s["negative_prompt"], "seed": chosen_seed, "steps": gen["steps"],
@@ -212,7 +229,7 @@ def _finish_scene(ctx, gen, s, cands, scorer, lora_sha, memory=None) -> Result:
     return Result(s["name"], [s["file"], meta], facts, digest_facts=chosen_seed)
 
 
-def _save_png(img, path: Path):
+def save_png(img, path: Path):
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     atomic_write(path, buf.getvalue(), "wb")

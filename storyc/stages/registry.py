@@ -236,9 +236,42 @@ def _generate_models(job, story):
 
 # ---------------------------------------------------------------- score
 
+# ---------------------------------------------------------------- refine (hi-res, img2img)
+
+def refined_file(index: int, scene_id: str) -> str:
+    return f"refined/{index + 1:02d}-{scene_id}.png"
+
+
+def _refine(c: Compiled):
+    """A refine stage for each scene that is refined: its own slice (the refine settings, the scene's prompts, the
+    LoRA strength), so tuning it re-runs refine, score and bundle, never generate or train."""
+    common = generation_common(c.spec)
+    out = []
+    for sc in c.scenes:
+        r = sc.get("refine")
+        if not r:
+            continue
+        params = {"refine": {k: v for k, v in r.items() if k != "tile"}, "prompt": sc["prompt"],
+                  "negative_prompt": sc["negative_prompt"], "source": sc["file"],
+                  "file": refined_file(sc["index"], sc["id"]), "model": c.refs["kolors"],
+                  "lora_strength": common["lora_strength"]}
+        reads = {"train": (f"lora/{c.story.id}.diffsynth.safetensors",)}
+        out.append(StageSpec(f"refine[{sc['id']}]", "refine", params, (f"generate[{sc['id']}]", "train"), sc["id"],
+                             {"tile": r["tile"], "index": sc["index"]}, reads))
+    return out
+
+
+# ---------------------------------------------------------------- score
+
 def _score(c: Compiled):
-    return [StageSpec(f"score[{sc['id']}]", "score", {"model": c.refs["aesthetic"], "file": sc["file"]},
-                      (f"generate[{sc['id']}]",), sc["id"]) for sc in c.scenes]
+    """Each scene's last image: the refined one when the scene is refined."""
+    out = []
+    for sc in c.scenes:
+        last = (refined_file(sc["index"], sc["id"]), f"refine[{sc['id']}]") if sc.get("refine") else \
+            (sc["file"], f"generate[{sc['id']}]")
+        out.append(StageSpec(f"score[{sc['id']}]", "score", {"model": c.refs["aesthetic"], "file": last[0]},
+                             (last[1],), sc["id"]))
+    return out
 
 
 # ---------------------------------------------------------------- bundle
@@ -279,6 +312,10 @@ KINDS: dict[str, StageKind] = {k.name: k for k in (
               scene_keys=SCENE_KEYS,
               oom_hint="lower `generation.batch_size` (images per UNet call; `auto` sizes it from free memory), "
                        "or cap the memory storyc plans for with STORYC_GPU_MEMORY_GIB"),
+    StageKind("refine", 1, _refine, lambda job, story: ("kolors",), "storyc.stages.refine",
+              scene_keys=("refine", "prompt", "negative_prompt"),
+              oom_hint="set `generation.refine.tile: true` (tiled VAE), lower `generation.refine.scale`, or cap the "
+                       "memory storyc plans for with STORYC_GPU_MEMORY_GIB"),
     StageKind("score", 1, _score, lambda job, story: ("aesthetic",), "storyc.stages.score"),
     StageKind("bundle", 4, _bundle, _bundle_models, "storyc.stages.bundle", _bundle_artifacts,
               verdict="storyc.submission:verdict"),

@@ -1,0 +1,80 @@
+"""refine: the hi-res pass of DiffSynth's Kolors example (1024 -> 2048, img2img at strength 0.4), per scene.
+
+The generated image is upscaled (Lanczos), encoded with the Kolors VAE, noised to the refine strength's first
+timestep with the scene's own seed, and denoised again with the scene's prompts and the LoRA merged at the
+generation's strength: the same steps as DiffSynth's ``SDXLImagePipeline(input_image=..., denoising_strength=...)``,
+with the prompt embeddings encoded once for every scene (ChatGLM released before the UNet loads) and the loop
+shared with generation. Tiled VAE encode/decode when the memory planner (or the spec) asks for it.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .. import resources
+from ..render import atomic_write, canonical_json
+from ._quiet import quiet_libraries
+from .generate import cached_encoder, denoise, encode_all, load_merged_pipeline, save_png
+from .registry import Result
+
+
+def refined_size(w: int, h: int, scale: float) -> tuple[int, int]:
+    """The refined size: scale x the image, in multiples of 32 (the UNet halves the 1/8 latent twice)."""
+    return max(32, round(w * scale / 32) * 32), max(32, round(h * scale / 32) * 32)
+
+
+def run(ctx, jobs):
+    import torch
+    from PIL import Image
+
+    quiet_libraries()
+    res = resources.for_generate(ctx.device)
+    kolors = ctx.model("kolors")
+    lora = ctx.output("train", f"{ctx.story.id}.diffsynth.safetensors")
+    strength = jobs[0].params["lora_strength"]  # the same for every scene of a plan
+    scenes = []
+    for job in jobs:
+        gen = f"generate[{job.scene}]"
+        rec = json.loads(ctx.output(gen, ".json").read_text("utf-8"))  # what generate rendered: the chosen seed
+        scenes.append((job, rec, ctx.output(gen, ".png")))
+    items = [{"prompt": j.params["prompt"], "negative_prompt": j.params["negative_prompt"]} for j, _, _ in scenes]
+    cfgs = {j.params["refine"]["cfg_scale"] for j in jobs}
+    t = time.monotonic()
+    guided = next((c for c in cfgs if c != 1.0), 1.0)  # negatives are encoded when any scene's guidance uses them
+    table = encode_all(kolors, items, guided, res.torch_dtype(), res.device)  # then ChatGLM is freed
+    ctx.metric("refine.text_encoder_load_and_encode_s", time.monotonic() - t)
+    t = time.monotonic()
+    pipe = load_merged_pipeline(kolors, lora, strength, res.torch_dtype(), res.device, text_encoder=False,
+                                vae_encoder=kolors / "vae" / "diffusion_pytorch_model.safetensors")
+    ctx.metric("refine.load_s", time.monotonic() - t)
+    encode = cached_encoder(table)
+    t_all = time.monotonic()
+    for i, (job, rec, src) in enumerate(scenes):
+        r = job.params["refine"]
+        with Image.open(src) as im:
+            image = im.convert("RGB")
+        w, h = refined_size(image.width, image.height, r["scale"])
+        tiled, why = resources.plan_refine(resources.free_gib(res.device), job.settings["tile"], w, h)
+        if i == 0:
+            ctx.report.info(f"     refine: {why}")
+        big = image.resize((w, h), Image.LANCZOS)
+        with torch.no_grad():
+            pipe.scheduler.set_timesteps(r["steps"], r["strength"])
+            x = pipe.preprocess_image(big).to(device=pipe.device, dtype=pipe.torch_dtype)
+            latents = pipe.encode_image(x, tiled=tiled)
+            noise = pipe.generate_noise((1, 4, h // 8, w // 8), seed=rec["seed"], device=pipe.device,
+                                        dtype=pipe.torch_dtype)
+            latents = pipe.scheduler.add_noise(latents, noise, timestep=pipe.scheduler.timesteps[0])
+            cfg = r["cfg_scale"]
+            ehs, ate = encode(pipe, [job.params["prompt"]], [job.params["negative_prompt"]] if cfg != 1.0 else [])
+            n = len(pipe.scheduler.timesteps)
+            latents = denoise(pipe, latents, ehs, ate, cfg,
+                              lambda k: ctx.report.update(i * n + k + 1, len(scenes) * n, "refining"))
+            out = pipe.decode_image(latents, tiled=tiled)
+        save_png(out, ctx.path(job.params["file"]))
+        meta = str(Path(job.params["file"]).with_suffix(".json"))
+        atomic_write(ctx.path(meta), canonical_json({**rec, "width": w, "height": h, "refine": r}))
+        yield Result(job.name, [job.params["file"], meta], {"size": [w, h], "tiled": tiled})
+    ctx.metric("refine.render_s", time.monotonic() - t_all)
+    return f"{len(scenes)} scene(s) refined on {res.device}"
