@@ -39,6 +39,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limi
 for b in "$@"; do
   case "$b" in
     generate) python3 bench/generate_bench.py ${GEN_ARGS:-} 2>&1 | tee "$OUT/generate_log.txt" ;;
+    # bench/refine_bench.py: the hi-res refine pass (issue 24) vs DiffSynth's img2img example path
+    refine) python3 bench/refine_bench.py ${REFINE_ARGS:-} 2>&1 | tee "$OUT/refine_log.txt" ;;
     train) python3 bench/train_bench.py ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/train_log.txt" ;;
     multigpu) python3 bench/multigpu.py 2>&1 | tee "$OUT/multigpu_log.txt" ;;
     graphs) python3 bench/graphs_check.py 2>&1 | tee "$OUT/graphs_log.txt" ;;

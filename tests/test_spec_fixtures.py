@@ -108,7 +108,7 @@ def test_alias_bomb_is_refused_quickly(cli):
     t = time.perf_counter()
     code, _, err = cli("validate", HERE / "invalid" / "alias_bomb.yaml")
     assert code == 1 and "alias bomb" in err
-    assert time.perf_counter() - t < 2.0
+    assert time.perf_counter() - t < 5.0  # milliseconds when idle; seconds would mean the bomb expanded
 
 
 def test_prompt_length_counts_kolors_tokens():

@@ -178,7 +178,7 @@ def test_publish_uploads_the_tree_to_the_hub(built, tmp_path):
     assert hub.repos[0].get("ChineseName") == "测试队-可图Kolors训练-紫发女孩"
     tree = spec.parent / "build/t/publish/model"
     staged = {p.relative_to(tree).as_posix(): p for p in tree.rglob("*") if p.is_file() and not p.name.startswith(".")}
-    assert set(staged) <= set(hub.files) and len(staged) == 11
+    assert set(staged) <= set(hub.files) and len(staged) == 19  # the page (11) and its reproduce/ folder (8)
     for rel, p in staged.items():  # every file arrived whole
         assert hub.sha(rel) == hashlib.sha256(p.read_bytes()).hexdigest(), rel
 

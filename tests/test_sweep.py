@@ -121,24 +121,11 @@ def test_sweep_runs_variants_as_ray_tune_trials_and_resumes(base, tmp_path):
         ids = [row["variant"] for row in rows]
         assert dom.count("<img ") == 2 and dom.index(f"id=\"{ids[0]}\"") < dom.index(f"id=\"{ids[1]}\"")
     stamps = {p: p.stat().st_mtime_ns for p in folder.glob("v-*/result.json")}
-    r = run_cli("sweep", sweep, "-q", cwd=spec.parent, timeout=600)  # again: Tune resumes; nothing reruns
+    r = run_cli("sweep", sweep, "-q", cwd=spec.parent, timeout=600)  # again: every trial is up to date
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in folder.glob("v-*/result.json")} == stamps
     r = run_cli("sweep", "show", sweep, cwd=spec.parent)
     assert r.returncode == 0 and "cache hit" in r.stdout and "trained" in r.stdout
-
-    # as honest as a build: a raised gate reruns the bundles (now INVALID), a new grid value runs, nothing else
-    sweep.write_text(sweep.read_text("utf-8").replace("[4.0, 5.0]", "[4.0, 5.0, 6.0]")
-                     + "submission: {min_aesthetic: 100}\n", "utf-8")
-    r = run_cli("sweep", sweep, "--concurrent", "2", "-q", cwd=spec.parent, timeout=600)
-    assert r.returncode == 3 and "no variant is a valid submission" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
-    rows3 = json.loads((folder / "results.json").read_text("utf-8"))["variants"]
-    assert len(rows3) == 3 and not any(row["valid"] for row in rows3)
-    assert {row["variant"]: row["stages_ran"] for row in rows3 if row["variant"] in stamps_ids(stamps)} == \
-        {v: 1 for v in stamps_ids(stamps)}  # only the bundle reran in the two earlier variants
-    assert sum(row["trained"] for row in rows3) == 1  # the new value took the cached LoRA
-    sweep.write_text(sweep.read_text("utf-8").replace("[4.0, 5.0, 6.0]", "[4.0, 5.0]")
-                     .replace("submission: {min_aesthetic: 100}\n", ""), "utf-8")
 
     # apply the cfg 5.0 variant: an ordinary story (comments kept) that builds to that variant's lock
     import yaml
@@ -161,6 +148,17 @@ def test_sweep_runs_variants_as_ray_tune_trials_and_resumes(base, tmp_path):
         assert ours[name]["params_hash"] == theirs[name]["params_hash"], name
         assert {k: v["sha256"] for k, v in ours[name]["outputs"].items()} == \
             {k: v["sha256"] for k, v in theirs[name]["outputs"].items()}, name
+
+    # as honest as a build: a raised gate reruns the bundles (now INVALID), a new grid value runs, nothing else
+    sweep.write_text(sweep.read_text("utf-8").replace("[4.0, 5.0]", "[4.0, 5.0, 6.0]")
+                     + "submission: {min_aesthetic: 100}\n", "utf-8")
+    r = run_cli("sweep", sweep, "--concurrent", "2", "-q", cwd=spec.parent, timeout=600)
+    assert r.returncode == 3 and "no variant is a valid submission" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    rows3 = json.loads((folder / "results.json").read_text("utf-8"))["variants"]
+    assert len(rows3) == 3 and not any(row["valid"] for row in rows3)
+    assert {row["variant"]: row["stages_ran"] for row in rows3 if row["variant"] in stamps_ids(stamps)} == \
+        {v: 1 for v in stamps_ids(stamps)}  # only the bundle reran in the two earlier variants
+    assert sum(row["trained"] for row in rows3) == 1  # the new value took the cached LoRA
 
 
 def stamps_ids(stamps: dict) -> set:

@@ -24,8 +24,30 @@ def refined_size(w: int, h: int, scale: float) -> tuple[int, int]:
     return max(32, round(w * scale / 32) * 32), max(32, round(h * scale / 32) * 32)
 
 
-def run(ctx, jobs):
+def refine_image(pipe, image, size: tuple, r: dict, seed: int, prompt: str, negative: str, encode, tiled: bool,
+                 each_step=None):
+    """One image through the refine pass (what DiffSynth's pipeline does with ``input_image`` and
+    ``denoising_strength``): Lanczos to ``size``, VAE-encode, noise to the strength's first timestep with ``seed``,
+    denoise with classifier-free guidance, decode. ``encode(pipe, positives, negatives)`` gives the embeddings."""
     import torch
+    from PIL import Image
+
+    w, h = size
+    tiled = tiled and min(w, h) >= 512  # the VAE's tiles are 512 px: a smaller image is one tile anyway
+    big = image.resize((w, h), Image.LANCZOS)
+    with torch.no_grad():
+        pipe.scheduler.set_timesteps(r["steps"], r["strength"])
+        x = pipe.preprocess_image(big).to(device=pipe.device, dtype=pipe.torch_dtype)
+        latents = pipe.encode_image(x, tiled=tiled)
+        noise = pipe.generate_noise((1, 4, h // 8, w // 8), seed=seed, device=pipe.device, dtype=pipe.torch_dtype)
+        latents = pipe.scheduler.add_noise(latents, noise, timestep=pipe.scheduler.timesteps[0])
+        cfg = r["cfg_scale"]
+        ehs, ate = encode(pipe, [prompt], [negative] if cfg != 1.0 else [])
+        latents = denoise(pipe, latents, ehs, ate, cfg, each_step)
+        return pipe.decode_image(latents, tiled=tiled)
+
+
+def run(ctx, jobs):
     from PIL import Image
 
     quiet_libraries()
@@ -58,20 +80,9 @@ def run(ctx, jobs):
         tiled, why = resources.plan_refine(resources.free_gib(res.device), job.settings["tile"], w, h)
         if i == 0:
             ctx.report.info(f"     refine: {why}")
-        big = image.resize((w, h), Image.LANCZOS)
-        with torch.no_grad():
-            pipe.scheduler.set_timesteps(r["steps"], r["strength"])
-            x = pipe.preprocess_image(big).to(device=pipe.device, dtype=pipe.torch_dtype)
-            latents = pipe.encode_image(x, tiled=tiled)
-            noise = pipe.generate_noise((1, 4, h // 8, w // 8), seed=rec["seed"], device=pipe.device,
-                                        dtype=pipe.torch_dtype)
-            latents = pipe.scheduler.add_noise(latents, noise, timestep=pipe.scheduler.timesteps[0])
-            cfg = r["cfg_scale"]
-            ehs, ate = encode(pipe, [job.params["prompt"]], [job.params["negative_prompt"]] if cfg != 1.0 else [])
-            n = len(pipe.scheduler.timesteps)
-            latents = denoise(pipe, latents, ehs, ate, cfg,
-                              lambda k: ctx.report.update(i * n + k + 1, len(scenes) * n, "refining"))
-            out = pipe.decode_image(latents, tiled=tiled)
+        n = max(1, round(r["steps"] * r["strength"]))
+        out = refine_image(pipe, image, (w, h), r, rec["seed"], job.params["prompt"], job.params["negative_prompt"],
+                           encode, tiled, lambda k: ctx.report.update(i * n + k + 1, len(scenes) * n, "refining"))
         save_png(out, ctx.path(job.params["file"]))
         meta = str(Path(job.params["file"]).with_suffix(".json"))
         atomic_write(ctx.path(meta), canonical_json({**rec, "width": w, "height": h, "refine": r}))

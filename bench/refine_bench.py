@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""The hi-res refine pass (issue 24): DiffSynth's Kolors example path vs storyc's refine stage, same card, same run.
+
+The story's 8 scenes: each generated at 1024x1024 (storyc's generate path, batched), then refined to 2048x2048 at
+strength 0.4, 50 scheduler steps (20 run), cfg 4, on full-size Kolors-architecture models with random weights.
+  generate   storyc.stages.generate.render_iter at 1024^2, 8 scenes in one UNet batch (the stage's own path):
+             the cost refine is measured against (goal: refine <= 2x generation per image)
+  example    DiffSynth's own img2img: SDXLImagePipeline(prompt, input_image=image.resize(2048), denoising_strength
+             0.4, 50 steps) with the LoRA merged, one image at a time (its example's path)
+  storyc     storyc.stages.refine.refine_image: embeddings encoded once, the shared denoise loop, VAE tiling as the
+             memory planner decides; untiled and tiled timed apart, with peak memory, and under STORYC_GPU_MEMORY_GIB=22
+Run on the GPU machine: bash bench/gpu.sh refine
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+from common import (DEV, DT, NEG, PROMPT, SMOKE, build_text_encoder, build_unet, build_vae, gpu_info, make_pipe,
+                    out_dir, random_lora_state, sync, torch, write)
+
+p = argparse.ArgumentParser()
+p.add_argument("--images", type=int, default=8)
+p.add_argument("--size", type=int, default=1024)
+p.add_argument("--scale", type=float, default=2.0)
+p.add_argument("--example-images", type=int, default=3, help="timed images of DiffSynth's path")
+args = p.parse_args()
+R = {"meta": {**gpu_info(), "images": args.images, "size": args.size, "scale": args.scale, "strength": 0.4,
+              "steps": 50, "cfg": 4.0}}
+out = out_dir()
+print("card", R["meta"], flush=True)
+
+from storyc import lora as L  # noqa: E402
+from storyc import resources  # noqa: E402
+from storyc.stages.generate import encode_prompts, render_iter  # noqa: E402
+from storyc.stages.refine import refine_image, refined_size  # noqa: E402
+
+te, enc, dec, unet = build_text_encoder(), build_vae("encoder"), build_vae("decoder"), build_unet(seed=2)
+L.merge(unet, random_lora_state(unet), 4.0 * 0.5 / 16)  # the camp LoRA at alpha 2: merged as storyc merges it
+pipe = make_pipe(te, unet, dec, enc)
+scenes = [(PROMPT + f"，第{i}幕", NEG, i) for i in range(args.images)]
+r = {"scale": args.scale, "strength": 0.4, "steps": 2 if SMOKE else 50, "cfg_scale": 4.0, "upscaler": "lanczos"}
+W, H = refined_size(args.size, args.size, args.scale)
+R["meta"]["refined"] = [W, H]
+
+
+def peak_reset():
+    if not SMOKE:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak():
+    return None if SMOKE else round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+
+
+# ---------------- generate at 1024^2: storyc's stage path (8 scenes batched with CFG)
+items = [{"prompt": a, "negative_prompt": b, "seed": s} for a, b, s in scenes]
+gen = {"height": args.size, "width": args.size, "steps": 2 if SMOKE else 50, "cfg_scale": 4.0}
+list(render_iter(pipe, items[:1], dict(gen, steps=2), 1))  # warm-up
+peak_reset()
+sync()
+t = time.perf_counter()
+images = list(render_iter(pipe, items, gen, min(8, len(items))))
+sync()
+R["generate"] = {"s_per_image": (time.perf_counter() - t) / len(items), "peak_gib": peak(), "batch": min(8, len(items))}
+print("generate", R["generate"], flush=True)
+
+# the prompt embeddings as the refine stage has them (encoded once, ChatGLM released before the UNet loads)
+with torch.no_grad():
+    table = {}
+    ehs, ate = encode_prompts(pipe, [a for a, _, _ in scenes], [NEG])
+    for i, (a, _, _) in enumerate(scenes):
+        table[("+", a)] = (ehs[i:i + 1], ate[i:i + 1])
+    table[("-", NEG)] = (ehs[-1:], ate[-1:])
+
+
+def encode(pipe_, positive, negative):
+    rows = [table[("+", x)] for x in positive] + [table[("-", x)] for x in negative]
+    return torch.cat([x[0] for x in rows]), torch.cat([x[1] for x in rows])
+
+
+# ---------------- DiffSynth's example path
+def example(i):
+    a, b, s = scenes[i]
+    return pipe(prompt=a, negative_prompt=b, cfg_scale=4.0, input_image=images[i].resize((W, H)),
+                denoising_strength=0.4, num_inference_steps=r["steps"], height=H, width=W, seed=s,
+                progress_bar_cmd=lambda x: x)
+
+
+example(0)  # warm-up at the full size
+peak_reset()
+times = []
+for i in range(min(args.example_images, args.images)):
+    sync()
+    t = time.perf_counter()
+    example(i)
+    sync()
+    times.append(time.perf_counter() - t)
+R["example"] = {"s_per_image": statistics.median(times), "times": times, "peak_gib": peak(),
+                "note": "its own text encoding per image, untiled VAE"}
+print("example", R["example"], flush=True)
+
+
+# ---------------- storyc's refine stage path: ChatGLM is off the GPU (the stage releases it before the UNet
+# loads), so peaks are the UNet's and the VAE's; untiled, tiled, and as planned under a 22 GiB cap
+te.to("cpu")
+if not SMOKE:
+    torch.cuda.empty_cache()
+R["example"]["note"] += "; its peak includes ChatGLM (12 GB) on the GPU, which its path keeps there"
+def storyc_refine(tiled, n):
+    out_imgs, ts = [], []
+    peak_reset()
+    for i in range(n):
+        sync()
+        t = time.perf_counter()
+        out_imgs.append(refine_image(pipe, images[i], (W, H), r, scenes[i][2], scenes[i][0], scenes[i][1], encode,
+                                     tiled))
+        sync()
+        ts.append(time.perf_counter() - t)
+    return {"s_per_image": statistics.median(ts), "times": ts, "peak_gib": peak(), "tiled": tiled}, out_imgs
+
+
+refine_image(pipe, images[0], (W, H), dict(r, steps=2), 0, scenes[0][0], NEG, encode, False)  # warm-up
+R["storyc_untiled"], refined = storyc_refine(False, args.images)
+print("storyc untiled", R["storyc_untiled"], flush=True)
+R["storyc_tiled"], _ = storyc_refine(True, min(3, args.images))
+print("storyc tiled", R["storyc_tiled"], flush=True)
+os.environ["STORYC_GPU_MEMORY_GIB"] = "22"
+tiled, why = resources.plan_refine(resources.free_gib(DEV), "auto", W, H)
+R["storyc_cap22"], _ = storyc_refine(tiled, min(3, args.images))
+R["storyc_cap22"]["plan"] = why
+print("storyc cap 22", R["storyc_cap22"], flush=True)
+R["ratio_refine_to_generate"] = R["storyc_untiled"]["s_per_image"] / R["generate"]["s_per_image"]
+R["ratio_cap22_to_generate"] = R["storyc_cap22"]["s_per_image"] / R["generate"]["s_per_image"]
+R["example_over_storyc"] = R["example"]["s_per_image"] / R["storyc_untiled"]["s_per_image"]
+out.mkdir(parents=True, exist_ok=True)
+refined[0].save(out / "refine_sample.png")
+write(out, "refine_bench.json", R)
+print({k: round(v, 3) for k, v in R.items() if k.startswith(("ratio", "example_over"))}, flush=True)
