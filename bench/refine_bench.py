@@ -26,6 +26,7 @@ p.add_argument("--images", type=int, default=8)
 p.add_argument("--size", type=int, default=1024)
 p.add_argument("--scale", type=float, default=2.0)
 p.add_argument("--example-images", type=int, default=3, help="timed images of DiffSynth's path")
+p.add_argument("--skip", default="", help="comma list: example, tiled")
 args = p.parse_args()
 R = {"meta": {**gpu_info(), "images": args.images, "size": args.size, "scale": args.scale, "strength": 0.4,
               "steps": 50, "cfg": 4.0}}
@@ -90,18 +91,20 @@ def example(i):
                 progress_bar_cmd=lambda x: x)
 
 
-example(0)  # warm-up at the full size
-peak_reset()
-times = []
-for i in range(min(args.example_images, args.images)):
-    sync()
-    t = time.perf_counter()
-    example(i)
-    sync()
-    times.append(time.perf_counter() - t)
-R["example"] = {"s_per_image": statistics.median(times), "times": times, "peak_gib": peak(),
-                "note": "its own text encoding per image, untiled VAE"}
-print("example", R["example"], flush=True)
+skip = set(args.skip.split(","))
+if "example" not in skip:
+    example(0)  # warm-up at the full size
+    peak_reset()
+    times = []
+    for i in range(min(args.example_images, args.images)):
+        sync()
+        t = time.perf_counter()
+        example(i)
+        sync()
+        times.append(time.perf_counter() - t)
+    R["example"] = {"s_per_image": statistics.median(times), "times": times, "peak_gib": peak(),
+                    "note": "its own text encoding per image, untiled VAE"}
+    print("example", R["example"], flush=True)
 
 
 # ---------------- storyc's refine stage path: ChatGLM is off the GPU (the stage releases it before the UNet
@@ -109,7 +112,8 @@ print("example", R["example"], flush=True)
 te.to("cpu")
 if not SMOKE:
     torch.cuda.empty_cache()
-R["example"]["note"] += "; its peak includes ChatGLM (12 GB) on the GPU, which its path keeps there"
+if "example" in R:
+    R["example"]["note"] += "; its peak includes ChatGLM (12 GB) on the GPU, which its path keeps there"
 def storyc_refine(tiled, n):
     out_imgs, ts = [], []
     peak_reset()
@@ -124,10 +128,63 @@ def storyc_refine(tiled, n):
 
 
 refine_image(pipe, images[0], (W, H), dict(r, steps=2), 0, scenes[0][0], NEG, encode, False)  # warm-up
+
+# where the time of one refine goes: VAE encode, the 20 UNet steps, VAE decode (synchronised wall times)
+phases = {"encode": 0.0, "decode": 0.0}
+orig_enc, orig_dec = pipe.encode_image, pipe.decode_image
+
+
+def timed_phase(name, fn):
+    def f(*a, **k):
+        sync()
+        t0 = time.perf_counter()
+        y = fn(*a, **k)
+        sync()
+        phases[name] += time.perf_counter() - t0
+        return y
+    return f
+
+
+pipe.encode_image, pipe.decode_image = timed_phase("encode", orig_enc), timed_phase("decode", orig_dec)
+sync()
+t = time.perf_counter()
+refine_image(pipe, images[0], (W, H), r, 0, scenes[0][0], NEG, encode, False)
+sync()
+total = time.perf_counter() - t
+R["breakdown_bf16_vae"] = {"total_s": total, **phases, "unet_and_rest_s": total - phases["encode"] - phases["decode"]}
+import storyc.stages.refine as refine_mod  # noqa: E402
+
+real = refine_mod.vae_precision
+refine_mod.vae_precision = lambda p_: __import__("contextlib").nullcontext()  # the VAE as kept: fp32
+phases.update(encode=0.0, decode=0.0)
+sync()
+t = time.perf_counter()
+refine_image(pipe, images[0], (W, H), r, 0, scenes[0][0], NEG, encode, False)
+sync()
+total = time.perf_counter() - t
+R["breakdown_fp32_vae"] = {"total_s": total, **phases, "unet_and_rest_s": total - phases["encode"] - phases["decode"]}
+refine_mod.vae_precision = real
+pipe.encode_image, pipe.decode_image = orig_enc, orig_dec
+print("breakdown", R["breakdown_bf16_vae"], R["breakdown_fp32_vae"], flush=True)
+
 R["storyc_untiled"], refined = storyc_refine(False, args.images)
 print("storyc untiled", R["storyc_untiled"], flush=True)
-R["storyc_tiled"], _ = storyc_refine(True, min(3, args.images))
-print("storyc tiled", R["storyc_tiled"], flush=True)
+
+# kernel-level levers for the UNet at 2048^2 (20 steps of 2 rows: most of a refine), 2 images each
+variants = {}
+torch.backends.cudnn.benchmark = True
+refine_image(pipe, images[0], (W, H), dict(r, steps=3), 0, scenes[0][0], NEG, encode, False)  # autotune
+variants["cudnn_benchmark"], _ = storyc_refine(False, 2)
+pipe.unet.to(memory_format=torch.channels_last)
+refine_image(pipe, images[0], (W, H), dict(r, steps=3), 0, scenes[0][0], NEG, encode, False)
+variants["cudnn_benchmark_channels_last"], _ = storyc_refine(False, 2)
+pipe.unet.to(memory_format=torch.contiguous_format)
+torch.backends.cudnn.benchmark = False
+R["variants"] = variants
+print("variants", variants, flush=True)
+if "tiled" not in skip:
+    R["storyc_tiled"], _ = storyc_refine(True, min(3, args.images))
+    print("storyc tiled", R["storyc_tiled"], flush=True)
 os.environ["STORYC_GPU_MEMORY_GIB"] = "22"
 tiled, why = resources.plan_refine(resources.free_gib(DEV), "auto", W, H)
 R["storyc_cap22"], _ = storyc_refine(tiled, min(3, args.images))
@@ -135,7 +192,8 @@ R["storyc_cap22"]["plan"] = why
 print("storyc cap 22", R["storyc_cap22"], flush=True)
 R["ratio_refine_to_generate"] = R["storyc_untiled"]["s_per_image"] / R["generate"]["s_per_image"]
 R["ratio_cap22_to_generate"] = R["storyc_cap22"]["s_per_image"] / R["generate"]["s_per_image"]
-R["example_over_storyc"] = R["example"]["s_per_image"] / R["storyc_untiled"]["s_per_image"]
+if "example" in R:
+    R["example_over_storyc"] = R["example"]["s_per_image"] / R["storyc_untiled"]["s_per_image"]
 out.mkdir(parents=True, exist_ok=True)
 refined[0].save(out / "refine_sample.png")
 write(out, "refine_bench.json", R)

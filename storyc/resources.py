@@ -83,10 +83,9 @@ def plan_generate(free_gib: float | None, batch: "int | str", width: int, height
     return b, f"{free_gib:.1f} GiB free: {b} image(s) per UNet batch ({per:.1f} GiB each)"
 
 
-# The refine pass: the SDXL VAE's activations at full resolution dominate its peak (the UNet works on latents an
-# eighth of the size). Per megapixel of the refined image, fp16, untiled; tiled VAE holds ~a 512-px tile at a time.
-VAE_PER_MPX_GIB = 3.6
-VAE_TILED_GIB = 1.5
+# The refine pass beyond the loaded weights, per megapixel of the refined image, untiled: measured on an H200
+# (bench/RESULTS.md, refine): 17.9 GiB peak at 2048x2048 (4.19 MPx) with 5.3 GiB of weights, the VAE in bf16.
+REFINE_PER_MPX_GIB = 3.0
 
 
 def plan_refine(free_gib: float | None, tile: "bool | str", width: int, height: int) -> tuple[bool, str]:
@@ -96,7 +95,7 @@ def plan_refine(free_gib: float | None, tile: "bool | str", width: int, height: 
         return tile, f"generation.refine.tile: {str(tile).lower()} (spec)"
     if free_gib is None:
         return False, "on the CPU: untiled VAE"
-    need = UNET_GIB + VAE_PER_MPX_GIB * width * height / 1e6 + HEADROOM_GIB
+    need = REFINE_PER_MPX_GIB * width * height / 2 ** 20 + HEADROOM_GIB  # free memory already excludes the weights
     tiled = free_gib < need
     return tiled, (f"{free_gib:.1f} GiB free {'<' if tiled else '>='} {need:.1f} GiB for an untiled VAE at "
                    f"{width}x{height}: tiled VAE {'on' if tiled else 'off'}")
