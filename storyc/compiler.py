@@ -43,7 +43,7 @@ def compiled(story: Story, build_dir: Path) -> Compiled:
     if any(refine_for(spec, s) for s in spec.scenes):  # the hi-res pass, per scene (only when any scene has one)
         for rec, s in zip(scenes, spec.scenes):
             rec["refine"] = refine_for(spec, s)
-    refs = {k: model_ref(story, k) for k in ("kolors", "vae", "aesthetic")}
+    refs = {k: model_ref(story, k) for k in story.spec.models}
     return Compiled(story, scenes, refs, story.rel(story.spec_path), story.rel(build_dir))
 
 

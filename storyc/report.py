@@ -54,7 +54,8 @@ def report_html(c: dict) -> str:
     rows = "".join(
         f"<tr><td>{i + 1}</td><td><img src='{e(r['file'])}' width='256'></td><td><b>{e(r['scene'])}</b><br>"
         f"{e(r['prompt'])}<br><i>negative:</i> {e(r['negative_prompt'])}<br>{e(r.get('caption', ''))}</td>"
-        f"<td>{r['seed']}</td><td>{c['scores'][i]:.3f}</td></tr>" for i, r in enumerate(c["recs"]))
+        f"<td>{r['seed']}</td><td>{c['scores'][i]:.3f}</td><td>{_num(c['aligned'][i])}</td></tr>"
+        for i, r in enumerate(c["recs"]))
     filt = c["filt"] or {}
     frows = "".join(f"<tr><td>{e(o['op'])}</td><td>{o['in']}</td><td>{o['kept']}</td></tr>" for o in filt.get("ops", []))
     tr = c["train"] or {}
@@ -66,8 +67,11 @@ table{{border-collapse:collapse}}.valid{{color:green}}.invalid{{color:#b00}}</st
 <h1>{e(c['title'])}</h1>
 <p id="verdict" class="{verdict.lower()}">Mean aesthetic score {c['mean']:.3f} (gate {c['gate']:g}): <b>{verdict}</b>.
 Style coherence (mean pairwise CLIP cosine) {c['coherence']:.3f}; least like the others: {e(c['odd'])}.</p>
+<p id="metrics">Style distance (AdaIN style loss of middle-layer CLIP features, lower is more coherent)
+{c['style_distance']:.3f}; farthest from the others: {e(c['farthest'])}. Prompt alignment (Chinese CLIP, image against
+its own prompt): {'not measured (set models.clip_zh)' if c['alignment'] is None else format(c['alignment'], '.3f')}.</p>
 <h2>Storyboard</h2><img id="storyboard" src="storyboard.png" style="max-width:100%">
-<h2>Scenes</h2><table><tr><th>#</th><th>image</th><th>prompt</th><th>seed</th><th>score</th></tr>{rows}</table>
+<h2>Scenes</h2><table><tr><th>#</th><th>image</th><th>prompt</th><th>seed</th><th>score</th><th>prompt alignment</th></tr>{rows}</table>
 <h2>Data</h2><p>{filt.get('input', '?')} images in, {filt.get('kept', '?')} kept.</p>
 <table><tr><th>op</th><th>in</th><th>kept</th></tr>{frows}</table>
 <h2>Training</h2><p>{tr.get('steps', '?')} steps, final loss {tr.get('final_loss', float('nan')):.4f}, LoRA rank {c['lora']['rank']}
@@ -76,6 +80,10 @@ alpha {c['lora']['alpha']:g}, on {e(str(tr.get('device', '?')))} ({e(str(tr.get(
 {c.get('checkpoints_html', '')}
 </body></html>
 """
+
+
+def _num(v) -> str:
+    return "not measured" if v is None else f"{v:.3f}"
 
 
 def font_face(page: str, font, cache_dir: Path) -> str | None:

@@ -112,9 +112,8 @@ def plan(story, lock_path: Path) -> Reproduce:
     steps = [f"cd {FOLDER}", "python3 -m venv .venv && . .venv/bin/activate",
              f"python3 -m pip install -c constraints.txt './{wheel_name()}[run]'"]
     notes = []
-    for key in ("kolors", "vae", "aesthetic"):
-        ref = story.models.get(key)
-        if ref is not None and ref.scheme == "local":
+    for key, ref in story.models.items():
+        if ref.scheme == "local":
             from .models.kolors import MODELSCOPE_IDS
 
             steps.append(f"modelscope download --model {MODELSCOPE_IDS[key]} --local_dir {shlex.quote(rel(ref.path))}")

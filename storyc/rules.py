@@ -19,7 +19,8 @@ from .project import outside_hint, root_and_why
 from .submission import COMPETITION_NAME, PLACEHOLDER_TEAMS
 from .yamlio import Located, json_path
 
-TINY_NAMES = {"kolors": "kolors", "vae": "sdxl-vae", "aesthetic": "aesthetic"}
+TINY_NAMES = {"kolors": "kolors", "vae": "sdxl-vae", "aesthetic": "aesthetic", "esrgan": "esrgan",
+              "clip_zh": "clip-zh"}
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ def model_refs(ctx) -> tuple[dict, list]:
     models = ctx.data.get("models")
     if not isinstance(models, dict):
         return refs, out
-    for key in ("kolors", "vae", "aesthetic"):
+    for key in TINY_NAMES:
         raw = models.get(key)
         if not isinstance(raw, str) or not raw:
             continue
@@ -304,6 +305,33 @@ def check_small_sizes(ctx):
             out.append(ctx.diag(("generation", key), f"{key} {v} is far below Kolors' 1024 px training size",
                                 "images under 512 px come out blurry; use 768-1536", "small_sizes", "warning"))
     return out
+
+
+def check_upscaler(ctx):
+    """`refine.upscaler: esrgan` (story-wide or a scene's) needs the Real-ESRGAN weights: said at that line."""
+    gen, models = ctx.data.get("generation"), ctx.data.get("models")
+    if not isinstance(models, dict) or models.get("esrgan"):
+        return []
+    places = []
+    if isinstance(gen, dict) and isinstance(gen.get("refine"), dict):
+        places.append(("generation", "refine"))
+    for i, sc in enumerate(_list(ctx.data.get("scenes"))):
+        if isinstance(sc, dict) and isinstance(sc.get("refine"), dict):
+            places.append(("scenes", i, "refine"))
+    out = []
+    for where in places:
+        if _get_path(ctx.data, where).get("upscaler") == "esrgan":
+            out.append(ctx.diag((*where, "upscaler"), "upscaler `esrgan` needs the Real-ESRGAN x4 weights: "
+                                "`models.esrgan` is not set",
+                                "add `models: {esrgan: modelscope:AI-ModelScope/Real-ESRGAN}` (or a folder holding "
+                                "RealESRGAN_x4.pth; `tiny:esrgan` for tests), or use `upscaler: lanczos`", "upscaler"))
+    return out
+
+
+def _get_path(data, path):
+    for k in path:
+        data = data[k]
+    return data
 
 
 # The Linear layers of diffsynth's Kolors UNet. peft could also adapt its Conv2d layers, but storyc merges and
@@ -469,7 +497,7 @@ def _char_diag(ctx, path, text, c, key=False):
 
 RULES = [check_text, check_unique_scene_ids, check_unique_seeds, check_scene_count, check_dataset_fields, check_paths,
          check_dj_ops, check_prompt_length, check_storyboard, check_small_sizes, check_lora_targets, check_team,
-         check_train_knobs, check_competition]
+         check_train_knobs, check_competition, check_upscaler]
 
 
 def run_all(ctx: RuleInput) -> list[Diagnostic]:

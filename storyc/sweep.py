@@ -8,7 +8,8 @@ story, validated exactly as one (file:line of the sweep value that broke it, did
         style.prefix: ["二次元，", "日系动漫，"]
       scenes:                       # whole-scene overrides, one option per variant
         wishing-star: [{seed: 7}, {seed: 8}, {seed: 9}]
-      objective: mean_aesthetic     # or style_coherence, or {weights: {mean_aesthetic: 1, style_coherence: 2}}
+      objective: mean_aesthetic     # or style_coherence, or {weights: {mean_aesthetic: 1, style_distance: -2}}
+                                    # (also prompt_alignment, with models.clip_zh)
 
 Light: no torch; `storyc validate` and `storyc plan` use it.
 """
@@ -123,6 +124,10 @@ def sweep_from(loc: Located, chain: tuple, root: Path, path: Path, base, only: s
             continue
         dims.append((f"scenes[{sid}]", ("scenes", scene_ids.index(sid)), [(o, (*at, i)) for i, o in enumerate(options)]))
     objective = _objective(sw.get("objective", "mean_aesthetic"), loc, diags)
+    if "prompt_alignment" in objective and "clip_zh" not in base.spec.models:
+        at = ("sweep", "objective")
+        diags.append(Diagnostic("the objective weighs prompt_alignment, which this story does not measure",
+                                loc.mark(at), json_path(at), "set `models.clip_zh` (a Chinese CLIP folder)", "sweep"))
     if diags:
         raise SpecError(diags)
     if not dims:
@@ -169,8 +174,12 @@ def sweep_from(loc: Located, chain: tuple, root: Path, path: Path, base, only: s
     return Sweep(path, base, tuple(variants), objective, len({v.training for v in variants}))
 
 
+# what a variant's objective may weigh (style_distance is lower-better: give it a negative weight)
+METRICS = ("mean_aesthetic", "style_coherence", "style_distance", "prompt_alignment")
+
+
 def _objective(obj, loc, diags) -> dict:
-    metrics = ("mean_aesthetic", "style_coherence")
+    metrics = METRICS
     at = ("sweep", "objective")
     if isinstance(obj, str):
         if obj not in metrics:
@@ -194,10 +203,12 @@ def _objective(obj, loc, diags) -> dict:
     return {k: float(w) for k, w in weights.items() if k in metrics and isinstance(w, (int, float))}
 
 
-def score(objective: dict, mean_aesthetic: float, style_coherence: float) -> float:
-    """The objective of a finished variant (the aesthetic gate is a separate, hard constraint)."""
-    vals = {"mean_aesthetic": mean_aesthetic, "style_coherence": style_coherence}
-    return sum(w * vals[k] for k, w in objective.items())
+def score(objective: dict, record: dict) -> float | None:
+    """The objective of a finished variant (the aesthetic gate is a separate, hard constraint); None when it weighs
+    a metric the variant did not measure (prompt_alignment without models.clip_zh): never counted as 0."""
+    if any(record.get(k) is None for k in objective):
+        return None
+    return sum(w * record[k] for k, w in objective.items())
 
 
 def _train_identity(plan) -> str:

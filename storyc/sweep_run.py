@@ -162,7 +162,7 @@ def _trial(config: dict, spec: str, folder: str, cache: str | None = None) -> No
     from .lock import Lock
     from .options import RunOptions
     from .runner import execute
-    from .sweep import load_sweep, score
+    from .sweep import METRICS, load_sweep, score
 
     sw = load_sweep(spec, only=config["variant"])  # expands every variant, validates this one
     v, = sw.variants
@@ -184,8 +184,8 @@ def _trial(config: dict, spec: str, folder: str, cache: str | None = None) -> No
     facts = Lock.load(vdir / "story.lock").entry("bundle").facts
     times = json.loads((plan.build_dir / "build_times.json").read_text("utf-8"))
     trained = "train.fit_s" in times.get("metrics", {}) or bool("train" not in res.ran and before and before["trained"])
-    record = {"variant": v.id, "values": v.overrides, "mean_aesthetic": facts["mean_aesthetic"],
-              "style_coherence": facts["style_coherence"], "valid": facts["valid"], "trained": trained,
+    record = {"variant": v.id, "values": v.overrides, **{k: facts.get(k) for k in METRICS},
+              "valid": facts["valid"], "trained": trained,
               "submission": str(plan.build_dir / "submission" / v.story.id)}
     # what the build is now, never a record of an earlier state: rewritten when anything differs (an up-to-date
     # trial of a resumed sweep keeps its record, time and all)
@@ -195,9 +195,11 @@ def _trial(config: dict, spec: str, folder: str, cache: str | None = None) -> No
         atomic_write(done, canonical_json({**record, "seconds": round(seconds, 2), "stages_ran": len(res.ran),
                                            "node": ray.get_runtime_context().get_node_id()}))  # where it ran
     out = json.loads(done.read_text("utf-8"))
+    objective = score(sw.objective, out)
     tune.report({k: out[k] for k in ("mean_aesthetic", "style_coherence", "seconds")}
+                | {k: out[k] for k in ("style_distance", "prompt_alignment") if out.get(k) is not None}
                 | {"valid": int(out["valid"]), "trained": int(out["trained"]),
-                   "objective": score(sw.objective, out["mean_aesthetic"], out["style_coherence"])})
+                   "objective": float("nan") if objective is None else objective})
 
 
 def collect(sw, folder: Path) -> list[dict]:
@@ -208,11 +210,15 @@ def collect(sw, folder: Path) -> list[dict]:
     for v in sw.variants:
         try:
             r = json.loads((folder / v.id / "result.json").read_text("utf-8"))
-            rows.append({**r, "objective": score(sw.objective, r["mean_aesthetic"], r["style_coherence"]),
-                         "state": "done"})
+            rows.append({**r, "objective": score(sw.objective, r), "state": "done"})
         except (OSError, ValueError, KeyError):
             rows.append({"variant": v.id, "values": v.overrides, "state": "not finished"})
-    return sorted(rows, key=lambda r: (r["state"] != "done", not r.get("valid", False), -r.get("objective", 0)))
+    return sorted(rows, key=lambda r: (r["state"] != "done", not r.get("valid", False), r.get("objective") is None,
+                                       -(r.get("objective") or 0)))
+
+
+def _num(v) -> str:
+    return "not measured" if v is None else f"{v:.3f}"
 
 
 def show(folder: Path) -> None:
@@ -228,7 +234,7 @@ def show(folder: Path) -> None:
             table.append([r["variant"], *vals, "-", "-", "-", "-", "-", r["state"]])
             continue
         table.append([r["variant"], *vals, f"{r['mean_aesthetic']:.3f}", f"{r['style_coherence']:.3f}",
-                      "yes" if r["valid"] else "NO", f"{r['objective']:.3f}", f"{r['seconds']:.1f}",
+                      "yes" if r["valid"] else "NO", _num(r["objective"]), f"{r['seconds']:.1f}",
                       "trained" if r["trained"] else "cache hit"])
     widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
     for row in table:
@@ -246,7 +252,7 @@ def compare_html(sw, folder: Path, rows: list[dict]) -> str:
                if r["state"] == "done" and board.is_file() else "<p>not finished</p>")
         vals = "<br>".join(f"{e(k)} = {e(json.dumps(v, ensure_ascii=False))}" for k, v in r["values"].items())
         score = (f"mean aesthetic {r['mean_aesthetic']:.3f}, coherence {r['style_coherence']:.3f}, "
-                 f"objective {r['objective']:.3f}, {'VALID' if r['valid'] else 'INVALID'}") if r["state"] == "done" else ""
+                 f"objective {_num(r['objective'])}, {'VALID' if r['valid'] else 'INVALID'}") if r["state"] == "done" else ""
         cells.append(f"<div class='v' id='{e(r['variant'])}'><h3>{e(r['variant'])}</h3><p>{vals}</p>"
                      f"<p class='score'>{score}</p>{img}</div>")
     return f"""<!doctype html>

@@ -105,7 +105,7 @@ def test_help_describes_arguments_stages_and_the_token(capsys):
         return " ".join(capsys.readouterr().out.split())  # argparse wraps lines
 
     run = helptext("run")
-    assert "STAGE is a kind (ingest, filter, train, generate, score, bundle)" in run
+    assert "STAGE is a kind (ingest, filter, train, generate, refine, score, bundle)" in run
     assert "SPEC the story spec, a story.yaml file" in run
     assert "-q, --quiet print only warnings, errors and the verdict" in run
     assert "--cache DIR the content-addressed training cache" in run

@@ -77,7 +77,8 @@ def test_every_stage_comes_from_the_registry_and_has_an_executor():
     from storyc.stages.registry import KINDS
 
     plan = _plan(__import__("conftest").REPO / "specs/camp.yaml")
-    assert list(dict.fromkeys(s.kind for s in plan.stages.values())) == list(KINDS)
+    # the camp story leaves generation.refine off: every other kind, in the registry's order
+    assert list(dict.fromkeys(s.kind for s in plan.stages.values())) == [k for k in KINDS if k != "refine"]
     for kind in KINDS.values():
         assert callable(importlib.import_module(kind.executor).run)
     assert plan.stages["train"].settings == {"checkpoint_every": 100, "cuda_graphs": True, "compile": False,

@@ -23,13 +23,19 @@ REQUIRED = {
                "vae/diffusion_pytorch_model.safetensors"],
     "vae": ["diffusion_pytorch_model.safetensors"],
     "aesthetic": ["config.json", "preprocessor_config.json"],
+    "esrgan": ["RealESRGAN_x4.pth"],
+    "clip_zh": ["config.json", "preprocessor_config.json", "vocab.txt"],
 }
 MODELSCOPE_IDS = {"kolors": "Kwai-Kolors/Kolors", "vae": "AI-ModelScope/sdxl-vae-fp16-fix",
-                  "aesthetic": "AI-ModelScope/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE"}
+                  "aesthetic": "AI-ModelScope/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE",
+                  "esrgan": "AI-ModelScope/Real-ESRGAN"}
 
 
 def model_hint(kind: str, folder: str = "DIR") -> str:
     """How to get a model (the same words in validate's warning and in a build's error)."""
+    if kind not in MODELSCOPE_IDS:  # published on Hugging Face in the layout transformers loads
+        return (f"download a ChineseCLIPModel folder (e.g. `huggingface-cli download "
+                f"OFA-Sys/chinese-clip-vit-large-patch14 --local-dir {folder}`), or remove `models.{kind}`")
     mid = MODELSCOPE_IDS[kind]
     return (f"download it: `modelscope download --model {mid} --local_dir {folder}`, or write "
             f"`models.{kind}: modelscope:{mid}` to download it on first use")

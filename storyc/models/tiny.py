@@ -151,7 +151,51 @@ def write_clip_processor(folder: Path, image_processor) -> None:
     CLIPProcessor(image_processor=image_processor, tokenizer=tok).save_pretrained(folder)
 
 
-BUILDERS = {"kolors": tiny_kolors, "sdxl-vae": tiny_sdxl_vae, "aesthetic": tiny_aesthetic}
+def tiny_esrgan(folder: Path, seed: int = 0) -> Path:
+    """The AI-ModelScope/Real-ESRGAN layout: RealESRGAN_x4.pth, a plain state dict. DiffSynth recognises the
+    model by its key names and shapes, so this one has the full RRDBNet architecture (16.7 M weights, small
+    enough), at random."""
+    def build(tmp):
+        import torch
+        from diffsynth.extensions.ESRGAN import RRDBNet
+
+        torch.manual_seed(seed)
+        model = RRDBNet()
+        with torch.no_grad():  # 23 residual blocks of random convs: damp them so the image stays in range
+            for p in model.parameters():
+                if p.dim() > 1:
+                    p.mul_(0.1)
+        torch.save(model.state_dict(), tmp / "RealESRGAN_x4.pth")
+
+    return _build_once(folder, build)
+
+
+def tiny_clip_zh(folder: Path, seed: int = 0) -> Path:
+    """The OFA-Sys/chinese-clip-vit-* layout (ChineseCLIPModel + ChineseCLIPProcessor: a BERT vocab.txt), with a
+    vocabulary of ASCII and the CJK Unified Ideographs block, so Chinese prompts tokenise (one token a character,
+    as the real RoBERTa-wwm vocabulary does)."""
+    def build(tmp):
+        import torch
+        from transformers import (BertTokenizer, ChineseCLIPConfig, ChineseCLIPImageProcessor, ChineseCLIPModel,
+                                  ChineseCLIPProcessor)
+
+        vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmnopqrstuvwxyz0123456789,.，。、！？",
+                 *(chr(c) for c in range(0x4E00, 0x4E00 + 20902))]
+        (tmp / "vocab.txt").write_text("\n".join(vocab) + "\n", "utf-8")
+        small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+        cfg = ChineseCLIPConfig(text_config=dict(small, vocab_size=len(vocab), max_position_embeddings=128),
+                                vision_config=dict(small, image_size=64, patch_size=32), projection_dim=16)
+        torch.manual_seed(seed)
+        ChineseCLIPModel(cfg).save_pretrained(tmp, safe_serialization=True)
+        ChineseCLIPProcessor(image_processor=ChineseCLIPImageProcessor(size={"height": 64, "width": 64},
+                                                                      crop_size={"height": 64, "width": 64}),
+                             tokenizer=BertTokenizer(str(tmp / "vocab.txt"))).save_pretrained(tmp)
+
+    return _build_once(folder, build)
+
+
+BUILDERS = {"kolors": tiny_kolors, "sdxl-vae": tiny_sdxl_vae, "aesthetic": tiny_aesthetic, "esrgan": tiny_esrgan,
+            "clip-zh": tiny_clip_zh}
 
 
 def ensure(name: str, folder: Path) -> Path:

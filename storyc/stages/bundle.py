@@ -11,6 +11,7 @@ import io
 import json
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 from .. import reproduce
 from ..errors import StorycError
@@ -19,7 +20,7 @@ from ..render import canonical_json, csv_cell, render
 from ..report import checkpoints_html, font_face, loss_svg, report_html
 from ..submission import Gate, display_name, files, read_json, sha256
 from .registry import Result
-from .score import coherence
+from .score import coherence, style_distance
 
 CONFIGURATION = {"framework": "Pytorch", "task": "text-to-image-synthesis"}
 FORMAT_USE = {
@@ -100,21 +101,36 @@ def run(ctx, jobs):
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        mean, valid, coh, weakest, font = _write_bundle(ctx, p, tmp, scenes, lora_cfg)
+        m = _write_bundle(ctx, p, tmp, scenes, lora_cfg)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed bundle (disk full, Ctrl-C) leaves no partial folder
         raise
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     outputs = [f"submission/{sid}/{rel}" for rel in files(final)]
-    yield Result("bundle", outputs, {"valid": valid, "mean_aesthetic": round(mean, 6),
+    yield Result("bundle", outputs, {"valid": m.valid, "mean_aesthetic": round(m.mean, 6),
                                      "min_aesthetic": p["submission"]["min_aesthetic"],
-                                     "weakest": weakest, "style_coherence": round(coh, 6), "font": font})
-    return f"mean aesthetic {mean:.3f} ({'valid' if valid else 'INVALID'}), style coherence {coh:.3f}"
+                                     "weakest": m.weakest, "style_coherence": round(m.coherence, 6),
+                                     "style_distance": round(m.style_distance, 6),
+                                     "prompt_alignment": None if m.alignment is None else round(m.alignment, 6),
+                                     "font": m.font})
+    align = "not measured" if m.alignment is None else f"{m.alignment:.3f}"
+    return (f"mean aesthetic {m.mean:.3f} ({'valid' if m.valid else 'INVALID'}), style coherence {m.coherence:.3f}, "
+            f"style distance {m.style_distance:.3f}, prompt alignment {align}")
+
+
+class Measured(NamedTuple):
+    mean: float
+    valid: bool
+    coherence: float
+    style_distance: float
+    alignment: float | None
+    weakest: list
+    font: str | None
 
 
 def _write_bundle(ctx, p: dict, tmp: Path, scenes: list, lora_cfg: dict):
-    """Every file of the submission into ``tmp``; returns (mean, valid, coherence, weakest, font name)."""
+    """Every file of the submission into ``tmp``; returns what was measured."""
     from PIL import Image
 
     story, sub = p["story"], p["submission"]
@@ -125,7 +141,7 @@ def _write_bundle(ctx, p: dict, tmp: Path, scenes: list, lora_cfg: dict):
     for n in lora_names:
         shutil.copyfile(ctx.output("train", n), tmp / n)
     # images, prompt records (what generate rendered; captions from this stage's own slice), scores
-    recs, scores, embeds, imgs = [], [], [], []
+    recs, scores, embeds, styles, aligned, imgs = [], [], [], [], [], []
     (tmp / "images").mkdir()
     for s in scenes:
         last = f"refine[{s['id']}]" if f"refine[{s['id']}]" in ctx.plan.stages else f"generate[{s['id']}]"
@@ -136,6 +152,8 @@ def _write_bundle(ctx, p: dict, tmp: Path, scenes: list, lora_cfg: dict):
         recs.append({**rec, "file": name, "caption": s["caption"]})
         scores.append(sc["score"])
         embeds.append(sc["clip_embedding"])
+        styles.append(sc["style"])
+        aligned.append(sc["prompt_alignment"])
         imgs.append(Image.open(tmp / name).convert("RGB"))
     (tmp / "prompts.json").write_text(canonical_json({"format": "storyc.prompts/1", "scenes": recs}), "utf-8")
     (tmp / "prompts.txt").write_text("".join(
@@ -160,11 +178,19 @@ def _write_bundle(ctx, p: dict, tmp: Path, scenes: list, lora_cfg: dict):
     g = Gate.of(scores, sub["min_aesthetic"])
     mean, gate, valid = g.mean, g.minimum, g.valid
     coh, odd = coherence(embeds)
+    dist, far = style_distance(styles)
     order = sorted(range(len(scores)), key=lambda i: scores[i])
     weakest = [[scenes[i]["id"], round(scores[i], 4)] for i in order[:3]]
-    score_doc = {"format": "storyc.scores/1", "images": {recs[i]["file"]: scores[i] for i in range(len(recs))},
+    align = None if None in aligned else sum(aligned) / len(aligned)  # a metric never guessed: null = not measured
+    score_doc = {"format": "storyc.scores/2", "images": {recs[i]["file"]: scores[i] for i in range(len(recs))},
                  "mean": mean, "min_aesthetic": gate, "valid": valid, "weakest": weakest,
-                 "style_coherence": {"mean_pairwise_cosine": coh, "least_coherent_scene": scenes[odd]["id"]}}
+                 "style_coherence": {"mean_pairwise_cosine": coh, "least_coherent_scene": scenes[odd]["id"]},
+                 "style_distance": {"mean_pairwise": dist, "farthest_scene": scenes[far]["id"],
+                                    "what": "AdaIN style loss between middle-layer CLIP feature statistics; lower is "
+                                            "more coherent"},
+                 "prompt_alignment": None if align is None else {
+                     "mean": align, "images": {recs[i]["file"]: aligned[i] for i in range(len(recs))},
+                     "what": "Chinese CLIP cosine of each image and its own prompt (models.clip_zh)"}}
     (tmp / "scores.json").write_text(canonical_json(score_doc), "utf-8")
 
     first = recs[0]
@@ -181,6 +207,7 @@ def _write_bundle(ctx, p: dict, tmp: Path, scenes: list, lora_cfg: dict):
              "tags": ["LoRA", "Kolors", "text-to-image", "storyc", sid]}
     ctxd = dict(story=story, front_matter=front, title=title, scenes=scenes, recs=recs, scores=scores, mean=mean,
                 gate=gate, valid=valid, coherence=coh, odd=scenes[odd]["id"], lora_names=lora_names,
+                style_distance=dist, farthest=scenes[far]["id"], alignment=align, aligned=aligned,
                 spec=ctx.story.rel(ctx.story.spec_path), lora=lora_cfg, gen=gen, filt=filt, train=train,
                 steps=rp.steps, notes=rp.notes, files=len(ctx.story.files) + 1,
                 datasets=rp.datasets_included,
@@ -200,4 +227,4 @@ def _write_bundle(ctx, p: dict, tmp: Path, scenes: list, lora_cfg: dict):
     manifest = {"format": "storyc.manifest/2", "story": sid, "valid": valid,
                 "files": {f: {"sha256": sha256(tmp / f), "size": (tmp / f).stat().st_size} for f in files(tmp)}}
     (tmp / "manifest.json").write_text(canonical_json(manifest), "utf-8")
-    return mean, valid, coh, weakest, font if drawn else None
+    return Measured(mean, valid, coh, dist, align, weakest, font if drawn else None)

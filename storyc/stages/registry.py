@@ -255,10 +255,16 @@ def _refine(c: Compiled):
                   "negative_prompt": sc["negative_prompt"], "source": sc["file"],
                   "file": refined_file(sc["index"], sc["id"]), "model": c.refs["kolors"],
                   "lora_strength": common["lora_strength"]}
+        if r["upscaler"] == "esrgan":  # hashed only when used: a Lanczos refine's slice is as it was
+            params["esrgan"] = c.refs["esrgan"]
         reads = {"train": (f"lora/{c.story.id}.diffsynth.safetensors",)}
         out.append(StageSpec(f"refine[{sc['id']}]", "refine", params, (f"generate[{sc['id']}]", "train"), sc["id"],
                              {"tile": r["tile"], "index": sc["index"]}, reads))
     return out
+
+
+def _refine_models(job, story):
+    return ("kolors", "esrgan") if "esrgan" in job.params else ("kolors",)
 
 
 # ---------------------------------------------------------------- score
@@ -269,9 +275,15 @@ def _score(c: Compiled):
     for sc in c.scenes:
         last = (refined_file(sc["index"], sc["id"]), f"refine[{sc['id']}]") if sc.get("refine") else \
             (sc["file"], f"generate[{sc['id']}]")
-        out.append(StageSpec(f"score[{sc['id']}]", "score", {"model": c.refs["aesthetic"], "file": last[0]},
-                             (last[1],), sc["id"]))
+        params = {"model": c.refs["aesthetic"], "file": last[0]}
+        if "clip_zh" in c.refs:  # prompt alignment, hashed only when measured
+            params.update(clip_zh=c.refs["clip_zh"], prompt=sc["prompt"])
+        out.append(StageSpec(f"score[{sc['id']}]", "score", params, (last[1],), sc["id"]))
     return out
+
+
+def _score_models(job, story):
+    return ("aesthetic", "clip_zh") if "clip_zh" in job.params else ("aesthetic",)
 
 
 # ---------------------------------------------------------------- bundle
@@ -312,11 +324,12 @@ KINDS: dict[str, StageKind] = {k.name: k for k in (
               scene_keys=SCENE_KEYS,
               oom_hint="lower `generation.batch_size` (images per UNet call; `auto` sizes it from free memory), "
                        "or cap the memory storyc plans for with STORYC_GPU_MEMORY_GIB"),
-    StageKind("refine", 1, _refine, lambda job, story: ("kolors",), "storyc.stages.refine",
+    StageKind("refine", 1, _refine, _refine_models, "storyc.stages.refine",
               scene_keys=("refine", "prompt", "negative_prompt"),
               oom_hint="set `generation.refine.tile: true` (tiled VAE), lower `generation.refine.scale`, or cap the "
                        "memory storyc plans for with STORYC_GPU_MEMORY_GIB"),
-    StageKind("score", 1, _score, lambda job, story: ("aesthetic",), "storyc.stages.score"),
+    # version 2: each image's style statistics and (with models.clip_zh) prompt alignment beside its score
+    StageKind("score", 2, _score, _score_models, "storyc.stages.score", scene_keys=("prompt",)),
     StageKind("bundle", 4, _bundle, _bundle_models, "storyc.stages.bundle", _bundle_artifacts,
               verdict="storyc.submission:verdict"),
 )}

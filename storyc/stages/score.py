@@ -30,20 +30,65 @@ class Scorer:
         self.batch_size = res.batch_size
 
     def score_and_embed(self, images) -> tuple[list[float], list[list[float]]]:
+        scores, embeds, _ = self.measure(images)
+        return scores, embeds
+
+    def measure(self, images) -> tuple[list[float], list[list[float]], list[dict]]:
+        """Aesthetic scores, CLIP image embeddings and style statistics (per channel, the mean and standard
+        deviation of the middle CLIP layer's patch features: AdaIN's style descriptor, read by a hook, so the
+        scores are the predictor's own to the bit)."""
         import torch
 
-        scores, embeds = [], []
-        for i in range(0, len(images), self.batch_size):
-            inputs = self.processor(images=images[i:i + self.batch_size], return_tensors="pt")
-            inputs = {k: v.to(self.device) for k, v in inputs.items()}
-            with torch.no_grad():
-                out = self.model(**inputs)
-            scores += out.logits[:, 0].float().cpu().tolist()
-            embeds += out.hidden_states.float().cpu().tolist()
-        return scores, embeds
+        layers = self.model.vision_model.encoder.layers
+        seen = []
+        hook = layers[len(layers) // 2].register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(
+            out, tuple) else out))
+        scores, embeds, styles = [], [], []
+        try:
+            for i in range(0, len(images), self.batch_size):
+                inputs = self.processor(images=images[i:i + self.batch_size], return_tensors="pt")
+                inputs = {k: v.to(self.device) for k, v in inputs.items()}
+                seen.clear()
+                with torch.no_grad():
+                    out = self.model(**inputs)
+                scores += out.logits[:, 0].float().cpu().tolist()
+                embeds += out.hidden_states.float().cpu().tolist()
+                feats = seen[0][:, 1:].float()  # patch tokens (the class token is not a place in the image)
+                for m, sd in zip(feats.mean(1).cpu().tolist(), feats.std(1).cpu().tolist()):
+                    styles.append({"mean": m, "std": sd})
+        finally:
+            hook.remove()
+        return scores, embeds, styles
 
     def score(self, images) -> list[float]:
         return self.score_and_embed(images)[0]
+
+
+class Aligner:
+    """Prompt alignment: each image against its own (Chinese) prompt with transformers' ChineseCLIPModel, the
+    cosine of the projected image and text embeddings (models.clip_zh)."""
+
+    def __init__(self, folder: Path, device: str):
+        from transformers import ChineseCLIPModel, ChineseCLIPProcessor
+
+        quiet_libraries()
+        self.device = device
+        self.model = ChineseCLIPModel.from_pretrained(str(folder)).to(device).eval()
+        self.processor = ChineseCLIPProcessor.from_pretrained(str(folder))
+        self.max_len = self.model.config.text_config.max_position_embeddings
+
+    def align(self, images, prompts) -> list[float]:
+        import torch
+
+        out = []
+        for im, prompt in zip(images, prompts):
+            inputs = self.processor(text=[prompt], images=[im], return_tensors="pt", padding=True, truncation=True,
+                                    max_length=self.max_len)
+            inputs = {k: v.to(self.device) for k, v in inputs.items()}
+            with torch.no_grad():  # the full forward: get_text_features of transformers 4.57 reads a pooler
+                res = self.model(**inputs)  # ChineseCLIP's text model does not have (its [CLS] state is the one)
+            out.append(torch.nn.functional.cosine_similarity(res.image_embeds.float(), res.text_embeds.float()).item())
+        return out
 
 
 def run(ctx, jobs):
@@ -57,13 +102,28 @@ def run(ctx, jobs):
     files = [j.params["file"] for j in jobs]
     images = [Image.open(ctx.path(f)).convert("RGB") for f in files]
     t = time.monotonic()
-    scores, embeds = scorer.score_and_embed(images)
+    scores, embeds, styles = scorer.measure(images)
     ctx.metric("score.scoring_s", time.monotonic() - t)
-    for job, file, sc, emb in zip(jobs, files, scores, embeds):
+    del scorer
+    aligned = [j for j in jobs if "clip_zh" in j.params]
+    alignment = {}
+    if aligned:  # one model for every scene that asks (models.clip_zh is the story's)
+        t = time.monotonic()
+        aligner = Aligner(ctx.model("clip_zh"), resources.for_score(ctx.device).device)
+        vals = aligner.align([images[jobs.index(j)] for j in aligned], [j.params["prompt"] for j in aligned])
+        alignment = {j.name: v for j, v in zip(aligned, vals)}
+        ctx.metric("score.prompt_alignment_s", time.monotonic() - t)
+    for job, file, sc, emb, st in zip(jobs, files, scores, embeds, styles):
         rel = f"scores/{Path(file).stem}.json"
-        atomic_write(ctx.path(rel), canonical_json({"format": "storyc.score/1", "scene": job.scene, "file": file,
-                                                     "score": sc, "clip_embedding": [round(x, 6) for x in emb]}))
-        yield Result(job.name, [rel], {"score": round(sc, 6)}, digest_facts=round(sc, 6))
+        doc = {"format": "storyc.score/2", "scene": job.scene, "file": file, "score": sc,
+               "clip_embedding": [round(x, 6) for x in emb],
+               "style": {k: [round(x, 6) for x in v] for k, v in st.items()},
+               "prompt_alignment": alignment.get(job.name)}  # null: not measured (no models.clip_zh)
+        atomic_write(ctx.path(rel), canonical_json(doc))
+        facts = {"score": round(sc, 6)}
+        if job.name in alignment:
+            facts["prompt_alignment"] = round(alignment[job.name], 6)
+        yield Result(job.name, [rel], facts, digest_facts=round(sc, 6))
     return ", ".join(f"{j.scene} {sc:.3f}" for j, sc in zip(jobs, scores))
 
 
@@ -82,6 +142,25 @@ def coherence(embeds: list[list[float]]) -> tuple[float, int]:
     pairs = [sims[i][j] for i in range(n) for j in range(i + 1, n)]
     per = [sum(sims[i][j] for j in range(n) if j != i) / (n - 1) for i in range(n)]
     return sum(pairs) / len(pairs), min(range(n), key=lambda i: per[i])
+
+
+def style_distance(styles: list[dict]) -> tuple[float, int]:
+    """Mean pairwise style distance of the images (AdaIN's style loss between their middle-layer CLIP feature
+    statistics: the root mean square difference of the channel means and of the channel deviations; 0 for one
+    look), and the index of the image farthest from the others. Lower is more coherent."""
+    import math
+
+    n = len(styles)
+    if n < 2:
+        return 0.0, 0
+
+    def dist(a, b):
+        d = sum((x - y) ** 2 for x, y in zip(a["mean"], b["mean"])) + sum((x - y) ** 2 for x, y in zip(a["std"], b["std"]))
+        return math.sqrt(d / len(a["mean"]))
+
+    d = [[dist(styles[i], styles[j]) for j in range(n)] for i in range(n)]
+    pairs = [d[i][j] for i in range(n) for j in range(i + 1, n)]
+    return sum(pairs) / len(pairs), max(range(n), key=lambda i: sum(d[i]))
 
 
 def score_folder(folder: Path, model: Path, gate: float, device: str | None = None) -> int:
