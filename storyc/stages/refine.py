@@ -76,8 +76,12 @@ def esrgan_upscale(folder: Path, images: list, device: str) -> list:
     mm = ModelManager(torch_dtype=torch.float32, device=device)
     mm.load_model(str(Path(folder) / "RealESRGAN_x4.pth"))
     esrgan = ESRGAN.from_model_manager(mm)
-    with _bf16_on_gpu(device):
-        out = [esrgan.upscale(im) for im in images]
+    out = []
+    for im in images:  # ESRGAN.upscale's steps, the forward under autocast and its output back in fp32 for numpy
+        x = esrgan.process_images([im]).to(device)
+        with torch.no_grad(), _bf16_on_gpu(device):
+            y = esrgan.model(x)
+        out += esrgan.decode_images(y.float().cpu())
     del esrgan, mm
     if str(device).startswith("cuda"):
         torch.cuda.empty_cache()
