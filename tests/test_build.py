@@ -32,6 +32,36 @@ def test_scene_prompt_edit_reruns_that_scene_only(copy):
     assert ran(copy) == {"generate[concert]", "score[concert]", "bundle"}
 
 
+def _metrics(spec):
+    import json
+
+    return json.loads((spec.parent / "build/t/build_times.json").read_text("utf-8"))["metrics"]
+
+
+def test_prompt_embeddings_are_cached_by_content(copy, monkeypatch):
+    """A prompt edit encodes that one prompt; a seed edit or an undo encodes none and never loads ChatGLM; the
+    image made from cached embeddings is the cold build's, byte for byte."""
+    before = (copy.parent / "build/t/images/02-concert.png").read_bytes()
+    _edit(copy, "在演唱会", "在大型演唱会")
+    assert _build(copy) == 0
+    assert ran(copy) == {"generate[concert]", "score[concert]", "bundle"}
+    assert _metrics(copy)["prompts_encoded"] == 1  # the new prompt; the negative is cached
+
+    import storyc.models.kolors as kolors
+
+    def no(*a, **k):
+        raise AssertionError("ChatGLM loaded although every prompt was cached")
+
+    monkeypatch.setattr(kolors, "load_prompter", no)
+    _edit(copy, "在大型演唱会", "在演唱会")  # undo: both embeddings are in the cache
+    assert _build(copy) == 0
+    assert ran(copy) == {"generate[concert]", "score[concert]", "bundle"}
+    assert _metrics(copy)["prompts_encoded"] == 0
+    assert (copy.parent / "build/t/images/02-concert.png").read_bytes() == before
+    _edit(copy, "seed: 1,", "seed: 11,")
+    assert _build(copy) == 0 and _metrics(copy)["prompts_encoded"] == 0
+
+
 def test_cfg_edit_reruns_every_scene_not_train(copy):
     _edit(copy, "cfg_scale: 4.0", "cfg_scale: 5.0")
     assert _build(copy) == 0

@@ -105,7 +105,7 @@ def run(ctx, jobs):
     cfgs = {j.params["refine"]["cfg_scale"] for j in jobs}
     t = time.monotonic()
     guided = next((c for c in cfgs if c != 1.0), 1.0)  # negatives are encoded when any scene's guidance uses them
-    table = encode_all(kolors, items, guided, res.torch_dtype(), res.device)  # then ChatGLM is freed
+    table = encode_all(kolors, items, guided, res.torch_dtype(), res.device, ctx)  # then ChatGLM is freed
     ctx.metric("refine.text_encoder_load_and_encode_s", time.monotonic() - t)
     sources = {}
     for job, _, src in scenes:

@@ -39,8 +39,8 @@ def train(ctx, cfg: TrainConfig, work: Path, node: int = 0, leader: Path | None 
 
         t = time.monotonic()
         items = [{"prompt": s["prompt"], "negative_prompt": s["negative_prompt"]} for s in cfg.preview["scenes"]]
-        previews = {"table": encode_all(kolors, items, cfg.preview["cfg_scale"], res.torch_dtype(), res.device),
-                    "kolors": kolors, "aesthetic": ctx.model("aesthetic")}
+        table = encode_all(kolors, items, cfg.preview["cfg_scale"], res.torch_dtype(), res.device, ctx)
+        previews = {"table": table, "kolors": kolors, "aesthetic": ctx.model("aesthetic")}
         ctx.metric("train.preview_encode_s", time.monotonic() - t)
     t1 = time.monotonic()
     steps, final_loss = fit(ctx, cfg, work, kolors, data, res, previews, node, leader)
