@@ -169,7 +169,9 @@ def _write_bundle(ctx, p: dict, tmp: Path, scenes: list, lora_cfg: dict):
 
     board, font = storyboard(imgs, [s["caption"] for s in scenes], sub["storyboard"]["columns"],
                              sub["storyboard"]["captions"])
-    board.save(tmp / "storyboard.png")
+    # zlib level 1: the 2048x4464 board of 8 images encodes ~5x faster than at PIL's default 6 (the bundle's
+    # largest cost, bench/RESULTS.md) for a file ~20% larger; the pixels are the same
+    board.save(tmp / "storyboard.png", compress_level=1)
     drawn = any(s["caption"] for s in scenes) and sub["storyboard"]["captions"]
     if font is None and drawn:
         ctx.report.line("warning: no CJK font found; storyboard captions will not show Chinese (the "
