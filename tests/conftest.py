@@ -22,11 +22,43 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
-def run_cli(*args, cwd=None, env=None, timeout=600):
-    """Run the real CLI in a subprocess (as a user would); return CompletedProcess with text output."""
+# Commands that run stages (torch, diffsynth, transformers: ~8 s of imports a process on 2 cores) run in this test
+# process through the same entry point, `storyc.cli.main`, unless a test sets environment variables for them (or
+# STORYC_TEST_SUBPROCESS=1 asks for every command in its own process). The light commands always run as a user
+# runs them, in a process of their own: that is what proves they stay light.
+IN_PROCESS = {"build", "run", "score"}
+
+
+def run_cli(*args, cwd=None, env=None, timeout=600, subprocess_=False):
+    """Run the real CLI (as a user would); return CompletedProcess with text output."""
+    if args and args[0] in IN_PROCESS and env is None and not subprocess_ and \
+            os.environ.get("STORYC_TEST_SUBPROCESS") != "1":
+        return _in_process([str(a) for a in args], cwd or REPO)
     e = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run([sys.executable, "-m", "storyc", *map(str, args)], cwd=cwd or REPO, env=e,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def _in_process(argv, cwd):
+    import contextlib
+    import io
+
+    import storyc.cache
+    from storyc.cli import main
+
+    storyc.cache._verified.clear()  # a new process would verify the cache's bytes afresh: so does this run
+    out, err = io.StringIO(), io.StringIO()
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(argv)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess(["storyc", *argv], code, out.getvalue(), err.getvalue())
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -167,7 +199,7 @@ SPEC1 = BASE_SPEC.replace("batch_size: 8}", "batch_size: 1}")
 def base(tmp_path_factory, tiny_models):
     """SPEC1 built once for the session, in a subprocess as the interruption tests' builds are; read-only."""
     spec = make_project(tmp_path_factory.mktemp("base") / "p", tiny_models, SPEC1)
-    r = run_cli("build", spec, "-q", cwd=spec.parent)
+    r = run_cli("build", spec, "-q", cwd=spec.parent, subprocess_=True)
     assert r.returncode == 0, r.stdout + r.stderr
     assert set(build_report(spec).values()) == {"ran"}
     return spec

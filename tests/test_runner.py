@@ -156,7 +156,7 @@ def _break_scoring(monkeypatch, exc):
     def fail(self, images):
         raise exc
 
-    monkeypatch.setattr(score.Scorer, "score_and_embed", fail)
+    monkeypatch.setattr(score.Scorer, "measure", fail)
 
 
 def test_out_of_memory_in_a_stage_is_a_clear_error_and_keeps_finished_outputs(copy, monkeypatch, capsys):
