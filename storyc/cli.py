@@ -197,7 +197,7 @@ def cmd_status(args) -> int:
 def cmd_score(args) -> int:
     from .stages.score import score_folder
 
-    model, gate = Path(args.model) if args.model else None, args.min
+    model, gate, clip_zh = Path(args.model) if args.model else None, args.min, None
     if args.spec:
         from .context import model_folder
         from .spec import load_story
@@ -205,9 +205,10 @@ def cmd_score(args) -> int:
         story = load_story(args.spec)
         model = model or model_folder(story, "aesthetic")
         gate = story.spec.submission.min_aesthetic if gate is None else gate
+        clip_zh = model_folder(story, "clip_zh") if "clip_zh" in story.models else None
     if model is None:
         raise StorycError("no aesthetic model given", "pass --model DIR or --spec story.yaml")
-    return score_folder(Path(args.dir), model, 6.0 if gate is None else gate, args.device)
+    return score_folder(Path(args.dir), model, 6.0 if gate is None else gate, args.device, clip_zh)
 
 
 def cmd_sweep(args) -> int:

@@ -135,6 +135,8 @@ class Train(Section):
     preview_size: int | tuple | None
     select: str
     buckets: bool
+    validation: dict | None
+    stop: dict | None
 
     @property
     def size(self) -> tuple[int, int]:

@@ -9,24 +9,35 @@ from pathlib import Path
 from .submission import read_json
 
 
-def loss_svg(log: Path, w: int = 640, h: int = 200) -> str:
-    """The training loss per step as an inline SVG polyline (no plotting library)."""
+def _curve(log: Path) -> list:
     try:
         rows = [ln.split(",") for ln in log.read_text("utf-8").splitlines()[1:] if ln.strip()]
         pts = [(int(a), float(b)) for a, b in rows]
     except (OSError, ValueError):
-        return ""
-    pts = [(x, y) for x, y in pts if y == y]  # no NaN
+        return []
+    return [(x, y) for x, y in pts if y == y]  # no NaN
+
+
+def loss_svg(log: Path, w: int = 640, h: int = 200) -> str:
+    """The training loss per step as an inline SVG polyline (no plotting library), with the held-out loss
+    (val_log.csv beside it, train.validation) on the same axes."""
+    pts, val = _curve(log), _curve(Path(log).with_name("val_log.csv"))
     if len(pts) < 2:
         return ""
-    x0, x1 = pts[0][0], pts[-1][0]
-    y0, y1 = min(y for _, y in pts), max(y for _, y in pts)
+    x0, x1 = pts[0][0], max(pts[-1][0], val[-1][0] if val else 0)
+    y0, y1 = min(y for _, y in pts + val), max(y for _, y in pts + val)
     sx = (w - 20) / max(x1 - x0, 1)
     sy = (h - 20) / max(y1 - y0, 1e-12)
-    line = " ".join(f"{10 + (x - x0) * sx:.1f},{h - 10 - (y - y0) * sy:.1f}" for x, y in pts)
+
+    def line(points):
+        return " ".join(f"{10 + (x - x0) * sx:.1f},{h - 10 - (y - y0) * sy:.1f}" for x, y in points)
+
+    held = (f'<polyline id="val-loss" fill="none" stroke="#d2691e" stroke-width="2" points="{line(val)}"/>'
+            if val else "")
+    what = (f"; held-out loss (orange) at {len(val)} step(s), last {val[-1][1]:.4f}" if val else "")
     return (f'<figure id="loss"><svg width="{w}" height="{h}" viewBox="0 0 {w} {h}" style="border:1px solid #ccc">'
-            f'<polyline fill="none" stroke="#2a6fdb" stroke-width="1.5" points="{line}"/></svg>'
-            f"<figcaption>loss per step ({pts[0][0]}-{pts[-1][0]}; {y0:.4f} to {y1:.4f})</figcaption></figure>")
+            f'<polyline fill="none" stroke="#2a6fdb" stroke-width="1.5" points="{line(pts)}"/>{held}</svg>'
+            f"<figcaption>loss per step ({pts[0][0]}-{pts[-1][0]}; {y0:.4f} to {y1:.4f}){what}</figcaption></figure>")
 
 
 def checkpoints_html(lora: Path) -> str:

@@ -435,6 +435,15 @@ def check_train_knobs(ctx):
             out.append(ctx.diag(("train", "preview_every"), f"preview every {tr['preview_every']} steps but the run "
                                 f"has {steps}: only the last checkpoint is previewed", severity="warning",
                                 rule="train_knobs"))
+    stop = tr.get("stop")
+    if isinstance(stop, dict):
+        if stop.get("metric") == "val_loss" and not isinstance(tr.get("validation"), dict):
+            out.append(ctx.diag(("train", "stop", "metric"), "`metric: val_loss` needs held-out images to measure",
+                                "set `train.validation: {images: 2, every: 100}`, or `metric: story_score`",
+                                "train_knobs"))
+        if stop.get("metric") == "story_score" and not tr.get("preview_every"):
+            out.append(ctx.diag(("train", "stop", "metric"), "`metric: story_score` needs previews to score",
+                                "set `train.preview_every: N` (e.g. 500), or `metric: val_loss`", "train_knobs"))
     if tr.get("optimizer") == "prodigy" and isinstance(tr.get("learning_rate"), (int, float)) and tr["learning_rate"] < 0.1:
         out.append(ctx.diag(("train", "learning_rate"), f"learning_rate {tr['learning_rate']:g} with optimizer prodigy",
                             "Prodigy finds the step size itself; its learning_rate is a multiplier, usually 1.0",

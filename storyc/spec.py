@@ -194,7 +194,10 @@ def _explain(err, loc: Located) -> list[Diagnostic]:
         if isinstance(v, dict) and err.context:  # e.g. null or a mapping: the mapping's own problem, explained
             from jsonschema.exceptions import best_match
 
-            inner = [e for e in err.context if e.validator not in ("type", "const", "enum")]  # the mapping branch
+            # the mapping branch's errors: not the other branches' "this is not null / not that constant" about
+            # the value itself (a wrong enum *inside* the mapping is the mapping's own problem)
+            inner = [e for e in err.context
+                     if not (tuple(e.absolute_path) == path and e.validator in ("type", "const", "enum"))]
             return _explain(best_match(inner or err.context), loc)
     return [d(err.message)]
 

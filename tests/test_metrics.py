@@ -85,8 +85,15 @@ def test_style_distance_always_and_prompt_alignment_with_a_chinese_clip(copy):
     assert doc["prompt_alignment"]["mean"] == pytest.approx(sum(doc["prompt_alignment"]["images"].values()) / 3)
     page = (sub / "report.html").read_text("utf-8")
     assert f"{doc['prompt_alignment']['mean']:.3f}" in page and "not measured" not in page
-    facts = json.loads((copy.parent / "build/t/build_report.json").read_text("utf-8"))
-    assert facts["stages"]["bundle"] == "ran"
+    # storyc score on the submission: the same figures, the gate's line last
+    r = run_cli("score", sub, "--spec", copy, "--min", "-1", cwd=copy.parent)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert f"prompt alignment {doc['prompt_alignment']['mean']:.4f}" in lines
+    assert f"style distance {doc['style_distance']['mean_pairwise']:.4f}" in r.stdout
+    assert lines[-1].split()[0] == "mean" and lines[-1].split()[2] == "PASS"
+    r = run_cli("score", sub, "--model", aesthetic, "--min", "-1", cwd=copy.parent)
+    assert "prompt alignment: not measured (no Chinese CLIP (models.clip_zh in --spec))" in r.stdout
 
 
 def test_a_sweep_objective_weighs_the_new_metrics(project):

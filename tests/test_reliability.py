@@ -58,7 +58,8 @@ def test_concurrent_builds_refuse_wait_and_take_over_stale_locks(copy):
         assert _wait_for(lambda: (out_b.append(b.stdout.readline()) or "waiting for another storyc" in out_b[-1]),
                          120), "".join(out_b)
         assert f"pid {a.pid}" in out_b[-1]
-        a.send_signal(signal.SIGKILL)  # killed mid-training, holding both locks
+        assert _wait_for(lambda: any(cache.glob("*.partial/checkpoints/last.ckpt.sha256"))), "no checkpoint written"
+        a.send_signal(signal.SIGKILL)  # killed mid-training, after its first sealed checkpoint, holding both locks
         a.wait()
         rest = b.communicate(timeout=600)[0]
         assert b.returncode == 0, "".join(out_b) + rest

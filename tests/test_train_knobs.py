@@ -278,3 +278,62 @@ def test_best_score_picks_the_checkpoint_a_controlled_scorer_prefers(base, tmp_p
     assert not all(torch.equal(shipped[k], step4[k]) for k in shipped)
     lock = yaml.safe_load((spec.parent / "story.lock").read_text("utf-8"))
     assert lock["stages"]["train"]["extra"]["selected_step"] == 2
+
+
+def test_validation_holds_out_images_and_early_stopping_exports_the_best(base, tmp_path):
+    """train.validation: a held-out image's loss at fixed timesteps and noise (the same curve on a forced retrain),
+    in val_log.csv, TensorBoard, the report and the lock; train.stop on it ends training after `patience` measurements
+    without improvement and ships the best measured weights."""
+    from storyc import lora
+
+    spec = copy_project(base, tmp_path / "p")
+    edit(spec, "checkpoint_every: 2}", "checkpoint_every: 2, validation: {images: 1, every: 2, timesteps: 2}}")
+    r = run_cli("build", spec, cwd=spec.parent)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "validation at step 2: loss" in r.stdout and "validation at step 4: loss" in r.stdout
+    lora_dir = spec.parent / "build/t/lora"
+    rep = json.loads((lora_dir / "train_report.json").read_text("utf-8"))
+    assert rep["images"] == 1 and len(rep["held_out"]) == 1  # 2 images pass the filters: 1 trains, 1 is held out
+    curve = (lora_dir / "val_log.csv").read_text("utf-8")
+    assert [ln.split(",")[0] for ln in curve.splitlines()[1:]] == ["2", "4"]
+    facts = yaml.safe_load((spec.parent / "story.lock").read_text("utf-8"))["stages"]["train"]["extra"]
+    assert set(facts["validation"]) == {"2", "4"} and all(v > 0 for v in facts["validation"].values())
+    assert 'id="val-loss"' in (spec.parent / "build/t/submission/t/report.html").read_text("utf-8")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(spec.parent / "build/t/train/logs"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("val/loss")] == [2, 4]
+    r = run_cli("build", spec, "-q", "--force", "train", cwd=spec.parent)  # trained again: the same curve
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (lora_dir / "val_log.csv").read_text("utf-8") == curve
+
+    # early stopping: an improvement must be 1000 or more, so the first measurement stays the best and the
+    # second ends the run (patience 1) at step 2 of 4
+    edit(spec, "validation: {images: 1, every: 2, timesteps: 2}}",
+         "validation: {images: 1, every: 1, timesteps: 1}, stop: {metric: val_loss, patience: 1, min_delta: 1000}}")
+    r = run_cli("build", spec, cwd=spec.parent)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "early stop at step 2: val_loss has not improved by 1000 for 1 measurement(s); best at step 1" in r.stdout
+    rep = json.loads((lora_dir / "train_report.json").read_text("utf-8"))
+    assert rep["steps"] == 2 and rep["stop"]["best_step"] == 1 and rep["stop"]["stopped_at"] == 2
+    facts = yaml.safe_load((spec.parent / "story.lock").read_text("utf-8"))["stages"]["train"]["extra"]
+    assert facts["stop"]["best_step"] == 1 and facts["steps"] == 2
+    best = next((spec.parent / ".storyc").rglob("stop/best.safetensors"))
+    shipped, _ = lora.load(lora_dir / "t.diffsynth.safetensors")
+    kept, _ = lora.load(best)
+    assert shipped.keys() == kept.keys() and all(torch.equal(shipped[k], kept[k]) for k in shipped)
+    logged = (lora_dir / "train_log.csv").read_text("utf-8").splitlines()[1:]
+    assert [ln.split(",")[0] for ln in logged] == ["1", "2"]  # training really ended at step 2
+
+
+def test_stop_needs_what_it_measures(project):
+    spec = project / "story.yaml"
+    spec.write_text("version: 1\nstory: {id: k}\ntrain: {stop: {metric: val_loss}}\n"
+                    "scenes: [{id: a, prompt: x, seed: 0}]\nsubmission: {rules: none, images: 1}\n", "utf-8")
+    r = run_cli("validate", spec, cwd=project)
+    assert r.returncode == 1 and "story.yaml:3:" in r.stderr and "$.train.stop.metric" in r.stderr
+    assert "needs held-out images" in r.stderr and "train.validation" in r.stderr
+    spec.write_text(spec.read_text("utf-8").replace("metric: val_loss", "metric: story_scor"), "utf-8")
+    r = run_cli("validate", spec, cwd=project)
+    assert r.returncode == 1 and "did you mean `story_score`?" in r.stderr and "Traceback" not in r.stderr

@@ -163,8 +163,9 @@ def style_distance(styles: list[dict]) -> tuple[float, int]:
     return sum(pairs) / len(pairs), max(range(n), key=lambda i: sum(d[i]))
 
 
-def score_folder(folder: Path, model: Path, gate: float, device: str | None = None) -> int:
-    """`storyc score DIR`: score a folder of images standalone; print per image, the mean and PASS/FAIL."""
+def score_folder(folder: Path, model: Path, gate: float, device: str | None = None, clip_zh: Path | None = None) -> int:
+    """`storyc score DIR`: score a folder of images standalone; print per image, the set's style figures, prompt
+    alignment (a storyc submission's prompts.json and a Chinese CLIP), the mean and PASS/FAIL (last line)."""
     from PIL import Image
 
     from ..errors import StorycError
@@ -177,10 +178,12 @@ def score_folder(folder: Path, model: Path, gate: float, device: str | None = No
         raise StorycError(f"{folder} is not a folder")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
     prompts = folder / "prompts.json"  # a storyc submission: its scene images (images/) only, never the storyboard
+    prompt_of = {}
     if prompts.is_file():
         try:
             scenes = json.loads(prompts.read_text("utf-8"))["scenes"]
             files = [folder / s["file"] for s in scenes if (folder / s["file"]).is_file()]
+            prompt_of = {folder / s["file"]: s["prompt"] for s in scenes if isinstance(s.get("prompt"), str)}
         except (ValueError, KeyError, TypeError):
             pass
     images, kept = [], []
@@ -195,10 +198,21 @@ def score_folder(folder: Path, model: Path, gate: float, device: str | None = No
     if not files:
         raise StorycError(f"no readable images in {folder}")
     scorer = Scorer(model, resources.for_score(device))
-    scores = scorer.score(images)
+    scores, embeds, styles = scorer.measure(images)
+    del scorer
+    aligned = None
+    if clip_zh is not None and prompt_of and all(p in prompt_of for p in files):
+        aligned = Aligner(clip_zh, resources.for_score(device).device).align(images, [prompt_of[p] for p in files])
     width = max(len(p.name) for p in files)
-    for p, s in zip(files, scores):
-        print(f"{p.name:<{width}}  {s:8.4f}")
+    for i, (p, s) in enumerate(zip(files, scores)):
+        print(f"{p.name:<{width}}  {s:8.4f}" + (f"  alignment {aligned[i]:.4f}" if aligned else ""))
+    if len(files) > 1:
+        coh, odd = coherence(embeds)
+        dist, far = style_distance(styles)
+        print(f"style coherence {coh:.4f} (least like the others: {files[odd].name}); style distance {dist:.4f} "
+              f"(farthest: {files[far].name})")
+    why = ("no prompts.json beside the images" if not prompt_of else "no Chinese CLIP (models.clip_zh in --spec)")
+    print(f"prompt alignment {sum(aligned) / len(aligned):.4f}" if aligned else f"prompt alignment: not measured ({why})")
     g = Gate.of(scores, gate)
     print(f"{'mean':<{width}}  {g.mean:8.4f}  {'PASS' if g.valid else 'FAIL'} (gate {gate:g})")
     return 0 if g.valid else 3  # as a build's INVALID

@@ -157,6 +157,7 @@ def cache_pass(ctx, cfg: TrainConfig, kolors: Path, vae: Path, device: str, dtyp
         rows = list(csv.DictReader(f))
     if not rows:
         raise StageError("train", "data/train/metadata.csv has no images")
+    held = held_out(rows, tr)
     root = ctx.cache_dir
     vae_fp, kolors_fp = ctx.fingerprint("vae"), ctx.fingerprint("kolors")
     lat_keys, lat_missing, sizes, seen = [], [], [], set()
@@ -204,14 +205,39 @@ def cache_pass(ctx, cfg: TrainConfig, kolors: Path, vae: Path, device: str, dtyp
 
     latents = [load_file(str(root / "latents" / f"{k}.safetensors")) for k in lat_keys]
     emb = {t: load_file(str(root / "text" / f"{txt_keys[t]}.safetensors")) for t in texts}
-    out = {"latents": latents, "texts": texts, "text_of": [texts.index(r["text"]) for r in rows], "emb": emb,
-           "n_images": len(rows), "encoded_images": len(lat_missing), "encoded_texts": len(txt_missing),
+    keep = [i for i, r in enumerate(rows) if r["file_name"] not in held]  # what is trained on
+    out = {"latents": [latents[i] for i in keep], "texts": texts, "text_of": [texts.index(rows[i]["text"]) for i in keep],
+           "emb": emb, "n_images": len(keep), "encoded_images": len(lat_missing), "encoded_texts": len(txt_missing),
            "size": (w, h)}
+    if held:  # train.validation: the held-out images' latents (centre-cropped to the training size) and captions
+        out["val"] = [{"latent": center(latents[i]["latent"], w, h), "text": texts.index(rows[i]["text"])}
+                      for i, r in enumerate(rows) if r["file_name"] in held]
+        out["held_out"] = sorted(held)
     if buckets:  # which rows share a latent size: a batch is drawn from one of them
-        used = sorted(set(sizes))
+        used = sorted({sizes[i] for i in keep})
         out["buckets"] = used
-        out["bucket_of"] = [used.index(sz) for sz in sizes]
+        out["bucket_of"] = [used.index(sizes[i]) for i in keep]
     return out
+
+
+def held_out(rows: list, tr) -> set:
+    """train.validation: the file names held out, ``images`` of them chosen by train.seed (by digest, so the choice
+    does not depend on the rows' order); at least one image is left to train on."""
+    if not tr.validation:
+        return set()
+    n = tr.validation["images"]
+    names = sorted({r["file_name"] for r in rows}, key=lambda f: digest({"seed": tr.seed, "file": f}))
+    if n >= len(names):
+        raise StageError("train", f"train.validation holds out {n} of the {len(names)} training images: none would "
+                         "be left to train on", "hold out fewer (`train.validation.images`), or add images")
+    return set(names[:n])
+
+
+def center(latent, w: int, h: int):
+    """The latent centre-cropped to the training size (a cached latent may be larger when random crops are on)."""
+    lh, lw = h // 8, w // 8
+    y, x = (latent.shape[2] - lh) // 2, (latent.shape[3] - lw) // 2
+    return latent[:, :, max(y, 0):max(y, 0) + lh, max(x, 0):max(x, 0) + lw]
 
 
 def _save(save_file, tensors, path: Path) -> None:

@@ -66,14 +66,33 @@ def train(ctx, cfg: TrainConfig, work: Path, node: int = 0, leader: Path | None 
             "format": "storyc.checkpoints/1", "select": cfg.train.select, "selected": chosen,
             "checkpoints": [records[k] for k in sorted(records, key=int)]}))
         ctx.report.info(f"     checkpoint: step {chosen} ({cfg.train.select}), mean aesthetic {records[str(chosen)]['mean']:.3f}")
+    report = {"format": "storyc.train_report/1", "steps": steps, "final_loss": final_loss, "device": res.device,
+              "precision": res.precision, "lora": cfg.slice["lora"], "train": cfg.slice["train"],
+              "images": data["n_images"], "encoded_images": data["encoded_images"],
+              "encoded_texts": data["encoded_texts"]}
+    if cfg.train.validation:
+        report["held_out"] = data["held_out"]
+        report["validation"] = _val_history(work / "val_log.csv")
+    if cfg.train.stop:
+        from .validation import read_stop
+
+        stop = read_stop(work / "stop")
+        if stop is not None:  # the best measured weights are what the story uses
+            shutil.copyfile(work / "stop" / "best.safetensors", work / "lora.tmp.safetensors")
+            report["stop"] = stop
+            ctx.report.info(f"     exported the best checkpoint by {stop['metric']}: step {stop['best_step']} "
+                            f"({stop['why']})")
     export(cfg, work, kolors)
     # the hashed slice only: execution settings must not change the outputs' bytes
-    atomic_write(work / "train_report.json", canonical_json({
-        "format": "storyc.train_report/1", "steps": steps, "final_loss": final_loss, "device": res.device,
-        "precision": res.precision, "lora": cfg.slice["lora"], "train": cfg.slice["train"], "images": data["n_images"],
-        "encoded_images": data["encoded_images"], "encoded_texts": data["encoded_texts"]}))
+    atomic_write(work / "train_report.json", canonical_json(report))
     # timings go to the console, not into outputs: outputs must be byte-identical run to run
     ctx.report.info(f"     cache pass {cache_s:.1f}s, training {train_s:.1f}s ({steps / max(train_s, 1e-9):.2f} steps/s)")
+
+
+def _val_history(log: Path) -> list:
+    if not log.exists():
+        return []
+    return [[int(a), float(b)] for a, b in (ln.split(",") for ln in log.read_text("utf-8").splitlines()[1:] if ln)]
 
 
 def fit(ctx, cfg: TrainConfig, work: Path, kolors: Path, data: dict, res, previews=None, node: int = 0,
@@ -198,13 +217,26 @@ def setup_callbacks(ctx, cfg: TrainConfig, work: Path, result: Path, total: int,
         out.append(L.pytorch.callbacks.LearningRateMonitor(logging_interval="step"))
     if cfg.train.ema:
         out.append(EMA(cfg.train.ema))
+    story = None
     if previews is not None:
         from .previews import StoryPreviews
 
         if not resumed:
             shutil.rmtree(work / "previews", ignore_errors=True)
-        out.append(StoryPreviews(cfg.preview, cfg.train.preview_every, total, previews["table"], previews["kolors"],
-                                 previews["aesthetic"], work / "previews", ctx.report))
+        story = StoryPreviews(cfg.preview, cfg.train.preview_every, total, previews["table"], previews["kolors"],
+                              previews["aesthetic"], work / "previews", ctx.report)
+        out.append(story)
+    if cfg.train.validation or cfg.train.stop:
+        from .validation import EarlyStop, Validation
+
+        if not resumed:
+            shutil.rmtree(work / "stop", ignore_errors=True)
+        val = Validation(cfg.train.validation, total, work / "val_log.csv", ctx.report) if cfg.train.validation else None
+        out += [val] if val else []
+        if cfg.train.stop:  # after what it reads (the validation, the previews) at the same step
+            source = val if cfg.train.stop["metric"] == "val_loss" else story
+            out.append(EarlyStop(cfg.train.stop, source, work / "stop", ctx.report,
+                                 {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha}))
     return out + [ckpt]
 
 

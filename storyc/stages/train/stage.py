@@ -135,6 +135,8 @@ def _copy_out(ctx, cfg: TrainConfig, final: Path) -> list:
     out.mkdir(parents=True, exist_ok=True)
     copies = {f"{fmt}.safetensors": name for fmt, name in output_names(ctx.story.id, cfg).items()}
     copies.update({"train_log.csv": "train_log.csv", "train_report.json": "train_report.json"})
+    if cfg.train.validation:  # the held-out loss beside the training loss (report.html draws both)
+        copies["val_log.csv"] = "val_log.csv"
     if cfg.preview:  # each checkpoint's LoRA and preview strip, and the choice
         copies["checkpoints.json"] = "checkpoints.json"
         for f in sorted((final / "previews").glob("step-*")):
@@ -157,6 +159,11 @@ def _facts(cfg: TrainConfig, final: Path, key: str) -> dict:
         facts["checkpoints"] = {str(c["step"]): {"mean_aesthetic": c["mean"], "style_coherence": c["coherence"]}
                                 for c in ck["checkpoints"]}
         facts["selected_step"] = ck["selected"]
+    if "validation" in rep:  # the held-out loss at each measured step
+        facts["validation"] = {str(s): v for s, v in rep["validation"]}
+    if "stop" in rep:  # train.stop: where it stopped, why, and the step whose weights were exported
+        facts["stop"] = rep["stop"]
+        facts["steps"] = rep["steps"]
     try:  # the memory plan the LoRA was trained under (kept in the cache entry, so a reuse reports the same)
         facts["memory"] = json.loads((final / "memory_plan.json").read_text("utf-8"))
     except (OSError, ValueError):
