@@ -178,6 +178,7 @@ class Generation(Section):
     cfg_scale: float
     lora_scale: float
     candidates: int
+    select: dict  # how candidates are ranked: {aesthetic, prompt_alignment} weights
     batch_size: int | str
     allow_duplicate_seeds: bool
     refine: dict | None  # the hi-res refine pass of every scene (null: off); scenes may override it

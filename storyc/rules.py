@@ -328,6 +328,23 @@ def check_upscaler(ctx):
     return out
 
 
+def check_select(ctx):
+    """generation.select: prompt alignment needs a Chinese CLIP; ranking one candidate changes nothing."""
+    gen, models = ctx.data.get("generation"), ctx.data.get("models")
+    if not isinstance(gen, dict) or not isinstance(gen.get("select"), dict) or not isinstance(models, dict):
+        return []
+    out, sel = [], gen["select"]
+    if isinstance(sel.get("prompt_alignment"), (int, float)) and sel["prompt_alignment"] and not models.get("clip_zh"):
+        out.append(ctx.diag(("generation", "select", "prompt_alignment"), "ranking candidates by prompt alignment "
+                            "needs a Chinese CLIP: `models.clip_zh` is not set",
+                            "set `models.clip_zh` (a ChineseCLIPModel folder), or remove this weight", "select"))
+    if gen.get("candidates") == 1 and ("generation", "select") in ctx.loc.values:  # written, to no effect
+        out.append(ctx.diag(("generation", "select"), "`select` ranks candidates, but `candidates` is 1",
+                            "set `generation.candidates: 4` (seeds tried per scene), or remove `select`", "select",
+                            severity="warning"))
+    return out
+
+
 def _get_path(data, path):
     for k in path:
         data = data[k]
@@ -506,7 +523,7 @@ def _char_diag(ctx, path, text, c, key=False):
 
 RULES = [check_text, check_unique_scene_ids, check_unique_seeds, check_scene_count, check_dataset_fields, check_paths,
          check_dj_ops, check_prompt_length, check_storyboard, check_small_sizes, check_lora_targets, check_team,
-         check_train_knobs, check_competition, check_upscaler]
+         check_train_knobs, check_competition, check_upscaler, check_select]
 
 
 def run_all(ctx: RuleInput) -> list[Diagnostic]:

@@ -179,7 +179,35 @@ def test_candidates_keep_the_best_scoring_seed(tmp_path, tiny_models):
         chosen = tmp_path / f"build/t/images/{file}.png"
         assert chosen.read_bytes() == (tmp_path / f"build/t/images/candidates/{file}-s{best}.png").read_bytes()
         rec = json.loads(chosen.with_suffix(".json").read_text("utf-8"))
-        assert rec["seed"] == best
+        assert rec["seed"] == best and "candidate_objective" not in rec  # the default ranking: as before
+
+    # ranked by prompt alignment alone (a Chinese CLIP): the seed whose image matches its prompt best is kept
+    text = spec.read_text("utf-8")
+    spec.write_text(text.replace("candidates: 3}", "candidates: 3, select: {aesthetic: 0, prompt_alignment: 1}}"),
+                    "utf-8")
+    r = run_cli("validate", spec, cwd=tmp_path)
+    assert r.returncode == 1 and "$.generation.select.prompt_alignment: ranking candidates by prompt alignment" in r.stderr
+    spec.write_text(spec.read_text("utf-8").replace("models: {", "models: {clip_zh: 'tiny:clip-zh', "), "utf-8")
+    assert main(["build", str(spec), "-q"]) == 0
+    import torch
+    from PIL import Image
+    from transformers import ChineseCLIPModel, ChineseCLIPProcessor
+
+    clip = tmp_path / ".storyc/models/tiny-clip-zh"
+    model, proc = ChineseCLIPModel.from_pretrained(str(clip)).eval(), ChineseCLIPProcessor.from_pretrained(str(clip))
+    lock = __import__("yaml").safe_load((tmp_path / "story.lock").read_text("utf-8"))
+    for sid, file in (("home", "01-home"), ("concert", "02-concert"), ("stage", "03-stage")):
+        extra = lock["stages"][f"generate[{sid}]"]["extra"]
+        prompt = lock["stages"][f"generate[{sid}]"]["params"]["prompt"]
+        align = {}
+        for seed in extra["candidate_scores"]:
+            with Image.open(tmp_path / f"build/t/images/candidates/{file}-s{seed}.png") as im:
+                inputs = proc(text=[prompt], images=[im.convert("RGB")], return_tensors="pt", padding=True)
+            with torch.no_grad():
+                out = model(**inputs)
+            align[int(seed)] = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds).item()
+            assert extra["candidate_alignment"][seed] == pytest.approx(align[int(seed)], abs=1e-5)
+        assert extra["seed"] == max(align, key=lambda k: (align[k], -k))
 
 
 def test_report_renders_in_headless_chromium(built, tmp_path):

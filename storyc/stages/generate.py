@@ -203,6 +203,11 @@ def run(ctx, jobs):
         from .score import Scorer
 
         scorer = Scorer(ctx.model("aesthetic"), resources.for_score(res.device))
+        if "clip_zh" in jobs[0].params:  # generation.select weighs prompt alignment: a Chinese CLIP ranks too
+            from .score import Aligner
+
+            scorer.aligner = Aligner(ctx.model("clip_zh"), resources.for_score(res.device).device)
+        scorer.weights = jobs[0].params.get("select")  # None: the aesthetic score alone, as before
     pending = {s["id"]: [] for s in todo}
     by_scene = {s["id"]: s for s in todo}
 
@@ -235,6 +240,7 @@ def run(ctx, jobs):
 
 def _finish_scene(ctx, gen, s, cands, scorer, lora_sha, memory=None) -> Result:
     chosen_seed, cand_scores = s["seeds"][0], None
+    ranked = {}
     if scorer is not None:
         folder = ctx.path("images/candidates")
         scores = scorer.score([img for _, img in cands])
@@ -242,7 +248,16 @@ def _finish_scene(ctx, gen, s, cands, scorer, lora_sha, memory=None) -> Result:
         for (it, img), sc in zip(cands, scores):
             save_png(img, folder / f"{Path(s['file']).stem}-s{it['seed']}.png")
             cand_scores[str(it["seed"])] = round(sc, 6)
-        best = max(range(len(cands)), key=lambda i: (scores[i], -cands[i][0]["seed"]))
+        objective = scores
+        w = scorer.weights
+        if w:  # generation.select: a weighted sum of the aesthetic score and the prompt alignment
+            align = (scorer.aligner.align([img for _, img in cands], [s["prompt"]] * len(cands))
+                     if scorer.aligner else [0.0] * len(cands))
+            objective = [w["aesthetic"] * a + w["prompt_alignment"] * p for a, p in zip(scores, align)]
+            ranked = {"candidate_objective": {str(it["seed"]): round(o, 6) for (it, _), o in zip(cands, objective)}}
+            if scorer.aligner:
+                ranked["candidate_alignment"] = {str(it["seed"]): round(p, 6) for (it, _), p in zip(cands, align)}
+        best = max(range(len(cands)), key=lambda i: (objective[i], -cands[i][0]["seed"]))
         chosen_seed, image = cands[best][0]["seed"], cands[best][1]
     else:
         image = cands[0][1]
@@ -254,6 +269,7 @@ def _finish_scene(ctx, gen, s, cands, scorer, lora_sha, memory=None) -> Result:
            "lora_scale": s["lora_scale"], "lora_sha256": lora_sha}
     if cand_scores:
         rec["candidate_scores"] = cand_scores
+        rec.update(ranked)
     meta = str(Path(s["file"]).with_suffix(".json"))
     atomic_write(ctx.path(meta), canonical_json(rec))
     facts = {"seed": chosen_seed}
@@ -261,6 +277,7 @@ def _finish_scene(ctx, gen, s, cands, scorer, lora_sha, memory=None) -> Result:
         facts["memory"] = memory  # the planner's choice on this machine (not hashed)
     if cand_scores:
         facts["candidate_scores"] = cand_scores
+        facts.update(ranked)
     return Result(s["name"], [s["file"], meta], facts, digest_facts=chosen_seed)
 
 

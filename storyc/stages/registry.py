@@ -215,6 +215,10 @@ def _generate(c: Compiled):
     out = []
     for sc in c.scenes:
         params = {**{k: sc[k] for k in SCENE_KEYS}, **{k: common[k] for k in GEN_COMMON}, "model": c.refs["kolors"]}
+        if common["candidates"] > 1 and plain(c.spec.generation.select) != SELECT_DEFAULT:
+            params["select"] = plain(c.spec.generation.select)  # hashed only when it can change the choice
+            if params["select"]["prompt_alignment"]:
+                params["clip_zh"] = c.refs["clip_zh"]
         settings = {"index": sc["index"], "batch_size": c.spec.generation.batch_size,
                     "lora_scale": common["lora_scale"]}
         # it reads the diffsynth LoRA only: exporting another format does not re-render the images
@@ -230,8 +234,13 @@ def _generate_artifacts(c: Compiled, jobs):
         **generation_common(c.spec), "scenes": c.scenes})}
 
 
+SELECT_DEFAULT = {"aesthetic": 1.0, "prompt_alignment": 0.0}
+
+
 def _generate_models(job, story):
-    return ("kolors", "aesthetic") if job.params["candidates"] > 1 else ("kolors",)
+    if job.params["candidates"] == 1:
+        return ("kolors",)
+    return ("kolors", "aesthetic", "clip_zh") if "clip_zh" in job.params else ("kolors", "aesthetic")
 
 
 # ---------------------------------------------------------------- score

@@ -28,6 +28,8 @@ class Scorer:
         self.model = AestheticsPredictorV2Linear.from_pretrained(str(folder)).to(self.device).eval()
         self.processor = CLIPProcessor.from_pretrained(str(folder))
         self.batch_size = res.batch_size
+        self.weights = None  # generation.select: how best-of-K candidates are ranked (None: the score alone)
+        self.aligner = None  # an Aligner, when the ranking weighs prompt alignment
 
     def score_and_embed(self, images) -> tuple[list[float], list[list[float]]]:
         scores, embeds, _ = self.measure(images)
