@@ -79,9 +79,14 @@ def chromium_render(html, tmp, no_system_fonts=False):
     shot = tmp / f"{html.stem}-shot.png"
     base = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
             "--virtual-time-budget=10000", "--run-all-compositor-stages-before-draw"]  # its web font drawn
-    r = subprocess.run([*base, f"--user-data-dir={tmp / 'profile'}", f"--screenshot={shot}", "--window-size=1000,1400",
-                        html.as_uri()], capture_output=True, text=True, timeout=120, env=env)
-    assert shot.exists(), r.stderr
+    for attempt in range(3):  # on a loaded machine headless Chromium now and then shoots before its first paint
+        shot.unlink(missing_ok=True)
+        r = subprocess.run([*base, f"--user-data-dir={tmp / f'profile{attempt}'}", f"--screenshot={shot}",
+                            "--window-size=1000,1400", html.as_uri()], capture_output=True, text=True, timeout=120,
+                           env=env)
+        assert shot.exists(), r.stderr
+        if np.asarray(Image.open(shot).convert("L")).min() < 255:  # something was drawn
+            break
     dom = subprocess.run([*base, "--dump-dom", f"--user-data-dir={tmp / 'profile2'}", html.as_uri()],
                          capture_output=True, text=True, timeout=120, env=env).stdout
     return np.asarray(Image.open(shot).convert("RGB")).astype(int), dom

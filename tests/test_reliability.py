@@ -347,7 +347,8 @@ def test_score_skips_unreadable_files_and_never_the_storyboard(base, tmp_path, t
     (sub / "images/broken.png").write_bytes(b"not a png")
     r = run_cli("score", sub, "--model", tiny_models / "tiny-aesthetic", "--min", "-1", timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    names = [ln.split()[0] for ln in r.stdout.splitlines() if ln.strip() and not ln.startswith(("mean", "warning"))]
+    names = [ln.split()[0] for ln in r.stdout.splitlines()
+             if ln.strip() and not ln.startswith(("mean", "warning", "style ", "prompt alignment"))]
     assert names == ["01-home.png", "02-concert.png", "03-stage.png"]  # prompts.json names the scene images
     loose = tmp_path / "loose"
     loose.mkdir()
