@@ -17,7 +17,7 @@ from .errors import Diagnostic, did_you_mean
 from .model import ModelRef, join_negative, micro_batches, optimizer_steps
 from .project import outside_hint, root_and_why
 from .submission import COMPETITION_NAME, PLACEHOLDER_TEAMS
-from .yamlio import Located, json_path
+from .yamlio import Located, get_path, json_path
 
 TINY_NAMES = {"kolors": "kolors", "vae": "sdxl-vae", "aesthetic": "aesthetic", "esrgan": "esrgan",
               "clip_zh": "clip-zh"}
@@ -320,7 +320,7 @@ def check_upscaler(ctx):
             places.append(("scenes", i, "refine"))
     out = []
     for where in places:
-        if _get_path(ctx.data, where).get("upscaler") == "esrgan":
+        if get_path(ctx.data, where).get("upscaler") == "esrgan":
             out.append(ctx.diag((*where, "upscaler"), "upscaler `esrgan` needs the Real-ESRGAN x4 weights: "
                                 "`models.esrgan` is not set",
                                 "add `models: {esrgan: modelscope:AI-ModelScope/Real-ESRGAN}` (or a folder holding "
@@ -343,12 +343,6 @@ def check_select(ctx):
                             "set `generation.candidates: 4` (seeds tried per scene), or remove `select`", "select",
                             severity="warning"))
     return out
-
-
-def _get_path(data, path):
-    for k in path:
-        data = data[k]
-    return data
 
 
 # The Linear layers of diffsynth's Kolors UNet. peft could also adapt its Conv2d layers, but storyc merges and

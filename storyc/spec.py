@@ -13,7 +13,7 @@ from .errors import Diagnostic, Mark, SpecError, did_you_mean
 from .model import ModelRef, Spec, Story
 from .project import inside as _inside, outside_hint, project_root, root_and_why
 from .schema import defaults, schema
-from .yamlio import Located, json_path, load, type_name
+from .yamlio import Located, get_path, json_path, load, type_name
 
 TINY_MODELS = ("kolors", "sdxl-vae", "aesthetic")
 # ---------------------------------------------------------------- extends
@@ -63,7 +63,7 @@ def _merge(base: Located, child: Located) -> Located:
     def shadowed(p):  # a base position hidden by a child value that replaced (not merged) it
         for i in range(len(p) + 1):
             pre = p[:i]
-            if pre in child.values and not isinstance(_get(child.data, pre), dict):
+            if pre in child.values and not isinstance(get_path(child.data, pre), dict):
                 return True
         return False
 
@@ -72,12 +72,6 @@ def _merge(base: Located, child: Located) -> Located:
     values.update(child.values)
     keys.update(child.keys)
     return Located(data, values, keys)
-
-
-def _get(data, path):
-    for p in path:
-        data = data[p]
-    return data
 
 
 MAX_EXTENDS = 32  # far beyond real use; keeps a generated 1500-file chain a clear error, not a recursion error

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .errors import Diagnostic, SpecError, did_you_mean
 from .lock import digest
-from .yamlio import Located, json_path
+from .yamlio import Located, get_path, json_path
 
 _SEG = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 
@@ -151,7 +151,7 @@ def sweep_from(loc: Located, chain: tuple, root: Path, path: Path, base, only: s
         overrides = {}
         for (label, target, _), (value, at) in zip(dims, combo):
             if label.startswith("scenes["):
-                scene = copy.deepcopy(_get(vloc.data, target))
+                scene = copy.deepcopy(get_path(vloc.data, target))
                 scene.update(copy.deepcopy(value))
                 _point(vloc, loc, target, at, scene, merge=True)
             else:
@@ -221,15 +221,9 @@ def _train_identity(plan) -> str:
 
 # ---------------------------------------------------------------- positions
 
-def _get(data, path):
-    for p in path:
-        data = data[p]
-    return data
-
-
 def _exists_parent(data, path) -> bool:
     try:
-        _get(data, path[:-1])
+        get_path(data, path[:-1])
         return True
     except (KeyError, IndexError, TypeError):
         return False

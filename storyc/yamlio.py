@@ -30,6 +30,13 @@ _Loader.yaml_implicit_resolvers = {
 }
 
 
+def get_path(data, path):
+    """The value at ``path`` (keys and indices) of plain data."""
+    for p in path:
+        data = data[p]
+    return data
+
+
 def json_path(parts) -> str:
     out = "$"
     for p in parts:
