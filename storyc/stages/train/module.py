@@ -77,17 +77,23 @@ class LoRAModule(L.LightningModule):
         tid = torch.randint(0, self.scheduler.num_train_timesteps, (1,), generator=tg)
         timestep = self.scheduler.timesteps[tid].to(dev)
         self._timestep_id = int(self.scheduler.timesteps[tid])  # the loss weighting's index, known on the host
-        emb = [self.data["emb"][self.data["texts"][t]] for t in batch["text"]]
-        ehs = torch.cat([e["encoder_hidden_states"] for e in emb]).to(dev, wdtype)
-        ate = torch.cat([e["add_text_embeds"] for e in emb]).to(dev, wdtype)
-        h, w = latents.shape[2] * 8, latents.shape[3] * 8
-        add_time_id = torch.tensor([h, w, 0, 0, h, w], device=dev).repeat(latents.shape[0])
+        ehs, ate, add_time_id = self.conditioning(batch["text"], latents, wdtype)
         noisy = self.scheduler.add_noise(latents, noise, timestep)
         target = self.scheduler.training_target(latents, noise, timestep)
         pred = self._unet(noisy, timestep, ehs, add_time_id, ate)
         loss = self.compute_loss(pred, target, timestep)
         self.log("loss", loss.detach(), prog_bar=False, on_step=True)
         return loss
+
+    def conditioning(self, text_ids: list, latents, dtype):
+        """The UNet's conditioning of a batch: the cached caption embeddings (hidden states, pooled) and the SDXL
+        time ids of the latents' image size."""
+        dev = self.device
+        emb = [self.data["emb"][self.data["texts"][t]] for t in text_ids]
+        ehs = torch.cat([e["encoder_hidden_states"] for e in emb]).to(dev, dtype)
+        ate = torch.cat([e["add_text_embeds"] for e in emb]).to(dev, dtype)
+        h, w = latents.shape[2] * 8, latents.shape[3] * 8
+        return ehs, ate, torch.tensor([h, w, 0, 0, h, w], device=dev).repeat(latents.shape[0])
 
     def compute_loss(self, pred, target, timestep):
         """The objective (a hook): diffsynth's MSE on the scheduler's target, weighted per timestep; with

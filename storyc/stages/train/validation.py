@@ -30,11 +30,7 @@ def validation_loss(module, val: list, timesteps: int) -> float:
     with torch.no_grad():
         for i, item in enumerate(val):
             lat = item["latent"].to(dev, wdtype)
-            emb = module.data["emb"][module.data["texts"][item["text"]]]
-            ehs = emb["encoder_hidden_states"].to(dev, wdtype)
-            ate = emb["add_text_embeds"].to(dev, wdtype)
-            h, w = lat.shape[2] * 8, lat.shape[3] * 8
-            tid_ = torch.tensor([h, w, 0, 0, h, w], device=dev)
+            ehs, ate, tid_ = module.conditioning([item["text"]], lat, wdtype)
             for k, tid in enumerate(ids):
                 g = torch.Generator().manual_seed(sample_seed(module.cfg.seed + VAL_SEED, i * 1009 + k))
                 noise = torch.randn(lat.shape, generator=g).to(dev, wdtype)
