@@ -145,24 +145,24 @@ def timed_phase(name, fn):
     return f
 
 
-pipe.encode_image, pipe.decode_image = timed_phase("encode", orig_enc), timed_phase("decode", orig_dec)
-sync()
-t = time.perf_counter()
-refine_image(pipe, images[0], (W, H), r, 0, scenes[0][0], NEG, encode, False)
-sync()
-total = time.perf_counter() - t
-R["breakdown_bf16_vae"] = {"total_s": total, **phases, "unet_and_rest_s": total - phases["encode"] - phases["decode"]}
+def breakdown():
+    """One refine's wall time, with its VAE encode and decode apart (synchronised)."""
+    phases.update(encode=0.0, decode=0.0)
+    sync()
+    t = time.perf_counter()
+    refine_image(pipe, images[0], (W, H), r, 0, scenes[0][0], NEG, encode, False)
+    sync()
+    total = time.perf_counter() - t
+    return {"total_s": total, **phases, "unet_and_rest_s": total - phases["encode"] - phases["decode"]}
+
+
 import storyc.stages.refine as refine_mod  # noqa: E402
 
+pipe.encode_image, pipe.decode_image = timed_phase("encode", orig_enc), timed_phase("decode", orig_dec)
+R["breakdown_bf16_vae"] = breakdown()
 real = refine_mod.vae_precision
 refine_mod.vae_precision = lambda p_: __import__("contextlib").nullcontext()  # the VAE as kept: fp32
-phases.update(encode=0.0, decode=0.0)
-sync()
-t = time.perf_counter()
-refine_image(pipe, images[0], (W, H), r, 0, scenes[0][0], NEG, encode, False)
-sync()
-total = time.perf_counter() - t
-R["breakdown_fp32_vae"] = {"total_s": total, **phases, "unet_and_rest_s": total - phases["encode"] - phases["decode"]}
+R["breakdown_fp32_vae"] = breakdown()
 refine_mod.vae_precision = real
 pipe.encode_image, pipe.decode_image = orig_enc, orig_dec
 print("breakdown", R["breakdown_bf16_vae"], R["breakdown_fp32_vae"], flush=True)
