@@ -2,6 +2,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,17 +78,23 @@ def chromium_render(html, tmp, no_system_fonts=False):
                         f"<cachedir>{tmp / 'fc-cache'}</cachedir></fontconfig>", "utf-8")
         env["FONTCONFIG_FILE"] = str(conf)
     shot = tmp / f"{html.stem}-shot.png"
+    # --disable-dev-shm-usage: in a container /dev/shm is small and shared with the tests' torch data loaders; a
+    # renderer that cannot map it draws nothing (CI once shot three all-white pages in a row)
     base = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--virtual-time-budget=10000", "--run-all-compositor-stages-before-draw"]  # its web font drawn
-    for attempt in range(3):  # on a loaded machine headless Chromium now and then shoots before its first paint
+            "--disable-dev-shm-usage", "--run-all-compositor-stages-before-draw"]  # its web font drawn
+    for attempt in range(4):  # on a loaded machine headless Chromium now and then shoots before its first paint
         shot.unlink(missing_ok=True)
-        r = subprocess.run([*base, f"--user-data-dir={tmp / f'profile{attempt}'}", f"--screenshot={shot}",
-                            "--window-size=1000,1400", html.as_uri()], capture_output=True, text=True, timeout=120,
+        r = subprocess.run([*base, f"--virtual-time-budget={10000 * (attempt + 1)}",
+                            f"--user-data-dir={tmp / f'profile{attempt}'}", f"--screenshot={shot}",
+                            "--window-size=1000,1400", html.as_uri()], capture_output=True, text=True, timeout=180,
                            env=env)
         assert shot.exists(), r.stderr
         if np.asarray(Image.open(shot).convert("L")).min() < 255:  # something was drawn
             break
-    dom = subprocess.run([*base, "--dump-dom", f"--user-data-dir={tmp / 'profile2'}", html.as_uri()],
+        time.sleep(2 * (attempt + 1))
+    else:
+        raise AssertionError(f"headless Chromium drew a blank page four times; its last stderr:\n{r.stderr[-3000:]}")
+    dom = subprocess.run([*base, "--virtual-time-budget=10000", "--dump-dom", f"--user-data-dir={tmp / 'profile2'}", html.as_uri()],
                          capture_output=True, text=True, timeout=120, env=env).stdout
     return np.asarray(Image.open(shot).convert("RGB")).astype(int), dom
 
