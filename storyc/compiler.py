@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import StorycError
-from .model import Story, join_negative, plain, refine_for
+from .model import Story, join_negative, plain, refine_for, splice
 from .render import atomic_write, canonical_json
 from .stages.registry import FORMAT, KINDS, Compiled, generation_common, scene_file, stage_jobs
 
@@ -36,10 +36,13 @@ def model_ref(story: Story, key: str) -> str:
 def compiled(story: Story, build_dir: Path) -> Compiled:
     spec = story.spec
     scenes = [{"index": s.index, "id": s.id, "file": scene_file(s.index, s.id),
-               "prompt": spec.style.prefix + s.prompt,
+               "prompt": spec.style.prefix + splice(s.prompt, spec.characters),
                "negative_prompt": join_negative(spec.style.negative, s.negative),
                "seed": s.seed, "seeds": [s.seed + k for k in range(spec.generation.candidates)],
                "caption": s.caption} for s in spec.scenes]
+    for rec, s in zip(scenes, spec.scenes):
+        if s.characters:  # only then: a story without characters compiles exactly as before they existed
+            rec["characters"] = list(s.characters)
     if any(refine_for(spec, s) for s in spec.scenes):  # the hi-res pass, per scene (only when any scene has one)
         for rec, s in zip(scenes, spec.scenes):
             rec["refine"] = refine_for(spec, s)

@@ -194,6 +194,20 @@ class Scene(Section):
     negative: str
     caption: str
     refine: dict | bool | None  # None: as generation.refine; False: not refined; a mapping: some settings over it
+    characters: tuple  # ids of the characters it shows
+
+
+@dataclass(frozen=True)
+class Character(Section):
+    PATH = ("characters", "_")
+    reference: tuple  # image paths as written (one string is a list of one)
+    scale: float
+    description: str
+
+    @classmethod
+    def build(cls, data: dict, **typed):
+        ref = data["reference"]
+        return super().build(data, reference=(ref,) if isinstance(ref, str) else tuple(ref), **typed)
 
 
 @dataclass(frozen=True)
@@ -231,6 +245,7 @@ class Spec:
     generation: Generation
     scenes: tuple  # of Scene
     submission: Submission
+    characters: dict  # id -> Character
 
     @classmethod
     def build(cls, d: dict) -> "Spec":
@@ -245,7 +260,8 @@ class Spec:
             processing=Processing.build(d["processing"]), lora=LoRA.build(d["lora"]), train=Train.build(d["train"]),
             style=Style.build(d["style"]), generation=Generation.build(d["generation"]),
             scenes=tuple(Scene.build(s, index=i) for i, s in enumerate(d["scenes"])),
-            submission=Submission.build(sub, storyboard=Storyboard.build(sub["storyboard"])))
+            submission=Submission.build(sub, storyboard=Storyboard.build(sub["storyboard"])),
+            characters={k: Character.build(v) for k, v in d["characters"].items()})
 
 
 def join_negative(style_neg: str, scene_neg: str) -> str:
@@ -270,6 +286,17 @@ def refine_for(spec, scene) -> dict | None:
         return None
     return {**base, "cfg_scale": base["cfg_scale"] if base["cfg_scale"] is not None else spec.generation.cfg_scale}
 
+
+
+SPLICE = r"\{([a-z0-9][a-z0-9-]*)\}"  # `{girl}` in a prompt: the character's description
+
+
+def splice(text: str, characters: dict) -> str:
+    """``text`` with each `{id}` of a declared character replaced by its description (other braces stay)."""
+    import re
+
+    return re.sub(SPLICE, lambda m: characters[m.group(1)].description if m.group(1) in characters else m.group(0),
+                  text)
 
 
 def micro_batches(epochs: int, steps_per_epoch: int, batch_size: int) -> int:
@@ -302,6 +329,7 @@ class Story:
     models: dict  # kolors | vae | aesthetic -> ModelRef
     dataset_paths: tuple  # per training source: its local path resolved, None for ModelScope
     warnings: tuple = ()
+    character_paths: dict = None  # character id -> its reference images, resolved (absolute)
 
     @property
     def id(self) -> str:

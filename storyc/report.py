@@ -81,6 +81,7 @@ Style coherence (mean pairwise CLIP cosine) {c['coherence']:.3f}; least like the
 <p id="metrics">Style distance (AdaIN style loss of middle-layer CLIP features, lower is more coherent)
 {c['style_distance']:.3f}; farthest from the others: {e(c['farthest'])}. Prompt alignment (Chinese CLIP, image against
 its own prompt): {'not measured (set models.clip_zh)' if c['alignment'] is None else format(c['alignment'], '.3f')}.</p>
+{_characters(c.get('characters'))}
 <h2>Storyboard</h2><img id="storyboard" src="storyboard.png" style="max-width:100%">
 <h2>Scenes</h2><table><tr><th>#</th><th>image</th><th>prompt</th><th>seed</th><th>score</th><th>prompt alignment</th></tr>{rows}</table>
 <h2>Data</h2><p>{filt.get('input', '?')} images in, {filt.get('kept', '?')} kept.</p>
@@ -91,6 +92,16 @@ alpha {c['lora']['alpha']:g}, on {e(str(tr.get('device', '?')))} ({e(str(tr.get(
 {c.get('checkpoints_html', '')}
 </body></html>
 """
+
+
+def _characters(m: dict | None) -> str:
+    """Character consistency, per character (only in a story with characters)."""
+    if m is None:
+        return ""
+    e = html.escape
+    per = ", ".join(f"{e(k)} {v['mean_pairwise_cosine']:.3f} ({v['images']} scenes)" for k, v in m["characters"].items())
+    return (f'<p id="characters">Character consistency (mean pairwise CLIP cosine of the scenes that show each '
+            f"character) {m['mean']:.3f}: {per}.</p>")
 
 
 def _num(v) -> str:

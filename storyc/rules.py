@@ -20,7 +20,7 @@ from .submission import COMPETITION_NAME, PLACEHOLDER_TEAMS
 from .yamlio import Located, get_path, json_path
 
 TINY_NAMES = {"kolors": "kolors", "vae": "sdxl-vae", "aesthetic": "aesthetic", "esrgan": "esrgan",
-              "clip_zh": "clip-zh"}
+              "clip_zh": "clip-zh", "ip_adapter": "ip-adapter"}
 
 
 @dataclass(frozen=True)
@@ -515,9 +515,108 @@ def _char_diag(ctx, path, text, c, key=False):
     return ctx.diag(path, f"contains U+{ord(c):04X} ({what}){where}", hint, "text", key=key)
 
 
+def _references(ctx):
+    """(character id, path of the value, the reference as written) for every reference image of every character."""
+    chars = ctx.data.get("characters")
+    for cid, c in (chars.items() if isinstance(chars, dict) else ()):
+        ref = c.get("reference") if isinstance(c, dict) else None
+        if isinstance(ref, str):
+            yield cid, ("characters", cid, "reference"), ref
+        elif isinstance(ref, list):
+            for j, r in enumerate(ref):
+                if isinstance(r, str):
+                    yield cid, ("characters", cid, "reference", j), r
+
+
+def character_paths(ctx) -> dict:
+    """Character id -> its reference images, resolved against the file that wrote them (refused ones left out:
+    check_characters says why)."""
+    out: dict = {}
+    for cid, at, raw in _references(ctx):
+        p, errs = _local_path(ctx, at, raw, "characters") if raw else (None, [])
+        out.setdefault(cid, [])
+        if p is not None and not errs:
+            out[cid].append(p)
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def check_characters(ctx):
+    """Reference images exist and are images; scenes show declared characters; a scene with characters has the
+    IP-Adapter to draw them; `{id}` in a prompt names a character with a description."""
+    out = []
+    chars = ctx.data.get("characters") if isinstance(ctx.data.get("characters"), dict) else {}
+    for cid, at, raw in _references(ctx):
+        if not raw:
+            continue
+        p, errs = _local_path(ctx, at, raw, "characters")
+        out += errs
+        if p is None:
+            continue
+        if not p.exists():
+            near = did_you_mean(p.name, [c.name for c in p.parent.iterdir()]) if p.parent.is_dir() else None
+            out.append(ctx.diag(at, f"reference image `{raw}` does not exist", near, "characters"))
+        elif not p.is_file():
+            out.append(ctx.diag(at, f"reference `{raw}` is a folder; name an image file", rule="characters"))
+        else:
+            problem = _image_problem(p)
+            if problem:
+                out.append(ctx.diag(at, f"reference `{raw}` is not an image storyc can read ({problem})",
+                                    "use a PNG, JPEG or WebP file", "characters"))
+    shown: set = set()
+    models = ctx.data.get("models") if isinstance(ctx.data.get("models"), dict) else {}
+    for i, sc in enumerate(_list(ctx.data.get("scenes"))):
+        ids = sc.get("characters") if isinstance(sc, dict) else None
+        for j, cid in enumerate(_list(ids)):
+            if not isinstance(cid, str):
+                continue
+            shown.add(cid)
+            if cid not in chars:
+                out.append(ctx.diag(("scenes", i, "characters", j), f"unknown character `{cid}`",
+                                    did_you_mean(cid, list(chars)) or
+                                    (f"characters: {', '.join(chars)}" if chars else
+                                     f"declare it: `characters: {{{cid}: {{reference: path/to/image.png}}}}`"),
+                                    "characters"))
+        if _list(ids) and not models.get("ip_adapter"):
+            out.append(ctx.diag(("scenes", i, "characters"), "drawing characters from their reference images needs "
+                                "the Kolors IP-Adapter-Plus: `models.ip_adapter` is not set",
+                                "add `models: {ip_adapter: modelscope:Kwai-Kolors/Kolors-IP-Adapter-Plus}` (or a "
+                                "folder in that layout; `tiny:ip-adapter` for tests), or remove `characters`",
+                                "characters"))
+        prompt = sc.get("prompt") if isinstance(sc, dict) else None
+        if chars and isinstance(prompt, str):
+            for m in re.finditer(r"\{([a-z0-9][a-z0-9-]*)\}", prompt):
+                cid = m.group(1)
+                if cid not in chars:
+                    out.append(ctx.diag(("scenes", i, "prompt"), f"`{{{cid}}}` names no character",
+                                        did_you_mean(cid, list(chars)) or f"characters: {', '.join(chars)}",
+                                        "characters"))
+                elif not (isinstance(chars[cid], dict) and chars[cid].get("description")):
+                    out.append(ctx.diag(("scenes", i, "prompt"), f"`{{{cid}}}`: character `{cid}` has no "
+                                        "description to splice in",
+                                        f"add `description: ...` to characters.{cid}", "characters"))
+    for cid in chars:
+        if cid not in shown:
+            out.append(ctx.diag(("characters", cid), f"character `{cid}` is in no scene",
+                                "list it in the `characters` of the scenes that show it", "characters",
+                                severity="warning", key=True))
+    return out
+
+
+def _image_problem(p: Path) -> str | None:
+    """Why PIL cannot read ``p`` as an image (None: it can). Light: PIL only, header and data checked."""
+    try:
+        from PIL import Image
+
+        with Image.open(p) as im:
+            im.verify()
+        return None
+    except Exception as e:  # noqa: BLE001 - any failure is the user's file, said at its line
+        return f"{type(e).__name__}: {str(e)[:80]}" if str(e) else type(e).__name__
+
+
 RULES = [check_text, check_unique_scene_ids, check_unique_seeds, check_scene_count, check_dataset_fields, check_paths,
          check_dj_ops, check_prompt_length, check_storyboard, check_small_sizes, check_lora_targets, check_team,
-         check_train_knobs, check_competition, check_upscaler, check_select]
+         check_train_knobs, check_competition, check_upscaler, check_select, check_characters]
 
 
 def run_all(ctx: RuleInput) -> list[Diagnostic]:

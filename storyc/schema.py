@@ -64,6 +64,8 @@ def defaults(data: dict) -> dict:
                     value[k] = copy.deepcopy(ps["default"])
                 if k in value:
                     value[k] = fill(ps, value[k])
+        elif isinstance(value, dict) and isinstance(s.get("additionalProperties"), dict):  # id -> record maps
+            value = {k: fill(s["additionalProperties"], v) for k, v in value.items()}
         elif isinstance(value, list) and isinstance(s.get("items"), dict):
             value = [fill(s["items"], x) for x in value]
         return value

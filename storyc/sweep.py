@@ -9,7 +9,8 @@ story, validated exactly as one (file:line of the sweep value that broke it, did
       scenes:                       # whole-scene overrides, one option per variant
         wishing-star: [{seed: 7}, {seed: 8}, {seed: 9}]
       objective: mean_aesthetic     # or style_coherence, or {weights: {mean_aesthetic: 1, style_distance: -2}}
-                                    # (also prompt_alignment, with models.clip_zh)
+                                    # (also prompt_alignment, with models.clip_zh, and
+                                    # character_consistency, with characters)
 
 Light: no torch; `storyc validate` and `storyc plan` use it.
 """
@@ -128,6 +129,11 @@ def sweep_from(loc: Located, chain: tuple, root: Path, path: Path, base, only: s
         at = ("sweep", "objective")
         diags.append(Diagnostic("the objective weighs prompt_alignment, which this story does not measure",
                                 loc.mark(at), json_path(at), "set `models.clip_zh` (a Chinese CLIP folder)", "sweep"))
+    if "character_consistency" in objective and sum(len(s.characters) > 0 for s in base.spec.scenes) < 2:
+        at = ("sweep", "objective")
+        diags.append(Diagnostic("the objective weighs character_consistency, which this story does not measure",
+                                loc.mark(at), json_path(at), "list a character in the `characters` of two scenes "
+                                "or more", "sweep"))
     if diags:
         raise SpecError(diags)
     if not dims:
@@ -175,7 +181,7 @@ def sweep_from(loc: Located, chain: tuple, root: Path, path: Path, base, only: s
 
 
 # what a variant's objective may weigh (style_distance is lower-better: give it a negative weight)
-METRICS = ("mean_aesthetic", "style_coherence", "style_distance", "prompt_alignment")
+METRICS = ("mean_aesthetic", "style_coherence", "style_distance", "prompt_alignment", "character_consistency")
 
 
 def _objective(obj, loc, diags) -> dict:

@@ -194,8 +194,50 @@ def tiny_clip_zh(folder: Path, seed: int = 0) -> Path:
     return _build_once(folder, build)
 
 
+def cross_attention_widths(cfg: dict) -> list[int]:
+    """The width of every cross-attention of a diffusers UNet config, in diffusers' processor order (down blocks,
+    up blocks, mid block): what an IP-Adapter for that UNet has one (to_k_ip, to_v_ip) pair for."""
+    C, L = list(cfg["block_out_channels"]), cfg.get("layers_per_block", 2)
+    T = cfg.get("transformer_layers_per_block", 1)
+    T = list(T) if isinstance(T, (list, tuple)) else [T] * len(C)
+    down = [C[i] for i, t in enumerate(cfg["down_block_types"]) if "CrossAttn" in t for _ in range(L * T[i])]
+    up = [C[::-1][i] for i, t in enumerate(cfg["up_block_types"]) if "CrossAttn" in t
+          for _ in range((L + 1) * T[::-1][i])]
+    return down + up + [C[-1]] * T[-1]
+
+
+def tiny_ip_adapter(folder: Path, seed: int = 0) -> Path:
+    """The Kwai-Kolors/Kolors-IP-Adapter-Plus layout for the tiny Kolors UNet: ip_adapter_plus_general.safetensors
+    (the Resampler under ``image_proj.``, one to_k_ip/to_v_ip pair per cross-attention under ``ip_adapter.1``,
+    ``.3``, ...) and image_encoder/ (a CLIPVisionModelWithProjection with its preprocessor)."""
+    def build(tmp):
+        import torch
+        from safetensors.torch import save_file
+        from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+        from .ipadapter import Resampler
+
+        torch.manual_seed(seed)
+        enc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                               image_size=56, patch_size=14, projection_dim=32)
+        CLIPVisionModelWithProjection(enc).save_pretrained(tmp / "image_encoder", safe_serialization=True)
+        CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}).save_pretrained(
+            tmp / "image_encoder")
+        cross = TINY_UNET["cross_attention_dim"]
+        r = Resampler(dim=64, depth=4, heads=1, num_queries=4, embedding_dim=32, output_dim=cross)
+        with torch.no_grad():
+            r.latents.normal_(0, 64 ** -0.5)
+        flat = {f"image_proj.{k}": v.contiguous() for k, v in r.state_dict().items()}
+        for n, width in enumerate(cross_attention_widths(TINY_UNET)):
+            for w in ("to_k_ip", "to_v_ip"):
+                flat[f"ip_adapter.{2 * n + 1}.{w}.weight"] = torch.nn.Linear(cross, width, bias=False).weight.data
+        save_file(flat, str(tmp / "ip_adapter_plus_general.safetensors"))
+
+    return _build_once(folder, build)
+
+
 BUILDERS = {"kolors": tiny_kolors, "sdxl-vae": tiny_sdxl_vae, "aesthetic": tiny_aesthetic, "esrgan": tiny_esrgan,
-            "clip-zh": tiny_clip_zh}
+            "clip-zh": tiny_clip_zh, "ip-adapter": tiny_ip_adapter}
 
 
 def ensure(name: str, folder: Path) -> Path:

@@ -20,7 +20,7 @@ from ..render import canonical_json, csv_cell, render
 from ..report import checkpoints_html, font_face, loss_svg, report_html
 from ..submission import Gate, display_name, files, read_json, sha256
 from .registry import Result
-from .score import coherence, style_distance
+from .score import character_consistency, coherence, style_distance
 
 CONFIGURATION = {"framework": "Pytorch", "task": "text-to-image-synthesis"}
 FORMAT_USE = {
@@ -113,10 +113,13 @@ def run(ctx, jobs):
                                      "weakest": m.weakest, "style_coherence": round(m.coherence, 6),
                                      "style_distance": round(m.style_distance, 6),
                                      "prompt_alignment": None if m.alignment is None else round(m.alignment, 6),
+                                     "character_consistency": None if m.characters is None
+                                     else round(m.characters["mean"], 6),
                                      "font": m.font})
     align = "not measured" if m.alignment is None else f"{m.alignment:.3f}"
+    chars = "" if m.characters is None else f", character consistency {m.characters['mean']:.3f}"
     return (f"mean aesthetic {m.mean:.3f} ({'valid' if m.valid else 'INVALID'}), style coherence {m.coherence:.3f}, "
-            f"style distance {m.style_distance:.3f}, prompt alignment {align}")
+            f"style distance {m.style_distance:.3f}, prompt alignment {align}{chars}")
 
 
 class Measured(NamedTuple):
@@ -125,6 +128,7 @@ class Measured(NamedTuple):
     coherence: float
     style_distance: float
     alignment: float | None
+    characters: dict | None
     weakest: list
     font: str | None
 
@@ -184,6 +188,7 @@ def _write_bundle(ctx, p: dict, tmp: Path, scenes: list, lora_cfg: dict):
     order = sorted(range(len(scores)), key=lambda i: scores[i])
     weakest = [[scenes[i]["id"], round(scores[i], 4)] for i in order[:3]]
     align = None if None in aligned else sum(aligned) / len(aligned)  # a metric never guessed: null = not measured
+    chars = character_consistency([[c["id"] for c in r.get("characters", ())] for r in recs], embeds)
     score_doc = {"format": "storyc.scores/2", "images": {recs[i]["file"]: scores[i] for i in range(len(recs))},
                  "mean": mean, "min_aesthetic": gate, "valid": valid, "weakest": weakest,
                  "style_coherence": {"mean_pairwise_cosine": coh, "least_coherent_scene": scenes[odd]["id"]},
@@ -192,7 +197,8 @@ def _write_bundle(ctx, p: dict, tmp: Path, scenes: list, lora_cfg: dict):
                                             "more coherent"},
                  "prompt_alignment": None if align is None else {
                      "mean": align, "images": {recs[i]["file"]: aligned[i] for i in range(len(recs))},
-                     "what": "Chinese CLIP cosine of each image and its own prompt (models.clip_zh)"}}
+                     "what": "Chinese CLIP cosine of each image and its own prompt (models.clip_zh)"},
+                 "character_consistency": chars}
     (tmp / "scores.json").write_text(canonical_json(score_doc), "utf-8")
 
     first = recs[0]
@@ -209,7 +215,7 @@ def _write_bundle(ctx, p: dict, tmp: Path, scenes: list, lora_cfg: dict):
              "tags": ["LoRA", "Kolors", "text-to-image", "storyc", sid]}
     ctxd = dict(story=story, front_matter=front, title=title, scenes=scenes, recs=recs, scores=scores, mean=mean,
                 gate=gate, valid=valid, coherence=coh, odd=scenes[odd]["id"], lora_names=lora_names,
-                style_distance=dist, farthest=scenes[far]["id"], alignment=align, aligned=aligned,
+                style_distance=dist, farthest=scenes[far]["id"], alignment=align, aligned=aligned, characters=chars,
                 spec=ctx.story.rel(ctx.story.spec_path), lora=lora_cfg, gen=gen, filt=filt, train=train,
                 steps=rp.steps, notes=rp.notes, files=len(ctx.story.files) + 1,
                 datasets=rp.datasets_included,
@@ -229,4 +235,4 @@ def _write_bundle(ctx, p: dict, tmp: Path, scenes: list, lora_cfg: dict):
     manifest = {"format": "storyc.manifest/2", "story": sid, "valid": valid,
                 "files": {f: {"sha256": sha256(tmp / f), "size": (tmp / f).stat().st_size} for f in files(tmp)}}
     (tmp / "manifest.json").write_text(canonical_json(manifest), "utf-8")
-    return Measured(mean, valid, coh, dist, align, weakest, font if drawn else None)
+    return Measured(mean, valid, coh, dist, align, chars, weakest, font if drawn else None)

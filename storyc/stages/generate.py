@@ -117,6 +117,63 @@ def cached_encoder(table: dict):
     return encode
 
 
+def load_characters(ip_folder: Path, pipe, items: list[dict], root: Path) -> None:
+    """Each item that shows characters gets its IP-Adapter image tokens (``item["ip"]``: positive tokens, the
+    negative branch's tokens, one scale per token), from its characters' reference images; the adapter's modules
+    are attached to the pipeline (``pipe.ip_adapter``) for the UNet calls."""
+    from PIL import Image
+
+    from ..models.ipadapter import IPAdapterPlus
+
+    if not any(it.get("characters") for it in items):
+        return
+    import torch
+
+    with silent_stdout():
+        pipe.ip_adapter = IPAdapterPlus(ip_folder, pipe.unet, pipe.torch_dtype, pipe.device)
+    made: dict = {}
+    for it in items:
+        rows, neg, scales = [], [], []
+        for ch in it.get("characters") or ():
+            key = (ch["id"], tuple(ch["references"]))
+            if key not in made:
+                imgs = []
+                for rel in ch["references"]:
+                    with Image.open(root / rel) as im:
+                        imgs.append(im.convert("RGB"))
+                made[key] = pipe.ip_adapter.tokens(imgs), len(imgs)
+            tok, n = made[key]
+            rows.append(tok)
+            neg.append(pipe.ip_adapter.uncond_tokens(n))
+            scales.append(torch.full((tok.shape[0],), float(ch["scale"]), device=tok.device))
+        if rows:
+            it["ip"] = (torch.cat(rows), torch.cat(neg), torch.cat(scales))
+
+
+def _ip_kwargs(pipe, chunk: list[dict], cfg: float):
+    """diffsynth's ipadapter_kwargs_list for a batch (positive rows, then the negative ones), None without."""
+    if "ip" not in chunk[0]:
+        return None
+    rows = [it["ip"][0] for it in chunk] + ([it["ip"][1] for it in chunk] if cfg != 1.0 else [])
+    scales = [it["ip"][2] for it in chunk] * (2 if cfg != 1.0 else 1)
+    return pipe.ip_adapter.unet_kwargs(rows, scales)
+
+
+def _chunks(items: list[dict], batch_size: int):
+    """Batches of at most ``batch_size`` consecutive items that share one IP token count (none, or the same
+    number of reference images): one UNet call holds one shape."""
+    def tokens(it):
+        return it["ip"][0].shape[0] if "ip" in it else 0
+
+    start = 0
+    while start < len(items):
+        end = start + 1
+        while end < len(items) and end - start < batch_size and tokens(items[end]) == tokens(items[start]):
+            end += 1
+        yield items[start:end]
+        start = end
+
+
 def render_iter(pipe, items: list[dict], gen: dict, batch_size: int, progress=None, encode=None):
     """Yield each item's PIL image as soon as its batch is decoded (so finished scenes can be saved at once).
     ``encode(pipe, positives, negatives)`` gives the prompt embeddings (default: the pipeline's text encoder)."""
@@ -126,8 +183,7 @@ def render_iter(pipe, items: list[dict], gen: dict, batch_size: int, progress=No
     dev, dt = pipe.device, pipe.torch_dtype
     total = len(items) * steps
     done = 0
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
+    for chunk in _chunks(items, batch_size):
         b = len(chunk)
         with torch.no_grad():
             ehs, ate = (encode or encode_prompts)(pipe, [it["prompt"] for it in chunk],
@@ -142,16 +198,27 @@ def render_iter(pipe, items: list[dict], gen: dict, batch_size: int, progress=No
                 if progress:
                     progress(done, total)
 
-            latents = denoise(pipe, latents, ehs, ate, cfg, step)
+            latents = denoise(pipe, latents, ehs, ate, cfg, step, _ip_kwargs(pipe, chunk, cfg))
             decoded = [pipe.decode_image(latents[i:i + 1]) for i in range(b)]
         yield from decoded
 
 
-def denoise(pipe, latents, ehs, ate, cfg: float, each_step=None):
+def denoise(pipe, latents, ehs, ate, cfg: float, each_step=None, ip=None):
     """The sampling loop over the scheduler's timesteps (as set), classifier-free guidance batched with the
     images: one UNet call per step for 2 x batch rows (the notebook's pipeline makes two calls per image). Shared
-    by generation and the refine pass (which starts from a noised image at its strength's first timestep)."""
+    by generation and the refine pass (which starts from a noised image at its strength's first timestep).
+    ``ip``: IP-Adapter keys and values per cross-attention (characters): the UNet runs through diffsynth's
+    ``lets_dance_xl``, its one entry point that passes them to the attention blocks."""
     import torch
+
+    unet = pipe.unet
+    if ip is not None:
+        from diffsynth.pipelines.dancer import lets_dance_xl
+
+        def unet(x, timestep, encoder_hidden_states, add_time_id, add_text_embeds):
+            return lets_dance_xl(pipe.unet, sample=x, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
+                                 add_time_id=add_time_id, add_text_embeds=add_text_embeds, ipadapter_kwargs_list=ip,
+                                 unet_batch_size=x.shape[0], device=x.device)
 
     b, dev = latents.shape[0], pipe.device
     h, w = latents.shape[2] * 8, latents.shape[3] * 8
@@ -159,8 +226,7 @@ def denoise(pipe, latents, ehs, ate, cfg: float, each_step=None):
     for k, t in enumerate(pipe.scheduler.timesteps):
         timestep = t.unsqueeze(0).to(dev)
         x = torch.cat([latents, latents]) if cfg != 1.0 else latents
-        pred = pipe.unet(x, timestep=timestep, encoder_hidden_states=ehs, add_time_id=add_time_id,
-                         add_text_embeds=ate)
+        pred = unet(x, timestep=timestep, encoder_hidden_states=ehs, add_time_id=add_time_id, add_text_embeds=ate)
         if cfg != 1.0:
             posi, nega = pred[:b], pred[b:]
             pred = nega + cfg * (posi - nega)
@@ -186,6 +252,7 @@ def run(ctx, jobs):
     quiet_libraries()
     gen = {k: jobs[0].params[k] for k in GEN_COMMON}  # the same for every scene of a plan
     todo = [{"id": j.scene, "name": j.name, "index": j.settings["index"], "lora_scale": j.settings["lora_scale"],
+             "characters": j.params.get("characters"),
              **{k: j.params[k] for k in ("prompt", "negative_prompt", "seeds", "file")}} for j in jobs]
     res = resources.for_generate(ctx.device)
     kolors = ctx.model("kolors")
@@ -193,8 +260,9 @@ def run(ctx, jobs):
     if not lpath.exists():
         raise StageError("generate", f"{ctx.story.rel(lpath)} is missing", "run the train stage first")
     lora_sha = ctx.hasher.file(lpath)
-    items = [{"scene": s["id"], "prompt": s["prompt"], "negative_prompt": s["negative_prompt"], "seed": seed}
-             for s in todo for seed in s["seeds"]]
+    items = [{"scene": s["id"], "prompt": s["prompt"], "negative_prompt": s["negative_prompt"], "seed": seed,
+              **({"characters": s["characters"]} if s["characters"] else {})} for s in todo for seed in s["seeds"]]
+    ip_folder = ctx.model("ip_adapter") if any(s["characters"] for s in todo) else None
     _warn_truncation(ctx, todo)
     shards = resources.gpu_count(res.device)
     memory = None
@@ -212,7 +280,7 @@ def run(ctx, jobs):
     by_scene = {s["id"]: s for s in todo}
 
     if shards > 1 and len(items) > 1:
-        rendered = _render_ray(ctx, kolors, lpath, gen, items, shards, jobs[0].settings["batch_size"])
+        rendered = _render_ray(ctx, kolors, lpath, gen, items, shards, jobs[0].settings["batch_size"], ip_folder)
     else:
         t = time.monotonic()
         table = encode_all(kolors, items, gen["cfg_scale"], res.torch_dtype(), res.device, ctx)  # ChatGLM then freed
@@ -221,6 +289,10 @@ def run(ctx, jobs):
         pipe = load_merged_pipeline(kolors, lpath, gen["lora_strength"], res.torch_dtype(), res.device,
                                     text_encoder=False)
         ctx.metric("generate.unet_vae_load_and_merge_s", time.monotonic() - t)
+        if ip_folder is not None:
+            t = time.monotonic()
+            load_characters(ip_folder, pipe, items, ctx.story.root)
+            ctx.metric("generate.ip_adapter_load_and_encode_s", time.monotonic() - t)
         batch, why = resources.plan_generate(resources.free_gib(res.device), jobs[0].settings["batch_size"],
                                              gen["width"], gen["height"], len(items))
         ctx.report.info(f"     generate: {why}")
@@ -267,6 +339,9 @@ def _finish_scene(ctx, gen, s, cands, scorer, lora_sha, memory=None) -> Result:
            "negative_prompt": s["negative_prompt"], "seed": chosen_seed, "steps": gen["steps"],
            "cfg_scale": gen["cfg_scale"], "width": gen["width"], "height": gen["height"],
            "lora_scale": s["lora_scale"], "lora_sha256": lora_sha}
+    if s.get("characters"):  # who it shows and how strongly (the references are in the lock's fingerprints)
+        rec["characters"] = [{"id": c["id"], "scale": c["scale"], "references": c["references"]}
+                             for c in s["characters"]]
     if cand_scores:
         rec["candidate_scores"] = cand_scores
         rec.update(ranked)
@@ -287,7 +362,7 @@ def save_png(img, path: Path):
     atomic_write(path, buf.getvalue(), "wb")
 
 
-def _render_ray(ctx, kolors, lpath, gen, items, shards, batch_size):
+def _render_ray(ctx, kolors, lpath, gen, items, shards, batch_size, ip_folder=None):
     """Shard items over GPUs as Ray tasks; a scene's image depends only on its seed, so results are equal.
 
     Uses the Ray cluster this process is connected to, else starts a local one (the GPUs of this machine).
@@ -302,7 +377,8 @@ def _render_ray(ctx, kolors, lpath, gen, items, shards, batch_size):
         use_gpu = shards <= int(ray.cluster_resources().get("GPU", 0))
         task = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1)(_shard_task)
         parts = [items[i::shards] for i in range(shards)]
-        refs = [task.remote(str(kolors), str(lpath), gen, p, "cuda" if use_gpu else "cpu", batch_size)
+        refs = [task.remote(str(kolors), str(lpath), gen, p, "cuda" if use_gpu else "cpu", batch_size,
+                            str(ip_folder) if ip_folder else None, str(ctx.story.root))
                 for p in parts if p]
         out = []
         for i, (rendered, where, secs) in enumerate(ray.get(refs)):
@@ -318,7 +394,7 @@ def _render_ray(ctx, kolors, lpath, gen, items, shards, batch_size):
     return res
 
 
-def _shard_task(kolors, lpath, gen, items, device, batch_size):
+def _shard_task(kolors, lpath, gen, items, device, batch_size, ip_folder=None, root=None):
     import socket
     import time
 
@@ -328,12 +404,15 @@ def _shard_task(kolors, lpath, gen, items, device, batch_size):
     quiet_libraries()
     res = resources.for_generate(device)
     pipe = load_merged_pipeline(Path(kolors), Path(lpath), gen["lora_strength"], res.torch_dtype(), res.device)
+    if ip_folder:
+        items = [dict(it) for it in items]
+        load_characters(Path(ip_folder), pipe, items, Path(root))
     out = []
     batch, _ = resources.plan_generate(resources.free_gib(device), batch_size, gen["width"], gen["height"], len(items))
     for it, img in zip(items, render(pipe, items, gen, batch)):
         buf = io.BytesIO()
         img.save(buf, format="PNG")
-        out.append((it, buf.getvalue()))
+        out.append(({k: v for k, v in it.items() if k != "ip"}, buf.getvalue()))
     where = socket.gethostname()
     if device == "cuda":  # Ray sets CUDA_VISIBLE_DEVICES to the GPU it gave this task
         where += f" GPU {os.environ.get('CUDA_VISIBLE_DEVICES', '?')} ({torch.cuda.get_device_name()})"

@@ -219,12 +219,23 @@ def _generate(c: Compiled):
             params["select"] = plain(c.spec.generation.select)  # hashed only when it can change the choice
             if params["select"]["prompt_alignment"]:
                 params["clip_zh"] = c.refs["clip_zh"]
+        if sc.get("characters"):  # hashed only when shown: a scene without characters keeps its slice
+            params["characters"] = character_params(c, sc["characters"])
+            params["ip_adapter"] = c.refs["ip_adapter"]
         settings = {"index": sc["index"], "batch_size": c.spec.generation.batch_size,
                     "lora_scale": common["lora_scale"]}
         # it reads the diffsynth LoRA only: exporting another format does not re-render the images
         reads = {"train": (f"lora/{c.story.id}.diffsynth.safetensors",)}
         out.append(StageSpec(f"generate[{sc['id']}]", "generate", params, ("train",), sc["id"], settings, reads))
     return out
+
+
+def character_params(c: Compiled, ids) -> list:
+    """What a scene's image depends on of its characters: each one's scale and its reference images (the paths
+    here; their bytes are the `character:<id>` fingerprint, so replacing an image re-renders its scenes only)."""
+    chars = c.spec.characters
+    return [{"id": i, "scale": chars[i].scale,
+             "references": [c.story.rel(p) for p in c.story.character_paths.get(i, ())]} for i in ids]
 
 
 def _generate_artifacts(c: Compiled, jobs):
@@ -238,9 +249,12 @@ SELECT_DEFAULT = {"aesthetic": 1.0, "prompt_alignment": 0.0}
 
 
 def _generate_models(job, story):
-    if job.params["candidates"] == 1:
-        return ("kolors",)
-    return ("kolors", "aesthetic", "clip_zh") if "clip_zh" in job.params else ("kolors", "aesthetic")
+    keys = ("kolors",)
+    if job.params["candidates"] > 1:
+        keys += ("aesthetic", "clip_zh") if "clip_zh" in job.params else ("aesthetic",)
+    if "characters" in job.params:
+        keys += ("ip_adapter", *(f"character:{ch['id']}" for ch in job.params["characters"]))
+    return keys
 
 
 # ---------------------------------------------------------------- score
@@ -330,7 +344,7 @@ KINDS: dict[str, StageKind] = {k.name: k for k in (
               oom_hint="set `train.gradient_checkpointing: true` (or `auto`), lower `train.batch_size` or "
                        "`train.resolution`, or cap the memory storyc plans for with STORYC_GPU_MEMORY_GIB"),
     StageKind("generate", 1, _generate, _generate_models, "storyc.stages.generate", _generate_artifacts,
-              scene_keys=SCENE_KEYS,
+              scene_keys=(*SCENE_KEYS, "characters"),
               oom_hint="lower `generation.batch_size` (images per UNet call; `auto` sizes it from free memory), "
                        "or cap the memory storyc plans for with STORYC_GPU_MEMORY_GIB"),
     StageKind("refine", 1, _refine, _refine_models, "storyc.stages.refine",
@@ -339,7 +353,8 @@ KINDS: dict[str, StageKind] = {k.name: k for k in (
                        "memory storyc plans for with STORYC_GPU_MEMORY_GIB"),
     # version 2: each image's style statistics and (with models.clip_zh) prompt alignment beside its score
     StageKind("score", 2, _score, _score_models, "storyc.stages.score", scene_keys=("prompt",)),
-    StageKind("bundle", 4, _bundle, _bundle_models, "storyc.stages.bundle", _bundle_artifacts,
+    # version 5: scores.json says character_consistency (null: the story has no character in two scenes)
+    StageKind("bundle", 5, _bundle, _bundle_models, "storyc.stages.bundle", _bundle_artifacts,
               verdict="storyc.submission:verdict"),
 )}
 

@@ -146,6 +146,21 @@ def coherence(embeds: list[list[float]]) -> tuple[float, int]:
     return sum(pairs) / len(pairs), min(range(n), key=lambda i: per[i])
 
 
+def character_consistency(shown: list, embeds: list[list[float]]) -> dict | None:
+    """Per character shown in two images or more (``shown[i]``: the ids image i shows): the mean pairwise cosine
+    of those images' CLIP embeddings, and the mean over characters. None: no character to measure."""
+    where: dict = {}
+    for i, ids in enumerate(shown):
+        for c in ids:
+            where.setdefault(c, []).append(i)
+    per = {c: coherence([embeds[i] for i in idx])[0] for c, idx in sorted(where.items()) if len(idx) > 1}
+    if not per:
+        return None
+    return {"mean": sum(per.values()) / len(per),
+            "characters": {c: {"mean_pairwise_cosine": v, "images": len(where[c])} for c, v in per.items()},
+            "what": "per character, the mean pairwise cosine of the CLIP image embeddings of the scenes that show it"}
+
+
 def style_distance(styles: list[dict]) -> tuple[float, int]:
     """Mean pairwise style distance of the images (AdaIN's style loss between their middle-layer CLIP feature
     statistics: the root mean square difference of the channel means and of the channel deviations; 0 for one
@@ -180,12 +195,13 @@ def score_folder(folder: Path, model: Path, gate: float, device: str | None = No
         raise StorycError(f"{folder} is not a folder")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
     prompts = folder / "prompts.json"  # a storyc submission: its scene images (images/) only, never the storyboard
-    prompt_of = {}
+    prompt_of, shown = {}, {}
     if prompts.is_file():
         try:
             scenes = json.loads(prompts.read_text("utf-8"))["scenes"]
             files = [folder / s["file"] for s in scenes if (folder / s["file"]).is_file()]
             prompt_of = {folder / s["file"]: s["prompt"] for s in scenes if isinstance(s.get("prompt"), str)}
+            shown = {folder / s["file"]: [c["id"] for c in s.get("characters") or ()] for s in scenes}
         except (ValueError, KeyError, TypeError):
             pass
     images, kept = [], []
@@ -213,6 +229,10 @@ def score_folder(folder: Path, model: Path, gate: float, device: str | None = No
         dist, far = style_distance(styles)
         print(f"style coherence {coh:.4f} (least like the others: {files[odd].name}); style distance {dist:.4f} "
               f"(farthest: {files[far].name})")
+        chars = character_consistency([shown.get(p, []) for p in files], embeds)
+        if chars:
+            per = ", ".join(f"{k} {v['mean_pairwise_cosine']:.4f} in {v['images']}" for k, v in chars["characters"].items())
+            print(f"character consistency {chars['mean']:.4f} ({per})")
     why = ("no prompts.json beside the images" if not prompt_of else "no Chinese CLIP (models.clip_zh in --spec)")
     print(f"prompt alignment {sum(aligned) / len(aligned):.4f}" if aligned else f"prompt alignment: not measured ({why})")
     g = Gate.of(scores, gate)
