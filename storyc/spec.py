@@ -147,6 +147,8 @@ def _explain(err, loc: Located) -> list[Diagnostic]:
         hint = None
         if isinstance(v, str) and "integer" in want and v.strip().lstrip("-").isdigit():
             hint = f"write {v.strip()} without quotes"
+        elif isinstance(v, dict) and "string" in want and path and path[-1] in ("prompt", "description", "prefix"):
+            hint = "a text that starts with `{character}` must be quoted: prompt: \"{girl}，...\""
         elif isinstance(v, str) and "number" in want:
             hint = "write the number without quotes (1.0e-4, not \"1e-4\")" if _is_num(v) else None
         return [d(f"expected {' or '.join(names[t] for t in want)}, got {type_name(v)} `{_short(v)}`", hint)]

@@ -1,0 +1,156 @@
+"""Characters (`characters:` + `scenes[i].characters`): the Kolors IP-Adapter-Plus in its release layout conditions
+the scenes that show a character on its reference images; a reference is a fingerprinted input (replacing it
+re-renders exactly its scenes); character consistency is measured in scores.json, the report and `storyc score`."""
+import json
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import edit, ran, run_cli
+
+
+def _reference(path, colour, seed=0):
+    rng = np.random.RandomState(seed)
+    a = np.clip(rng.normal(0, 40, (96, 80, 3)) + np.array(colour), 0, 255).astype("uint8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(a).save(path)
+
+
+def test_ip_adapter_plus_matches_diffusers_on_the_release_layout(tmp_path):
+    """storyc's Resampler + per-layer to_k_ip/to_v_ip on diffsynth's UNet compute what diffusers 0.35's own
+    IP-Adapter loader (the one KolorsPipeline.load_ip_adapter calls) computes, on tiny random weights saved in the
+    Kwai-Kolors/Kolors-IP-Adapter-Plus layout: one reference image, and two (their tokens concatenated)."""
+    import torch
+    from diffsynth.pipelines.dancer import lets_dance_xl
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    from storyc.models import tiny
+    from storyc.models.ipadapter import IPAdapterPlus, read_weights
+    from storyc.models.unet import load_unet
+
+    kolors = tiny.ensure("kolors", tmp_path / "tiny-kolors")
+    folder = tiny.ensure("ip-adapter", tmp_path / "tiny-ip-adapter")
+    assert (folder / "ip_adapter_plus_general.safetensors").is_file() and (folder / "image_encoder/config.json").is_file()
+    unet = load_unet(kolors / "unet", torch.float32, "cpu")
+    ip = IPAdapterPlus(folder, unet, torch.float32, "cpu")
+    ref = UNet2DConditionModel.from_pretrained(str(kolors / "unet")).eval()
+    proj, layers = read_weights(folder)
+    ref._load_ip_adapter_weights([{"image_proj": proj, "ip_adapter": layers}], low_cpu_mem_usage=False)
+    scale = 0.7
+    for p in ref.attn_processors.values():
+        if hasattr(p, "scale"):
+            p.scale = [scale]
+    enc = CLIPVisionModelWithProjection.from_pretrained(str(folder / "image_encoder")).eval()
+    fe = CLIPImageProcessor.from_pretrained(str(folder / "image_encoder"))
+    for n in (1, 2):
+        _reference(tmp_path / "a.png", (200, 80, 160), 1)
+        _reference(tmp_path / "b.png", (60, 160, 90), 2)
+        imgs = [Image.open(tmp_path / f).convert("RGB") for f in ("a.png", "b.png")[:n]]
+        g = torch.Generator().manual_seed(n)
+        x, ehs, ate = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, 64, generator=g), torch.randn(2, 64, generator=g)
+        t, ids = torch.tensor([500]), torch.tensor([128, 128, 0, 0, 128, 128])
+        tok, unc = ip.tokens(imgs), ip.uncond_tokens(n)
+        kw = ip.unet_kwargs([tok, unc], [torch.full((tok.shape[0],), scale)] * 2)
+        ours = lets_dance_xl(unet, sample=x, timestep=t, encoder_hidden_states=ehs, add_time_id=ids.repeat(2),
+                             add_text_embeds=ate, ipadapter_kwargs_list=kw, unet_batch_size=2, device="cpu")
+        plain = unet(x, timestep=t, encoder_hidden_states=ehs, add_time_id=ids.repeat(2), add_text_embeds=ate)
+        px = fe(imgs, return_tensors="pt").pixel_values
+        with torch.no_grad():
+            pos = enc(px, output_hidden_states=True).hidden_states[-2]
+            neg = enc(torch.zeros_like(px), output_hidden_states=True).hidden_states[-2]
+            want = ref(x, t, encoder_hidden_states=ehs, added_cond_kwargs={
+                "text_embeds": ate, "time_ids": ids.float().repeat(2, 1),
+                "image_embeds": [torch.stack([pos, neg])]}).sample
+        assert (ours - want).abs().max().item() < 1e-4, (ours - want).abs().max().item()
+        assert (ours - plain).abs().max().item() > 1e-2  # the references do steer the UNet
+
+
+MISTAKES = {  # what is wrong -> (the spec edit, the error, the did-you-mean)
+    "unknown id": (("characters: [girl]}", "characters: [gril]}"),
+                   "$.scenes[0].characters[0]: unknown character `gril`", "did you mean `girl`"),
+    "missing file": (("refs/girl.png", "refs/gril.png"),
+                     "$.characters.girl.reference: reference image `refs/gril.png` does not exist", "girl.png"),
+    "not an image": (("refs/girl.png", "refs/bad.png"),
+                     "$.characters.girl.reference: reference `refs/bad.png` is not an image storyc can read", None),
+    "no IP-Adapter": (("models: {ip_adapter: tiny:ip-adapter, ", "models: {"),
+                      "$.scenes[0].characters: drawing characters from their reference images needs the Kolors "
+                      "IP-Adapter-Plus", "modelscope:Kwai-Kolors/Kolors-IP-Adapter-Plus"),
+    "unknown splice": (("一个紫色短发小女孩在家", "'{gril}在家'"), "$.scenes[0].prompt: `{gril}` names no character",
+                       "did you mean `girl`"),
+}
+
+
+@pytest.mark.parametrize("what", list(MISTAKES))
+def test_character_mistakes_are_spec_errors_at_their_line(project, what):
+    from conftest import BASE_SPEC
+
+    _reference(project / "refs/girl.png", (200, 80, 160))
+    (project / "data").mkdir()
+    (project / "refs/bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    spec = BASE_SPEC.replace("models: {", "models: {ip_adapter: tiny:ip-adapter, ").replace(
+        "scenes:\n", "characters:\n  girl: {reference: refs/girl.png, description: 紫发女孩}\nscenes:\n").replace(
+        "caption: 在家}", "caption: 在家, characters: [girl]}")
+    (project / "story.yaml").write_text(spec, "utf-8")
+    assert run_cli("validate", project / "story.yaml", cwd=project).returncode == 0
+    (old, new), message, hint = MISTAKES[what]
+    bad = spec.replace(old, new)
+    (project / "story.yaml").write_text(bad, "utf-8")
+    r = run_cli("validate", project / "story.yaml", cwd=project)
+    assert r.returncode == 1 and message in r.stderr, r.stderr
+    marker = "characters: [girl]" if what == "no IP-Adapter" else new.strip("{} ,")
+    line = next(n for n, text in enumerate(bad.splitlines(), 1) if marker in text)
+    assert f"story.yaml:{line}:" in r.stderr and "Traceback" not in r.stderr
+    if hint:
+        assert hint in r.stderr, r.stderr
+
+
+CHARS = ("characters:\n  girl: {reference: refs/girl.png, scale: 0.6, description: 紫色短发小女孩}\nscenes:\n")
+
+
+def test_characters_condition_their_scenes_and_a_reference_change_rerenders_exactly_them(copy):
+    """Adding a character re-renders the scenes that show it (never train); replacing its reference re-renders
+    exactly those scenes again; at scale 0 a scene renders byte for byte as without the character; the set's
+    character consistency is in scores.json, the report, the card and `storyc score`."""
+    root = copy.parent
+    before = {s: (root / f"build/t/images/0{i + 1}-{s}.png").read_bytes() for i, s in enumerate(("home", "concert", "stage"))}
+    _reference(root / "refs/girl.png", (200, 80, 160))
+    text = copy.read_text("utf-8").replace("models: {", "models: {ip_adapter: tiny:ip-adapter, ").replace(
+        "scenes:\n", CHARS).replace("caption: 在家}", "caption: 在家, characters: [girl]}").replace(
+        "prompt: 一个紫色短发小女孩在演唱会", "prompt: '{girl}在演唱会'").replace(
+        "caption: 演唱会}", "caption: 演唱会, characters: [girl]}")
+    copy.write_text(text, "utf-8")
+    r = run_cli("build", copy, cwd=root)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert ran(copy) == {"generate[home]", "generate[concert]", "score[home]", "score[concert]", "bundle"}
+    home = (root / "build/t/images/01-home.png").read_bytes()
+    assert home != before["home"] and (root / "build/t/images/03-stage.png").read_bytes() == before["stage"]
+    lock = yaml.safe_load((root / "story.lock").read_text("utf-8"))["stages"]
+    g = lock["generate[concert]"]
+    assert g["params"]["prompt"] == "二次元，紫色短发小女孩在演唱会"  # `{girl}`: her description, spliced in
+    assert g["params"]["characters"] == [{"id": "girl", "scale": 0.6, "references": ["refs/girl.png"]}]
+    assert "character:girl" in g["models"] and "characters" not in lock["generate[stage]"]["params"]
+    sub = root / "build/t/submission/t"
+    scores = json.loads((sub / "scores.json").read_text("utf-8"))
+    cc = scores["character_consistency"]
+    assert set(cc["characters"]) == {"girl"} and cc["characters"]["girl"]["images"] == 2
+    assert -1.0 <= cc["mean"] <= 1.0 and cc["mean"] == cc["characters"]["girl"]["mean_pairwise_cosine"]
+    assert 'id="characters"' in (sub / "report.html").read_text("utf-8")
+    assert "Character consistency" in (sub / "README.md").read_text("utf-8")
+    out = run_cli("score", sub, "--spec", copy, cwd=root).stdout
+    assert f"character consistency {cc['mean']:.4f} (girl {cc['mean']:.4f} in 2)" in out
+
+    # a new reference drawing: exactly the two scenes that show her, and status says why
+    _reference(root / "refs/girl.png", (40, 200, 220), 5)
+    st = run_cli("status", copy, cwd=root)
+    assert "character girl's reference images changed" in st.stdout, st.stdout
+    assert run_cli("build", copy, "-q", cwd=root).returncode == 0
+    assert ran(copy) == {"generate[home]", "generate[concert]", "score[home]", "score[concert]", "bundle"}
+    assert (root / "build/t/images/01-home.png").read_bytes() != home
+
+    # scale 0: the IP-Adapter adds nothing, and the image is the one rendered without her
+    edit(copy, "scale: 0.6", "scale: 0.0")
+    assert run_cli("build", copy, "-q", cwd=root).returncode == 0
+    assert (root / "build/t/images/01-home.png").read_bytes() == before["home"]
