@@ -23,6 +23,11 @@ def show_plan(plan) -> None:
               f"{t['width']}x{t['height']}, {t['precision']}, strategy {t['strategy']}, seed {t['seed']}")
     con.print(f"generate: {gen['width']}x{gen['height']}, {gen['steps']} steps, cfg {gen['cfg_scale']:g}, "
               f"LoRA scale {gen['lora_scale']:g} (alpha {gen['lora_alpha']:g}), {gen['candidates']} candidate(s)/scene")
+    for cid, ch in st.spec.characters.items():
+        shown = [s["id"] for s in gen["scenes"] if cid in s.get("characters", ())]
+        refs = ", ".join(st.rel(p) for p in st.character_paths.get(cid, ()))
+        con.print(f"character {escape(cid)}: {escape(refs)} at scale {ch.scale:g}, in {len(shown)} scene(s)"
+                  + (f": {escape(', '.join(shown))}" if shown else ""))
     for n in plan.notes:
         con.print(f"[yellow]note:[/yellow] {n}")
     table = Table(title="scenes", show_lines=True)

@@ -154,3 +154,38 @@ def test_characters_condition_their_scenes_and_a_reference_change_rerenders_exac
     edit(copy, "scale: 0.6", "scale: 0.0")
     assert run_cli("build", copy, "-q", cwd=root).returncode == 0
     assert (root / "build/t/images/01-home.png").read_bytes() == before["home"]
+
+
+def test_the_shipped_character_demo_and_a_sweep_over_refine_and_scale(project):
+    """specs/demo-characters.yaml: one girl from a demo-data drawing in five scenes, refined x2. A sweep over the
+    refine strength and her scale needs one training, and may rank by character consistency; a story without
+    characters may not."""
+    import shutil
+
+    from conftest import REPO
+    from storyc.compiler import compile
+    from storyc.spec import load_story
+
+    shutil.copytree(REPO / "specs", project / "specs")
+    plan = compile(load_story(project / "specs/demo-characters.yaml"))
+    shows = [n for n, j in plan.stages.items() if j.kind == "generate" and "characters" in j.params]
+    assert len(shows) == 5 and sum(j.kind == "refine" for j in plan.stages.values()) == 8
+    assert plan.stages[shows[0]].params["characters"][0]["references"] == ["specs/demo-data/00.png"]
+    r = run_cli("plan", project / "specs/demo-characters.yaml", cwd=project)
+    assert "character girl: specs/demo-data/00.png at scale 0.6, in 5 scene(s)" in r.stdout
+    sweep = ("version: 1\nextends: {}\nsweep:\n  parameters:\n    generation.refine.strength: [0.4, 0.6]\n"
+             "    characters.girl.scale: [0.3, 0.8]\n"
+             "  objective: {{weights: {{mean_aesthetic: 1.0, character_consistency: 2.0}}}}\n")
+    (project / "specs/sweep.yaml").write_text(sweep.format("demo-characters.yaml"), "utf-8")
+    r = run_cli("plan", project / "specs/sweep.yaml", cwd=project)
+    assert r.returncode == 0 and "4 variants, 1 training" in r.stdout, r.stdout + r.stderr
+    from storyc.sweep import score
+
+    ranked = sorted(({"mean_aesthetic": 0.1, "character_consistency": c} for c in (0.7, 0.9)),
+                    key=lambda rec: -score({"mean_aesthetic": 1.0, "character_consistency": 2.0}, rec))
+    assert ranked[0]["character_consistency"] == 0.9
+    (project / "specs/sweep.yaml").write_text(sweep.format("demo.yaml").replace(
+        "    characters.girl.scale: [0.3, 0.8]\n", "").replace("generation.refine.strength", "generation.cfg_scale"),
+        "utf-8")
+    r = run_cli("validate", project / "specs/sweep.yaml", cwd=project)
+    assert r.returncode == 1 and "weighs character_consistency, which this story does not measure" in r.stderr
