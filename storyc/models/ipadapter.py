@@ -148,7 +148,7 @@ class IPAdapterPlus(nn.Module):
             self.to_k[-1].weight.data.copy_(k)
             self.to_v[-1].weight.data.copy_(v)
         enc = folder / "image_encoder"
-        self.encoder = CLIPVisionModelWithProjection.from_pretrained(str(enc), torch_dtype=dtype)
+        self.encoder = CLIPVisionModelWithProjection.from_pretrained(str(enc), dtype=dtype)
         size = self.encoder.config.image_size
         self.processor = (CLIPImageProcessor.from_pretrained(str(enc)) if (enc / "preprocessor_config.json").is_file()
                           else CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}))
