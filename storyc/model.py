@@ -133,7 +133,7 @@ class Train(Section):
     preview_every: int | None
     preview_steps: int | None
     preview_size: int | tuple | None
-    select: str
+    select: str | dict  # last | best_score | {weights: {figure: weight}}
     buckets: bool
     validation: dict | None
     stop: dict | None

@@ -438,8 +438,9 @@ def check_train_knobs(ctx):
         if warm >= steps:
             out.append(ctx.diag(("train", "lr_warmup_steps"), f"{warm} warm-up steps but the run has only {steps} "
                                 "optimizer steps", "warm up over a small part of the run (e.g. 5%)", "train_knobs"))
-    if tr.get("select") == "best_score" and not tr.get("preview_every"):
-        out.append(ctx.diag(("train", "select"), "`select: best_score` needs previews to score checkpoints",
+    if (tr.get("select") == "best_score" or isinstance(tr.get("select"), dict)) and not tr.get("preview_every"):
+        how = "best_score" if tr["select"] == "best_score" else "{weights: ...}"
+        out.append(ctx.diag(("train", "select"), f"`select: {how}` needs previews to score checkpoints",
                             "set `train.preview_every: N` (e.g. 500), or `select: last`", "train_knobs"))
     if isinstance(tr.get("preview_every"), int) and not isinstance(tr["preview_every"], bool):
         if tr["preview_every"] > steps:

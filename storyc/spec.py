@@ -187,6 +187,14 @@ def _explain(err, loc: Located) -> list[Diagnostic]:
             return [d(f"expected \"auto\", a GPU count or a list of GPU indices, got `{_short(v)}`")]
         if path and path[-1] == "resolution":
             return [d(f"expected one side (multiple of 32, 64..4096) or [width, height], got `{_short(v)}`")]
+        from .schema import resolve
+
+        branches = [resolve(b) for b in sub.get("oneOf", ())]
+        words = [o for b in branches for o in (b.get("enum") or ([b["const"]] if "const" in b else []))
+                 if isinstance(o, str)]
+        if isinstance(v, str) and words:  # a misspelt word of a field that also takes a mapping
+            more = " (or a mapping)" if any(b.get("type") == "object" or "properties" in b for b in branches) else ""
+            return [d(f"`{_short(v)}` is not one of: {', '.join(words)}{more}", did_you_mean(v, words))]
         if isinstance(v, dict) and err.context:  # e.g. null or a mapping: the mapping's own problem, explained
             from jsonschema.exceptions import best_match
 

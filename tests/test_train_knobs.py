@@ -197,13 +197,27 @@ def test_best_score_needs_previews(project):
                     "submission: {rules: none, images: 1}\n", "utf-8")
     r = run_cli("validate", spec, cwd=project)
     assert r.returncode == 1 and "$.train.select: `select: best_score` needs previews" in r.stderr
+    spec.write_text(spec.read_text("utf-8").replace("select: best_score", "select: {weights: {style_coherense: 1}}"),
+                    "utf-8")
+    r = run_cli("validate", spec, cwd=project)
+    assert r.returncode == 1 and "unknown key `style_coherense`" in r.stderr and "did you mean `style_coherence`" in r.stderr
+    spec.write_text(spec.read_text("utf-8").replace("style_coherense", "style_coherence"), "utf-8")
+    r = run_cli("validate", spec, cwd=project)
+    assert r.returncode == 1 and "`select: {weights: ...}` needs previews" in r.stderr
+    spec.write_text(spec.read_text("utf-8").replace("select: {weights: {style_coherence: 1}}", "select: best-score"),
+                    "utf-8")
+    r = run_cli("validate", spec, cwd=project)
+    assert r.returncode == 1 and "did you mean `best_score`" in r.stderr, r.stderr
 
 
 def test_select_rule():
     from storyc.stages.train.previews import select
 
-    rec = {"2": {"mean": 5.1}, "4": {"mean": 6.3}, "6": {"mean": 6.3}, "8": {"mean": 4.0}}
+    rec = {"2": {"mean": 5.1, "coherence": 0.9}, "4": {"mean": 6.3, "coherence": 0.5},
+           "6": {"mean": 6.3, "coherence": 0.5}, "8": {"mean": 4.0, "coherence": 0.4}}
     assert select(rec, "best_score") == 6 and select(rec, "last") == 8
+    assert select(rec, {"weights": {"mean_aesthetic": 1.0, "style_coherence": 5.0}}) == 2  # 9.6 against 8.8
+    assert select(rec, {"weights": {"style_coherence": -1.0}}) == 8  # a negative weight prefers the least
 
 
 def test_bucket_assignment_of_a_mixed_aspect_folder():
@@ -250,8 +264,9 @@ def test_training_with_buckets_on_mixed_aspect_images(base, tmp_path):
     assert len(log) == 3 and all(math.isfinite(float(ln.split(",")[1])) for ln in log[1:])
 
 
-def test_best_score_picks_the_checkpoint_a_controlled_scorer_prefers(base, tmp_path, monkeypatch):
-    """The scorer is the test's: the first preview (step 2) scores best, so its LoRA ships, not the last."""
+def test_a_weighted_select_picks_the_checkpoint_a_controlled_scorer_prefers(base, tmp_path, monkeypatch):
+    """The scorer is the test's: the last preview (step 4) has the best aesthetic score, but the first (step 2) the
+    coherent set; `select: {weights: ...}` that values coherence ships step 2's LoRA, not the last."""
     from storyc import lora
     from storyc.cli import main
     from storyc.stages import score
@@ -260,17 +275,21 @@ def test_best_score_picks_the_checkpoint_a_controlled_scorer_prefers(base, tmp_p
 
     def scores(self, images):
         calls.append(len(images))
-        value = 9.0 if len(calls) == 1 else 1.0
-        return [value] * len(images), [[1.0, 0.0]] * len(images)
+        if len(calls) == 1:  # step 2: plain, but the three images alike
+            return [1.0] * len(images), [[1.0, 0.0]] * len(images)
+        return [9.0] * len(images), [[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]  # step 4: better images, one unlike the rest
 
     monkeypatch.setattr(score.Scorer, "score_and_embed", scores)
     spec = copy_project(base, tmp_path / "p")
-    edit(spec, "checkpoint_every: 2}", "checkpoint_every: 2, preview_every: 2, preview_steps: 1, select: best_score}")
+    edit(spec, "checkpoint_every: 2}", "checkpoint_every: 2, preview_every: 2, preview_steps: 1, "
+         "select: {weights: {mean_aesthetic: 0.1, style_coherence: 10}}}")
     assert main(["build", str(spec), "--until", "train", "-q"]) == 0
     assert calls == [3, 3]
     lora_dir = spec.parent / "build/t/lora"
     doc = json.loads((lora_dir / "checkpoints.json").read_text("utf-8"))
-    assert doc["selected"] == 2 and [c["mean"] for c in doc["checkpoints"]] == [9.0, 1.0]
+    assert [c["mean"] for c in doc["checkpoints"]] == [1.0, 9.0]
+    assert [round(c["coherence"], 4) for c in doc["checkpoints"]] == [1.0, 0.3333]
+    assert doc["selected"] == 2  # 0.1 x 1 + 10 x 1 = 10.1 beats 0.1 x 9 + 10 x 0.333 = 4.23
     shipped, _ = lora.load(lora_dir / "t.diffsynth.safetensors")
     step2, _ = lora.load(lora_dir / "checkpoints/step-2.safetensors")
     step4, _ = lora.load(lora_dir / "checkpoints/step-4.safetensors")

@@ -129,9 +129,22 @@ def strip(images):
     return out
 
 
-def select(records: dict, how: str) -> int:
-    """The checkpoint the story uses: the last, or the best mean aesthetic (a tie goes to the later step)."""
-    steps = sorted(int(s) for s in records)
+FIGURES = {"mean_aesthetic": "mean", "style_coherence": "coherence"}  # objective name -> a preview record's key
+
+
+def objective(record: dict, how) -> float | None:
+    """A checkpoint's objective under ``train.select`` (None for `last`, which ranks nothing)."""
     if how == "best_score":
-        return max(steps, key=lambda s: (records[str(s)]["mean"], s))
-    return steps[-1]
+        return record["mean"]
+    if isinstance(how, dict):
+        return sum(w * record[FIGURES[k]] for k, w in how["weights"].items())
+    return None
+
+
+def select(records: dict, how) -> int:
+    """The checkpoint the story uses: the last, or the best mean aesthetic, or the best weighted objective of the
+    previews' figures (a tie goes to the later step)."""
+    steps = sorted(int(s) for s in records)
+    if how == "last":
+        return steps[-1]
+    return max(steps, key=lambda s: (objective(records[str(s)], how), s))
