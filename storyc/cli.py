@@ -187,6 +187,16 @@ def cmd_build(args) -> int:  # also `storyc run STAGE`: a build with a target
     return build(plan, run_options(args, plan))
 
 
+def cmd_watch(args) -> int:
+    from .watch import watch
+
+    spec = Path(args.spec)
+    if not spec.is_file():
+        raise StorycError(f"{spec}: no such file")
+    return watch(spec, lambda plan: run_options(args, plan), args.port, args.train, args.interval,
+                 output=args.output)
+
+
 def cmd_status(args) -> int:
     from .views import status
 
@@ -319,6 +329,19 @@ def parser() -> argparse.ArgumentParser:
                  "Compile the spec, then run the stale stages in order and record them in the lock. " + stage_text)
     run_opts(b, "rerun STAGE even if it is up to date (no STAGE: every stage); what depends on it reruns "
                 "only if its output changes")
+    w = spec_cmd("watch", cmd_watch, "rebuild on every save, models kept in memory, with a live page",
+                 "Build, then rebuild on every save of the spec, the files it extends, the dataset folders or the "
+                 "reference images, through the same runner as `build` (same lock, same outputs), with the models "
+                 "kept in memory between builds. A save during a build restarts it from its finished stages. A save "
+                 "never retrains unless --train. --port serves a live page of the build on 127.0.0.1.")
+    w.add_argument("--port", type=int, default=None, metavar="N", help="serve the live page on 127.0.0.1:N "
+                   "(0: any free port; the address is printed)")
+    w.add_argument("--train", action="store_true", help="retrain when a save makes the LoRA stale (default: say so "
+                   "and wait)")
+    w.add_argument("--interval", type=float, default=0.5, metavar="S", help="seconds between looks at the files")
+    quiet(w)
+    cache_lock(w)
+    w.add_argument("--device", default=None, help="torch device for GPU stages (default: cuda if available)")
     s = spec_cmd("status", cmd_status, "list stages as up to date, stale or may rerun, and why",
                  "List each stage as up to date, stale (its own inputs changed) or may rerun (an upstream stage "
                  "will rerun; it reruns if that output comes out different), and why. Reads no weights and "

@@ -553,10 +553,15 @@ def check_characters(ctx):
         out += errs
         if p is None:
             continue
-        if not p.exists():
+        try:
+            exists, is_file = p.exists(), p.is_file()
+        except OSError as e:  # a name the file system refuses (too long, ...)
+            out.append(ctx.diag(at, f"reference `{raw}` cannot be read ({e.strerror})", rule="characters"))
+            continue
+        if not exists:
             near = did_you_mean(p.name, [c.name for c in p.parent.iterdir()]) if p.parent.is_dir() else None
             out.append(ctx.diag(at, f"reference image `{raw}` does not exist", near, "characters"))
-        elif not p.is_file():
+        elif not is_file:
             out.append(ctx.diag(at, f"reference `{raw}` is a folder; name an image file", rule="characters"))
         else:
             problem = _image_problem(p)

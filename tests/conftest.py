@@ -72,6 +72,7 @@ def chromium_render(html, tmp, no_system_fonts=False):
     from PIL import Image
 
     env = dict(os.environ)
+    tmp.mkdir(parents=True, exist_ok=True)
     if no_system_fonts:
         conf = tmp / "fonts.conf"
         conf.write_text(f"<?xml version='1.0'?><fontconfig><dir>{tmp / 'no-fonts'}</dir>"

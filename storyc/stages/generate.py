@@ -41,6 +41,22 @@ def load_merged_pipeline(kolors: Path, lora_path: Path | None, strength: float, 
     return pipe
 
 
+def merged_pipeline(ctx, kolors: Path, lora_path: Path, strength: float, res, vae_encoder: bool = False):
+    """The pipeline generate and refine render with (no text encoder: prompts come from ``encode_all``): loaded
+    for this stage, or under `storyc watch` the one held between builds for this Kolors, LoRA and strength (with
+    the VAE encoder, so refine shares it)."""
+    from .. import resident
+
+    enc = Path(kolors) / "vae" / "diffusion_pytorch_model.safetensors"
+    if not resident.enabled():
+        return load_merged_pipeline(kolors, lora_path, strength, res.torch_dtype(), res.device, text_encoder=False,
+                                    vae_encoder=enc if vae_encoder else None)
+    key = (str(kolors), ctx.fingerprint("kolors"), ctx.hasher.file(lora_path), strength, str(res.torch_dtype()),
+           res.device)
+    return resident.get("pipeline", key, lambda: load_merged_pipeline(
+        kolors, lora_path, strength, res.torch_dtype(), res.device, text_encoder=False, vae_encoder=enc))
+
+
 def render(pipe, items: list[dict], gen: dict, batch_size: int, progress=None):
     """Render items [{prompt, negative_prompt, seed}] -> list of PIL images, batched with CFG."""
     return list(render_iter(pipe, items, gen, batch_size, progress))
@@ -79,9 +95,13 @@ def encode_all(kolors: Path, items: list[dict], cfg_scale: float, dtype, device,
         todo = wanted
     out = {}
     if todo:
+        from .. import resident
         from ..models.kolors import load_prompter
 
-        prompter = load_prompter(Path(kolors), dtype, device)
+        key = (str(kolors), ctx.fingerprint("kolors") if ctx is not None else None, str(dtype), str(device))
+        prompter = resident.get("prompter", key, lambda: load_prompter(Path(kolors), dtype, device))
+        if resident.enabled() and str(device).startswith("cuda"):  # held on the CPU between builds (12 GB on
+            prompter.text_encoder.to(device)  # a 24 GB card is the UNet's room): moved over to encode
         shim = type("Encoder", (), {"prompter": prompter, "device": device})()
         with torch.no_grad():
             for sign, text in todo:
@@ -92,6 +112,8 @@ def encode_all(kolors: Path, items: list[dict], cfg_scale: float, dtype, device,
 
                     tensors = {"encoder_hidden_states": out[(sign, text)][0], "add_text_embeds": out[(sign, text)][1]}
                     cache.save_file(paths[(sign, text)], lambda tmp, t=tensors: save_file(t, str(tmp)))
+        if resident.enabled() and str(device).startswith("cuda"):
+            prompter.text_encoder.to("cpu")
         del prompter, shim
         if str(device).startswith("cuda"):
             torch.cuda.empty_cache()
@@ -117,7 +139,7 @@ def cached_encoder(table: dict):
     return encode
 
 
-def load_characters(ip_folder: Path, pipe, items: list[dict], root: Path) -> None:
+def load_characters(ip_folder: Path, pipe, items: list[dict], root: Path, fingerprint: str | None = None) -> None:
     """Each item that shows characters gets its IP-Adapter image tokens (``item["ip"]``: positive tokens, the
     negative branch's tokens, one scale per token), from its characters' reference images; the adapter's modules
     are attached to the pipeline (``pipe.ip_adapter``) for the UNet calls."""
@@ -129,8 +151,14 @@ def load_characters(ip_folder: Path, pipe, items: list[dict], root: Path) -> Non
         return
     import torch
 
-    with silent_stdout():
-        pipe.ip_adapter = IPAdapterPlus(ip_folder, pipe.unet, pipe.torch_dtype, pipe.device)
+    from .. import resident
+
+    def load():
+        with silent_stdout():
+            return IPAdapterPlus(ip_folder, pipe.unet, pipe.torch_dtype, pipe.device)
+
+    pipe.ip_adapter = resident.get("ip_adapter", (str(ip_folder), fingerprint, str(pipe.torch_dtype),
+                                                  str(pipe.device)), load)
     made: dict = {}
     for it in items:
         rows, neg, scales = [], [], []
@@ -286,12 +314,11 @@ def run(ctx, jobs):
         table = encode_all(kolors, items, gen["cfg_scale"], res.torch_dtype(), res.device, ctx)  # ChatGLM then freed
         ctx.metric("generate.text_encoder_load_and_encode_s", time.monotonic() - t)
         t = time.monotonic()
-        pipe = load_merged_pipeline(kolors, lpath, gen["lora_strength"], res.torch_dtype(), res.device,
-                                    text_encoder=False)
+        pipe = merged_pipeline(ctx, kolors, lpath, gen["lora_strength"], res)
         ctx.metric("generate.unet_vae_load_and_merge_s", time.monotonic() - t)
         if ip_folder is not None:
             t = time.monotonic()
-            load_characters(ip_folder, pipe, items, ctx.story.root)
+            load_characters(ip_folder, pipe, items, ctx.story.root, ctx.fingerprint("ip_adapter"))
             ctx.metric("generate.ip_adapter_load_and_encode_s", time.monotonic() - t)
         batch, why = resources.plan_generate(resources.free_gib(res.device), jobs[0].settings["batch_size"],
                                              gen["width"], gen["height"], len(items))

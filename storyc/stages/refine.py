@@ -15,7 +15,7 @@ from pathlib import Path
 from .. import resources
 from ..render import atomic_write, canonical_json
 from ._quiet import quiet_libraries
-from .generate import cached_encoder, denoise, encode_all, load_merged_pipeline, save_png
+from .generate import cached_encoder, denoise, encode_all, merged_pipeline, save_png
 from .registry import Result
 
 
@@ -118,8 +118,7 @@ def run(ctx, jobs):
             sources[name] = im
         ctx.metric("refine.esrgan_s", time.monotonic() - t)
     t = time.monotonic()
-    pipe = load_merged_pipeline(kolors, lora, strength, res.torch_dtype(), res.device, text_encoder=False,
-                                vae_encoder=kolors / "vae" / "diffusion_pytorch_model.safetensors")
+    pipe = merged_pipeline(ctx, kolors, lora, strength, res, vae_encoder=True)
     ctx.metric("refine.load_s", time.monotonic() - t)
     encode = cached_encoder(table)
     t_all = time.monotonic()

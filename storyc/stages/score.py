@@ -27,7 +27,9 @@ class Scorer:
         self.device = res.device
         self.model = AestheticsPredictorV2Linear.from_pretrained(str(folder)).to(self.device).eval()
         self.processor = CLIPProcessor.from_pretrained(str(folder))
-        self.batch_size = res.batch_size
+        # one image per forward: a score then never depends on which other images were scored with it (batched
+        # kernels differ in the last bits), so an incremental build's scores.json is a cold build's, byte for byte
+        self.batch_size = 1
         self.weights = None  # generation.select: how best-of-K candidates are ranked (None: the score alone)
         self.aligner = None  # an Aligner, when the ranking weighs prompt alignment
 
@@ -99,7 +101,11 @@ def run(ctx, jobs):
     import time
 
     t = time.monotonic()
-    scorer = Scorer(ctx.model("aesthetic"), resources.for_score(ctx.device))
+    from .. import resident
+
+    model, rs = ctx.model("aesthetic"), resources.for_score(ctx.device)
+    scorer = resident.get("scorer", (str(model), ctx.fingerprint("aesthetic"), rs.device),
+                          lambda: Scorer(model, rs))
     ctx.metric("score.model_load_s", time.monotonic() - t)
     files = [j.params["file"] for j in jobs]
     images = [Image.open(ctx.path(f)).convert("RGB") for f in files]
@@ -111,7 +117,9 @@ def run(ctx, jobs):
     alignment = {}
     if aligned:  # one model for every scene that asks (models.clip_zh is the story's)
         t = time.monotonic()
-        aligner = Aligner(ctx.model("clip_zh"), resources.for_score(ctx.device).device)
+        clip = ctx.model("clip_zh")
+        aligner = resident.get("aligner", (str(clip), ctx.fingerprint("clip_zh"), rs.device),
+                               lambda: Aligner(clip, rs.device))
         vals = aligner.align([images[jobs.index(j)] for j in aligned], [j.params["prompt"] for j in aligned])
         alignment = {j.name: v for j, v in zip(aligned, vals)}
         ctx.metric("score.prompt_alignment_s", time.monotonic() - t)
