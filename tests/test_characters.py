@@ -155,6 +155,17 @@ def test_characters_condition_their_scenes_and_a_reference_change_rerenders_exac
     assert run_cli("build", copy, "-q", cwd=root).returncode == 0
     assert (root / "build/t/images/01-home.png").read_bytes() == before["home"]
 
+    # the refine pass redraws her scenes with the same references: a scale edit reruns exactly her scenes' stages
+    edit(copy, "batch_size: 1}", "batch_size: 1, refine: {scale: 2.0, strength: 0.5, steps: 2}}")
+    edit(copy, "scale: 0.0", "scale: 0.6")
+    assert run_cli("build", copy, "-q", cwd=root).returncode == 0
+    lock = yaml.safe_load((root / "story.lock").read_text("utf-8"))["stages"]
+    assert lock["refine[home]"]["params"]["characters"][0]["id"] == "girl" and "character:girl" in lock["refine[home]"]["models"]
+    assert "characters" not in lock["refine[stage]"]["params"]
+    edit(copy, "scale: 0.6", "scale: 0.9")
+    assert run_cli("build", copy, "-q", cwd=root).returncode == 0
+    assert ran(copy) == {f"{k}[{s}]" for k in ("generate", "refine", "score") for s in ("home", "concert")} | {"bundle"}
+
 
 def test_the_shipped_character_demo_and_a_sweep_over_refine_and_scale(project):
     """specs/demo-characters.yaml: one girl from a demo-data drawing in five scenes, refined x2. A sweep over the

@@ -178,7 +178,7 @@ def load_characters(ip_folder: Path, pipe, items: list[dict], root: Path, finger
             it["ip"] = (torch.cat(rows), torch.cat(neg), torch.cat(scales))
 
 
-def _ip_kwargs(pipe, chunk: list[dict], cfg: float):
+def ip_kwargs(pipe, chunk: list[dict], cfg: float):
     """diffsynth's ipadapter_kwargs_list for a batch (positive rows, then the negative ones), None without."""
     if "ip" not in chunk[0]:
         return None
@@ -226,7 +226,7 @@ def render_iter(pipe, items: list[dict], gen: dict, batch_size: int, progress=No
                 if progress:
                     progress(done, total)
 
-            latents = denoise(pipe, latents, ehs, ate, cfg, step, _ip_kwargs(pipe, chunk, cfg))
+            latents = denoise(pipe, latents, ehs, ate, cfg, step, ip_kwargs(pipe, chunk, cfg))
             decoded = [pipe.decode_image(latents[i:i + 1]) for i in range(b)]
         yield from decoded
 

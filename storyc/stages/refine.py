@@ -15,7 +15,7 @@ from pathlib import Path
 from .. import resources
 from ..render import atomic_write, canonical_json
 from ._quiet import quiet_libraries
-from .generate import cached_encoder, denoise, encode_all, merged_pipeline, save_png
+from .generate import ip_kwargs, cached_encoder, denoise, encode_all, load_characters, merged_pipeline, save_png
 from .registry import Result
 
 
@@ -25,10 +25,11 @@ def refined_size(w: int, h: int, scale: float) -> tuple[int, int]:
 
 
 def refine_image(pipe, image, size: tuple, r: dict, seed: int, prompt: str, negative: str, encode, tiled: bool,
-                 each_step=None):
+                 each_step=None, ip=None):
     """One image through the refine pass (what DiffSynth's pipeline does with ``input_image`` and
     ``denoising_strength``): Lanczos to ``size``, VAE-encode, noise to the strength's first timestep with ``seed``,
-    denoise with classifier-free guidance, decode. ``encode(pipe, positives, negatives)`` gives the embeddings."""
+    denoise with classifier-free guidance, decode. ``encode(pipe, positives, negatives)`` gives the embeddings;
+    ``ip``: the scene's characters (IP-Adapter keys and values), as generate drew them."""
     import torch
     from PIL import Image
 
@@ -44,7 +45,7 @@ def refine_image(pipe, image, size: tuple, r: dict, seed: int, prompt: str, nega
         latents = pipe.scheduler.add_noise(latents, noise, timestep=pipe.scheduler.timesteps[0])
         cfg = r["cfg_scale"]
         ehs, ate = encode(pipe, [prompt], [negative] if cfg != 1.0 else [])
-        latents = denoise(pipe, latents, ehs, ate, cfg, each_step)
+        latents = denoise(pipe, latents, ehs, ate, cfg, each_step, ip)
         with vae_precision(pipe):
             return pipe.decode_image(latents, tiled=tiled)
 
@@ -121,6 +122,13 @@ def run(ctx, jobs):
     pipe = merged_pipeline(ctx, kolors, lora, strength, res, vae_encoder=True)
     ctx.metric("refine.load_s", time.monotonic() - t)
     encode = cached_encoder(table)
+    drawn = {}  # scene -> its characters' IP-Adapter tokens, as generate conditions it
+    if any("characters" in j.params for j, _, _ in scenes):
+        t = time.monotonic()
+        drawn = {j.name: {"characters": j.params["characters"]} for j, _, _ in scenes if "characters" in j.params}
+        load_characters(ctx.model("ip_adapter"), pipe, list(drawn.values()), ctx.story.root,
+                        ctx.fingerprint("ip_adapter"))
+        ctx.metric("refine.ip_adapter_load_and_encode_s", time.monotonic() - t)
     t_all = time.monotonic()
     for i, (job, rec, src) in enumerate(scenes):
         r = job.params["refine"]
@@ -130,8 +138,10 @@ def run(ctx, jobs):
         if i == 0:
             ctx.report.info(f"     refine: {why}")
         n = max(1, round(r["steps"] * r["strength"]))
+        ip = ip_kwargs(pipe, [drawn[job.name]], r["cfg_scale"]) if job.name in drawn else None
         out = refine_image(pipe, image, (w, h), r, rec["seed"], job.params["prompt"], job.params["negative_prompt"],
-                           encode, tiled, lambda k: ctx.report.update(i * n + k + 1, len(scenes) * n, "refining"))
+                           encode, tiled, lambda k: ctx.report.update(i * n + k + 1, len(scenes) * n, "refining"),
+                           ip)
         save_png(out, ctx.path(job.params["file"]))
         meta = str(Path(job.params["file"]).with_suffix(".json"))
         atomic_write(ctx.path(meta), canonical_json({**rec, "width": w, "height": h, "refine": r}))

@@ -280,6 +280,9 @@ def _refine(c: Compiled):
                   "lora_strength": common["lora_strength"]}
         if r["upscaler"] == "esrgan":  # hashed only when used: a Lanczos refine's slice is as it was
             params["esrgan"] = c.refs["esrgan"]
+        if sc.get("characters"):  # redrawn with the same references as generated
+            params["characters"] = character_params(c, sc["characters"])
+            params["ip_adapter"] = c.refs["ip_adapter"]
         reads = {"train": (f"lora/{c.story.id}.diffsynth.safetensors",)}
         out.append(StageSpec(f"refine[{sc['id']}]", "refine", params, (f"generate[{sc['id']}]", "train"), sc["id"],
                              {"tile": r["tile"], "index": sc["index"]}, reads))
@@ -287,7 +290,10 @@ def _refine(c: Compiled):
 
 
 def _refine_models(job, story):
-    return ("kolors", "esrgan") if "esrgan" in job.params else ("kolors",)
+    keys = ("kolors", "esrgan") if "esrgan" in job.params else ("kolors",)
+    if "characters" in job.params:
+        keys += ("ip_adapter", *(f"character:{ch['id']}" for ch in job.params["characters"]))
+    return keys
 
 
 # ---------------------------------------------------------------- score
@@ -348,7 +354,7 @@ KINDS: dict[str, StageKind] = {k.name: k for k in (
               oom_hint="lower `generation.batch_size` (images per UNet call; `auto` sizes it from free memory), "
                        "or cap the memory storyc plans for with STORYC_GPU_MEMORY_GIB"),
     StageKind("refine", 1, _refine, _refine_models, "storyc.stages.refine",
-              scene_keys=("refine", "prompt", "negative_prompt"),
+              scene_keys=("refine", "prompt", "negative_prompt", "characters"),
               oom_hint="set `generation.refine.tile: true` (tiled VAE), lower `generation.refine.scale`, or cap the "
                        "memory storyc plans for with STORYC_GPU_MEMORY_GIB"),
     # version 2: each image's style statistics and (with models.clip_zh) prompt alignment beside its score;
