@@ -15,7 +15,7 @@ from pathlib import Path
 from .. import resources
 from ..render import atomic_write, canonical_json
 from ._quiet import quiet_libraries
-from .generate import ip_kwargs, cached_encoder, denoise, encode_all, load_characters, merged_pipeline, save_png
+from .generate import cached_encoder, denoise, encode_all, ip_kwargs, load_characters, merged_pipeline, save_png
 from .registry import Result
 
 
