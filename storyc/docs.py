@@ -40,6 +40,9 @@ def spec_reference() -> str:
             rows.append(f"| `{key}` | {typ(s)} | {default} | {meaning} |")
             if "properties" in s:
                 walk(s["properties"], key + ".", s.get("required", ()))
+            elif isinstance(s.get("additionalProperties"), dict) and "properties" in resolve(s["additionalProperties"]):
+                each = resolve(s["additionalProperties"])  # an id -> record map (characters)
+                walk(each["properties"], key + ".<id>.", each.get("required", ()))
             elif s.get("type") == "array" and "properties" in resolve(s.get("items", {})):
                 items = resolve(s["items"])
                 if key != "datasets":  # `datasets[]` has the fields of `dataset`, listed once

@@ -22,7 +22,7 @@ import time
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from .errors import SpecError, StorycError
 
@@ -36,6 +36,7 @@ class State:
         self.doc = {"build": 0, "phase": "starting", "error": None, "note": None, "ran": {}, "scenes": [],
                     "storyboard": None, "verdict": [], "log": []}
         self.build_dir: Path | None = None
+        self.holding = 0  # pages waiting on ?hold=next (a test's browser)
 
     def update(self, **kw):
         with self.cond:
@@ -146,15 +147,29 @@ def _handler(state: State):
 
         def do_GET(self):  # noqa: N802 - http.server's name
             url = urlsplit(self.path)
-            path, hold = unquote(url.path), _hold_ms(url.query)
+            path, hold = unquote(url.path), _hold(url.query)
             if path in ("/", "/index.html"):
-                page = PAGE if hold is None else PAGE.replace("<body>", f'<body><img hidden src="hold?ms={hold}">')
+                page = PAGE if hold is None else PAGE.replace(
+                    "<body>", f'<body><img hidden src="hold?hold={hold}&build={state.doc["build"]}">')
                 return self._send(200, page.encode(), "text/html; charset=utf-8")
             if path == "/hold" and hold is not None:  # answers late: the page's load event waits for it
-                time.sleep(hold / 1000)
+                if hold == "next":  # until the build after the one the page was served with is shown, and 3 s more
+                    seen = int(parse_qs(url.query).get("build", ["0"])[0] or 0)
+                    end = time.monotonic() + 120
+                    state.holding += 1
+                    try:
+                        while time.monotonic() < end and not (state.doc["build"] > seen
+                                                              and state.doc["phase"] != "building"):
+                            state.wait(state.version, 1.0)
+                    finally:
+                        state.holding -= 1
+                    time.sleep(3)
+                else:
+                    time.sleep(hold / 1000)
                 return self._send(200, PIXEL, "image/gif")
             if path == "/state":
-                return self._send(200, state.snapshot()[1].encode(), "application/json; charset=utf-8")
+                doc = json.loads(state.snapshot()[1]) | {"holding": state.holding}
+                return self._send(200, json.dumps(doc, ensure_ascii=False).encode(), "application/json; charset=utf-8")
             if path == "/events":
                 return self._events()
             if path.startswith("/build/") and state.build_dir is not None:
@@ -204,16 +219,14 @@ def _handler(state: State):
 PIXEL = bytes.fromhex("47494638396101000100800000ffffff00000021f90401000000002c00000000010001000002024401003b")
 
 
-def _hold_ms(query: str) -> int | None:
-    """``?hold=MS`` (at most two minutes): the page keeps its load event back that long, so a headless browser that
-    takes its picture at load (Chromium's --screenshot) sees what the event stream drew meanwhile."""
-    from urllib.parse import parse_qs
-
-    for key in ("hold", "ms"):
-        v = parse_qs(query).get(key)
-        if v and v[0].isdigit():
-            return min(int(v[0]), 120_000)
-    return None
+def _hold(query: str):
+    """``?hold=MS`` (at most two minutes) or ``?hold=next`` (until the next build is shown, and 3 s more): the page
+    keeps its load event back, so a headless browser that takes its picture at load (Chromium's --screenshot) sees
+    what the event stream drew meanwhile."""
+    v = (parse_qs(query).get("hold") or [""])[0]
+    if v == "next":
+        return v
+    return min(int(v), 120_000) if v.isdigit() else None
 
 
 def _inside(root: Path, rel: str) -> Path | None:
