@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import DEV, DT, NEG, PROMPT, SMOKE, build_text_encoder, build_unet, build_vae, gpu_info, make_pipe, \
-    out_dir, sync, torch, write
+from common import (NEG, PROMPT, SMOKE, build_text_encoder, build_unet, build_vae, gpu_info, make_pipe, out_dir,
+                    peak, peak_reset, sync, torch, write)
 
 p = argparse.ArgumentParser()
 p.add_argument("--images", type=int, default=8)
@@ -63,16 +63,6 @@ def build_ip_folder(folder: Path) -> Path:
             flat[f"ip_adapter.{2 * n + 1}.{w}.weight"] = (torch.randn(width, cross) * cross ** -0.5).half()
     save_file(flat, str(folder / "ip_adapter_plus_general.safetensors"))
     return folder
-
-
-def peak_reset():
-    if not SMOKE:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak():
-    return None if SMOKE else round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
 
 
 tmp = Path(tempfile.mkdtemp(prefix="ipbench-"))

@@ -63,6 +63,18 @@ def sync():
         torch.cuda.synchronize()
 
 
+def peak_reset():
+    """Start a peak-memory window (a no-op in the CPU smoke run)."""
+    if not SMOKE:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak():
+    """GiB allocated at the peak since peak_reset (None in the CPU smoke run)."""
+    return None if SMOKE else round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+
+
 def timed(fn, reps=1, warmup=0):
     for _ in range(warmup):
         fn()

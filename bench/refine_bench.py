@@ -18,8 +18,8 @@ import os
 import statistics
 import time
 
-from common import (DEV, DT, NEG, PROMPT, SMOKE, build_text_encoder, build_unet, build_vae, gpu_info, make_pipe,
-                    out_dir, random_lora_state, sync, torch, write)
+from common import (DEV, NEG, PROMPT, SMOKE, build_text_encoder, build_unet, build_vae, gpu_info, make_pipe, out_dir,
+                    peak, peak_reset, random_lora_state, sync, torch, write)
 
 p = argparse.ArgumentParser()
 p.add_argument("--images", type=int, default=8)
@@ -45,16 +45,6 @@ scenes = [(PROMPT + f"，第{i}幕", NEG, i) for i in range(args.images)]
 r = {"scale": args.scale, "strength": 0.4, "steps": 2 if SMOKE else 50, "cfg_scale": 4.0, "upscaler": "lanczos"}
 W, H = refined_size(args.size, args.size, args.scale)
 R["meta"]["refined"] = [W, H]
-
-
-def peak_reset():
-    if not SMOKE:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak():
-    return None if SMOKE else round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
 
 
 # ---------------- generate at 1024^2: storyc's stage path (8 scenes batched with CFG)
