@@ -6,6 +6,8 @@ Key layouts:
 - diffusers: ``unet.<diffusers module>.lora_A.weight`` / ``lora_B.weight`` with alpha/rank folded into lora_B,
   so ``pipeline.load_lora_weights`` gives the trained strength at scale 1.
 - kohya: ``lora_unet_<diffusers module with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``.
+A DoRA (``lora.type: dora``) adds peft's ``lora_magnitude_vector`` per module to the diffsynth and diffusers files;
+it has no kohya file (ComfyUI and LyCORIS normalise the weight per input column, peft per output row).
 """
 from __future__ import annotations
 
@@ -17,12 +19,13 @@ import torch
 ADAPTER = "default"
 
 
-def inject(unet, rank: int, alpha: float, targets, init: str = "gaussian"):
-    """Add a trainable LoRA to ``unet`` exactly as diffsynth's trainer does (LoRA params in fp32)."""
+def inject(unet, rank: int, alpha: float, targets, init: str = "gaussian", kind: str = "lora"):
+    """Add a trainable LoRA to ``unet`` exactly as diffsynth's trainer does (LoRA params in fp32); ``kind: dora``
+    adds peft's DoRA (a magnitude per output row, initialised to the base weight's row norms)."""
     from peft import LoraConfig, inject_adapter_in_model
 
     cfg = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True if init == "default" else init,
-                     target_modules=list(targets))
+                     target_modules=list(targets), use_dora=kind == "dora")
     unet = inject_adapter_in_model(cfg, unet)
     for p in unet.parameters():
         if p.requires_grad:
@@ -34,12 +37,15 @@ def lora_state_dict(unet) -> dict:
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in unet.state_dict().items() if ".lora_" in k}
 
 
-def metadata(rank, alpha, base_model: str, fmt: str, targets) -> dict:
+def metadata(rank, alpha, base_model: str, fmt: str, targets, kind: str = "lora") -> dict:
     from . import __version__
 
-    return {"format": fmt, "rank": str(rank), "alpha": f"{alpha:g}", "base_model": base_model,
+    meta = {"format": fmt, "rank": str(rank), "alpha": f"{alpha:g}", "base_model": base_model,
             "target_modules": ",".join(targets), "storyc_version": __version__, "ss_network_dim": str(rank),
             "ss_network_alpha": f"{alpha:g}"}
+    if kind != "lora":  # only then: a plain LoRA's files stay byte for byte as before
+        meta["lora_type"] = kind
+    return meta
 
 
 def pairs(state: dict):
@@ -50,15 +56,32 @@ def pairs(state: dict):
             yield mod, state[k], state[f"{mod}.lora_B.{ADAPTER}.weight"]
 
 
+def magnitude(state: dict, mod: str):
+    """A DoRA module's magnitude vector (one per output row), None for a plain LoRA."""
+    return state.get(f"{mod}.lora_magnitude_vector.{ADAPTER}.weight")
+
+
+def is_dora(state: dict) -> bool:
+    return any(".lora_magnitude_vector." in k for k in state)
+
+
 @torch.no_grad()
 def merge(unet, state: dict, scale: float) -> int:
-    """W += scale * B @ A for every adapted Linear (scale = alpha/rank * lora_scale). Returns modules merged."""
+    """W += scale * B @ A for every adapted Linear (scale = alpha/rank * lora_scale). A DoRA module merges as peft
+    merges it at that scale: W = m * (W + scale * B @ A) / ||W + scale * B @ A||, the norm per output row. Returns
+    the number of modules merged."""
     mods = dict(unet.named_modules())
     n = 0
     for mod, a, b in pairs(state):
         lin = mods[mod]
         delta = (b.to(torch.float32) @ a.to(torch.float32)) * scale
-        lin.weight.add_(delta.to(lin.weight.device, lin.weight.dtype))
+        m = magnitude(state, mod)
+        if m is None:
+            lin.weight.add_(delta.to(lin.weight.device, lin.weight.dtype))
+        else:
+            v = lin.weight.to(torch.float32) + delta.to(lin.weight.device)
+            v = v * (m.to(v.device, torch.float32) / torch.linalg.norm(v, dim=1)).unsqueeze(1)
+            lin.weight.copy_(v.to(lin.weight.dtype))
         n += 1
     return n
 
@@ -94,10 +117,15 @@ def to_diffusers(state: dict, rank: int, alpha: float, unet_weights: Path) -> di
         name = mapping[mod]
         out[f"unet.{name}.lora_A.weight"] = a.contiguous()
         out[f"unet.{name}.lora_B.weight"] = (b * scale).contiguous()
+        m = magnitude(state, mod)
+        if m is not None:  # peft's key in a diffusers file: its presence makes diffusers load the module as DoRA
+            out[f"unet.{name}.lora_magnitude_vector"] = m.contiguous()
     return out
 
 
 def to_kohya(state: dict, rank: int, alpha: float, unet_weights: Path) -> dict:
+    if is_dora(state):  # the spec rules refuse it; a direct call must not write a file that loads wrong
+        raise ValueError("a DoRA has no kohya export: kohya/LyCORIS loaders normalise per input column")
     mapping = _module_map(unet_weights, state)
     out = {}
     for mod, a, b in pairs(state):

@@ -99,6 +99,7 @@ class LoRA(Section):
     alpha: float
     target_modules: tuple
     init: str
+    type: str  # lora | dora
 
 
 @dataclass(frozen=True)

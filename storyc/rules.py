@@ -352,6 +352,22 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out", "ff", "proj", "proj_in", "proj
 CONV_LAYERS = ("conv", "conv1", "conv2", "conv_in", "conv_out", "conv_shortcut")
 
 
+def check_lora_type(ctx):
+    """A DoRA ships as diffsynth and diffusers files: no kohya/LyCORIS layout holds peft's DoRA."""
+    lora, sub = ctx.data.get("lora"), ctx.data.get("submission")
+    if not (isinstance(lora, dict) and lora.get("type") == "dora" and isinstance(sub, dict)):
+        return []
+    formats = sub.get("lora_formats")
+    if not (isinstance(formats, list) and "kohya" in formats):
+        return []
+    written = ("submission", "lora_formats") in ctx.loc.values
+    return [ctx.diag(("submission", "lora_formats") if written else ("lora", "type"),
+                     "a DoRA has no kohya file: kohya/LyCORIS loaders (ComfyUI, the WebUIs) normalise the weight "
+                     "per input column, peft's DoRA (what storyc trains) per output row, so it would load as other "
+                     "weights" + ("" if written else " (`submission.lora_formats` defaults to [diffsynth, kohya])"),
+                     "set `submission: {lora_formats: [diffsynth, diffusers]}`", "lora_type")]
+
+
 def check_lora_targets(ctx):
     lora = ctx.data.get("lora")
     targets = lora.get("target_modules") if isinstance(lora, dict) else None
@@ -415,6 +431,11 @@ def check_competition(ctx):
         out.append(ctx.diag(("submission", "lora_formats"), "the competition loads the LoRA with DiffSynth's "
                             "`load_lora` (its notebook's): the submission needs the diffsynth file",
                             "add `diffsynth` to `submission.lora_formats`, " + NOT_AN_ENTRY, "competition"))
+    lora = ctx.data.get("lora") if isinstance(ctx.data.get("lora"), dict) else {}
+    if lora.get("type") == "dora":
+        out.append(ctx.diag(("lora", "type"), "the competition loads the LoRA with DiffSynth's `load_lora`, which "
+                            "reads plain LoRA weights: a DoRA's magnitudes would be dropped", "use `type: lora`, "
+                            + NOT_AN_ENTRY, "competition"))
     if isinstance(story, dict) and not story.get("team"):
         out.append(ctx.diag(("story",), "story.team is not set: the competition names the model "
                             f"`{COMPETITION_NAME.format(team='<team>', rest='<title>')}`",
@@ -621,8 +642,8 @@ def _image_problem(p: Path) -> str | None:
 
 
 RULES = [check_text, check_unique_scene_ids, check_unique_seeds, check_scene_count, check_dataset_fields, check_paths,
-         check_dj_ops, check_prompt_length, check_storyboard, check_small_sizes, check_lora_targets, check_team,
-         check_train_knobs, check_competition, check_upscaler, check_select, check_characters]
+         check_dj_ops, check_prompt_length, check_storyboard, check_small_sizes, check_lora_targets, check_lora_type,
+         check_team, check_train_knobs, check_competition, check_upscaler, check_select, check_characters]
 
 
 def run_all(ctx: RuleInput) -> list[Diagnostic]:

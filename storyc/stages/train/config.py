@@ -25,7 +25,8 @@ class TrainConfig:
     @classmethod
     def from_job(cls, job) -> "TrainConfig":
         p = job.params
-        return cls(p, LoRA.build(p["lora"]), train_section({**p["train"], **job.settings}), tuple(p["formats"]),
+        lora = LoRA.build({**{k: default for k, (_, default) in fields(("lora",)).items()}, **p["lora"]})
+        return cls(p, lora, train_section({**p["train"], **job.settings}), tuple(p["formats"]),
                    dict(p["models"]), p.get("preview"))
 
     @property

@@ -43,7 +43,7 @@ class LoRAModule(L.LightningModule):
         lo = self.lora_cfg
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed)  # the LoRA's initial weights: the same in every rank and run
-            self.unet = lora_mod.inject(unet, lo.rank, lo.alpha, list(lo.target_modules), lo.init)
+            self.unet = lora_mod.inject(unet, lo.rank, lo.alpha, list(lo.target_modules), lo.init, lo.type)
         self.unet.train()  # diffsynth's UNet checkpoints activations only in training mode
         self.unet.requires_grad_(False)
         for n, p in self.unet.named_parameters():

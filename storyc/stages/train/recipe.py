@@ -339,6 +339,8 @@ def export(cfg: TrainConfig, work: Path, kolors: Path):
     state, _ = L.load(work / "lora.tmp.safetensors")
     unet_file = kolors / "unet" / "diffusion_pytorch_model.safetensors"
     for fmt in FORMATS:
+        if fmt == "kohya" and L.is_dora(state):  # no kohya layout holds peft's DoRA (the rules say so)
+            continue
         if fmt == "diffsynth":
             tensors = state
         elif fmt == "diffusers":
@@ -346,5 +348,5 @@ def export(cfg: TrainConfig, work: Path, kolors: Path):
         else:
             tensors = L.to_kohya(state, lo.rank, lo.alpha, unet_file)
         L.save(work / f"{fmt}.safetensors", tensors,
-               L.metadata(lo.rank, lo.alpha, cfg.models["kolors"], fmt, list(lo.target_modules)))
+               L.metadata(lo.rank, lo.alpha, cfg.models["kolors"], fmt, list(lo.target_modules), lo.type))
     (work / "lora.tmp.safetensors").unlink()
