@@ -66,7 +66,7 @@ import lightning as L  # noqa: E402
 from storyc import resources  # noqa: E402
 from storyc.progress import Reporter  # noqa: E402
 from storyc.spec import load_story  # noqa: E402
-from storyc.model import plain  # noqa: E402
+from storyc.model import LoRA, plain  # noqa: E402
 from storyc.stages.registry import generation_common  # noqa: E402
 from storyc.stages.train import callbacks as train_callbacks  # noqa: E402
 from storyc.stages.train import recipe as train_stage  # noqa: E402
@@ -146,9 +146,11 @@ def make_data(kolors: Path, caption_dropout: bool, n_images: int = 8) -> dict:
 def train_config(knobs: dict, steps: int) -> TrainConfig:
     """The camp spec's train slice as the registry splits it (hashed values vs settings), with this run's steps,
     checkpointing off and CUDA graphs on (what the memory plan picks on an H200), tensorboard off."""
+    knobs = dict(knobs)
+    lora = LoRA.build({**plain(SPEC.lora), **knobs.pop("lora", {})})  # {"lora": {"type": "dora"}}: the adapter
     tr = train_section({**plain(SPEC.train), **knobs, "epochs": 1, "steps_per_epoch": steps, "resolution": SIZE,
                         "gradient_checkpointing": False, "cuda_graphs": True, "tensorboard": False})
-    return TrainConfig({"lora": SPEC.lora.hashed(), "train": tr.hashed()}, SPEC.lora, tr, ("diffsynth",), {})
+    return TrainConfig({"lora": lora.hashed(), "train": tr.hashed()}, lora, tr, ("diffsynth",), {})
 
 
 # ---------------------------------------------------------------- timing
@@ -230,7 +232,9 @@ VARIANTS = [("base", {}), ("min_snr_gamma_5", {"min_snr_gamma": 5.0}), ("noise_o
             ("adamw8bit", {"optimizer": "adamw8bit"}), ("prodigy", {"optimizer": "prodigy"}),
             # issue 26: 2 held-out images x 4 timesteps measured every 10 steps (the steps that measure are slower:
             # s_per_step stays the median; mean_s_per_step and the slowest step say what it costs)
-            ("validation_2x4_every_10", {"validation": {"images": 2, "every": 10, "timesteps": 4}}), ("base_again", {})]
+            ("validation_2x4_every_10", {"validation": {"images": 2, "every": 10, "timesteps": 4}}),
+            # issue 26: peft's DoRA at the camp rank (16): its per-step cost and peak beside the base step
+            ("dora", {"lora": {"type": "dora"}}), ("base_again", {})]
 NEEDS = {"adamw8bit": "bitsandbytes", "prodigy": "prodigyopt"}
 
 
