@@ -295,7 +295,8 @@ def test_checkpoints_keep_the_trained_state_not_the_frozen_unet(tiny_models):
     from storyc.stages.train.module import LoRAModule
 
     unet = load_unet_for(tiny_models / "tiny-kolors", torch.float32, "cpu")
-    m = LoRAModule(unet, {}, lora=LoRA.build({"rank": 2, "alpha": 2.0, "target_modules": ["to_q"], "init": "gaussian"}),
+    m = LoRAModule(unet, {}, lora=LoRA.build({"rank": 2, "alpha": 2.0, "target_modules": ["to_q"], "init": "gaussian",
+                                                    "type": "lora"}),
                    train=train_section({"seed": 0, "gradient_checkpointing": False}))
     sd = m.state_dict()
     assert any(".lora_A." in k for k in sd)
