@@ -154,7 +154,10 @@ def _explain(err, loc: Located) -> list[Diagnostic]:
         return [d(f"expected {' or '.join(names[t] for t in want)}, got {type_name(v)} `{_short(v)}`", hint)]
     if kw == "enum":
         opts = sub["enum"]
-        return [d(f"`{_short(v)}` is not one of: {', '.join(map(str, opts))}", did_you_mean(v, opts))]
+        hint = did_you_mean(v, opts)
+        if path == ("lora", "type") and v in ("loha", "lokr", "locon"):
+            hint = f"LyCORIS' {v} is not supported: use lora or dora"
+        return [d(f"`{_short(v)}` is not one of: {', '.join(map(str, opts))}", hint)]
     if kw == "const":
         if path == ("version",):
             return [d(f"unsupported spec version `{_short(v)}`; this storyc reads version 1", "write `version: 1`")]
