@@ -73,22 +73,26 @@ class _Tee(io.TextIOBase):
 
 # ---------------------------------------------------------------- what is watched
 
-def inputs(spec: Path) -> list[Path]:
-    """The files a build reads from the project: the spec and the files it extends, every file of the dataset
-    folders (or the jsonl), the reference images. On a spec that does not load: the spec file alone."""
+def sources(spec: Path) -> tuple[list[Path], list[Path]]:
+    """What a build reads from the project, as the spec names it: (the spec and the files it extends, the dataset
+    paths and reference images). Loading the spec validates it (reference images included), so the watcher does
+    this only when a spec file changed. On a spec that does not load: the spec file alone."""
     try:
         from .spec import load_story
 
         story = load_story(spec)
     except (SpecError, StorycError, OSError):
-        return [spec]
-    out = list(story.files)
-    for p in story.dataset_paths:
-        if p is None:
-            continue
+        return [spec], []
+    refs = [p for paths in story.character_paths.values() for p in paths]
+    return list(story.files), [p for p in story.dataset_paths if p is not None] + refs
+
+
+def expand(paths: list[Path]) -> list[Path]:
+    """Every file under the given files and folders (a dataset folder's images and captions), listed now: an image
+    added to a folder is seen without the spec being loaded again."""
+    out = []
+    for p in paths:
         out += sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-    for refs in (story.character_paths or {}).values():
-        out += list(refs)
     return out
 
 
@@ -259,9 +263,16 @@ class Watcher:
         self.cancel = threading.Event()
         self.lines: deque = deque(maxlen=200)
         self.builds = 0
+        self.specs, self.reads, self.specs_key = [spec], [], None  # what the spec reads, as last loaded
 
     def current(self) -> str:
-        return self.snap.digest(inputs(self.spec))
+        """The digest of every watched file. The spec is loaded again (to learn what it reads) only when one of its
+        own files changed; the dataset folders are listed on every look."""
+        key = self.snap.digest(self.specs)
+        if key != self.specs_key:
+            self.specs, self.reads = sources(self.spec)
+            self.specs_key = self.snap.digest(self.specs)
+        return self.snap.digest(self.specs + expand(self.reads))
 
     def run(self, max_builds: int | None = None) -> int:
         done = None
@@ -399,4 +410,4 @@ def watch(spec: Path, opts_of, port: int | None, train: bool, interval: float, m
         return 130
 
 
-__all__ = ["watch", "inputs", "Snapshot", "State"]
+__all__ = ["watch", "sources", "expand", "Snapshot", "State"]
