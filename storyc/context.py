@@ -93,7 +93,7 @@ class Context:
         if key.startswith("character:"):  # a character's reference images, by content
             from .lock import digest
 
-            paths = (self.story.character_paths or {}).get(key.split(":", 1)[1], ())
+            paths = self.story.character_paths.get(key.split(":", 1)[1], ())
             if not paths or not all(p.is_file() for p in paths):
                 return None
             return digest([self.hasher.file(p) for p in paths])

@@ -6,7 +6,7 @@ that every section has exactly the schema's keys.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
@@ -289,6 +289,13 @@ def refine_for(spec, scene) -> dict | None:
 
 
 
+def select_text(how) -> str:
+    """``train.select`` in words: `last`, `best_score`, or its weights."""
+    if isinstance(how, dict):
+        return "weights " + ", ".join(f"{k} x {w:g}" for k, w in how.get("weights", {}).items())
+    return str(how)
+
+
 SPLICE = r"\{([a-z0-9][a-z0-9-]*)\}"  # `{girl}` in a prompt: the character's description
 
 
@@ -330,7 +337,7 @@ class Story:
     models: dict  # kolors | vae | aesthetic -> ModelRef
     dataset_paths: tuple  # per training source: its local path resolved, None for ModelScope
     warnings: tuple = ()
-    character_paths: dict = None  # character id -> its reference images, resolved (absolute)
+    character_paths: dict = field(default_factory=dict)  # character id -> its reference images, resolved
 
     @property
     def id(self) -> str:

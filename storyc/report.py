@@ -6,6 +6,7 @@ import base64
 import html
 from pathlib import Path
 
+from .model import select_text
 from .submission import read_json
 
 
@@ -54,10 +55,7 @@ def checkpoints_html(lora: Path) -> str:
         chosen = " (used)" if c["step"] == doc.get("selected") else ""
         rows.append(f"<tr><td>{c['step']}{chosen}</td><td>{c['mean']:.3f}</td><td>{c['coherence']:.3f}</td>"
                     f"<td><img src='{src}' height='96'></td></tr>")
-    how = doc.get("select")
-    if isinstance(how, dict):
-        how = "weights " + ", ".join(f"{k} x {w:g}" for k, w in how.get("weights", {}).items())
-    return (f"<h3 id='checkpoints'>Checkpoints (train.select: {html.escape(str(how))})</h3><table>"
+    return (f"<h3 id='checkpoints'>Checkpoints (train.select: {html.escape(select_text(doc.get('select')))})</h3><table>"
             "<tr><th>step</th><th>mean aesthetic</th><th>coherence</th><th>preview</th></tr>" + "".join(rows)
             + "</table>")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import tokens
 from .errors import Diagnostic, did_you_mean
-from .model import ModelRef, join_negative, micro_batches, optimizer_steps
+from .model import SPLICE, ModelRef, join_negative, micro_batches, optimizer_steps
 from .project import outside_hint, root_and_why
 from .submission import COMPETITION_NAME, PLACEHOLDER_TEAMS
 from .yamlio import Located, get_path, json_path
@@ -611,7 +611,7 @@ def check_characters(ctx):
                                 "characters"))
         prompt = sc.get("prompt") if isinstance(sc, dict) else None
         if chars and isinstance(prompt, str):
-            for m in re.finditer(r"\{([a-z0-9][a-z0-9-]*)\}", prompt):
+            for m in re.finditer(SPLICE, prompt):
                 cid = m.group(1)
                 if cid not in chars:
                     out.append(ctx.diag(("scenes", i, "prompt"), f"`{{{cid}}}` names no character",

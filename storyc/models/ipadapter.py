@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-WEIGHTS = ("ip_adapter_plus_general.safetensors", "ip_adapter_plus_general.bin")
+from .kolors import IP_ADAPTER_WEIGHTS as WEIGHTS
+
 DIM_HEAD = 64  # the release's (and diffusers' conversion assumes it)
 
 

@@ -27,6 +27,7 @@ REQUIRED = {
     "clip_zh": ["config.json", "preprocessor_config.json", "vocab.txt"],
     "ip_adapter": ["image_encoder/config.json"],
 }
+IP_ADAPTER_WEIGHTS = ("ip_adapter_plus_general.safetensors", "ip_adapter_plus_general.bin")  # the release's names
 MODELSCOPE_IDS = {"kolors": "Kwai-Kolors/Kolors", "vae": "AI-ModelScope/sdxl-vae-fp16-fix",
                   "aesthetic": "AI-ModelScope/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE",
                   "esrgan": "AI-ModelScope/Real-ESRGAN", "ip_adapter": "Kwai-Kolors/Kolors-IP-Adapter-Plus"}
@@ -51,8 +52,7 @@ def check_folder(kind: str, folder: Path) -> None:
     if kind == "kolors" and not any((folder / "text_encoder").glob("*.safetensors")) and not any(
             (folder / "text_encoder").glob("*.bin")):
         missing.append("text_encoder/*.safetensors or *.bin")
-    if kind == "ip_adapter" and not any((folder / w).is_file() for w in ("ip_adapter_plus_general.safetensors",
-                                                                          "ip_adapter_plus_general.bin")):
+    if kind == "ip_adapter" and not any((folder / w).is_file() for w in IP_ADAPTER_WEIGHTS):
         missing.append("ip_adapter_plus_general.safetensors (or .bin)")
     if missing:
         raise StorycError(f"models.{kind}: model folder {folder} is incomplete: missing {', '.join(missing)}",

@@ -160,6 +160,7 @@ def load_characters(ip_folder: Path, pipe, items: list[dict], root: Path, finger
     pipe.ip_adapter = resident.get("ip_adapter", (str(ip_folder), fingerprint, str(pipe.torch_dtype),
                                                   str(pipe.device)), load)
     made: dict = {}
+    blank = pipe.ip_adapter.uncond_tokens(1)  # the negative branch's tokens of one image: the same for every image
     for it in items:
         rows, neg, scales = [], [], []
         for ch in it.get("characters") or ():
@@ -172,7 +173,7 @@ def load_characters(ip_folder: Path, pipe, items: list[dict], root: Path, finger
                 made[key] = pipe.ip_adapter.tokens(imgs), len(imgs)
             tok, n = made[key]
             rows.append(tok)
-            neg.append(pipe.ip_adapter.uncond_tokens(n))
+            neg.append(blank.repeat(n, 1))
             scales.append(torch.full((tok.shape[0],), float(ch["scale"]), device=tok.device))
         if rows:
             it["ip"] = (torch.cat(rows), torch.cat(neg), torch.cat(scales))

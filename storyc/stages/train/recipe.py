@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ... import resources
 from ...errors import StageError
+from ...model import select_text
 from ...render import atomic_write, canonical_json
 from .config import TrainConfig
 from .data import cache_pass
@@ -65,9 +66,8 @@ def train(ctx, cfg: TrainConfig, work: Path, node: int = 0, leader: Path | None 
         atomic_write(work / "checkpoints.json", canonical_json({
             "format": "storyc.checkpoints/1", "select": cfg.train.select, "selected": chosen,
             "checkpoints": [records[k] for k in sorted(records, key=int)]}))
-        how = cfg.train.select if isinstance(cfg.train.select, str) else "weighted objective " + ", ".join(
-            f"{k} x {w:g}" for k, w in cfg.train.select["weights"].items())
-        ctx.report.info(f"     checkpoint: step {chosen} ({how}), mean aesthetic {records[str(chosen)]['mean']:.3f}")
+        ctx.report.info(f"     checkpoint: step {chosen} ({select_text(cfg.train.select)}), mean aesthetic "
+                        f"{records[str(chosen)]['mean']:.3f}")
     report = {"format": "storyc.train_report/1", "steps": steps, "final_loss": final_loss, "device": res.device,
               "precision": res.precision, "lora": cfg.slice["lora"], "train": cfg.slice["train"],
               "images": data["n_images"], "encoded_images": data["encoded_images"],
