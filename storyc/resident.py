@@ -39,12 +39,6 @@ def get(role: str, key, load: Callable):
     return value
 
 
-def drop_all() -> None:
-    if _held:
-        _held.clear()
-        _free()
-
-
 def _free() -> None:
     import gc
     import sys
