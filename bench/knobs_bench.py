@@ -55,6 +55,8 @@ ap.add_argument("--warmup", type=int, default=6, help="untimed steps first (>= 5
 ap.add_argument("--models", default=None, help="where the random-weight model folders are written")
 ap.add_argument("--only", default="", help="comma list of variants to run (default: all)")
 ap.add_argument("--no-previews", action="store_true")
+ap.add_argument("--planned", action="store_true", help="gradient checkpointing `auto` (the memory planner decides, "
+                "e.g. under STORYC_GPU_MEMORY_GIB=22) instead of off")
 ap.add_argument("--preview-reps", default="2,2", help="timed preview calls for (a) 1024/50 and (b) 512/20")
 args = ap.parse_args()
 if args.tiny:
@@ -149,7 +151,8 @@ def train_config(knobs: dict, steps: int) -> TrainConfig:
     knobs = dict(knobs)
     lora = LoRA.build({**plain(SPEC.lora), **knobs.pop("lora", {})})  # {"lora": {"type": "dora"}}: the adapter
     tr = train_section({**plain(SPEC.train), **knobs, "epochs": 1, "steps_per_epoch": steps, "resolution": SIZE,
-                        "gradient_checkpointing": False, "cuda_graphs": True, "tensorboard": False})
+                        "gradient_checkpointing": "auto" if args.planned else False, "cuda_graphs": True,
+                        "tensorboard": False})
     return TrainConfig({"lora": lora.hashed(), "train": tr.hashed()}, lora, tr, ("diffsynth",), {})
 
 
@@ -234,7 +237,9 @@ VARIANTS = [("base", {}), ("min_snr_gamma_5", {"min_snr_gamma": 5.0}), ("noise_o
             # s_per_step stays the median; mean_s_per_step and the slowest step say what it costs)
             ("validation_2x4_every_10", {"validation": {"images": 2, "every": 10, "timesteps": 4}}),
             # issue 26: peft's DoRA at the camp rank (16): its per-step cost and peak beside the base step
-            ("dora", {"lora": {"type": "dora"}}), ("base_again", {})]
+            ("dora", {"lora": {"type": "dora"}}),
+            # issue 26: peft's LoHa and LoKr (factor -1: sides split near their square roots) at rank 16
+            ("loha", {"lora": {"type": "loha"}}), ("lokr", {"lora": {"type": "lokr"}}), ("base_again", {})]
 NEEDS = {"adamw8bit": "bitsandbytes", "prodigy": "prodigyopt"}
 
 

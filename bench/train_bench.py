@@ -167,7 +167,7 @@ from storyc.stages.train.data import make_loader  # noqa: E402
 from storyc.stages.train.module import LoRAModule  # noqa: E402
 
 LORA = LoRA.build({"rank": 16, "alpha": 4.0, "target_modules": ["to_q", "to_k", "to_v", "to_out"], "init": "gaussian",
-                  "type": "lora"})
+                  "type": "lora", "factor": -1, "decompose_both": False})
 # storyc: eager; storyc_graphs: train.cuda_graphs (what `storyc build` does by default on one GPU);
 # storyc_compiled: train.compile (torch.compile of the whole UNet)
 variants = [("storyc_gc_on", {"gradient_checkpointing": True}), ("storyc", {}), ("storyc_graphs", {"cuda_graphs": True}),

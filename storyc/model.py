@@ -99,7 +99,9 @@ class LoRA(Section):
     alpha: float
     target_modules: tuple
     init: str
-    type: str  # lora | dora
+    type: str  # lora | dora | loha | lokr
+    factor: int  # lokr only: LyCORIS' decompose factor (-1: near the square root)
+    decompose_both: bool  # lokr only: the first Kronecker factor a rank-r product too
 
 
 @dataclass(frozen=True)

@@ -353,19 +353,32 @@ CONV_LAYERS = ("conv", "conv1", "conv2", "conv_in", "conv_out", "conv_shortcut")
 
 
 def check_lora_type(ctx):
-    """A DoRA ships as diffsynth and diffusers files: no kohya/LyCORIS layout holds peft's DoRA."""
+    """A DoRA ships as diffsynth and diffusers files: no kohya/LyCORIS layout holds peft's DoRA. LoKr's own
+    parameters only with `type: lokr`."""
     lora, sub = ctx.data.get("lora"), ctx.data.get("submission")
-    if not (isinstance(lora, dict) and lora.get("type") == "dora" and isinstance(sub, dict)):
+    if not isinstance(lora, dict):
         return []
+    out = []
+    kind = lora.get("type", "lora")
+    for key in ("factor", "decompose_both"):
+        if ("lora", key) in ctx.loc.values and kind != "lokr":  # written (the defaults are filled in)
+            out.append(ctx.diag(("lora", key), f"`{key}` is a LoKr parameter, but lora.type is {kind}",
+                                f"set `type: lokr`, or remove `{key}`", "lora_type"))
+    if lora.get("factor") == 0:
+        out.append(ctx.diag(("lora", "factor"), "factor 0 splits no side", "use -1 (near the square root) or a "
+                            "positive factor such as 8", "lora_type"))
+    if kind != "dora" or not isinstance(sub, dict):
+        return out
     formats = sub.get("lora_formats")
     if not (isinstance(formats, list) and "kohya" in formats):
-        return []
+        return out
     written = ("submission", "lora_formats") in ctx.loc.values
-    return [ctx.diag(("submission", "lora_formats") if written else ("lora", "type"),
-                     "a DoRA has no kohya file: kohya/LyCORIS loaders (ComfyUI, the WebUIs) normalise the weight "
-                     "per input column, peft's DoRA (what storyc trains) per output row, so it would load as other "
-                     "weights" + ("" if written else " (`submission.lora_formats` defaults to [diffsynth, kohya])"),
-                     "set `submission: {lora_formats: [diffsynth, diffusers]}`", "lora_type")]
+    return out + [ctx.diag(("submission", "lora_formats") if written else ("lora", "type"),
+                           "a DoRA has no kohya file: kohya/LyCORIS loaders (ComfyUI, the WebUIs) normalise the weight "
+                           "per input column, peft's DoRA (what storyc trains) per output row, so it would load as "
+                           "other weights" + ("" if written else
+                                              " (`submission.lora_formats` defaults to [diffsynth, kohya])"),
+                           "set `submission: {lora_formats: [diffsynth, diffusers]}`", "lora_type")]
 
 
 def check_lora_targets(ctx):
@@ -432,10 +445,13 @@ def check_competition(ctx):
                             "`load_lora` (its notebook's): the submission needs the diffsynth file",
                             "add `diffsynth` to `submission.lora_formats`, " + NOT_AN_ENTRY, "competition"))
     lora = ctx.data.get("lora") if isinstance(ctx.data.get("lora"), dict) else {}
-    if lora.get("type") == "dora":
+    kind = lora.get("type")
+    if kind in ("dora", "loha", "lokr"):
+        lost = {"dora": "a DoRA's magnitudes would be dropped",
+                "loha": "a LoHa's Hadamard factors would not load", "lokr": "a LoKr's Kronecker factors would not load"}
         out.append(ctx.diag(("lora", "type"), "the competition loads the LoRA with DiffSynth's `load_lora`, which "
-                            "reads plain LoRA weights: a DoRA's magnitudes would be dropped", "use `type: lora`, "
-                            + NOT_AN_ENTRY, "competition"))
+                            f"reads plain LoRA weights: {lost[kind]}", "use `type: lora`, " + NOT_AN_ENTRY,
+                            "competition"))
     if isinstance(story, dict) and not story.get("team"):
         out.append(ctx.diag(("story",), "story.team is not set: the competition names the model "
                             f"`{COMPETITION_NAME.format(team='<team>', rest='<title>')}`",

@@ -155,8 +155,9 @@ def _explain(err, loc: Located) -> list[Diagnostic]:
     if kw == "enum":
         opts = sub["enum"]
         hint = did_you_mean(v, opts)
-        if path == ("lora", "type") and v in ("loha", "lokr", "locon"):
-            hint = f"LyCORIS' {v} is not supported: use lora or dora"
+        if path == ("lora", "type") and v in ("locon", "lycoris", "glora", "boft", "oft"):
+            hint = (f"{v} is not supported (storyc adapts the UNet's Linear layers only): use lora, dora, loha or "
+                    "lokr")
         return [d(f"`{_short(v)}` is not one of: {', '.join(map(str, opts))}", hint)]
     if kw == "const":
         if path == ("version",):

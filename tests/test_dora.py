@@ -78,10 +78,6 @@ def test_dora_combinations_that_cannot_ship_are_spec_errors(project):
     assert r.returncode == 1 and "story.yaml:6:" in r.stderr and "$.submission.lora_formats: a DoRA" in r.stderr
     spec.write_text(base % ", lora_formats: [diffsynth, diffusers]", "utf-8")
     assert run_cli("validate", spec, cwd=project).returncode == 0
-    spec.write_text((base % ", lora_formats: [diffsynth, diffusers]").replace("dora", "lokr"), "utf-8")
-    r = run_cli("validate", spec, cwd=project)
-    assert r.returncode == 1 and "$.lora.type: `lokr` is not one of: lora, dora" in r.stderr
-    assert "LyCORIS' lokr is not supported" in r.stderr
     spec.write_text((base % ", lora_formats: [diffsynth, diffusers]").replace("rules: none", "rules: competition"),
                     "utf-8")
     r = run_cli("validate", spec, cwd=project)

@@ -296,7 +296,7 @@ def test_checkpoints_keep_the_trained_state_not_the_frozen_unet(tiny_models):
 
     unet = load_unet_for(tiny_models / "tiny-kolors", torch.float32, "cpu")
     m = LoRAModule(unet, {}, lora=LoRA.build({"rank": 2, "alpha": 2.0, "target_modules": ["to_q"], "init": "gaussian",
-                                                    "type": "lora"}),
+                                                    "type": "lora", "factor": -1, "decompose_both": False}),
                    train=train_section({"seed": 0, "gradient_checkpointing": False}))
     sd = m.state_dict()
     assert any(".lora_A." in k for k in sd)

@@ -43,11 +43,12 @@ class LoRAModule(L.LightningModule):
         lo = self.lora_cfg
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed)  # the LoRA's initial weights: the same in every rank and run
-            self.unet = lora_mod.inject(unet, lo.rank, lo.alpha, list(lo.target_modules), lo.init, lo.type)
+            self.unet = lora_mod.inject(unet, lo.rank, lo.alpha, list(lo.target_modules), lo.init, lo.type,
+                                        lo.factor, lo.decompose_both)
         self.unet.train()  # diffsynth's UNet checkpoints activations only in training mode
         self.unet.requires_grad_(False)
         for n, p in self.unet.named_parameters():
-            p.requires_grad_(".lora_" in n)
+            p.requires_grad_(lora_mod.is_adapter_key(n))
 
     def configure_model(self):
         if self.unet is None:
@@ -62,7 +63,7 @@ class LoRAModule(L.LightningModule):
         # Checkpoints (and ddp_spawn's hand-back) keep the trained state: the LoRA and anything registered
         # beside the UNet (e.g. EMA weights), never the frozen 2.6 B base weights.
         sd = super().state_dict(*args, **kwargs)
-        for k in [k for k in sd if ".lora_" not in k and k.split(".", 1)[0] == "unet"]:
+        for k in [k for k in sd if not lora_mod.is_adapter_key(k) and k.split(".", 1)[0] == "unet"]:
             del sd[k]
         return sd
 

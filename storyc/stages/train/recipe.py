@@ -166,7 +166,7 @@ def _export_from_checkpoint(work: Path, total: int, export_file: Path, result: P
         raise StageError("train", "training ended without writing the LoRA (a rank failed?)",
                          "run the same command again: training resumes from its last checkpoint")
     state = {k.removeprefix("unet."): v.to(torch.float32).contiguous() for k, v in ckpt["state_dict"].items()
-             if ".lora_" in k}
+             if lora_mod.is_adapter_key(k)}
     ema = next((s["weights"] for k, s in (ckpt.get("callbacks") or {}).items() if k.startswith("EMA")), None)
     if ema is not None:  # train.ema: what is exported is the average, in the trained tensors' order
         state = {k: w.to(torch.float32).contiguous() for k, w in zip(state, ema)}
