@@ -82,9 +82,14 @@ class Context:
             return digest({"font": f.name, "sha256": self.hasher.file(f.path)} if f is not None else {"font": None})
         if key == "dataset":  # source content of the folder/jsonl datasets (captions included)
             paths = [p for p in self.story.dataset_paths if p is not None]
-            if not paths or not all(p.exists() for p in paths):
+            masks = [m for m in self.story.mask_paths if m is not None]  # only when set: old fingerprints stay
+            if not (paths or masks) or not all(p.exists() for p in paths):
                 return None
             trees = [self.hasher.tree(p.parent if p.is_file() else p) for p in paths]
+            if masks:
+                from .lock import digest
+
+                return digest({"sources": trees, "masks": [self.hasher.tree(m) for m in masks if m.is_dir()]})
             if len(trees) == 1:
                 return trees[0]
             from .lock import digest

@@ -83,6 +83,7 @@ class Source(Section):
     caption: str
     limit: int | None
     repeats: int
+    masks: str | None  # alpha | a folder as written (Story.mask_paths holds it resolved)
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,7 @@ class Train(Section):
     buckets: bool
     validation: dict | None
     stop: dict | None
+    masked_loss: bool
 
     @property
     def size(self) -> tuple[int, int]:
@@ -340,6 +342,7 @@ class Story:
     dataset_paths: tuple  # per training source: its local path resolved, None for ModelScope
     warnings: tuple = ()
     character_paths: dict = field(default_factory=dict)  # character id -> its reference images, resolved
+    mask_paths: tuple = ()  # per training source: its masks folder resolved (None: none, or `alpha`)
 
     @property
     def id(self) -> str:

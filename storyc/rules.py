@@ -161,6 +161,53 @@ def dataset_paths(ctx) -> tuple:
     return tuple(out)
 
 
+def mask_paths(ctx) -> tuple:
+    """Per training source: its `masks` folder resolved against the file that wrote it; None for none, for
+    `alpha`, or for a path check_masks refuses."""
+    out = []
+    for where, ds in dataset_entries(ctx.data):
+        raw, p = ds.get("masks"), None
+        if isinstance(raw, str) and raw and raw != "alpha":
+            p, _ = _local_path(ctx, (*where, "masks"), raw, "masks")
+        out.append(p)
+    return tuple(out)
+
+
+def check_masks(ctx):
+    """`masks` is `alpha` or an existing folder; train.masked_loss needs a source with masks, and masks without
+    train.masked_loss train nothing differently."""
+    out, any_masks = [], False
+    for where, ds in dataset_entries(ctx.data):
+        raw = ds.get("masks")
+        if not isinstance(raw, str) or not raw:
+            continue
+        any_masks = True
+        if raw == "alpha":
+            continue
+        at = (*where, "masks")
+        if ds.get("source") == "modelscope":
+            out.append(ctx.diag(at, "a ModelScope dataset's images have no file names to match masks by",
+                                "use `masks: alpha`, or download the dataset and use `source: folder`", "masks"))
+            continue
+        p, errs = _local_path(ctx, at, raw, "masks")
+        out += errs
+        if p is not None and not p.is_dir():
+            near = did_you_mean(p.name, [c.name for c in p.parent.iterdir()]) if p.parent.is_dir() else None
+            out.append(ctx.diag(at, f"`{raw}` is not a folder" if p.exists() else f"`{raw}` does not exist",
+                                near or "`masks` is `alpha` (each image's alpha channel) or a folder of mask images "
+                                "named as the images", "masks"))
+    tr = ctx.data.get("train") if isinstance(ctx.data.get("train"), dict) else {}
+    if tr.get("masked_loss") is True and not any_masks:
+        where = dataset_entries(ctx.data)[0][0] if dataset_entries(ctx.data) else ("dataset",)
+        out.append(ctx.diag(("train", "masked_loss"), "masked_loss is on, but no training source has `masks`",
+                            f"add `masks: alpha` (the images' alpha channel) or `masks: <folder>` to "
+                            f"`{'.'.join(map(str, where))}`", "masks"))
+    elif any_masks and not tr.get("masked_loss") and ("train", "masked_loss") not in ctx.loc.values:
+        out.append(ctx.diag(("train",), "the sources' `masks` are used only by the masked loss",
+                            "add `masked_loss: true` under `train:`", "masks", severity="warning"))
+    return out
+
+
 def model_refs(ctx) -> tuple[dict, list]:
     """models.* as ModelRefs (a local folder, modelscope:<id>, tiny:<name>), and what is wrong with them."""
     refs, out = {}, []
@@ -658,7 +705,7 @@ def _image_problem(p: Path) -> str | None:
 
 
 RULES = [check_text, check_unique_scene_ids, check_unique_seeds, check_scene_count, check_dataset_fields, check_paths,
-         check_dj_ops, check_prompt_length, check_storyboard, check_small_sizes, check_lora_targets, check_lora_type,
+         check_dj_ops, check_prompt_length, check_storyboard, check_small_sizes, check_lora_targets, check_lora_type, check_masks,
          check_team, check_train_knobs, check_competition, check_upscaler, check_select, check_characters]
 
 

@@ -122,10 +122,11 @@ def run(ctx, jobs):
         rep = repeats.get(Path(row["image"][0]).name, 1)  # ingest names each image uniquely
         src = src if src.is_absolute() else (data / "input" / src)
         name = f"{i:06d}{src.suffix}"
-        try:
-            os.link(src, tmp / name)  # same bytes, no copy
-        except OSError:
-            shutil.copyfile(src, tmp / name)
+        _link(src, tmp / name)
+        mask = data / "input" / "masks" / f"{src.stem}.png"  # ingest's loss mask of this image, if any
+        if mask.is_file():
+            (tmp / "masks").mkdir(exist_ok=True)
+            _link(mask, tmp / "masks" / f"{i:06d}.png")
         for _ in range(rep):
             w.writerow([name, row.get("text", "")])
         names_out.append(name)
@@ -242,3 +243,10 @@ def _start_ray(ctx, workers: int):
     stop()
     raise StageError("filter", "could not start a local Ray instance for `processing.executor: ray`",
                      text.splitlines()[-1] if text else None)
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # same bytes, no copy
+    except OSError:
+        shutil.copyfile(src, dst)

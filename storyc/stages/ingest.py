@@ -112,8 +112,46 @@ def to_rgb(im):
     return im.convert("RGB")
 
 
-def _ingest_source(ctx, ds: dict, tmp: Path, lines: list, skipped: list) -> None:
-    """One source's records into ``tmp`` (images numbered on from ``lines``), each with its source's caption."""
+MASK_ORDER = (".png", ".webp", ".jpg", ".jpeg", ".jfif", ".bmp", ".tif", ".tiff", ".gif")  # first found wins
+
+
+def alpha_mask(im):
+    """The image's alpha channel as an L mask, or None when it has none."""
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        return im.convert("RGBA").getchannel("A")
+    return None
+
+
+def _mask_file(folder: Path, rel: str) -> Path | None:
+    """The mask of the image at ``rel`` (relative to its source): the same relative path and stem, any image type."""
+    stem = Path(rel).with_suffix("")
+    return next((m for m in (folder / f"{stem}{ext}" for ext in MASK_ORDER) if m.is_file()), None)
+
+
+def _save_mask(ctx, ds: dict, im, rel_in_source: str, dst: Path) -> bool:
+    """The record's loss mask (``masks``: alpha, or a folder matched by name) as an L PNG the image's size."""
+    from PIL import Image
+
+    if ds.get("masks") == "alpha":
+        mask = alpha_mask(im)
+    else:
+        f = _mask_file(ctx.project_path(ds["masks"]), rel_in_source)
+        if f is None:
+            return False
+        with Image.open(f) as m:
+            mask = m.convert("L")
+            mask.load()
+    if mask is None:
+        return False
+    if mask.size != im.size:  # a mask drawn at another size: stretched onto the image
+        mask = mask.resize(im.size, Image.Resampling.BILINEAR)
+    mask.save(dst, compress_level=1)
+    return True
+
+
+def _ingest_source(ctx, ds: dict, tmp: Path, lines: list, skipped: list) -> int:
+    """One source's records into ``tmp`` (images numbered on from ``lines``), each with its source's caption and,
+    with ``masks``, its loss mask under masks/ (same number). Returns how many records got a mask."""
     from PIL import Image, UnidentifiedImageError
 
     source = ctx.project_path(ds["path"]) if ds.get("path") else None
@@ -123,11 +161,15 @@ def _ingest_source(ctx, ds: dict, tmp: Path, lines: list, skipped: list) -> None
         records = _jsonl_records(source, ds["caption"])
     else:
         records = _modelscope_records(ds, ctx.story.root / ".storyc" / "datasets")
-    limit, first = ds.get("limit"), len(lines)
+    limit, first, masked = ds.get("limit"), len(lines), 0
     for name, src, text in records:
         if limit and len(lines) - first >= limit:
             break
         dst_stem = f"images/{len(lines):06d}"
+        mask_dst = tmp / "masks" / f"{len(lines):06d}.png"
+        # the image's path inside its source, as a masks folder mirrors it
+        in_source = name if ds["source"] == "folder" else (
+            Path(src).relative_to(source.parent.resolve()).as_posix() if isinstance(src, Path) else name)
         try:
             if isinstance(src, Path):
                 with Image.open(src) as im:
@@ -138,13 +180,23 @@ def _ingest_source(ctx, ds: dict, tmp: Path, lines: list, skipped: list) -> None
                     else:
                         rel = dst_stem + ".png"
                         to_rgb(im).save(tmp / rel, compress_level=1)
+                    has_mask = bool(ds.get("masks")) and _save_mask(ctx, ds, im, in_source, mask_dst)
             else:  # a PIL image from a dataset
                 rel = dst_stem + ".png"
                 to_rgb(src).save(tmp / rel, compress_level=1)
+                has_mask = bool(ds.get("masks")) and _save_mask(ctx, ds, src, in_source, mask_dst)
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
             skipped.append({"source": name, "reason": f"{type(e).__name__}: {e}"})
+            mask_dst.unlink(missing_ok=True)
             continue
+        masked += has_mask
         lines.append(json.dumps({"text": text, "image": [rel]}, ensure_ascii=False))
+    n = len(lines) - first
+    if ds.get("masks") and masked < n:
+        ctx.report.line(f"warning: {n - masked} of the {n} images of {ds.get('path') or ds.get('id')} have no mask "
+                        f"({'no alpha channel' if ds['masks'] == 'alpha' else 'none of that name in ' + ds['masks']}):"
+                        " they train on the whole image")
+    return masked
 
 
 def run(ctx, jobs):
@@ -154,12 +206,17 @@ def run(ctx, jobs):
     tmp = out.with_name("input.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "images").mkdir(parents=True)
-    lines, skipped, repeats, per_source = [], [], {}, []
+    any_masks = any(ds.get("masks") for ds in many)
+    if any_masks:
+        (tmp / "masks").mkdir()
+    lines, skipped, repeats, per_source, masked = [], [], {}, [], 0
     for ds in many:
         first = len(lines)
-        _ingest_source(ctx, ds, tmp, lines, skipped)
+        got = _ingest_source(ctx, ds, tmp, lines, skipped)
+        masked += got
         per_source.append({"source": ds["source"], "where": ds.get("path") or ds.get("id"),
-                           "records": len(lines) - first, "repeats": ds.get("repeats", 1)})
+                           "records": len(lines) - first, "repeats": ds.get("repeats", 1),
+                           **({"masks": got} if ds.get("masks") else {})})
         if ds.get("repeats", 1) > 1:
             for line in lines[first:]:
                 repeats[Path(json.loads(line)["image"][0]).name] = ds["repeats"]
@@ -170,13 +227,17 @@ def run(ctx, jobs):
                          if skipped else "the dataset is empty", "check `dataset.path` / `dataset.id`")
     (tmp / "metadata.jsonl").write_text("\n".join(lines) + "\n", "utf-8")
     report = {"format": "storyc.ingest_report/1", "records": len(lines), "skipped": skipped}
-    if len(many) > 1 or repeats:
+    if any_masks:
+        report["masks"] = masked
+    if len(many) > 1 or repeats or any_masks:
         report["sources"] = per_source
     (tmp / "ingest_report.json").write_text(canonical_json(report), "utf-8")
     outputs = [f"{OUT}/metadata.jsonl", f"{OUT}/ingest_report.json", f"{OUT}/images"]
     if repeats:  # image -> times it counts per epoch; the filter stage writes the training rows that often
         (tmp / "repeats.json").write_text(canonical_json(repeats), "utf-8")
         outputs.append(f"{OUT}/repeats.json")
+    if any_masks:
+        outputs.append(f"{OUT}/masks")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # the whole folder appears at once
     yield Result("ingest", outputs, {"records": len(lines), "skipped": len(skipped)})

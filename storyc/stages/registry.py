@@ -86,10 +86,13 @@ def scene_file(index: int, scene_id: str) -> str:
 
 def _ingest(c: Compiled):
     out = []
-    for src, path in zip(c.spec.datasets, c.story.dataset_paths):
+    masks = c.story.mask_paths or (None,) * len(c.spec.datasets)
+    for src, path, mask in zip(c.spec.datasets, c.story.dataset_paths, masks):
         ds = src.hashed()  # repeats only when set: a lock from before repeats existed stays valid
         if path is not None:
             ds["path"] = c.story.rel(path)  # relative to the project, wherever the spec that wrote it lives
+        if mask is not None:
+            ds["masks"] = c.story.rel(mask)
         out.append(ds)
     params = {"datasets": out} if c.spec.many_datasets else {"dataset": out[0]}
     return [StageSpec("ingest", "ingest", params, ())]
@@ -103,7 +106,7 @@ def _ingest_artifacts(c: Compiled, jobs):
 
 
 def _dataset_model(job, story):
-    return ("dataset",) if any(p is not None for p in story.dataset_paths) else ()
+    return ("dataset",) if any(p is not None for p in (*story.dataset_paths, *story.mask_paths)) else ()
 
 
 # ---------------------------------------------------------------- filter (Data-Juicer)

@@ -54,26 +54,34 @@ class Samples(torch.utils.data.Dataset):
             data_id = rows[(int(torch.randint(0, len(rows), (1,), generator=g)) + index) % len(rows)]
         rec = self.data["latents"][data_id]
         lat = rec["latent"]
+        mask = rec.get("mask") if self.cfg.masked_loss else None
         if self.cfg.random_flip and torch.rand((), generator=g) < 0.5:
             lat = rec["latent_flip"]
+            mask = rec.get("mask_flip") if mask is not None else None
+        if self.cfg.masked_loss and mask is None:  # an image without a mask trains on all of it
+            mask = torch.ones((lat.shape[0], 1, *lat.shape[2:]))
         if "buckets" not in self.data and not self.cfg.center_crop:  # random crop of the cached latent, 8-px steps
             w, h = self.data["size"]
             lh, lw = h // 8, w // 8
             y = int(torch.randint(0, lat.shape[2] - lh + 1, (1,), generator=g))
             x = int(torch.randint(0, lat.shape[3] - lw + 1, (1,), generator=g))
             lat = lat[:, :, y:y + lh, x:x + lw]
+            mask = mask[:, :, y:y + lh, x:x + lw] if mask is not None else None
         noise = torch.randn(lat.shape, generator=g)
         if self.cfg.noise_offset:  # one shift per latent channel (drawn only when on: defaults draw as before)
             noise = noise + self.cfg.noise_offset * torch.randn(lat.shape[:2] + (1, 1), generator=g)
         text = self.data["text_of"][data_id]
         if self.cfg.caption_dropout and float(torch.rand((), generator=g)) < self.cfg.caption_dropout:
             text = self.data["texts"].index("")  # the empty caption's embedding (encoded in the cache pass)
-        return {"latent": lat, "noise": noise, "text": text}
+        return {"latent": lat, "noise": noise, "text": text, **({"mask": mask} if mask is not None else {})}
 
 
 def collate(items):
-    return {"latent": torch.cat([it["latent"] for it in items]), "noise": torch.cat([it["noise"] for it in items]),
-            "text": [it["text"] for it in items]}
+    out = {"latent": torch.cat([it["latent"] for it in items]), "noise": torch.cat([it["noise"] for it in items]),
+           "text": [it["text"] for it in items]}
+    if "mask" in items[0]:
+        out["mask"] = torch.cat([it["mask"] for it in items])
+    return out
 
 
 class GlobalBatches(torch.utils.data.Sampler):
@@ -126,6 +134,39 @@ def load_image(path: Path, w: int, h: int, center_crop: bool):
         image = transforms.CenterCrop((h, w))(image)
     t = transforms.Normalize([0.5], [0.5])(transforms.ToTensor()(image))
     return t.unsqueeze(0).to(torch.float32)
+
+
+def load_mask(path: Path, w: int, h: int, center_crop: bool, latent_hw: tuple):
+    """A loss mask prepared as its image is (resize to cover, then crop), in [0, 1], area-averaged onto the latent
+    grid (as kohya sd-scripts resizes its masks): shape (1, 1, *latent_hw)."""
+    import torchvision
+    from PIL import Image
+    from torchvision import transforms
+
+    with Image.open(path) as im:
+        mask = im.convert("L")
+    iw, ih = mask.size
+    scale = max(w / iw, h / ih)
+    mask = torchvision.transforms.functional.resize(mask, [round(ih * scale), round(iw * scale)],
+                                                    interpolation=transforms.InterpolationMode.BILINEAR)
+    if center_crop:
+        mask = transforms.CenterCrop((h, w))(mask)
+    t = transforms.ToTensor()(mask).unsqueeze(0).to(torch.float32)
+    return torch.nn.functional.interpolate(t, size=tuple(latent_hw), mode="area")
+
+
+def _attach_masks(train_dir: Path, rows: list, latents: list, sizes: list, crop: bool) -> tuple[list, int]:
+    """train.masked_loss: each row's latent record with its mask (and the flipped one) beside it; rows without a
+    mask are left as they are (they train on the whole image)."""
+    out, n = [], 0
+    for r, rec, (bw, bh) in zip(rows, latents, sizes):
+        f = train_dir / "masks" / f"{Path(r['file_name']).stem}.png"
+        if f.is_file():
+            m = load_mask(f, bw, bh, crop, rec["latent"].shape[2:])
+            rec = {**rec, "mask": m, "mask_flip": torch.flip(m, dims=[3])}
+            n += 1
+        out.append(rec)
+    return out, n
 
 
 def image_buckets(cfg: TrainConfig, train_dir: Path, rows: list) -> dict | None:
@@ -204,13 +245,18 @@ def cache_pass(ctx, cfg: TrainConfig, kolors: Path, vae: Path, device: str, dtyp
         torch.cuda.empty_cache()  # the text encoder and VAE are gone before the UNet trains
 
     latents = [load_file(str(root / "latents" / f"{k}.safetensors")) for k in lat_keys]
+    if tr.masked_loss:  # masks prepared beside the latents, as each image was (cheap: no VAE, done every run)
+        latents, n_masked = _attach_masks(train_dir, rows, latents, sizes, True if buckets else tr.center_crop)
+        ctx.report.line(f"masked loss: {n_masked} of {len(rows)} training rows have a mask"
+                        + ("" if n_masked == len(rows) else " (the others train on the whole image)"))
     emb = {t: load_file(str(root / "text" / f"{txt_keys[t]}.safetensors")) for t in texts}
     keep = [i for i, r in enumerate(rows) if r["file_name"] not in held]  # what is trained on
     out = {"latents": [latents[i] for i in keep], "texts": texts, "text_of": [texts.index(rows[i]["text"]) for i in keep],
            "emb": emb, "n_images": len(keep), "encoded_images": len(lat_missing), "encoded_texts": len(txt_missing),
            "size": (w, h)}
     if held:  # train.validation: the held-out images' latents (centre-cropped to the training size) and captions
-        out["val"] = [{"latent": center(latents[i]["latent"], w, h), "text": texts.index(rows[i]["text"])}
+        out["val"] = [{"latent": center(latents[i]["latent"], w, h), "text": texts.index(rows[i]["text"]),
+                       **({"mask": center(latents[i]["mask"], w, h)} if "mask" in latents[i] else {})}
                       for i, r in enumerate(rows) if r["file_name"] in held]
         out["held_out"] = sorted(held)
     if buckets:  # which rows share a latent size: a batch is drawn from one of them

@@ -82,7 +82,8 @@ class LoRAModule(L.LightningModule):
         noisy = self.scheduler.add_noise(latents, noise, timestep)
         target = self.scheduler.training_target(latents, noise, timestep)
         pred = self._unet(noisy, timestep, ehs, add_time_id, ate)
-        loss = self.compute_loss(pred, target, timestep)
+        mask = batch.get("mask")
+        loss = self.compute_loss(pred, target, timestep, None if mask is None else mask.to(dev))
         self.log("loss", loss.detach(), prog_bar=False, on_step=True)
         return loss
 
@@ -96,10 +97,11 @@ class LoRAModule(L.LightningModule):
         h, w = latents.shape[2] * 8, latents.shape[3] * 8
         return ehs, ate, torch.tensor([h, w, 0, 0, h, w], device=dev).repeat(latents.shape[0])
 
-    def compute_loss(self, pred, target, timestep):
+    def compute_loss(self, pred, target, timestep, mask=None):
         """The objective (a hook): diffsynth's MSE on the scheduler's target, weighted per timestep; with
-        ``min_snr_gamma`` times min(SNR, gamma) / SNR (epsilon prediction, Hang et al. 2023)."""
-        loss = torch.nn.functional.mse_loss(pred.float(), target.float()) * self.scheduler.training_weight(timestep)
+        ``min_snr_gamma`` times min(SNR, gamma) / SNR (epsilon prediction, Hang et al. 2023); with a ``mask``
+        (train.masked_loss, one channel on the latent grid) mean(mask * (pred - target)^2), as kohya sd-scripts."""
+        loss = masked_mse(pred, target, mask) * self.scheduler.training_weight(timestep)
         gamma = self.cfg.min_snr_gamma
         if gamma:  # a Python float from a table on the host: no per-step host-to-device work
             if self._snr_table is None:
@@ -184,6 +186,14 @@ class LoRAModule(L.LightningModule):
             weights = dict(zip(names, ema.weights(self)))
             state = {k: weights[k].to(v.dtype) if k in weights else v for k, v in state.items()}
         return state
+
+
+def masked_mse(pred, target, mask=None):
+    """MSE in fp32; with a mask (broadcast over the latent channels), the mean of mask * squared error over every
+    element, so masked-out latent pixels add nothing and an all-ones mask is the plain MSE."""
+    if mask is None:
+        return torch.nn.functional.mse_loss(pred.float(), target.float())
+    return ((pred.float() - target.float()) ** 2 * mask.float()).mean()
 
 
 def min_snr_weight(alphas_cumprod, timestep, gamma: float):

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 
 from .data import sample_seed
+from .module import masked_mse
 
 VAL_SEED = 0x51ED2705  # the validation noise's stream, apart from the training samples' draws
 
@@ -38,7 +39,8 @@ def validation_loss(module, val: list, timesteps: int) -> float:
                 noisy = sched.add_noise(lat, noise, t)
                 target = sched.training_target(lat, noise, t)
                 pred = module.unet(noisy, timestep=t, encoder_hidden_states=ehs, add_time_id=tid_, add_text_embeds=ate)
-                loss = torch.nn.functional.mse_loss(pred.float(), target.float()) * sched.training_weight(t)
+                mask = item["mask"].to(dev) if "mask" in item else None  # train.masked_loss: what is trained
+                loss = masked_mse(pred, target, mask) * sched.training_weight(t)
                 total += float(loss)
     return total / (len(val) * len(ids))
 
