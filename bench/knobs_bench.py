@@ -239,7 +239,10 @@ VARIANTS = [("base", {}), ("min_snr_gamma_5", {"min_snr_gamma": 5.0}), ("noise_o
             # issue 26: peft's DoRA at the camp rank (16): its per-step cost and peak beside the base step
             ("dora", {"lora": {"type": "dora"}}),
             # issue 26: peft's LoHa and LoKr (factor -1: sides split near their square roots) at rank 16
-            ("loha", {"lora": {"type": "loha"}}), ("lokr", {"lora": {"type": "lokr"}}), ("base_again", {})]
+            ("loha", {"lora": {"type": "loha"}}), ("lokr", {"lora": {"type": "lokr"}}),
+            # issue 26: train.masked_loss (a one-channel mask per sample, moved with the batch and multiplied into
+            # the loss; the synthetic latents have none, so each sample's mask is all ones: the same work)
+            ("masked_loss", {"masked_loss": True}), ("base_again", {})]
 NEEDS = {"adamw8bit": "bitsandbytes", "prodigy": "prodigyopt"}
 
 
