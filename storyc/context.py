@@ -95,6 +95,11 @@ class Context:
             from .lock import digest
 
             return digest(trees)
+        if key == "captions":  # recaption's files, as the last ingest left them (or a hand edited them since)
+            from .lock import digest
+
+            return digest([self.hasher.file(p) if p.is_file() else None
+                           for p in self.story.caption_paths if p is not None])
         if key.startswith("character:"):  # a character's reference images, by content
             from .lock import digest
 

@@ -84,6 +84,7 @@ class Source(Section):
     limit: int | None
     repeats: int
     masks: str | None  # alpha | a folder as written (Story.mask_paths holds it resolved)
+    recaption: dict | None  # {mode, template, prompt, seed, file} (Story.caption_paths holds file resolved)
 
 
 @dataclass(frozen=True)
@@ -343,6 +344,7 @@ class Story:
     warnings: tuple = ()
     character_paths: dict = field(default_factory=dict)  # character id -> its reference images, resolved
     mask_paths: tuple = ()  # per training source: its masks folder resolved (None: none, or `alpha`)
+    caption_paths: tuple = ()  # per training source: its recaption file resolved (None: no recaption)
 
     @property
     def id(self) -> str:

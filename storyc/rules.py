@@ -20,7 +20,7 @@ from .submission import COMPETITION_NAME, PLACEHOLDER_TEAMS
 from .yamlio import Located, get_path, json_path
 
 TINY_NAMES = {"kolors": "kolors", "vae": "sdxl-vae", "aesthetic": "aesthetic", "esrgan": "esrgan",
-              "clip_zh": "clip-zh", "ip_adapter": "ip-adapter"}
+              "clip_zh": "clip-zh", "ip_adapter": "ip-adapter", "captioner": "captioner"}
 
 
 @dataclass(frozen=True)
@@ -171,6 +171,57 @@ def mask_paths(ctx) -> tuple:
             p, _ = _local_path(ctx, (*where, "masks"), raw, "masks")
         out.append(p)
     return tuple(out)
+
+
+def caption_paths(ctx) -> tuple:
+    """Per training source: its recaption `file` resolved against the file that wrote it (None: no recaption)."""
+    out = []
+    for where, ds in dataset_entries(ctx.data):
+        rc, p = ds.get("recaption"), None
+        if isinstance(rc, dict) and isinstance(rc.get("file", "captions.jsonl"), str):
+            p, _ = _local_path(ctx, (*where, "recaption", "file") if "file" in rc else (*where, "recaption"),
+                               rc.get("file", "captions.jsonl"), "recaption")
+        out.append(p)
+    return tuple(out)
+
+
+_FIELD = re.compile(r"\{([^{}]*)\}")
+
+
+def check_recaption(ctx):
+    """recaption needs models.captioner; its template names only {caption} and {source}; its file stays inside
+    the project and is not a folder."""
+    out = []
+    models = ctx.data.get("models") if isinstance(ctx.data.get("models"), dict) else {}
+    for where, ds in dataset_entries(ctx.data):
+        rc = ds.get("recaption")
+        if not isinstance(rc, dict):
+            continue
+        if not models.get("captioner"):
+            out.append(ctx.diag((*where, "recaption"), "recaption needs a captioner, and `models.captioner` is not "
+                                "set", "add `captioner: modelscope:Salesforce/blip2-opt-2.7b` (or a local BLIP-2 / "
+                                "BLIP folder) under `models:`", "recaption"))
+        tpl = rc.get("template", "{caption}")
+        if isinstance(tpl, str):
+            names = _FIELD.findall(tpl)
+            bad = [n for n in names if n not in ("caption", "source")]
+            if bad:
+                out.append(ctx.diag((*where, "recaption", "template"), f"unknown field `{{{bad[0]}}}` in the template",
+                                    did_you_mean(bad[0], ["caption", "source"]) or
+                                    "the template knows {caption} (the captioner's words) and {source}", "recaption"))
+            elif "caption" not in names:
+                out.append(ctx.diag((*where, "recaption", "template"), "the template does not use `{caption}`, so "
+                                    "the captioner's words are dropped", "e.g. `template: \"{source}，{caption}\"`",
+                                    "recaption"))
+        f = rc.get("file", "captions.jsonl")
+        if isinstance(f, str):
+            at = (*where, "recaption", "file") if "file" in rc else (*where, "recaption")
+            p, errs = _local_path(ctx, at, f, "recaption")
+            out += errs
+            if p is not None and p.is_dir():
+                out.append(ctx.diag(at, f"`{f}` is a folder", "name a .jsonl file, e.g. `file: captions.jsonl`",
+                                    "recaption"))
+    return out
 
 
 def check_masks(ctx):
@@ -705,7 +756,7 @@ def _image_problem(p: Path) -> str | None:
 
 
 RULES = [check_text, check_unique_scene_ids, check_unique_seeds, check_scene_count, check_dataset_fields, check_paths,
-         check_dj_ops, check_prompt_length, check_storyboard, check_small_sizes, check_lora_targets, check_lora_type, check_masks,
+         check_dj_ops, check_prompt_length, check_storyboard, check_small_sizes, check_lora_targets, check_lora_type, check_masks, check_recaption,
          check_team, check_train_knobs, check_competition, check_upscaler, check_select, check_characters]
 
 

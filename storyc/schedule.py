@@ -145,12 +145,12 @@ def reasons(probe, job: StageSpec, will_run: set) -> list[str]:
     for key in models_of(probe, job):
         fp = probe.fingerprint(key)
         char = key.split(":", 1)[1] if key.startswith("character:") else None
-        what = (f"character {char}'s reference images" if char else
-                {"dataset": "dataset source", "font": "caption font"}.get(key, f"model {key}"))
+        labels = {"dataset": "dataset source", "font": "caption font", "captions": "captions file"}
+        what = f"character {char}'s reference images" if char else labels.get(key, f"model {key}")
         if fp is None:
             out.append(f"{what} not available yet" if not char else f"{what} missing")
         elif fp != entry.models.get(key):
-            out.append(f"{what} changed" if key in ("dataset", "font") or char else f"{what} fingerprint changed")
+            out.append(f"{what} changed" if key in labels or char else f"{what} fingerprint changed")
     for rel, rec in entry.outputs.items():
         if probe.record(probe.build_dir / rel).get("sha256") != rec.get("sha256"):
             out.append(f"{rel} was modified")

@@ -265,7 +265,8 @@ def story_from(loc: Located, chain: tuple, root: Path, spec: Path) -> Story:
     return Story(spec_path=spec, root=root, files=chain, spec=Spec.build(data), resolved=data,
                  models=rules.model_refs(inp)[0], dataset_paths=rules.dataset_paths(inp),
                  warnings=tuple(d for d in diags if d.severity == "warning"),
-                 character_paths=rules.character_paths(inp), mask_paths=rules.mask_paths(inp))
+                 character_paths=rules.character_paths(inp), mask_paths=rules.mask_paths(inp),
+                 caption_paths=rules.caption_paths(inp))
 
 
 def _display(p: Path) -> str:

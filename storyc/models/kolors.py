@@ -26,6 +26,7 @@ REQUIRED = {
     "esrgan": ["RealESRGAN_x4.pth"],
     "clip_zh": ["config.json", "preprocessor_config.json", "vocab.txt"],
     "ip_adapter": ["image_encoder/config.json"],
+    "captioner": ["config.json", "preprocessor_config.json"],
 }
 IP_ADAPTER_WEIGHTS = ("ip_adapter_plus_general.safetensors", "ip_adapter_plus_general.bin")  # the release's names
 MODELSCOPE_IDS = {"kolors": "Kwai-Kolors/Kolors", "vae": "AI-ModelScope/sdxl-vae-fp16-fix",
@@ -35,6 +36,9 @@ MODELSCOPE_IDS = {"kolors": "Kwai-Kolors/Kolors", "vae": "AI-ModelScope/sdxl-vae
 
 def model_hint(kind: str, folder: str = "DIR") -> str:
     """How to get a model (the same words in validate's warning and in a build's error)."""
+    if kind == "captioner":
+        return (f"download a BLIP-2 folder (e.g. `huggingface-cli download Salesforce/blip2-opt-2.7b --local-dir "
+                f"{folder}`), or remove `recaption`")
     if kind not in MODELSCOPE_IDS:  # published on Hugging Face in the layout transformers loads
         return (f"download a ChineseCLIPModel folder (e.g. `huggingface-cli download "
                 f"OFA-Sys/chinese-clip-vit-large-patch14 --local-dir {folder}`), or remove `models.{kind}`")

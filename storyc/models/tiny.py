@@ -194,6 +194,39 @@ def tiny_clip_zh(folder: Path, seed: int = 0) -> Path:
     return _build_once(folder, build)
 
 
+def tiny_captioner(folder: Path, seed: int = 0) -> Path:
+    """The Salesforce/blip2-opt-2.7b layout (Blip2ForConditionalGeneration + Blip2Processor) at tiny widths. The
+    OPT vocabulary keeps its real size (50272, words `w<id>`), because Data-Juicer's image_captioning_mapper sets
+    the image token to OPT's id 50265."""
+    def build(tmp):
+        import torch
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor,
+                                  PreTrainedTokenizerFast)
+
+        vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, 50272) if i != 50265},
+                 "<image>": 50265}
+        tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+        tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
+                                      unk_token="<unk>")
+        tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+        tok.padding_side = "left"
+        small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+        cfg = Blip2Config(vision_config=dict(small, image_size=32, patch_size=8),
+                          qformer_config=dict(small, vocab_size=128, cross_attention_frequency=1),
+                          text_config=dict(model_type="opt", vocab_size=50272, hidden_size=32, word_embed_proj_dim=32,
+                                           ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
+                                           max_position_embeddings=256, pad_token_id=1, bos_token_id=2, eos_token_id=2),
+                          num_query_tokens=4, image_token_index=50265, image_text_hidden_size=32)
+        torch.manual_seed(seed)
+        Blip2ForConditionalGeneration(cfg).eval().save_pretrained(tmp, safe_serialization=True)
+        Blip2Processor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok,
+                       num_query_tokens=4).save_pretrained(tmp)
+
+    return _build_once(folder, build)
+
+
 def cross_attention_widths(cfg: dict) -> list[int]:
     """The width of every cross-attention of a diffusers UNet config, in diffusers' processor order (down blocks,
     up blocks, mid block): what an IP-Adapter for that UNet has one (to_k_ip, to_v_ip) pair for."""
@@ -237,7 +270,8 @@ def tiny_ip_adapter(folder: Path, seed: int = 0) -> Path:
 
 
 BUILDERS = {"kolors": tiny_kolors, "sdxl-vae": tiny_sdxl_vae, "aesthetic": tiny_aesthetic, "esrgan": tiny_esrgan,
-            "clip-zh": tiny_clip_zh, "ip-adapter": tiny_ip_adapter}
+            "clip-zh": tiny_clip_zh, "ip-adapter": tiny_ip_adapter,
+            "captioner": tiny_captioner}
 
 
 def ensure(name: str, folder: Path) -> Path:

@@ -35,11 +35,11 @@ def _folder_records(root: Path, caption: str, project: Path, skipped: list):
                              "copy the image into the dataset folder instead of linking to it")
         txt = p.with_suffix(".txt")
         try:
-            text = txt.read_text("utf-8-sig").strip() if txt.is_file() else caption
+            own = txt.read_text("utf-8-sig").strip() if txt.is_file() else ""
         except UnicodeDecodeError:
             raise StageError("ingest", f"caption file {txt.relative_to(root)} is not UTF-8 text",
                              "save it as UTF-8 (e.g. iconv -f GBK -t UTF-8)") from None
-        yield rel, p, text or caption
+        yield rel, p, own or caption, bool(own)
 
 
 def _jsonl_records(path: Path, caption: str):
@@ -71,8 +71,8 @@ def _jsonl_records(path: Path, caption: str):
             if not (base / img).is_file():
                 raise StageError("ingest", f"{path.name}:{n}: image `{imgs[0]}` is not a regular file",
                                  "check the path (a missing file, a folder, a device or a pipe)")
-            text = rec.get("text") if isinstance(rec.get("text"), str) and rec.get("text") else caption
-            yield f"{path.name}:{n}", (base / img).resolve(), text
+            own = isinstance(rec.get("text"), str) and bool(rec.get("text"))
+            yield f"{path.name}:{n}", (base / img).resolve(), rec["text"] if own else caption, own
 
 
 def _modelscope_records(ds: dict, cache: Path):
@@ -93,7 +93,7 @@ def _modelscope_records(ds: dict, cache: Path):
         raise StageError("ingest", f"loading dataset `{ds['id']}` from ModelScope failed: {type(e).__name__}: "
                          f"{str(e)[:200]}", f"check the network and run the same command again, or {local}") from None
     for i, rec in enumerate(data):
-        yield f"{ds['id']}[{i}]", rec["image"], ds["caption"]
+        yield f"{ds['id']}[{i}]", rec["image"], ds["caption"], False
 
 
 def to_rgb(im):
@@ -149,7 +149,13 @@ def _save_mask(ctx, ds: dict, im, rel_in_source: str, dst: Path) -> bool:
     return True
 
 
-def _ingest_source(ctx, ds: dict, tmp: Path, lines: list, skipped: list) -> int:
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _ingest_source(ctx, ds: dict, tmp: Path, lines: list, skipped: list, origins: list | None = None) -> int:
     """One source's records into ``tmp`` (images numbered on from ``lines``), each with its source's caption and,
     with ``masks``, its loss mask under masks/ (same number). Returns how many records got a mask."""
     from PIL import Image, UnidentifiedImageError
@@ -162,7 +168,7 @@ def _ingest_source(ctx, ds: dict, tmp: Path, lines: list, skipped: list) -> int:
     else:
         records = _modelscope_records(ds, ctx.story.root / ".storyc" / "datasets")
     limit, first, masked = ds.get("limit"), len(lines), 0
-    for name, src, text in records:
+    for name, src, text, own in records:
         if limit and len(lines) - first >= limit:
             break
         dst_stem = f"images/{len(lines):06d}"
@@ -191,12 +197,120 @@ def _ingest_source(ctx, ds: dict, tmp: Path, lines: list, skipped: list) -> int:
             continue
         masked += has_mask
         lines.append(json.dumps({"text": text, "image": [rel]}, ensure_ascii=False))
+        if ds.get("recaption") is not None and origins is not None:  # what recaption needs to know of the record
+            origins.append({"line": len(lines) - 1, "source": ds.get("path") or ds.get("id"), "image": in_source,
+                            "sha256": _sha256(src if isinstance(src, Path) else tmp / rel), "text": text,
+                            "own": own, "file": rel})
     n = len(lines) - first
     if ds.get("masks") and masked < n:
         ctx.report.line(f"warning: {n - masked} of the {n} images of {ds.get('path') or ds.get('id')} have no mask "
                         f"({'no alpha channel' if ds['masks'] == 'alpha' else 'none of that name in ' + ds['masks']}):"
                         " they train on the whole image")
     return masked
+
+
+# ---------------------------------------------------------------- recaption
+
+def compose(rc: dict, model_text: str, source_text: str, own: bool) -> str:
+    """The caption recaption gives an image: the template with the captioner's words and the source caption, by
+    mode (replace: the template; append: the source caption, then the template; keep: an own caption stays)."""
+    if rc.get("mode", "replace") == "keep" and own:
+        return source_text
+    made = rc.get("template", "{caption}").replace("{caption}", model_text).replace("{source}", source_text)
+    return f"{source_text}，{made}" if rc.get("mode", "replace") == "append" else made
+
+
+def read_captions(path: Path) -> dict:
+    """(source, image) -> entry of a captions file; a line that is not a JSON object with those keys is an error
+    that names the line (it may have been edited by hand)."""
+    out = {}
+    if not path.is_file():
+        return out
+    for n, line in enumerate(path.read_text("utf-8-sig").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise StageError("ingest", f"{path.name}:{n}: not valid JSON ({err.msg})",
+                             "fix the line (one {\"source\", \"image\", \"caption\", ...} object a line), or "
+                             "delete it to caption that image again") from None
+        if not (isinstance(e, dict) and isinstance(e.get("caption"), str) and "image" in e and "source" in e):
+            raise StageError("ingest", f"{path.name}:{n}: expected an object with `source`, `image` and a text "
+                             "`caption`", "fix the line, or delete it to caption that image again")
+        out[(e["source"], e["image"])] = e
+    return out
+
+
+def _caption_new(ctx, model_dir: Path, rc: dict, todo: list, tmp: Path) -> dict:
+    """The captioner's words for each image in ``todo`` (origins), through Data-Juicer's image_captioning_mapper:
+    one image per call, its sampling seeded by (seed, the image's bytes), so a caption never depends on which other
+    images were captioned with it."""
+    import random
+
+    import torch
+    from data_juicer.ops.mapper import ImageCaptioningMapper
+    from data_juicer.utils.mm_utils import SpecialTokens, remove_special_tokens
+
+    from ..lock import digest
+    from ._quiet import quiet_libraries
+
+    quiet_libraries()
+    cuda = torch.cuda.is_available()
+    op = ImageCaptioningMapper(hf_img2seq=str(model_dir), accelerator="cuda" if cuda else "cpu", num_proc=1,
+                               keep_original_sample=False, caption_num=1, prompt=rc.get("prompt"))
+    prompt = (rc.get("prompt") or "").strip()
+    out = {}
+    for i, o in enumerate(todo):
+        seed = int(digest({"seed": rc.get("seed", 0), "sha256": o["sha256"]})[:15], 16)
+        random.seed(seed)
+        torch.manual_seed(seed)
+        res = op.process({"images": [[str(tmp / o["file"])]], "text": [f"{SpecialTokens.image} {SpecialTokens.eoc}"]})
+        text = " ".join(remove_special_tokens(res["text"][0]).split()) if res.get("text") else ""
+        if prompt and text.startswith(prompt):  # BLIP-2 continues the prompt: the caption is what it added
+            text = text[len(prompt):].strip()
+        out[o["line"]] = text
+        ctx.report.update(i + 1, len(todo), "captioning images")
+    return out
+
+
+def recaption(ctx, ds: dict, captioner: str, tmp: Path, lines: list, origins: list) -> int:
+    """Recaption one source's records (``origins``) into ``lines``: each image's captioner words come from the
+    captions file when its bytes are unchanged there, else from the captioner; a caption edited by hand (it differs
+    from what storyc composed, `auto`) wins. The file is rewritten, sorted, atomically. Returns how many images the
+    captioner saw."""
+    from ..render import atomic_write
+
+    rc = ds["recaption"]
+    path = ctx.project_path(rc["file"])
+    where = ds.get("path") or ds.get("id")
+    known = read_captions(path)
+    todo = [o for o in origins if known.get((o["source"], o["image"]), {}).get("sha256") != o["sha256"]
+            or not isinstance(known.get((o["source"], o["image"]), {}).get("model"), str)]
+    fresh = _caption_new(ctx, ctx.model("captioner"), rc, todo, tmp) if todo else {}
+    entries, edited = {}, 0
+    for o in origins:
+        old = known.get((o["source"], o["image"]))
+        words = fresh[o["line"]] if o["line"] in fresh else old["model"]
+        auto = compose(rc, words, o["text"], o["own"])
+        caption = auto
+        if old is not None and o["line"] not in fresh and old.get("caption") != old.get("auto"):
+            caption, edited = old["caption"], edited + 1  # a hand edit: kept, whatever the template says now
+        entries[(o["source"], o["image"])] = {"source": o["source"], "image": o["image"], "sha256": o["sha256"],
+                                              "model": words, "auto": auto, "caption": caption}
+        rec = json.loads(lines[o["line"]])
+        rec["text"] = caption
+        lines[o["line"]] = json.dumps(rec, ensure_ascii=False)
+    # entries of other sources sharing the file stay; this source's are exactly its images now
+    keep = {k: v for k, v in known.items() if k[0] != where}
+    text = "".join(json.dumps(e, ensure_ascii=False, sort_keys=True) + "\n"
+                   for _, e in sorted({**keep, **entries}.items()))
+    if not path.is_file() or path.read_text("utf-8-sig") != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, text)
+    if edited:
+        ctx.report.line(f"recaption: {edited} caption(s) of {where} edited by hand in {path.name}: kept")
+    return len(todo)
 
 
 def run(ctx, jobs):
@@ -209,10 +323,13 @@ def run(ctx, jobs):
     any_masks = any(ds.get("masks") for ds in many)
     if any_masks:
         (tmp / "masks").mkdir()
-    lines, skipped, repeats, per_source, masked = [], [], {}, [], 0
+    lines, skipped, repeats, per_source, masked, recaptioned = [], [], {}, [], 0, 0
     for ds in many:
         first = len(lines)
-        got = _ingest_source(ctx, ds, tmp, lines, skipped)
+        origins = [] if ds.get("recaption") is not None else None
+        got = _ingest_source(ctx, ds, tmp, lines, skipped, origins)
+        if origins:
+            recaptioned += recaption(ctx, ds, job.params["captioner"], tmp, lines, origins)
         masked += got
         per_source.append({"source": ds["source"], "where": ds.get("path") or ds.get("id"),
                            "records": len(lines) - first, "repeats": ds.get("repeats", 1),
@@ -229,6 +346,9 @@ def run(ctx, jobs):
     report = {"format": "storyc.ingest_report/1", "records": len(lines), "skipped": skipped}
     if any_masks:
         report["masks"] = masked
+    if "captioner" in job.params:  # said, not written: a rebuild that captions nothing makes the same outputs
+        ctx.report.line(f"recaption: {recaptioned} image(s) captioned by the captioner, the rest from the captions "
+                        "files")
     if len(many) > 1 or repeats or any_masks:
         report["sources"] = per_source
     (tmp / "ingest_report.json").write_text(canonical_json(report), "utf-8")

@@ -93,8 +93,12 @@ def _ingest(c: Compiled):
             ds["path"] = c.story.rel(path)  # relative to the project, wherever the spec that wrote it lives
         if mask is not None:
             ds["masks"] = c.story.rel(mask)
+        if ds.get("recaption"):  # its file relative to the project, like the path
+            ds["recaption"] = {**ds["recaption"], "file": c.story.rel(c.story.caption_paths[len(out)])}
         out.append(ds)
     params = {"datasets": out} if c.spec.many_datasets else {"dataset": out[0]}
+    if any(ds.get("recaption") for ds in out):
+        params["captioner"] = c.refs["captioner"]
     return [StageSpec("ingest", "ingest", params, ())]
 
 
@@ -106,7 +110,10 @@ def _ingest_artifacts(c: Compiled, jobs):
 
 
 def _dataset_model(job, story):
-    return ("dataset",) if any(p is not None for p in (*story.dataset_paths, *story.mask_paths)) else ()
+    keys = ("dataset",) if any(p is not None for p in (*story.dataset_paths, *story.mask_paths)) else ()
+    if "captioner" in job.params:  # recaption: the captioner's weights and the (hand-editable) captions files
+        keys += ("captioner", "captions")
+    return keys
 
 
 # ---------------------------------------------------------------- filter (Data-Juicer)
