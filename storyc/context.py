@@ -95,6 +95,9 @@ class Context:
             from .lock import digest
 
             return digest(trees)
+        if key == "validation":  # train.validation.folder's images and captions
+            p = self.story.validation_path
+            return self.hasher.tree(p) if p is not None and p.is_dir() else None
         if key == "captions":  # recaption's files, as the last ingest left them (or a hand edited them since)
             from .lock import digest
 

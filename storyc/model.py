@@ -345,6 +345,7 @@ class Story:
     character_paths: dict = field(default_factory=dict)  # character id -> its reference images, resolved
     mask_paths: tuple = ()  # per training source: its masks folder resolved (None: none, or `alpha`)
     caption_paths: tuple = ()  # per training source: its recaption file resolved (None: no recaption)
+    validation_path: Path | None = None  # train.validation.folder resolved
 
     @property
     def id(self) -> str:

@@ -224,6 +224,15 @@ def check_recaption(ctx):
     return out
 
 
+def validation_path(ctx):
+    """train.validation.folder resolved against the file that wrote it (None: not set, or refused)."""
+    tr = ctx.data.get("train") if isinstance(ctx.data.get("train"), dict) else {}
+    val = tr.get("validation")
+    if isinstance(val, dict) and isinstance(val.get("folder"), str):
+        return _local_path(ctx, ("train", "validation", "folder"), val["folder"], "train_knobs")[0]
+    return None
+
+
 def check_masks(ctx):
     """`masks` is `alpha` or an existing folder; train.masked_loss needs a source with masks, and masks without
     train.masked_loss train nothing differently."""
@@ -582,6 +591,21 @@ def check_train_knobs(ctx):
             out.append(ctx.diag(("train", "preview_every"), f"preview every {tr['preview_every']} steps but the run "
                                 f"has {steps}: only the last checkpoint is previewed", severity="warning",
                                 rule="train_knobs"))
+    val = tr.get("validation")
+    if isinstance(val, dict):
+        if ("images" in val) == ("folder" in val):
+            out.append(ctx.diag(("train", "validation"), "`validation` needs either `images` (held out of the "
+                                "training images) or `folder` (images of their own)" if "images" not in val else
+                                "`validation` takes `images` or `folder`, not both",
+                                "e.g. `validation: {images: 2, every: 100}` or `validation: {folder: val}`",
+                                "train_knobs"))
+        elif isinstance(val.get("folder"), str):
+            p, errs = _local_path(ctx, ("train", "validation", "folder"), val["folder"], "train_knobs")
+            out += errs
+            if p is not None and not p.is_dir():
+                near = did_you_mean(p.name, [c.name for c in p.parent.iterdir()]) if p.parent.is_dir() else None
+                out.append(ctx.diag(("train", "validation", "folder"), f"`{val['folder']}` is not a folder of images",
+                                    near, "train_knobs"))
     stop = tr.get("stop")
     if isinstance(stop, dict):
         if stop.get("metric") == "val_loss" and not isinstance(tr.get("validation"), dict):

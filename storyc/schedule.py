@@ -145,7 +145,8 @@ def reasons(probe, job: StageSpec, will_run: set) -> list[str]:
     for key in models_of(probe, job):
         fp = probe.fingerprint(key)
         char = key.split(":", 1)[1] if key.startswith("character:") else None
-        labels = {"dataset": "dataset source", "font": "caption font", "captions": "captions file"}
+        labels = {"dataset": "dataset source", "font": "caption font", "captions": "captions file",
+                  "validation": "validation folder"}
         what = f"character {char}'s reference images" if char else labels.get(key, f"model {key}")
         if fp is None:
             out.append(f"{what} not available yet" if not char else f"{what} missing")

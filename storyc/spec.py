@@ -266,7 +266,7 @@ def story_from(loc: Located, chain: tuple, root: Path, spec: Path) -> Story:
                  models=rules.model_refs(inp)[0], dataset_paths=rules.dataset_paths(inp),
                  warnings=tuple(d for d in diags if d.severity == "warning"),
                  character_paths=rules.character_paths(inp), mask_paths=rules.mask_paths(inp),
-                 caption_paths=rules.caption_paths(inp))
+                 caption_paths=rules.caption_paths(inp), validation_path=rules.validation_path(inp))
 
 
 def _display(p: Path) -> str:

@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import copy_project, edit, run_cli
+from conftest import copy_project, edit, ran, run_cli
 
 KNOBS = ("min_snr_gamma", "noise_offset", "caption_dropout", "ema", "optimizer", "lr_scheduler", "lr_warmup_steps")
 
@@ -356,3 +356,40 @@ def test_stop_needs_what_it_measures(project):
     spec.write_text(spec.read_text("utf-8").replace("metric: val_loss", "metric: story_scor"), "utf-8")
     r = run_cli("validate", spec, cwd=project)
     assert r.returncode == 1 and "did you mean `story_score`?" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_validation_folder_is_measured_fingerprinted_and_checked(copy):
+    """train.validation.folder: images of their own (never trained on; nothing held out of the training data),
+    captioned by their .txt or the source caption; an edit in the folder retrains; `images` and `folder` exclude
+    each other and a missing folder is named with a did-you-mean."""
+    from PIL import Image
+
+    root = copy.parent
+    (root / "val").mkdir()
+    Image.new("RGB", (80, 64), (200, 40, 90)).save(root / "val" / "a.png")
+    Image.new("RGB", (64, 64), (20, 140, 90)).save(root / "val" / "b.jpg")
+    (root / "val" / "b.txt").write_text("验证图", "utf-8")
+    edit(copy, "checkpoint_every: 2}", "checkpoint_every: 2, validation: {folder: val, every: 2, timesteps: 1}}")
+    r = run_cli("build", copy, "--until", "train", cwd=root)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "validation at step 2: loss" in r.stdout and "validation at step 4: loss" in r.stdout
+    rep = json.loads((root / "build/t/lora/train_report.json").read_text("utf-8"))
+    assert rep["images"] == 2 and rep["held_out"] == ["val/a.png", "val/b.jpg"]  # both training images train
+    lock = yaml.safe_load((root / "story.lock").read_text("utf-8"))["stages"]["train"]
+    assert lock["params"]["train"]["validation"]["folder"] == "val" and "validation" in lock["models"]
+    curve = (root / "build/t/lora/val_log.csv").read_text("utf-8")
+
+    (root / "val" / "b.txt").write_text("另一个标题", "utf-8")  # a validation caption edited: measured again
+    r = run_cli("status", copy, cwd=root)
+    assert "validation folder changed" in r.stdout
+    r = run_cli("build", copy, "--until", "train", cwd=root)
+    assert r.returncode == 0 and "train" in ran(copy), r.stdout + r.stderr
+    assert (root / "build/t/lora/val_log.csv").read_text("utf-8") != curve
+
+    edit(copy, "validation: {folder: val,", "validation: {folder: vall,")
+    r = run_cli("validate", copy, cwd=root)
+    assert r.returncode == 1 and "$.train.validation.folder: `vall` is not a folder of images" in r.stderr
+    assert "did you mean `val`" in r.stderr
+    edit(copy, "validation: {folder: vall,", "validation: {images: 1, folder: val,")
+    r = run_cli("validate", copy, cwd=root)
+    assert r.returncode == 1 and "`validation` takes `images` or `folder`, not both" in r.stderr

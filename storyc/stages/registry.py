@@ -152,6 +152,10 @@ def _train(c: Compiled):
               "formats": list(c.spec.submission.lora_formats)}
     if tr.preview_every:
         params["preview"] = preview_params(c)
+    if c.story.validation_path is not None:  # relative to the project, with the caption its images fall back to
+        params["train"]["validation"] = {**params["train"]["validation"],
+                                         "folder": c.story.rel(c.story.validation_path),
+                                         "caption": c.spec.datasets[0].caption}
     return [StageSpec("train", "train", params, ("filter",), settings=tr.settings())]
 
 
@@ -202,7 +206,10 @@ def _train_artifacts(c: Compiled, jobs):
 
 
 def _train_models(job, story):
-    return ("kolors", "vae", "aesthetic") if "preview" in job.params else ("kolors", "vae")
+    keys = ("kolors", "vae", "aesthetic") if "preview" in job.params else ("kolors", "vae")
+    if "folder" in (job.params["train"].get("validation") or {}):  # its images, by content
+        keys += ("validation",)
+    return keys
 
 
 # ---------------------------------------------------------------- generate

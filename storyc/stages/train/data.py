@@ -213,7 +213,17 @@ def cache_pass(ctx, cfg: TrainConfig, kolors: Path, vae: Path, device: str, dtyp
         if k not in seen and not cache.file_ok(root / "latents" / f"{k}.safetensors", ctx.report):
             lat_missing.append((r, k, (bw, bh), crop))  # a repeated row (dataset repeats) is encoded once
         seen.add(k)
-    texts = sorted({r["text"] for r in rows} | ({""} if tr.caption_dropout else set()))  # "": dropped captions
+    val_items = validation_folder(ctx, tr)  # train.validation.folder: (image, caption) pairs of their own
+    val_keys = []
+    for img, _ in val_items:  # centre-cropped at the training size, never flipped: what the loss is measured on
+        k = digest({"v": CACHE_VERSION, "image": ctx.hasher.file(img), "size": [w, h], "center_crop": True,
+                    "flip": False, "vae": vae_fp, "dtype": str(dtype)})
+        val_keys.append(k)
+        if k not in seen and not cache.file_ok(root / "latents" / f"{k}.safetensors", ctx.report):
+            lat_missing.append(({"path": img}, k, (w, h), True))
+        seen.add(k)
+    texts = sorted({r["text"] for r in rows} | {c for _, c in val_items}
+                   | ({""} if tr.caption_dropout else set()))  # "": dropped captions
     txt_keys = {t: digest({"v": CACHE_VERSION, "text": t, "kolors": kolors_fp, "dtype": str(dtype)}) for t in texts}
     txt_missing = [t for t in texts if not cache.file_ok(root / "text" / f"{txt_keys[t]}.safetensors", ctx.report)]
 
@@ -223,9 +233,9 @@ def cache_pass(ctx, cfg: TrainConfig, kolors: Path, vae: Path, device: str, dtyp
         enc = load_vae(vae / "diffusion_pytorch_model.safetensors" if vae.is_dir() else vae, "encoder", dtype, device)
         with torch.no_grad():
             for i, (r, k, (bw, bh), crop) in enumerate(lat_missing):
-                img = load_image(train_dir / r["file_name"], bw, bh, crop).to(device, dtype)
+                img = load_image(r.get("path") or train_dir / r["file_name"], bw, bh, crop).to(device, dtype)
                 out = {"latent": enc(img).to("cpu", torch.float16).contiguous()}
-                if tr.random_flip:
+                if tr.random_flip and "path" not in r:  # (a validation image is never flipped)
                     out["latent_flip"] = enc(torch.flip(img, dims=[3])).to("cpu", torch.float16).contiguous()
                 _save(save_file, out, root / "latents" / f"{k}.safetensors")
                 ctx.report.update(i + 1, len(lat_missing), "encoding images")
@@ -254,6 +264,10 @@ def cache_pass(ctx, cfg: TrainConfig, kolors: Path, vae: Path, device: str, dtyp
     out = {"latents": [latents[i] for i in keep], "texts": texts, "text_of": [texts.index(rows[i]["text"]) for i in keep],
            "emb": emb, "n_images": len(keep), "encoded_images": len(lat_missing), "encoded_texts": len(txt_missing),
            "size": (w, h)}
+    if val_items:  # train.validation.folder: its images' latents and captions
+        out["val"] = [{"latent": load_file(str(root / "latents" / f"{k}.safetensors"))["latent"],
+                       "text": texts.index(c)} for k, (_, c) in zip(val_keys, val_items)]
+        out["held_out"] = [ctx.story.rel(p) for p, _ in val_items]
     if held:  # train.validation: the held-out images' latents (centre-cropped to the training size) and captions
         out["val"] = [{"latent": center(latents[i]["latent"], w, h), "text": texts.index(rows[i]["text"]),
                        **({"mask": center(latents[i]["mask"], w, h)} if "mask" in latents[i] else {})}
@@ -266,10 +280,31 @@ def cache_pass(ctx, cfg: TrainConfig, kolors: Path, vae: Path, device: str, dtyp
     return out
 
 
+def validation_folder(ctx, tr) -> list:
+    """train.validation.folder: (image path, caption) of every image in it, sorted; the caption is a same-name
+    .txt, else the first source's caption."""
+    folder = (tr.validation or {}).get("folder")
+    if not folder:
+        return []
+    from ...lock import walk_files
+    from ..ingest import EXTS
+
+    out = []
+    for _, p in walk_files(ctx.project_path(folder)):
+        if p.suffix.lower() in EXTS:
+            txt = p.with_suffix(".txt")
+            own = txt.read_text("utf-8-sig").strip() if txt.is_file() else ""
+            out.append((p, own or tr.validation.get("caption") or ""))
+    if not out:
+        raise StageError("train", f"the validation folder {folder} holds no images",
+                         "add images to it, or use `train.validation: {images: N}`")
+    return out
+
+
 def held_out(rows: list, tr) -> set:
     """train.validation: the file names held out, ``images`` of them chosen by train.seed (by digest, so the choice
     does not depend on the rows' order); at least one image is left to train on."""
-    if not tr.validation:
+    if not tr.validation or "images" not in tr.validation:
         return set()
     n = tr.validation["images"]
     names = sorted({r["file_name"] for r in rows}, key=lambda f: digest({"seed": tr.seed, "file": f}))

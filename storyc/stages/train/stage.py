@@ -28,8 +28,12 @@ from .config import TrainConfig
 
 
 def train_key(ctx, cfg: TrainConfig) -> str:
-    """The content address of a trained LoRA: what its weights depend on, nothing else."""
-    return _key(ctx, digest(cfg.cache_key_params()))
+    """The content address of a trained LoRA: what its weights depend on, nothing else (a validation folder's
+    images too: early stopping reads their loss, and the run records it)."""
+    params = cfg.cache_key_params()
+    if "folder" in (cfg.train.validation or {}):  # only then: other keys stay as they were
+        params = {**params, "validation_folder": ctx.fingerprint("validation")}
+    return _key(ctx, digest(params))
 
 
 def _key(ctx, params_hash: str) -> str:
