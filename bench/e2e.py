@@ -5,6 +5,7 @@
     python3 bench/e2e.py models  [--scale full|tiny] [--device cuda]  # there: full-size random models, real layouts
     python3 bench/e2e.py storyc  [--steps S]                          # there: build, one-scene edit, no-op
     python3 bench/e2e.py caps    [--caps 22,40]                       # there: the build under memory caps
+    python3 bench/e2e.py watch   [--edits 2]                          # there: `storyc watch`, prompt/seed edits
     python3 bench/e2e.py baseline [--steps S] [--images K]            # there: the notebook's path, same card
 
 The project lives in bench/out/e2e/proj (git-ignored): the camp story (specs/camp.yaml's settings) with a folder
@@ -54,7 +55,7 @@ def _spec_text(steps: int, scale: str) -> str:
         spec["train"].update(resolution=64, precision="32")
         spec["generation"].update(width=64, height=64, steps=2)
         spec["filters"] = [{"image_shape_filter": {"min_width": 64, "min_height": 64}}]
-        spec["submission"] = {"min_aesthetic": -1000}
+        spec["submission"] = {"min_aesthetic": -1000, "rules": "none"}
     return "# bench/e2e.py: the camp story on a local folder dataset\n" + yaml.safe_dump(spec, allow_unicode=True,
                                                                                           sort_keys=False)
 
@@ -146,6 +147,67 @@ def storyc_runs(args):
     R["one_scene_edit"] = {**_storyc("build", str(SPEC)), "times": _times()}
     R["no_op"] = {**_storyc("build", str(SPEC)), "times": _times()}
     _save("e2e_storyc.json", R)
+
+
+def watch(args):
+    """`storyc watch` on the built project (issue 25): one process holds the models; a scene's prompt edit and its
+    seed edit are each timed from the save to the watch's "build N done" line (the page is updated then), and a
+    save that changes nothing must start no build. The build's own build_times.json is read after each edit."""
+    import threading
+
+    import yaml
+
+    e = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "storyc", "watch", str(SPEC), "--interval", "0.1"], cwd=PROJ,
+                            env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list = []
+    done = threading.Condition()
+
+    def reader():
+        for line in proc.stdout:
+            print("  watch|", line.rstrip()[:300], flush=True)
+            with done:
+                lines.append(line)
+                done.notify_all()
+
+    threading.Thread(target=reader, daemon=True).start()
+
+    def wait_build(n: int, timeout: float) -> bool:
+        with done:
+            return done.wait_for(lambda: any(f"watch: build {n} done" in ln for ln in lines), timeout)
+
+    R = {"edits": []}
+    t = time.perf_counter()
+    assert wait_build(1, 600), "the first watch build did not finish"
+    R["first_build_s"] = round(time.perf_counter() - t, 2)  # process start, imports, the (up-to-date) build
+    base = yaml.safe_load(SPEC.read_text("utf-8"))
+    n = 1
+    for i in range(args.edits):
+        for kind in ("prompt", "seed"):
+            spec = yaml.safe_load(SPEC.read_text("utf-8"))
+            sc = spec["scenes"][(3 + i) % len(spec["scenes"])]
+            if kind == "prompt":
+                sc["prompt"] += f"，第{i + 1}次修改"
+            else:
+                key = "seeds" if "seeds" in sc else "seed"
+                sc[key] = [s + 1000 for s in sc[key]] if isinstance(sc[key], list) else sc[key] + 1000
+            t = time.perf_counter()
+            SPEC.write_text(yaml.safe_dump(spec, allow_unicode=True, sort_keys=False), "utf-8")
+            n += 1
+            assert wait_build(n, 300), f"watch build {n} did not finish"
+            R["edits"].append({"kind": kind, "scene": sc["id"], "s": round(time.perf_counter() - t, 2),
+                               "times": _times()})
+    text = SPEC.read_text("utf-8")
+    SPEC.write_text(text, "utf-8")  # saved, unchanged: nothing may build
+    time.sleep(3)
+    R["no_op_save_built"] = wait_build(n + 1, 0.1)
+    proc.terminate()
+    proc.wait(30)
+    SPEC.write_text(yaml.safe_dump(base, allow_unicode=True, sort_keys=False), "utf-8")
+    for kind in ("prompt", "seed"):
+        xs = [x["s"] for x in R["edits"] if x["kind"] == kind]
+        R[f"{kind}_edit_median_s"] = round(statistics.median(xs), 2) if xs else None
+    _save("e2e_watch.json", R)
 
 
 def caps(args):
@@ -296,14 +358,16 @@ def baseline(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("phase", choices=("prepare", "models", "storyc", "caps", "baseline"))
+    ap.add_argument("phase", choices=("prepare", "models", "storyc", "caps", "baseline", "watch"))
     ap.add_argument("--scale", choices=("full", "tiny"), default="full")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--caps", default="22,40")
+    ap.add_argument("--edits", type=int, default=2)
     a = ap.parse_args()
-    {"prepare": prepare, "models": models, "storyc": storyc_runs, "caps": caps, "baseline": baseline}[a.phase](a)
+    {"prepare": prepare, "models": models, "storyc": storyc_runs, "caps": caps, "baseline": baseline,
+     "watch": watch}[a.phase](a)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,8 @@ for b in "$@"; do
     e2e-prepare) python3 bench/e2e.py prepare --images "${E2E_IMAGES:-8}" 2>&1 | tee "$OUT/e2e_prepare_log.txt" ;;
     e2e) python3 bench/e2e.py models && python3 bench/e2e.py storyc --steps "${E2E_STEPS:-200}" ;;
     e2e-models) python3 bench/e2e.py models ;;
+    # issue 25: `storyc watch` on the e2e project built by `e2e` (prompt and seed edits, a no-op save)
+    e2e-watch) python3 bench/e2e.py watch --edits "${E2E_EDITS:-2}" ;;
     e2e-probe) python3 bench/load_probe.py ;;
     e2e-caps) python3 bench/e2e.py caps --caps "${E2E_CAPS:-22,40}" ;;
     e2e-baseline) python3 bench/e2e.py baseline --steps "${E2E_BASE_STEPS:-12}" --images "${E2E_BASE_IMAGES:-3}" ;;
