@@ -57,9 +57,9 @@ def test_loha_lokr_train_merge_as_peft_and_load_by_comfyui_and_peft(copy, tiny_m
     extra = f", factor: {factor}" if factor else ""
     edit(copy, "lora: {rank: 4, alpha: 4.0}", f"lora: {{rank: 4, alpha: 4.0, type: {kind}{extra}}}")
     edit(copy, "lora_formats: [diffsynth]", "lora_formats: [diffsynth, kohya, diffusers]")
-    r = run_cli("build", copy, "--until", "generate[home]", cwd=root)
+    r = run_cli("build", copy, "--until", "train", cwd=root)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "train" in ran(copy) and "generate[home]" in ran(copy)
+    assert "train" in ran(copy)
     lock = yaml.safe_load((root / "story.lock").read_text("utf-8"))["stages"]
     assert lock["train"]["params"]["lora"]["type"] == kind
     state, meta = lora.load(root / "build/t/lora/t.diffsynth.safetensors")

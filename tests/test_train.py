@@ -167,8 +167,8 @@ def test_resume_with_ema_and_previews_matches_uninterrupted(tmp_path, tiny_model
     import time
 
     # with EMA and story previews on: their state (EMA buffers, preview records) resumes too
-    spec_text = BASE_SPEC.replace("steps_per_epoch: 4,", "steps_per_epoch: 80,").replace(
-        "checkpoint_every: 2", "checkpoint_every: 20, ema: 0.9, preview_every: 40, preview_steps: 1")
+    spec_text = BASE_SPEC.replace("steps_per_epoch: 4,", "steps_per_epoch: 40,").replace(
+        "checkpoint_every: 2", "checkpoint_every: 10, ema: 0.9, preview_every: 20, preview_steps: 1")
     a = make_project(tmp_path / "a", tiny_models, spec_text, sizes=((1024, 1024),))
     from storyc.cli import main
 
@@ -189,14 +189,14 @@ def test_resume_with_ema_and_previews_matches_uninterrupted(tmp_path, tiny_model
     assert r.returncode == 0, r.stdout + r.stderr
     assert "resuming training at step" in r.stdout
     log = (tmp_path / "b/build/t/lora/train_log.csv").read_text().splitlines()
-    assert [int(x.split(",")[0]) for x in log[1:]] == list(range(1, 81))
+    assert [int(x.split(",")[0]) for x in log[1:]] == list(range(1, 41))
     sa, _ = _lora(a)
     sb, _ = _lora(b)
     assert sa.keys() == sb.keys()
     assert max(float((sa[k] - sb[k]).abs().max()) for k in sa) < 1e-5
     ca = json.loads((tmp_path / "a/build/t/lora/checkpoints.json").read_text("utf-8"))["checkpoints"]
     cb = json.loads((tmp_path / "b/build/t/lora/checkpoints.json").read_text("utf-8"))["checkpoints"]
-    assert [c["step"] for c in cb] == [40, 80]
+    assert [c["step"] for c in cb] == [20, 40]
     assert all(abs(x["mean"] - y["mean"]) < 1e-5 for x, y in zip(ca, cb))
 
 
