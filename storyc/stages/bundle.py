@@ -9,16 +9,18 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
-from .. import reproduce
+from .. import png, reproduce
 from ..errors import StorycError
 from ..fonts import find_font
 from ..render import canonical_json, csv_cell, render
 from ..report import checkpoints_html, font_face, loss_svg, report_html
-from ..submission import Gate, display_name, files, read_json, sha256
+from ..submission import Gate, display_name, files, read_json
 from .registry import Result
 from .score import character_consistency, coherence, style_distance
 
@@ -87,6 +89,13 @@ def _fit(draw, text, font, width):
     return text[:lo] + "…" if lo else ""
 
 
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links refused: a copy
+        shutil.copyfile(src, dst)
+
+
 def run(ctx, jobs):
     job, = jobs
     p = job.params
@@ -142,8 +151,8 @@ def _write_bundle(ctx, p: dict, tmp: Path, scenes: list, lora_cfg: dict):
 
     # LoRA files
     lora_names = [f"{sid}.{f}.safetensors" for f in sub["lora_formats"]]
-    for n in lora_names:
-        shutil.copyfile(ctx.output("train", n), tmp / n)
+    for n in lora_names:  # linked, not copied: the same bytes, and their hashes are known by inode
+        _link(ctx.output("train", n), tmp / n)
     # images, prompt records (what generate rendered; captions from this stage's own slice), scores
     recs, scores, embeds, styles, aligned, imgs = [], [], [], [], [], []
     (tmp / "images").mkdir()
@@ -152,13 +161,14 @@ def _write_bundle(ctx, p: dict, tmp: Path, scenes: list, lora_cfg: dict):
         rec = json.loads(ctx.output(last, ".json").read_text("utf-8"))  # what the scene's last stage rendered
         sc = json.loads(ctx.output(f"score[{s['id']}]", ".json").read_text("utf-8"))
         name = f"images/{Path(s['file']).name}"
-        shutil.copyfile(ctx.output(last, ".png"), tmp / name)
+        _link(ctx.output(last, ".png"), tmp / name)
         recs.append({**rec, "file": name, "caption": s["caption"]})
         scores.append(sc["score"])
         embeds.append(sc["clip_embedding"])
         styles.append(sc["style"])
         aligned.append(sc["prompt_alignment"])
-        imgs.append(Image.open(tmp / name).convert("RGB"))
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PNG decoding releases the GIL
+        imgs = list(pool.map(lambda r: Image.open(tmp / r["file"]).convert("RGB"), recs))
     (tmp / "prompts.json").write_text(canonical_json({"format": "storyc.prompts/1", "scenes": recs}), "utf-8")
     (tmp / "prompts.txt").write_text("".join(
         f"{i + 1}. {r['file']}\nprompt: {r['prompt']}\nnegative prompt: {r['negative_prompt']}\nseed: {r['seed']}\n\n"
@@ -173,9 +183,8 @@ def _write_bundle(ctx, p: dict, tmp: Path, scenes: list, lora_cfg: dict):
 
     board, font = storyboard(imgs, [s["caption"] for s in scenes], sub["storyboard"]["columns"],
                              sub["storyboard"]["captions"])
-    # zlib level 1: the 2048x4464 board of 8 images encodes ~5x faster than at PIL's default 6 (the bundle's
-    # largest cost, bench/RESULTS.md) for a file ~20% larger; the pixels are the same
-    board.save(tmp / "storyboard.png", compress_level=1)
+    # the bundle's largest cost: deflated on every core (storyc.png), zlib level 1 (bench/RESULTS.md)
+    (tmp / "storyboard.png").write_bytes(png.encode(board, level=1))
     drawn = any(s["caption"] for s in scenes) and sub["storyboard"]["captions"]
     if font is None and drawn:
         ctx.report.line("warning: no CJK font found; storyboard captions will not show Chinese (the "
@@ -233,6 +242,7 @@ def _write_bundle(ctx, p: dict, tmp: Path, scenes: list, lora_cfg: dict):
         page = report_html(ctxd)
     (tmp / "report.html").write_text(page, "utf-8")
     manifest = {"format": "storyc.manifest/2", "story": sid, "valid": valid,
-                "files": {f: {"sha256": sha256(tmp / f), "size": (tmp / f).stat().st_size} for f in files(tmp)}}
+                "files": {f: {"sha256": ctx.hasher.file(tmp / f), "size": (tmp / f).stat().st_size}
+                          for f in files(tmp)}}
     (tmp / "manifest.json").write_text(canonical_json(manifest), "utf-8")
     return Measured(mean, valid, coh, dist, align, chars, weakest, font if drawn else None)

@@ -377,8 +377,9 @@ KINDS: dict[str, StageKind] = {k.name: k for k in (
     # version 2: each image's style statistics and (with models.clip_zh) prompt alignment beside its score;
     # version 3: each image scored on its own (its figures no longer depend on the other images of the batch)
     StageKind("score", 3, _score, _score_models, "storyc.stages.score", scene_keys=("prompt",)),
-    # version 5: scores.json says character_consistency (null: the story has no character in two scenes)
-    StageKind("bundle", 5, _bundle, _bundle_models, "storyc.stages.bundle", _bundle_artifacts,
+    # version 5: scores.json says character_consistency (null: the story has no character in two scenes);
+    # version 6: storyboard.png written by storyc.png (Average-filtered, deflated on every core): other bytes
+    StageKind("bundle", 6, _bundle, _bundle_models, "storyc.stages.bundle", _bundle_artifacts,
               verdict="storyc.submission:verdict"),
 )}
 
