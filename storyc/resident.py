@@ -39,6 +39,11 @@ def get(role: str, key, load: Callable):
     return value
 
 
+def held(role: str):
+    """What is held for ``role`` (None: nothing)."""
+    return None if not _held or role not in _held else _held[role][1]
+
+
 def _free() -> None:
     import gc
     import sys

@@ -134,6 +134,23 @@ def free_gib(device: str) -> float | None:
     return free / 2 ** 30
 
 
+# Under `storyc watch` the text encoder (ChatGLM3-6B, 12.5 GiB in fp16) stays on the GPU between builds when what is
+# left beside it still holds the merged pipeline (5.3 GiB), a batch of 8 images at 1024^2 or a 2048^2 refine (12.6
+# GiB) and headroom: on a 24 GB card it waits on the CPU instead. Moving it over and back cost ~8 s of each prompt
+# edit on an H200 (bench/RESULTS.md, the edit loop).
+TEXT_ENCODER_KEEP_FREE_GIB = 20.0
+
+
+def keep_text_encoder(device: str) -> tuple[bool, str]:
+    """Whether the text encoder, now on ``device``, may stay there between watch builds, and why."""
+    free = free_gib(device)
+    if free is None:
+        return False, "on the CPU"
+    keep = free >= TEXT_ENCODER_KEEP_FREE_GIB
+    return keep, (f"{free:.1f} GiB free beside the text encoder {'>=' if keep else '<'} "
+                  f"{TEXT_ENCODER_KEEP_FREE_GIB:g}: it stays {'on the GPU' if keep else 'on the CPU'} between builds")
+
+
 def pick_device(requested: str | None) -> str:
     if requested:
         return requested

@@ -351,7 +351,25 @@ class Watcher:
             return False
         self._publish(plan, stale, code)
         print(f"watch: build {self.builds} done; waiting for a save", flush=True)
+        if code in (0, 3):
+            self._warm(plan, opts)
         return True
+
+    def _warm(self, plan, opts) -> None:
+        """Load the generation models the next edit needs, once (a build that ran no scene loaded none): the page
+        shows the build meanwhile, and a save waits at most for these loads, which its build would pay anyway."""
+        from .runner import open_context
+        from .stages.generate import warm
+
+        jobs = [j for j in plan.stages.values() if j.kind == "generate"]
+        try:
+            t = time.monotonic()
+            loaded = warm(open_context(plan, opts), jobs)
+        except (StorycError, OSError) as e:  # a model missing: the next build says so at its stage
+            print(f"watch: models not preloaded ({getattr(e, 'message', e)})", flush=True)
+            return
+        if loaded:
+            print(f"watch: {' and '.join(loaded)} loaded for the next edit in {time.monotonic() - t:.1f}s", flush=True)
 
     def _publish(self, plan, stale: dict, code: int | None):
         """The page's state from what the build wrote: the storyboard, the scenes, what ran and why."""

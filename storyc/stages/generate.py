@@ -100,8 +100,8 @@ def encode_all(kolors: Path, items: list[dict], cfg_scale: float, dtype, device,
 
         key = (str(kolors), ctx.fingerprint("kolors") if ctx is not None else None, str(dtype), str(device))
         prompter = resident.get("prompter", key, lambda: load_prompter(Path(kolors), dtype, device))
-        if resident.enabled() and str(device).startswith("cuda"):  # held on the CPU between builds (12 GB on
-            prompter.text_encoder.to(device)  # a 24 GB card is the UNet's room): moved over to encode
+        if resident.enabled() and str(device).startswith("cuda"):  # on a small card held on the CPU between
+            prompter.text_encoder.to(device)  # builds (its 12 GB are the UNet's room): moved over to encode
         shim = type("Encoder", (), {"prompter": prompter, "device": device})()
         with torch.no_grad():
             for sign, text in todo:
@@ -113,7 +113,13 @@ def encode_all(kolors: Path, items: list[dict], cfg_scale: float, dtype, device,
                     tensors = {"encoder_hidden_states": out[(sign, text)][0], "add_text_embeds": out[(sign, text)][1]}
                     cache.save_file(paths[(sign, text)], lambda tmp, t=tensors: save_file(t, str(tmp)))
         if resident.enabled() and str(device).startswith("cuda"):
-            prompter.text_encoder.to("cpu")
+            from .. import resources
+
+            keep, why = resources.keep_text_encoder(str(device))
+            if not keep:
+                prompter.text_encoder.to("cpu")
+            if ctx is not None:
+                ctx.report.info(f"     text encoder: {why}")
         del prompter, shim
         if str(device).startswith("cuda"):
             torch.cuda.empty_cache()
@@ -275,6 +281,38 @@ def encode_prompts(pipe, positive: list[str], negative: list[str]):
     texts = [pr.process_prompt(t, positive=True) for t in positive] + [pr.process_prompt(t, positive=False) for t in negative]
     # 256 tokens and hidden state -2, as SDXLImagePipeline.encode_prompt asks of the Kolors prompter
     return pr.encode_prompt_using_ChatGLM(texts, pr.text_encoder, pr.tokenizer, 256, 2, pipe.device)
+
+
+def warm(ctx, jobs) -> list[str]:
+    """`storyc watch` between builds: load what the next build of these scenes loads first (the text encoder and
+    the merged pipeline), held by storyc.resident with the keys ``run`` uses, so that the first edit after a
+    build that loaded nothing pays no load. Returns what it loaded now."""
+    from .. import resident
+    from ..models.kolors import load_prompter
+
+    if not (resident.enabled() and jobs):
+        return []
+    res = resources.for_generate(ctx.device)
+    lpath = lora_file(ctx)
+    if not lpath.exists():  # no LoRA trained yet: a build will say so
+        return []
+    kolors = ctx.model("kolors")
+    loaded = []
+    key = (str(kolors), ctx.fingerprint("kolors"), str(res.torch_dtype()), str(res.device))
+
+    def load():
+        loaded.append("text encoder")
+        prompter = load_prompter(Path(kolors), res.torch_dtype(), res.device)
+        if res.device.startswith("cuda") and not resources.keep_text_encoder(res.device)[0]:
+            prompter.text_encoder.to("cpu")
+        return prompter
+
+    resident.get("prompter", key, load)
+    before = resident.held("pipeline")
+    merged_pipeline(ctx, kolors, lpath, jobs[0].params["lora_strength"], res)
+    if resident.held("pipeline") is not before:
+        loaded.append("pipeline")
+    return loaded
 
 
 def run(ctx, jobs):
