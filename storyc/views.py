@@ -18,7 +18,23 @@ def show_plan(plan) -> None:
     tr = json.loads(plan.artifacts["train/train_config.json"])
     con.print(f"[bold]{st.title}[/bold]  ({st.id})  spec: {st.rel(st.spec_path)}")
     lo, t = tr["lora"], tr["train"]
-    con.print(f"LoRA: rank {lo['rank']}, alpha {lo['alpha']:g}, targets {', '.join(lo['target_modules'])}, init {lo['init']}")
+    kind = f"{lo.get('type', 'lora')}" + (f" (factor {lo['factor']})" if lo.get("type") == "lokr" else "")
+    con.print(f"LoRA: {kind}, rank {lo['rank']}, alpha {lo['alpha']:g}, targets {', '.join(lo['target_modules'])}, "
+              f"init {lo['init']}")
+    for src, mask, caps in zip(st.spec.datasets, st.mask_paths or (None,) * len(st.spec.datasets),
+                               st.caption_paths or (None,) * len(st.spec.datasets)):
+        where = escape(src.path or src.id or src.source)
+        if src.masks:
+            con.print(f"data {where}: loss masks from {'the alpha channel' if src.masks == 'alpha' else escape(st.rel(mask))}"
+                      + ("" if t.get("masked_loss") else " (unused: train.masked_loss is off)"))
+        if src.recaption:
+            rc = src.recaption
+            con.print(f"data {where}: recaptioned by models.captioner, mode {rc.get('mode', 'replace')}, template "
+                      f"{escape(rc.get('template', '{caption}'))}, kept in {escape(st.rel(caps))}")
+    if isinstance(t.get("validation"), dict):
+        v = t["validation"]
+        what = f"folder {escape(str(v['folder']))}" if "folder" in v else f"{v.get('images')} held-out image(s)"
+        con.print(f"validation: {what}, every {v.get('every', 100)} steps")
     con.print(f"train: {t['epochs']} x {t['steps_per_epoch']} steps, batch {t['batch_size']}, lr {t['learning_rate']:g}, "
               f"{t['width']}x{t['height']}, {t['precision']}, strategy {t['strategy']}, seed {t['seed']}")
     con.print(f"generate: {gen['width']}x{gen['height']}, {gen['steps']} steps, cfg {gen['cfg_scale']:g}, "

@@ -84,7 +84,7 @@ def sources(spec: Path) -> tuple[list[Path], list[Path]]:
     except (SpecError, StorycError, OSError):
         return [spec], []
     refs = [p for paths in story.character_paths.values() for p in paths]
-    masks = [p for p in (*story.mask_paths, story.validation_path) if p is not None]
+    masks = [p for p in (*story.mask_paths, *story.caption_paths, story.validation_path) if p is not None]
     return list(story.files), [p for p in story.dataset_paths if p is not None] + masks + refs
 
 

@@ -130,6 +130,7 @@ def test_mask_settings_that_cannot_work_are_spec_errors(project):
     assert r.returncode == 0 and "the sources' `masks` are used only by the masked loss" in r.stderr
     spec.write_text(base % ("folder", ", masks: masks", "masked_loss: true"), "utf-8")
     assert run_cli("validate", spec, cwd=project).returncode == 0
+    assert "data data: loss masks from masks" in run_cli("plan", spec, cwd=project).stdout
     spec.write_text((base % ("modelscope", ", masks: masks", "masked_loss: true")).replace("path: data", "id: a/b"),
                     "utf-8")
     r = run_cli("validate", spec, cwd=project)

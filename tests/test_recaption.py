@@ -98,3 +98,6 @@ def test_recaption_settings_that_cannot_work_are_spec_errors(project):
     assert r.returncode == 1 and "$.dataset.recaption.file: `caps` is a folder" in r.stderr
     spec.write_text(base % (models, 'template: "{source}，{caption}", prompt: a picture of'), "utf-8")
     assert run_cli("validate", spec, cwd=project).returncode == 0
+    r = run_cli("plan", spec, cwd=project)
+    assert "data data: recaptioned by models.captioner, mode replace, template {source}，{caption}, kept in " \
+           "captions.jsonl" in r.stdout
