@@ -40,9 +40,10 @@ def _wait_for(pred, timeout=240):
 def test_concurrent_builds_refuse_wait_and_take_over_stale_locks(copy):
     """A second build of the same folder refuses and names the holder; a story training the same LoRA waits for
     its cache entry; a killed build's locks are taken over."""
-    # checkpoints every 40 steps, not every 2: the resumed run writes 2 of them, not ~70 (half this test's time)
-    _edit(copy, "steps_per_epoch: 4,", "steps_per_epoch: 150,")
-    _edit(copy, "checkpoint_every: 2}", "checkpoint_every: 40}")
+    # long enough that the first build is still training while the others start (80 steps), checkpoints every 30
+    # steps, not every 2: the resumed run writes 2 of them, not ~70
+    _edit(copy, "steps_per_epoch: 4,", "steps_per_epoch: 80,")
+    _edit(copy, "checkpoint_every: 2}", "checkpoint_every: 30}")
     other = copy.parent / "other.yaml"  # another story, same data and training: the same cache entry
     other.write_text(copy.read_text("utf-8").replace("story: {id: t}", "story: {id: t2}"), "utf-8")
     from storyc.cli import main
