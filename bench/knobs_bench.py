@@ -190,7 +190,8 @@ def fit(name: str, knobs: dict, kolors: Path, steps: int, extra_callbacks=()):
     accel = "gpu" if CUDA else "cpu"
     strategy, devices, world = train_stage.setup_strategy(cfg, accel)
     mem = resources.plan_train(resources.free_gib(RES.device), cfg.train.gradient_checkpointing,
-                               cfg.train.cuda_graphs, cfg.train.batch_size, *cfg.size, world)
+                               cfg.train.cuda_graphs, cfg.train.batch_size, *cfg.size, world,
+                               adapter=cfg.lora.type)
     t = time.perf_counter()
     module = train_stage.setup_module(cfg, kolors, data, RES, work / "lora.tmp.safetensors", mem)
     clock = StepClock()

@@ -49,11 +49,17 @@ class TrainMemory:
     reason: str
 
 
+# What an adapter other than LoRA adds to a training step's peak (its update rebuilt as full weights in the forward
+# and kept for the backward), rank 16 on to_q/k/v/out of the full-size UNet, CUDA graphs on: the H200 peaks 15.24
+# (DoRA), 13.91 (LoHa) and 13.73 GiB (LoKr) against LoRA's 12.58 (bench/RESULTS.md, LoRA variants).
+ADAPTER_EXTRA_GIB = {"dora": 2.7, "loha": 1.4, "lokr": 1.2}
+
+
 def plan_train(free_gib: float | None, gc: "bool | str", graphs: bool, batch: int, width: int, height: int,
-               world: int = 1) -> TrainMemory:
+               world: int = 1, adapter: str = "lora") -> TrainMemory:
     """Gradient checkpointing and CUDA graphs for a training run; explicit spec values win over ``auto``."""
     scale = batch * width * height / 1024 ** 2
-    need = UNET_GIB + TRAIN_ACTIVATIONS_GIB * scale + HEADROOM_GIB
+    need = UNET_GIB + TRAIN_ACTIVATIONS_GIB * scale + HEADROOM_GIB + ADAPTER_EXTRA_GIB.get(adapter, 0.0)
     if isinstance(gc, bool):
         use_gc, why = gc, f"train.gradient_checkpointing: {str(gc).lower()} (spec)"
     elif free_gib is None:
@@ -63,7 +69,7 @@ def plan_train(free_gib: float | None, gc: "bool | str", graphs: bool, batch: in
         why = (f"{free_gib:.1f} GiB free {'<' if use_gc else '>='} {need:.1f} GiB needed without checkpointing: "
                f"gradient checkpointing {'on' if use_gc else 'off'}")
     use_graphs = bool(graphs) and not use_gc and world == 1 and free_gib is not None
-    least = UNET_GIB + TRAIN_ACTIVATIONS_GC_GIB * scale + HEADROOM_GIB
+    least = UNET_GIB + TRAIN_ACTIVATIONS_GC_GIB * scale + HEADROOM_GIB + ADAPTER_EXTRA_GIB.get(adapter, 0.0)
     if use_gc and free_gib is not None and free_gib < least:
         why += (f"; even with checkpointing about {least:.1f} GiB is needed ({free_gib:.1f} free): lower "
                 "train.batch_size or train.resolution")

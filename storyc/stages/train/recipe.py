@@ -114,7 +114,7 @@ def fit(ctx, cfg: TrainConfig, work: Path, kolors: Path, data: dict, res, previe
         f.unlink(missing_ok=True)
     free = resources.free_gib(res.device)
     mem = resources.plan_train(free, cfg.train.gradient_checkpointing, cfg.train.cuda_graphs, cfg.train.batch_size,
-                               *cfg.size, world)
+                               *cfg.size, world, adapter=cfg.lora.type)
     ctx.report.info(f"     memory: {mem.reason}; CUDA graphs {'on' if mem.cuda_graphs else 'off'}")
     atomic_write(work / "memory_plan.json", canonical_json(
         {"gradient_checkpointing": mem.gradient_checkpointing, "cuda_graphs": mem.cuda_graphs}))
