@@ -118,20 +118,25 @@ def make_loader(data: dict, train, micro_batches: int, progress, num_workers: in
                                        num_workers=num_workers, persistent_workers=False)
 
 
-def load_image(path: Path, w: int, h: int, center_crop: bool):
-    """The image as diffsynth's TextImageDataset prepares it (resize to cover, then crop), in [-1, 1]."""
-    import torch
+def _cover(image, w: int, h: int, center_crop: bool):
+    """Resized to cover w x h (bilinear), then centre-cropped to it when ``center_crop``: diffsynth's
+    TextImageDataset's geometry, shared by the images and their loss masks."""
     import torchvision
-    from PIL import Image
     from torchvision import transforms
 
-    image = Image.open(path).convert("RGB")
     iw, ih = image.size
     scale = max(w / iw, h / ih)
     image = torchvision.transforms.functional.resize(image, [round(ih * scale), round(iw * scale)],
                                                      interpolation=transforms.InterpolationMode.BILINEAR)
-    if center_crop:
-        image = transforms.CenterCrop((h, w))(image)
+    return transforms.CenterCrop((h, w))(image) if center_crop else image
+
+
+def load_image(path: Path, w: int, h: int, center_crop: bool):
+    """The image as diffsynth's TextImageDataset prepares it (resize to cover, then crop), in [-1, 1]."""
+    from PIL import Image
+    from torchvision import transforms
+
+    image = _cover(Image.open(path).convert("RGB"), w, h, center_crop)
     t = transforms.Normalize([0.5], [0.5])(transforms.ToTensor()(image))
     return t.unsqueeze(0).to(torch.float32)
 
@@ -139,18 +144,11 @@ def load_image(path: Path, w: int, h: int, center_crop: bool):
 def load_mask(path: Path, w: int, h: int, center_crop: bool, latent_hw: tuple):
     """A loss mask prepared as its image is (resize to cover, then crop), in [0, 1], area-averaged onto the latent
     grid (as kohya sd-scripts resizes its masks): shape (1, 1, *latent_hw)."""
-    import torchvision
     from PIL import Image
     from torchvision import transforms
 
     with Image.open(path) as im:
-        mask = im.convert("L")
-    iw, ih = mask.size
-    scale = max(w / iw, h / ih)
-    mask = torchvision.transforms.functional.resize(mask, [round(ih * scale), round(iw * scale)],
-                                                    interpolation=transforms.InterpolationMode.BILINEAR)
-    if center_crop:
-        mask = transforms.CenterCrop((h, w))(mask)
+        mask = _cover(im.convert("L"), w, h, center_crop)
     t = transforms.ToTensor()(mask).unsqueeze(0).to(torch.float32)
     return torch.nn.functional.interpolate(t, size=tuple(latent_hw), mode="area")
 
