@@ -101,3 +101,15 @@ def test_recaption_settings_that_cannot_work_are_spec_errors(project):
     r = run_cli("plan", spec, cwd=project)
     assert "data data: recaptioned by models.captioner, mode replace, template {source}，{caption}, kept in " \
            "captions.jsonl" in r.stdout
+
+
+def test_compose_follows_the_mode_and_the_template():
+    from storyc.stages.ingest import compose
+
+    rc = {"template": "{source}，{caption}"}
+    assert compose(rc, "a girl", "二次元", own=False) == "二次元，a girl"
+    assert compose({**rc, "mode": "append"}, "a girl", "二次元", own=True) == "二次元，二次元，a girl"
+    assert compose({"mode": "append"}, "a girl", "自己的", own=True) == "自己的，a girl"
+    assert compose({"mode": "keep"}, "a girl", "自己的", own=True) == "自己的"
+    assert compose({"mode": "keep"}, "a girl", "二次元", own=False) == "a girl"
+    assert compose({}, "a {source} girl", "x", own=False) == "a {source} girl"  # the captioner's words stay as said

@@ -216,7 +216,10 @@ def compose(rc: dict, model_text: str, source_text: str, own: bool) -> str:
     mode (replace: the template; append: the source caption, then the template; keep: an own caption stays)."""
     if rc.get("mode", "replace") == "keep" and own:
         return source_text
-    made = rc.get("template", "{caption}").replace("{caption}", model_text).replace("{source}", source_text)
+    import re
+
+    fields = {"caption": model_text, "source": source_text}  # one pass: the captioner's words are never re-read
+    made = re.sub(r"\{(caption|source)\}", lambda m: fields[m.group(1)], rc.get("template", "{caption}"))
     return f"{source_text}，{made}" if rc.get("mode", "replace") == "append" else made
 
 
