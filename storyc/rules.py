@@ -582,6 +582,17 @@ def check_train_knobs(ctx):
         if warm >= steps:
             out.append(ctx.diag(("train", "lr_warmup_steps"), f"{warm} warm-up steps but the run has only {steps} "
                                 "optimizer steps", "warm up over a small part of the run (e.g. 5%)", "train_knobs"))
+    weights = tr["select"].get("weights") if isinstance(tr.get("select"), dict) else None
+    if isinstance(weights, dict) and "character_consistency" in weights:
+        shown: dict = {}
+        for sc in _list(ctx.data.get("scenes")):
+            for cid in _list(sc.get("characters") if isinstance(sc, dict) else None):
+                shown[cid] = shown.get(cid, 0) + 1
+        if not any(n > 1 for n in shown.values()):
+            out.append(ctx.diag(("train", "select", "weights", "character_consistency"), "the previews measure "
+                                "character consistency only for a character shown in two scenes or more, and no "
+                                "character is", "list a character in two scenes' `characters`, or remove this "
+                                "weight", "train_knobs"))
     if (tr.get("select") == "best_score" or isinstance(tr.get("select"), dict)) and not tr.get("preview_every"):
         how = "best_score" if tr["select"] == "best_score" else "{weights: ...}"
         out.append(ctx.diag(("train", "select"), f"`select: {how}` needs previews to score checkpoints",

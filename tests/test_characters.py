@@ -167,6 +167,46 @@ def test_characters_condition_their_scenes_and_a_reference_change_rerenders_exac
     assert ran(copy) == {f"{k}[{s}]" for k in ("generate", "refine", "score") for s in ("home", "concert")} | {"bundle"}
 
 
+def test_previews_render_characters_and_select_weighs_their_consistency(copy, project):
+    """With previews on, the scenes that show a character are previewed through the IP-Adapter as generation renders
+    them; each checkpoint's record holds its character consistency, `train.select` can weigh it, and a new reference
+    makes training (which the previews are part of) stale. Without a character in two scenes the weight is a spec
+    error at its line."""
+    root = copy.parent
+    _reference(root / "refs/girl.png", (200, 80, 160))
+    text = copy.read_text("utf-8").replace("models: {", "models: {ip_adapter: tiny:ip-adapter, ").replace(
+        "scenes:\n", CHARS).replace("caption: 在家}", "caption: 在家, characters: [girl]}").replace(
+        "caption: 演唱会}", "caption: 演唱会, characters: [girl]}").replace(
+        "checkpoint_every: 2}", "checkpoint_every: 2, preview_every: 2, preview_steps: 1, "
+                                "select: {weights: {mean_aesthetic: 1, character_consistency: 2}}}")
+    copy.write_text(text, "utf-8")
+    r = run_cli("build", copy, "--until", "train", cwd=root)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "preview at step 2: mean aesthetic" in r.stdout and ", character consistency " in r.stdout
+    ck = json.loads((root / "build/t/lora/checkpoints.json").read_text("utf-8"))["checkpoints"]
+    assert [c["step"] for c in ck] == [2, 4] and all(-1.0 <= c["characters"] <= 1.0 for c in ck)
+    lock = yaml.safe_load((root / "story.lock").read_text("utf-8"))["stages"]["train"]
+    assert {"ip_adapter", "character:girl"} <= set(lock["models"])
+    scenes = {s["id"]: s for s in lock["params"]["preview"]["scenes"]}
+    assert scenes["home"]["characters"][0]["id"] == "girl" and "characters" not in scenes["stage"]
+    strip = (root / "build/t/lora/checkpoints/step-2.png").read_bytes()
+    edit(copy, "scale: 0.6", "scale: 0.0")  # the same LoRA at step 2, previewed without her: other pixels
+    assert run_cli("build", copy, "-q", "--until", "train", cwd=root).returncode == 0
+    assert (root / "build/t/lora/checkpoints/step-2.png").read_bytes() != strip
+    _reference(root / "refs/girl.png", (40, 200, 220), 5)
+    st = run_cli("status", copy, cwd=root)
+    assert "train" in st.stdout and "character girl's reference images changed" in st.stdout, st.stdout
+
+    spec = project / "story.yaml"
+    (project / "data").mkdir()
+    spec.write_text("version: 1\nstory: {id: d}\ndataset: {source: folder, path: data}\n"
+                    "train: {preview_every: 10, select: {weights: {character_consistency: 1}}}\n"
+                    "scenes: [{id: a, prompt: x, seed: 0}]\nsubmission: {images: 1, rules: none}\n", "utf-8")
+    r = run_cli("validate", spec, cwd=project)
+    assert r.returncode == 1 and "story.yaml:4:" in r.stderr
+    assert "$.train.select.weights.character_consistency: the previews measure character consistency" in r.stderr
+
+
 def test_the_shipped_character_demo_and_a_sweep_over_refine_and_scale(project):
     """specs/demo-characters.yaml: one girl from a demo-data drawing in five scenes, refined x2. A sweep over the
     refine strength and her scale needs one training, and may rank by character consistency; a story without

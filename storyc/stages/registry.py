@@ -165,10 +165,15 @@ def preview_params(c: Compiled) -> dict:
     tr, common = c.spec.train, generation_common(c.spec)
     size = tr.preview_size
     w, h = (size, size) if isinstance(size, int) else (tuple(size) if size else (common["width"], common["height"]))
-    return {"scenes": [{"id": s["id"], "prompt": s["prompt"], "negative_prompt": s["negative_prompt"],
-                        "seed": s["seeds"][0]} for s in c.scenes],
-            "width": w, "height": h, "steps": tr.preview_steps or common["steps"],
-            "cfg_scale": common["cfg_scale"], "lora_strength": common["lora_strength"], "aesthetic": c.refs["aesthetic"]}
+    scenes = [{"id": s["id"], "prompt": s["prompt"], "negative_prompt": s["negative_prompt"], "seed": s["seeds"][0],
+               # characters only when a scene shows some: a story without characters keeps its slice
+               **({"characters": character_params(c, s["characters"])} if s.get("characters") else {})}
+              for s in c.scenes]
+    out = {"scenes": scenes, "width": w, "height": h, "steps": tr.preview_steps or common["steps"],
+           "cfg_scale": common["cfg_scale"], "lora_strength": common["lora_strength"], "aesthetic": c.refs["aesthetic"]}
+    if any("characters" in s for s in scenes):  # the previews render the characters, as generation does
+        out["ip_adapter"] = c.refs["ip_adapter"]
+    return out
 
 
 def _train_artifacts(c: Compiled, jobs):
@@ -207,6 +212,9 @@ def _train_artifacts(c: Compiled, jobs):
 
 def _train_models(job, story):
     keys = ("kolors", "vae", "aesthetic") if "preview" in job.params else ("kolors", "vae")
+    if "ip_adapter" in job.params.get("preview", {}):  # previews with characters: the adapter and the references
+        ids = sorted({ch["id"] for s in job.params["preview"]["scenes"] for ch in s.get("characters", ())})
+        keys += ("ip_adapter", *(f"character:{i}" for i in ids))
     if "folder" in (job.params["train"].get("validation") or {}):  # its images, by content
         keys += ("validation",)
     return keys

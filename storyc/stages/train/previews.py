@@ -22,9 +22,10 @@ STRIP_HEIGHT = 128  # preview strip thumbnails: one row of the story, small enou
 
 class StoryPreviews(L.Callback):
     def __init__(self, preview: dict, every: int, total: int, table: dict, kolors: Path, aesthetic: Path,
-                 folder: Path, report):
+                 folder: Path, report, ip_adapter: Path | None = None, root: Path | None = None):
         self.p, self.every, self.total, self.table = preview, every, total, table
         self.kolors, self.aesthetic, self.folder, self.report = kolors, aesthetic, folder, report
+        self.ip_adapter, self.root = ip_adapter, root
         self.records = load_records(folder)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
@@ -34,11 +35,13 @@ class StoryPreviews(L.Callback):
         if step % self.every and step != self.total:
             return
         self.records[str(step)] = preview_checkpoint(module, step, self.p, self.table, self.kolors, self.aesthetic,
-                                                     self.folder)
+                                                     self.folder, self.ip_adapter, self.root)
         atomic_write(self.folder / "records.json", canonical_json(self.records))
         r = self.records[str(step)]
         _log_to_tensorboard(trainer, step, self.folder / f"step-{step}.png", r)
-        self.report.info(f"     preview at step {step}: mean aesthetic {r['mean']:.3f}, coherence {r['coherence']:.3f}")
+        chars = f", character consistency {r['characters']:.3f}" if "characters" in r else ""
+        self.report.info(f"     preview at step {step}: mean aesthetic {r['mean']:.3f}, coherence {r['coherence']:.3f}"
+                         + chars)
 
 
 def _log_to_tensorboard(trainer, step: int, strip_png: Path, rec: dict) -> None:
@@ -85,23 +88,29 @@ def _preview_weights(module, strength: float):
         unet.train(was_training)
 
 
-def preview_checkpoint(module, step: int, p: dict, table: dict, kolors: Path, aesthetic: Path, folder: Path) -> dict:
-    """Render, score and keep one checkpoint: its LoRA (step-N.safetensors) and preview strip (step-N.png)."""
+def preview_checkpoint(module, step: int, p: dict, table: dict, kolors: Path, aesthetic: Path, folder: Path,
+                       ip_adapter: Path | None = None, root: Path | None = None) -> dict:
+    """Render, score and keep one checkpoint: its LoRA (step-N.safetensors) and preview strip (step-N.png). Scenes
+    that show characters are conditioned on their references through the IP-Adapter, as generation does, and the
+    record then holds their character consistency."""
     from ... import resources
     from ...models.kolors import load_pipeline
-    from ..generate import cached_encoder, render_iter
-    from ..score import Scorer, coherence
+    from ..generate import cached_encoder, load_characters, render_iter
+    from ..score import Scorer, character_consistency, coherence
 
     folder.mkdir(parents=True, exist_ok=True)
     lo = module.lora_cfg
     lora_mod.save(folder / f"step-{step}.safetensors", module.lora_state(), {"rank": lo.rank, "alpha": lo.alpha})
     dev = module.device
     dtype = next(q for q in module.unet.parameters() if not q.requires_grad).dtype
-    items = [{"prompt": s["prompt"], "negative_prompt": s["negative_prompt"], "seed": s["seed"]} for s in p["scenes"]]
+    items = [{"prompt": s["prompt"], "negative_prompt": s["negative_prompt"], "seed": s["seed"],
+              **({"characters": s["characters"]} if s.get("characters") else {})} for s in p["scenes"]]
     gen = {k: p[k] for k in ("width", "height", "steps", "cfg_scale")}
     autocast = torch.autocast("cuda", dtype=dtype) if dev.type == "cuda" else contextlib.nullcontext()
     with _preview_weights(module, p["lora_strength"]) as unet, autocast:
         pipe = load_pipeline(kolors, dtype, dev, text_encoder=False, unet=unet)
+        if ip_adapter is not None:
+            load_characters(ip_adapter, pipe, items, root)
         batch, _ = resources.plan_generate(resources.free_gib(str(dev)), "auto", gen["width"], gen["height"], len(items))
         images = list(render_iter(pipe, items, gen, batch, encode=cached_encoder(table)))
         del pipe
@@ -111,8 +120,10 @@ def preview_checkpoint(module, step: int, p: dict, table: dict, kolors: Path, ae
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     coh, _ = coherence(embeds)
+    chars = character_consistency([[c["id"] for c in s.get("characters", ())] for s in p["scenes"]], embeds)
     strip(images).save(folder / f"step-{step}.png")
     return {"step": step, "mean": round(sum(scores) / len(scores), 6), "coherence": round(coh, 6),
+            **({"characters": round(chars["mean"], 6)} if chars else {}),
             "scores": {s["id"]: round(v, 6) for s, v in zip(p["scenes"], scores)}}
 
 
@@ -129,7 +140,8 @@ def strip(images):
     return out
 
 
-FIGURES = {"mean_aesthetic": "mean", "style_coherence": "coherence"}  # objective name -> a preview record's key
+# objective name -> a preview record's key
+FIGURES = {"mean_aesthetic": "mean", "style_coherence": "coherence", "character_consistency": "characters"}
 
 
 def objective(record: dict, how) -> float | None:

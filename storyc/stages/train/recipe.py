@@ -41,7 +41,8 @@ def train(ctx, cfg: TrainConfig, work: Path, node: int = 0, leader: Path | None 
         t = time.monotonic()
         items = [{"prompt": s["prompt"], "negative_prompt": s["negative_prompt"]} for s in cfg.preview["scenes"]]
         table = encode_all(kolors, items, cfg.preview["cfg_scale"], res.torch_dtype(), res.device, ctx)
-        previews = {"table": table, "kolors": kolors, "aesthetic": ctx.model("aesthetic")}
+        previews = {"table": table, "kolors": kolors, "aesthetic": ctx.model("aesthetic"), "root": ctx.story.root,
+                    "ip_adapter": ctx.model("ip_adapter") if "ip_adapter" in cfg.preview else None}
         ctx.metric("train.preview_encode_s", time.monotonic() - t)
     t1 = time.monotonic()
     steps, final_loss = fit(ctx, cfg, work, kolors, data, res, previews, node, leader)
@@ -226,7 +227,8 @@ def setup_callbacks(ctx, cfg: TrainConfig, work: Path, result: Path, total: int,
         if not resumed:
             shutil.rmtree(work / "previews", ignore_errors=True)
         story = StoryPreviews(cfg.preview, cfg.train.preview_every, total, previews["table"], previews["kolors"],
-                              previews["aesthetic"], work / "previews", ctx.report)
+                              previews["aesthetic"], work / "previews", ctx.report, previews["ip_adapter"],
+                              previews["root"])
         out.append(story)
     if cfg.train.validation or cfg.train.stop:
         from .validation import EarlyStop, Validation
