@@ -114,6 +114,17 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def link_or_copy(src, dst) -> None:
+    """``dst`` as a hard link to ``src`` (the same bytes, no copy), or a copy where links are refused (another file
+    system)."""
+    import shutil
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 def atomic_write(path, data, mode: str = "w") -> Path:
     """Write to a temporary file in the same folder, fsync, then rename: readers never see half a file."""
     path = Path(path)

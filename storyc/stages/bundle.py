@@ -18,7 +18,7 @@ from typing import NamedTuple
 from .. import png, reproduce
 from ..errors import StorycError
 from ..fonts import find_font
-from ..render import canonical_json, csv_cell, render
+from ..render import canonical_json, csv_cell, link_or_copy, render
 from ..report import checkpoints_html, font_face, loss_svg, report_html
 from ..submission import Gate, display_name, files, read_json
 from .registry import Result
@@ -89,13 +89,6 @@ def _fit(draw, text, font, width):
     return text[:lo] + "…" if lo else ""
 
 
-def _link(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # another file system, or links refused: a copy
-        shutil.copyfile(src, dst)
-
-
 def run(ctx, jobs):
     job, = jobs
     p = job.params
@@ -152,7 +145,7 @@ def _write_bundle(ctx, p: dict, tmp: Path, scenes: list, lora_cfg: dict):
     # LoRA files
     lora_names = [f"{sid}.{f}.safetensors" for f in sub["lora_formats"]]
     for n in lora_names:  # linked, not copied: the same bytes, and their hashes are known by inode
-        _link(ctx.output("train", n), tmp / n)
+        link_or_copy(ctx.output("train", n), tmp / n)
     # images, prompt records (what generate rendered; captions from this stage's own slice), scores
     recs, scores, embeds, styles, aligned, imgs = [], [], [], [], [], []
     (tmp / "images").mkdir()
@@ -161,7 +154,7 @@ def _write_bundle(ctx, p: dict, tmp: Path, scenes: list, lora_cfg: dict):
         rec = json.loads(ctx.output(last, ".json").read_text("utf-8"))  # what the scene's last stage rendered
         sc = json.loads(ctx.output(f"score[{s['id']}]", ".json").read_text("utf-8"))
         name = f"images/{Path(s['file']).name}"
-        _link(ctx.output(last, ".png"), tmp / name)
+        link_or_copy(ctx.output(last, ".png"), tmp / name)
         recs.append({**rec, "file": name, "caption": s["caption"]})
         scores.append(sc["score"])
         embeds.append(sc["clip_embedding"])

@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 from ..errors import StageError
-from ..render import canonical_json
+from ..render import canonical_json, link_or_copy
 from ._child import release, spawn
 from .registry import Result
 
@@ -122,11 +122,11 @@ def run(ctx, jobs):
         rep = repeats.get(Path(row["image"][0]).name, 1)  # ingest names each image uniquely
         src = src if src.is_absolute() else (data / "input" / src)
         name = f"{i:06d}{src.suffix}"
-        _link(src, tmp / name)
+        link_or_copy(src, tmp / name)
         mask = data / "input" / "masks" / f"{src.stem}.png"  # ingest's loss mask of this image, if any
         if mask.is_file():
             (tmp / "masks").mkdir(exist_ok=True)
-            _link(mask, tmp / "masks" / f"{i:06d}.png")
+            link_or_copy(mask, tmp / "masks" / f"{i:06d}.png")
         for _ in range(rep):
             w.writerow([name, row.get("text", "")])
         names_out.append(name)
@@ -243,10 +243,3 @@ def _start_ray(ctx, workers: int):
     stop()
     raise StageError("filter", "could not start a local Ray instance for `processing.executor: ray`",
                      text.splitlines()[-1] if text else None)
-
-
-def _link(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)  # same bytes, no copy
-    except OSError:
-        shutil.copyfile(src, dst)

@@ -96,12 +96,10 @@ def encode_all(kolors: Path, items: list[dict], cfg_scale: float, dtype, device,
     out = {}
     if todo:
         from .. import resident
-        from ..models.kolors import load_prompter
 
-        key = (str(kolors), ctx.fingerprint("kolors") if ctx is not None else None, str(dtype), str(device))
-        prompter = resident.get("prompter", key, lambda: load_prompter(Path(kolors), dtype, device))
-        if resident.enabled() and str(device).startswith("cuda"):  # on a small card held on the CPU between
-            prompter.text_encoder.to(device)  # builds (its 12 GB are the UNet's room): moved over to encode
+        prompter = _prompter(kolors, ctx.fingerprint("kolors") if ctx is not None else None, dtype, device)
+        if resident.enabled() and str(device).startswith("cuda"):  # parked on the CPU on a small card (its 12 GB
+            prompter.text_encoder.to(device)  # are the UNet's room between builds): moved over to encode
         shim = type("Encoder", (), {"prompter": prompter, "device": device})()
         with torch.no_grad():
             for sign, text in todo:
@@ -112,14 +110,9 @@ def encode_all(kolors: Path, items: list[dict], cfg_scale: float, dtype, device,
 
                     tensors = {"encoder_hidden_states": out[(sign, text)][0], "add_text_embeds": out[(sign, text)][1]}
                     cache.save_file(paths[(sign, text)], lambda tmp, t=tensors: save_file(t, str(tmp)))
-        if resident.enabled() and str(device).startswith("cuda"):
-            from .. import resources
-
-            keep, why = resources.keep_text_encoder(str(device))
-            if not keep:
-                prompter.text_encoder.to("cpu")
-            if ctx is not None:
-                ctx.report.info(f"     text encoder: {why}")
+        why = _park(prompter, device)
+        if why and ctx is not None:
+            ctx.report.info(f"     text encoder: {why}")
         del prompter, shim
         if str(device).startswith("cuda"):
             torch.cuda.empty_cache()
@@ -131,6 +124,29 @@ def encode_all(kolors: Path, items: list[dict], cfg_scale: float, dtype, device,
                 t = load_file(str(paths[w]))
                 out[w] = (t["encoder_hidden_states"], t["add_text_embeds"])
     return out
+
+
+def _prompter(kolors: Path, fingerprint: str | None, dtype, device):
+    """The Kolors prompter (ChatGLM), under `storyc watch` held between builds under one key (encode_all and warm
+    share it)."""
+    from .. import resident
+    from ..models.kolors import load_prompter
+
+    key = (str(kolors), fingerprint, str(dtype), str(device))
+    return resident.get("prompter", key, lambda: load_prompter(Path(kolors), dtype, device))
+
+
+def _park(prompter, device) -> str | None:
+    """Under `storyc watch` on a GPU, where the text encoder waits between builds: on the GPU where the card has
+    room beside it, else on the CPU. Returns why (None: nothing held)."""
+    from .. import resident
+
+    if not (resident.enabled() and str(device).startswith("cuda")):
+        return None
+    keep, why = resources.keep_text_encoder(str(device))
+    if not keep:
+        prompter.text_encoder.to("cpu")
+    return why
 
 
 def cached_encoder(table: dict):
@@ -288,7 +304,6 @@ def warm(ctx, jobs) -> list[str]:
     the merged pipeline), held by storyc.resident with the keys ``run`` uses, so that the first edit after a
     build that loaded nothing pays no load. Returns what it loaded now."""
     from .. import resident
-    from ..models.kolors import load_prompter
 
     if not (resident.enabled() and jobs):
         return []
@@ -297,22 +312,11 @@ def warm(ctx, jobs) -> list[str]:
     if not lpath.exists():  # no LoRA trained yet: a build will say so
         return []
     kolors = ctx.model("kolors")
-    loaded = []
-    key = (str(kolors), ctx.fingerprint("kolors"), str(res.torch_dtype()), str(res.device))
-
-    def load():
-        loaded.append("text encoder")
-        prompter = load_prompter(Path(kolors), res.torch_dtype(), res.device)
-        if res.device.startswith("cuda") and not resources.keep_text_encoder(res.device)[0]:
-            prompter.text_encoder.to("cpu")
-        return prompter
-
-    resident.get("prompter", key, load)
-    before = resident.held("pipeline")
+    before = {role: resident.held(role) for role in ("prompter", "pipeline")}
+    _park(_prompter(kolors, ctx.fingerprint("kolors"), res.torch_dtype(), res.device), res.device)
     merged_pipeline(ctx, kolors, lpath, jobs[0].params["lora_strength"], res)
-    if resident.held("pipeline") is not before:
-        loaded.append("pipeline")
-    return loaded
+    names = {"prompter": "text encoder", "pipeline": "pipeline"}
+    return [names[role] for role, old in before.items() if resident.held(role) is not old]
 
 
 def run(ctx, jobs):

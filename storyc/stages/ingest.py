@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import StageError
+from ..lock import sha256_file
 from ..project import inside
 from ..render import canonical_json
 from .registry import Result
@@ -149,12 +150,6 @@ def _save_mask(ctx, ds: dict, im, rel_in_source: str, dst: Path) -> bool:
     return True
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def _ingest_source(ctx, ds: dict, tmp: Path, lines: list, skipped: list, origins: list | None = None) -> int:
     """One source's records into ``tmp`` (images numbered on from ``lines``), each with its source's caption and,
     with ``masks``, its loss mask under masks/ (same number). Returns how many records got a mask."""
@@ -199,7 +194,7 @@ def _ingest_source(ctx, ds: dict, tmp: Path, lines: list, skipped: list, origins
         lines.append(json.dumps({"text": text, "image": [rel]}, ensure_ascii=False))
         if ds.get("recaption") is not None and origins is not None:  # what recaption needs to know of the record
             origins.append({"line": len(lines) - 1, "source": ds.get("path") or ds.get("id"), "image": in_source,
-                            "sha256": _sha256(src if isinstance(src, Path) else tmp / rel), "text": text,
+                            "sha256": sha256_file(src if isinstance(src, Path) else tmp / rel), "text": text,
                             "own": own, "file": rel})
     n = len(lines) - first
     if ds.get("masks") and masked < n:
@@ -277,7 +272,7 @@ def _caption_new(ctx, model_dir: Path, rc: dict, todo: list, tmp: Path) -> dict:
     return out
 
 
-def recaption(ctx, ds: dict, captioner: str, tmp: Path, lines: list, origins: list) -> int:
+def recaption(ctx, ds: dict, tmp: Path, lines: list, origins: list) -> int:
     """Recaption one source's records (``origins``) into ``lines``: each image's captioner words come from the
     captions file when its bytes are unchanged there, else from the captioner; a caption edited by hand (it differs
     from what storyc composed, `auto`) wins. The file is rewritten, sorted, atomically. Returns how many images the
@@ -332,7 +327,7 @@ def run(ctx, jobs):
         origins = [] if ds.get("recaption") is not None else None
         got = _ingest_source(ctx, ds, tmp, lines, skipped, origins)
         if origins:
-            recaptioned += recaption(ctx, ds, job.params["captioner"], tmp, lines, origins)
+            recaptioned += recaption(ctx, ds, tmp, lines, origins)
         masked += got
         per_source.append({"source": ds["source"], "where": ds.get("path") or ds.get("id"),
                            "records": len(lines) - first, "repeats": ds.get("repeats", 1),
