@@ -385,6 +385,10 @@ def test_validation_folder_is_measured_fingerprinted_and_checked(copy):
     r = run_cli("build", copy, "--until", "train", cwd=root)
     assert r.returncode == 0 and "train" in ran(copy), r.stdout + r.stderr
     assert (root / "build/t/lora/val_log.csv").read_text("utf-8") != curve
+    (root / "val" / "b.txt").write_bytes("验证图".encode("gbk"))  # not UTF-8: said plainly, no traceback
+    r = run_cli("build", copy, "--until", "train", cwd=root)
+    assert r.returncode == 1 and "caption file val/b.txt is not UTF-8 text" in r.stderr + r.stdout
+    assert "Traceback" not in r.stderr + r.stdout
 
     edit(copy, "validation: {folder: val,", "validation: {folder: vall,")
     r = run_cli("validate", copy, cwd=root)

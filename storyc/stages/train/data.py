@@ -285,14 +285,23 @@ def validation_folder(ctx, tr) -> list:
     if not folder:
         return []
     from ...lock import walk_files
+    from ...project import inside
     from ..ingest import EXTS
 
     out = []
-    for _, p in walk_files(ctx.project_path(folder)):
-        if p.suffix.lower() in EXTS:
-            txt = p.with_suffix(".txt")
+    for rel, p in walk_files(ctx.project_path(folder)):
+        if p.suffix.lower() not in EXTS:
+            continue
+        if not inside(p, ctx.story.root.resolve()):  # as ingest refuses it for a dataset folder
+            raise StageError("train", f"validation image {folder}/{rel} links to a file outside the project",
+                             "copy the image into the validation folder instead of linking to it")
+        txt = p.with_suffix(".txt")
+        try:
             own = txt.read_text("utf-8-sig").strip() if txt.is_file() else ""
-            out.append((p, own or tr.validation.get("caption") or ""))
+        except UnicodeDecodeError:
+            raise StageError("train", f"caption file {folder}/{Path(rel).with_suffix('.txt')} is not UTF-8 text",
+                             "save it as UTF-8 (e.g. iconv -f GBK -t UTF-8)") from None
+        out.append((p, own or tr.validation.get("caption") or ""))
     if not out:
         raise StageError("train", f"the validation folder {folder} holds no images",
                          "add images to it, or use `train.validation: {images: N}`")
