@@ -62,20 +62,15 @@ class Hasher:
         self.dirty = False
 
     def file(self, path: Path) -> str:
-        """Also keyed by the file's inode: a hard link (the bundle links the LoRA and the images into the
-        submission) or a renamed file is the same bytes, read once."""
         path = Path(path)
         st = path.stat()
-        key, ino = str(path.resolve()), f"@{st.st_dev}:{st.st_ino}"
-        for k in (key, ino):
-            hit = self.cache.get(k)
-            if isinstance(hit, list) and len(hit) == 3 and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
-                if k != key:
-                    self.cache[key], self.dirty = hit, True
-                return hit[2]
+        key = str(path.resolve())
+        hit = self.cache.get(key)
+        if isinstance(hit, list) and len(hit) == 3 and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+            return hit[2]
         self.reads += 1
         sha = sha256_file(path)
-        self.cache[key] = self.cache[ino] = [st.st_size, st.st_mtime_ns, sha]
+        self.cache[key] = [st.st_size, st.st_mtime_ns, sha]
         self.dirty = True
         return sha
 

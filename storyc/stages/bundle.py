@@ -18,6 +18,7 @@ from typing import NamedTuple
 from .. import png, reproduce
 from ..errors import StorycError
 from ..fonts import find_font
+from ..lock import sha256_file
 from ..render import canonical_json, csv_cell, link_or_copy, render
 from ..report import checkpoints_html, font_face, loss_svg, report_html
 from ..submission import Gate, display_name, files, read_json
@@ -144,8 +145,10 @@ def _write_bundle(ctx, p: dict, tmp: Path, scenes: list, lora_cfg: dict):
 
     # LoRA files
     lora_names = [f"{sid}.{f}.safetensors" for f in sub["lora_formats"]]
-    for n in lora_names:  # linked, not copied: the same bytes, and their hashes are known by inode
-        link_or_copy(ctx.output("train", n), tmp / n)
+    linked = {}  # submission file -> the build output it links: its hash is known (the fingerprint cache)
+    for n in lora_names:  # linked, not copied: the same bytes
+        linked[n] = ctx.output("train", n)
+        link_or_copy(linked[n], tmp / n)
     # images, prompt records (what generate rendered; captions from this stage's own slice), scores
     recs, scores, embeds, styles, aligned, imgs = [], [], [], [], [], []
     (tmp / "images").mkdir()
@@ -154,7 +157,8 @@ def _write_bundle(ctx, p: dict, tmp: Path, scenes: list, lora_cfg: dict):
         rec = json.loads(ctx.output(last, ".json").read_text("utf-8"))  # what the scene's last stage rendered
         sc = json.loads(ctx.output(f"score[{s['id']}]", ".json").read_text("utf-8"))
         name = f"images/{Path(s['file']).name}"
-        link_or_copy(ctx.output(last, ".png"), tmp / name)
+        linked[name] = ctx.output(last, ".png")
+        link_or_copy(linked[name], tmp / name)
         recs.append({**rec, "file": name, "caption": s["caption"]})
         scores.append(sc["score"])
         embeds.append(sc["clip_embedding"])
@@ -235,7 +239,7 @@ def _write_bundle(ctx, p: dict, tmp: Path, scenes: list, lora_cfg: dict):
         page = report_html(ctxd)
     (tmp / "report.html").write_text(page, "utf-8")
     manifest = {"format": "storyc.manifest/2", "story": sid, "valid": valid,
-                "files": {f: {"sha256": ctx.hasher.file(tmp / f), "size": (tmp / f).stat().st_size}
-                          for f in files(tmp)}}
+                "files": {f: {"sha256": ctx.hasher.file(linked[f]) if f in linked else sha256_file(tmp / f),
+                              "size": (tmp / f).stat().st_size} for f in files(tmp)}}
     (tmp / "manifest.json").write_text(canonical_json(manifest), "utf-8")
     return Measured(mean, valid, coh, dist, align, chars, weakest, font if drawn else None)
