@@ -45,6 +45,8 @@ for b in "$@"; do
     measure) python3 bench/measure_bench.py ${MEASURE_ARGS:-} 2>&1 | tee "$OUT/measure_log.txt" ;;
     # bench/characters_bench.py: the Kolors IP-Adapter-Plus's added cost per image (issue 24)
     characters) python3 bench/characters_bench.py ${CHAR_ARGS:-} 2>&1 | tee "$OUT/characters_log.txt" ;;
+    # bench/attn_probe.py: the UNet's kernels by kind, and each attention backend, at generate/refine/train shapes
+    attn) python3 bench/attn_probe.py ${ATTN_ARGS:-} 2>&1 | tee "$OUT/attn_log.txt" ;;
     train) python3 bench/train_bench.py ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/train_log.txt" ;;
     multigpu) python3 bench/multigpu.py 2>&1 | tee "$OUT/multigpu_log.txt" ;;
     graphs) python3 bench/graphs_check.py 2>&1 | tee "$OUT/graphs_log.txt" ;;

@@ -160,15 +160,19 @@ def train_config(knobs: dict, steps: int) -> TrainConfig:
 class StepClock(L.Callback):
     """Start-to-start step times (synchronised): the whole loop iteration, the module's hooks included."""
 
-    def __init__(self):
+    def __init__(self, sync_each: bool = True, sync_at=()):
         self.starts, self.losses, self.graphed, self.end = [], [], None, None
+        # sync_each False (the logging variants): synchronise only at the starts in sync_at (the first timed step
+        # and the last), so the loop runs as the build's does and the mean over that span is exact
+        self.sync_each, self.sync_at = sync_each, set(sync_at)
 
     def on_train_batch_start(self, trainer, module, batch, idx):
-        sync()
+        if self.sync_each or len(self.starts) in self.sync_at:
+            sync()
         self.starts.append(time.perf_counter())
 
     def on_train_batch_end(self, trainer, module, outputs, batch, idx):
-        if isinstance(outputs, dict):
+        if self.sync_each and isinstance(outputs, dict):
             self.losses.append(float(outputs["loss"]))
 
     def on_train_end(self, trainer, module):
@@ -181,7 +185,19 @@ class StepClock(L.Callback):
         return [b - a for a, b in zip(self.starts, self.starts[1:])]
 
 
+class PerStepRead(L.Callback):
+    """The logging before issue 25's fix, for the logging variants: the loss read back to the host after every step
+    (storyc's CSV line) and handed to the logger as a number (Lightning's TensorBoard logging of self.log)."""
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, idx):
+        v = float(outputs["loss"])
+        for lg in trainer.loggers:
+            lg.log_metrics({"loss_per_step": v}, step=trainer.global_step)
+
+
 def fit(name: str, knobs: dict, kolors: Path, steps: int, extra_callbacks=()):
+    knobs = dict(knobs)
+    log_mode = knobs.pop("_log", None)  # the logging variants: quiet | build | per_step (see VARIANTS)
     cfg = train_config(knobs, steps)
     data = make_data(kolors, bool(cfg.train.caption_dropout))
     work = WORK / name
@@ -194,10 +210,18 @@ def fit(name: str, knobs: dict, kolors: Path, steps: int, extra_callbacks=()):
                                adapter=cfg.lora.type)
     t = time.perf_counter()
     module = train_stage.setup_module(cfg, kolors, data, RES, work / "lora.tmp.safetensors", mem)
-    clock = StepClock()
+    clock = StepClock(sync_each=log_mode is None, sync_at=(args.warmup, steps - 1))
     total = cfg.optimizer_steps(world)
-    callbacks = [clock, StoryCallbacks(Reporter(quiet=True, live=False), work / "train_log.csv",
-                                       work / "fit_result.json", total, False),
+    story = StoryCallbacks(Reporter(quiet=True, live=False), work / "train_log.csv", work / "fit_result.json", total,
+                           False)
+    logger = False
+    if log_mode in ("build", "per_step"):  # as `storyc build` logs: TensorBoard + the learning-rate monitor
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        logger = TensorBoardLogger(save_dir=str(work), name="logs", version="", default_hp_metric=False)
+        extra_callbacks = (*extra_callbacks, L.pytorch.callbacks.LearningRateMonitor(logging_interval="step"),
+                           *([PerStepRead()] if log_mode == "per_step" else []))
+    callbacks = [clock, *([] if log_mode == "quiet" else [story]),
                  *([EMA(cfg.train.ema)] if cfg.train.ema else []), *extra_callbacks]
     if cfg.train.validation:  # train.validation: held-out latents and the callback that measures them
         from storyc.stages.train.validation import Validation
@@ -206,14 +230,14 @@ def fit(name: str, knobs: dict, kolors: Path, steps: int, extra_callbacks=()):
         data["val"] = [{"latent": torch.randn((1, 4, SIZE // 8, SIZE // 8), generator=g).to(torch.float16), "text": 0}
                        for _ in range(cfg.train.validation["images"])]
         callbacks.append(Validation(cfg.train.validation, total, work / "val_log.csv", Reporter(quiet=True, live=False)))
-    trainer = train_stage.setup_trainer(cfg, accel, devices, strategy, RES.precision, total, callbacks, work)
+    trainer = train_stage.setup_trainer(cfg, accel, devices, strategy, RES.precision, total, callbacks, work, logger)
     loader = train_stage.setup_data(cfg, data, module)
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
     trainer.fit(module, train_dataloaders=loader)
     wall = time.perf_counter() - t
     st = clock.steps()
-    fr = json.loads((work / "fit_result.json").read_text("utf-8"))
+    fr = json.loads((work / "fit_result.json").read_text("utf-8")) if (work / "fit_result.json").exists() else {}
     rec = {"knobs": knobs, "module_cfg": {k: getattr(module.cfg, k, None) for k in ("min_snr_gamma", "noise_offset",
                                                                           "caption_dropout", "ema", "optimizer",
                                                                           "gradient_checkpointing", "cuda_graphs")},
@@ -243,7 +267,12 @@ VARIANTS = [("base", {}), ("min_snr_gamma_5", {"min_snr_gamma": 5.0}), ("noise_o
             ("loha", {"lora": {"type": "loha"}}), ("lokr", {"lora": {"type": "lokr"}}),
             # issue 26: train.masked_loss (a one-channel mask per sample, moved with the batch and multiplied into
             # the loss; the synthetic latents have none, so each sample's mask is all ones: the same work)
-            ("masked_loss", {"masked_loss": True}), ("base_again", {})]
+            ("masked_loss", {"masked_loss": True}), ("base_again", {}),
+            # issue 25: what logging costs a step, timed without a sync per step (the mean from the first timed step
+            # to the last, both synchronised): no storyc callbacks and no logger (the kernels + Lightning's loop);
+            # storyc's StoryCallbacks + TensorBoard + LR monitor as the build runs them; the same plus a host read of
+            # every step's loss (the logging before the fix). Run with --only log_quiet,log_build,log_per_step
+            ("log_quiet", {"_log": "quiet"}), ("log_build", {"_log": "build"}), ("log_per_step", {"_log": "per_step"})]
 NEEDS = {"adamw8bit": "bitsandbytes", "prodigy": "prodigyopt"}
 
 
@@ -361,7 +390,9 @@ for name, knobs in VARIANTS:
     try:
         rec, st = fit(name, knobs, KOLORS, args.warmup + args.steps + 1)  # +1: the last start closes step n
         steady = st[args.warmup:]
-        rec.update(s_per_step=statistics.median(steady), steady_steps=steady, mean_s_per_step=statistics.mean(steady),
+        # unsynchronised steps (the logging variants): only their sum is a time, so the mean
+        mid = statistics.mean(steady) if "_log" in knobs else statistics.median(steady)
+        rec.update(s_per_step=mid, steady_steps=steady, mean_s_per_step=statistics.mean(steady),
                    steady_min=min(steady), steady_max=max(steady))
         R["variants"][name] = rec
         log(f"{name:<24} {rec['s_per_step']:.4f} s/step (min {rec['steady_min']:.4f} max {rec['steady_max']:.4f}) "

@@ -138,6 +138,10 @@ def test_training_with_every_knob_on(base, tmp_path):
     acc = EventAccumulator(str(events[0].parent))
     acc.Reload()
     assert {"loss", "lr-AdamW"} <= set(acc.Tags()["scalars"]), acc.Tags()["scalars"]
+    # the loss stays on the device between flushes (no host sync per step), yet every step reaches both logs
+    rows = [ln.split(",") for ln in log[1:]]
+    assert [e.step for e in acc.Scalars("loss")] == [int(r[0]) for r in rows] == [1, 2, 3, 4]
+    assert all(math.isclose(e.value, float(r[1]), abs_tol=1e-5) for e, r in zip(acc.Scalars("loss"), rows))
     lrs = [e.value for e in acc.Scalars("lr-AdamW")]
     assert lrs[0] < lrs[1] < lrs[2] and lrs[3] < lrs[2]  # warm-up, then the cosine decay
     # the exported LoRA is the EMA of the trained weights, not the last weights: the same run without EMA (the

@@ -21,6 +21,8 @@ class StoryCallbacks(L.Callback):
         self.t0 = None
         self.t_steady = None  # after the first step (CUDA-graph capture, warm-up): the steady step rate
         self.first = 0
+        self.pending = []  # (step, loss on the device) since the last flush: read back together, one sync
+        self.t_flush = 0.0
         if not resumed and log_path.exists():
             log_path.unlink()
 
@@ -42,22 +44,54 @@ class StoryCallbacks(L.Callback):
                 self.log_path.write_text("\n".join([lines[0], *keep]) + "\n", "utf-8")
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        # No host sync per step: a step's loss stays on the device until a flush, every FLUSH_S seconds, at the
+        # last step, at each checkpoint and at the end. Each step still gets its own line in the log.
         if not trainer.is_global_zero:
             return
-        loss = float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs)
-        self.last_loss = loss
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         step = trainer.global_step
-        if self.t_steady is None:
+        self.pending.append((step, loss.detach() if hasattr(loss, "detach") else loss))
+        if self.t_steady is None:  # the first step (CUDA-graph capture, warm-up) read back now: the steady rate
+            self.flush(trainer)    # is timed from its end
             self.t_steady = time.monotonic()
+        elif time.monotonic() - self.t_flush >= self.FLUSH_S or step >= self.total:
+            self.flush(trainer)
+
+    FLUSH_S = 2.0
+
+    def flush(self, trainer) -> None:
+        """The pending losses to the CSV log, TensorBoard (when on) and the progress line, in one read-back."""
+        if not self.pending:
+            return
+        steps = [s for s, _ in self.pending]
+        values = torch.stack([torch.as_tensor(v).float().reshape(()) for _, v in self.pending]).tolist()
+        self.pending, self.t_flush = [], time.monotonic()
         new = not self.log_path.exists()
         with open(self.log_path, "a", encoding="utf-8") as f:
             if new:
                 f.write("step,loss\n")
-            f.write(f"{step},{loss:.6f}\n")
-        rate = (step - self.first) / max(time.monotonic() - self.t0, 1e-9)
-        self.report.update(step, self.total, f"loss {loss:.4f}  {rate:.2f} it/s")
+            f.writelines(f"{s},{v:.6f}\n" for s, v in zip(steps, values))
+        for lg in trainer.loggers:
+            for s, v in zip(steps, values):
+                lg.log_metrics({"loss": v}, step=s)
+        self.last_loss = values[-1]
+        rate = (steps[-1] - self.first) / max(time.monotonic() - self.t0, 1e-9)
+        self.report.update(steps[-1], self.total, f"loss {values[-1]:.4f}  {rate:.2f} it/s")
+
+    def on_save_checkpoint(self, trainer, module, checkpoint):
+        if trainer.is_global_zero:  # the log holds every step a checkpoint holds (a resume keeps those lines)
+            self.flush(trainer)
+
+    def on_exception(self, trainer, module, exception):
+        if trainer.is_global_zero:
+            try:
+                self.flush(trainer)
+            except Exception:  # noqa: BLE001 - a failed device read must not hide the original error
+                self.pending = []
 
     def on_train_end(self, trainer, module):
+        if trainer.is_global_zero:
+            self.flush(trainer)
         # every rank reports its device and peak memory: the evidence that each GPU trained
         dev = module.device
         peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else 0.0

@@ -84,8 +84,7 @@ class LoRAModule(L.LightningModule):
         pred = self._unet(noisy, timestep, ehs, add_time_id, ate)
         mask = batch.get("mask")
         loss = self.compute_loss(pred, target, timestep, None if mask is None else mask.to(dev))
-        self.log("loss", loss.detach(), prog_bar=False, on_step=True)
-        return loss
+        return loss  # logged by StoryCallbacks, without a host sync per step
 
     def conditioning(self, text_ids: list, latents, dtype):
         """The UNet's conditioning of a batch: the cached caption embeddings (hidden states, pooled) and the SDXL

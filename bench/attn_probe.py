@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""Where the Kolors UNet's time goes, and which attention kernel it should use (issues 24 and 25).
+
+One full-size Kolors-architecture UNet (random weights, fp16) run three ways, each timed with PyTorch's scaled-dot-
+product attention left to choose its kernel ("default") and pinned to each fused kernel in turn:
+  generate  one UNet call of the batched sampling loop at 1024²: 8 rows (4 images x classifier-free guidance)
+  refine    one UNet call of the refine pass at 2048²: 2 rows (1 image x guidance)
+  train     one training step's forward + backward at 1024², batch 1 (grads through every activation, as a LoRA's)
+Then a CUDA-kernel profile of each at the default, summed by kind (attention, GEMM, convolution, norms, other), so
+the attention's share is measured rather than guessed. Run on the GPU machine: bash bench/gpu.sh attn
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from common import DEV, DT, SMOKE, build_unet, gpu_info, out_dir, sync, torch, write
+
+p = argparse.ArgumentParser()
+p.add_argument("--reps", type=int, default=5)
+p.add_argument("--only", default="generate,refine,train")
+args = p.parse_args()
+R = {"meta": gpu_info(), "runs": {}}
+print("card", R["meta"], flush=True)
+
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+unet = build_unet()
+DIM, POOLED, LEN = 4096, 4096, 256  # ChatGLM hidden states, pooled, 256 tokens
+if SMOKE:
+    from storyc.models.tiny import TINY_UNET
+
+    DIM, POOLED, LEN = TINY_UNET["encoder_hid_dim"], TINY_UNET["projection_class_embeddings_input_dim"] - 6 * \
+        TINY_UNET["addition_time_embed_dim"], 16
+SCEN = {"generate": (8, 1024, False), "refine": (2, 2048, False), "train": (1, 1024, True)}
+BACKENDS = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION}
+
+
+def inputs(rows: int, size: int, grad: bool):
+    s = 64 if SMOKE else size
+    g = torch.Generator(device=DEV).manual_seed(0)
+    x = torch.randn(rows, 4, s // 8, s // 8, device=DEV, dtype=DT, generator=g).requires_grad_(grad)
+    ehs = torch.randn(rows, LEN, DIM, device=DEV, dtype=DT, generator=g)
+    ate = torch.randn(rows, POOLED, device=DEV, dtype=DT, generator=g)
+    tid = torch.tensor([s, s, 0, 0, s, s], device=DEV).repeat(rows)
+    return x, torch.tensor([500], device=DEV), ehs, tid, ate
+
+
+def call(args_, grad: bool):
+    x, t, ehs, tid, ate = args_
+    if grad:
+        out = unet(x, timestep=t, encoder_hidden_states=ehs, add_time_id=tid, add_text_embeds=ate)
+        out.float().square().mean().backward()
+        x.grad = None
+    else:
+        with torch.no_grad():
+            unet(x, timestep=t, encoder_hidden_states=ehs, add_time_id=tid, add_text_embeds=ate)
+
+
+def kind(name: str) -> str:
+    n = name.lower()
+    if any(k in n for k in ("flash", "fmha", "attention", "sdpa", "cudnn_generated_fort_native_sdpa")):
+        return "attention"
+    if any(k in n for k in ("conv", "implicit_gemm", "winograd", "nchw", "nhwc")):
+        return "convolution"
+    if any(k in n for k in ("gemm", "nvjet", "xmma", "cutlass", "sm90", "ampere")):
+        return "gemm"
+    if any(k in n for k in ("norm", "welford")):
+        return "norm"
+    return "other"
+
+
+def profile(fn) -> dict:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    acts = [ProfilerActivity.CPU] + ([] if SMOKE else [ProfilerActivity.CUDA])
+    with prof(activities=acts) as pr:
+        fn()
+        sync()
+    by, top = {}, {}
+    for e in pr.events():
+        us = getattr(e, "device_time", 0) if not SMOKE else 0
+        if us and e.device_type.name == "CUDA":
+            by[kind(e.name)] = by.get(kind(e.name), 0.0) + us / 1e3
+            top[e.name[:90]] = top.get(e.name[:90], 0.0) + us / 1e3
+    return {"ms_by_kind": {k: round(v, 2) for k, v in sorted(by.items(), key=lambda kv: -kv[1])},
+            "top_kernels_ms": {k: round(v, 2) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:12]}}
+
+
+q = torch.randn(2, 10, (64 if SMOKE else 16384), 64, device=DEV, dtype=DT)
+try:
+    R["meta"]["sdpa_choice_2048_level2"] = str(SDPBackend(torch._fused_sdp_choice(q, q, q)))
+except Exception as e:  # noqa: BLE001
+    R["meta"]["sdpa_choice_2048_level2"] = repr(e)[:200]
+print("sdpa picks", R["meta"]["sdpa_choice_2048_level2"], flush=True)
+del q
+for name in args.only.split(","):
+    rows, size, grad = SCEN[name]
+    a = inputs(rows, size, grad)
+    run = R["runs"][name] = {"rows": rows, "size": size, "backward": grad, "ms": {}}
+    for tag, backend in BACKENDS.items():
+        ctx = sdpa_kernel([backend]) if backend is not None and not SMOKE else None
+        try:
+            times = []
+            with ctx if ctx is not None else torch.enable_grad():
+                for i in range(2 + args.reps):
+                    sync()
+                    t = time.perf_counter()
+                    call(a, grad)
+                    sync()
+                    if i >= 2:
+                        times.append(time.perf_counter() - t)
+            run["ms"][tag] = round(1e3 * statistics.median(times), 2)
+        except Exception as e:  # noqa: BLE001 - a kernel that cannot run this shape: recorded, not fatal
+            run["ms"][tag] = repr(e)[:200]
+        print(name, tag, run["ms"][tag], flush=True)
+    run["profile_default"] = profile(lambda: call(a, grad))
+    print(name, "profile", run["profile_default"]["ms_by_kind"], flush=True)
+    best = min((t for t, v in run["ms"].items() if isinstance(v, float)), key=lambda t: run["ms"][t])
+    if best != "default" and not SMOKE:
+        with sdpa_kernel([BACKENDS[best]]):
+            run[f"profile_{best}"] = profile(lambda: call(a, grad))
+        print(name, "profile", best, run[f"profile_{best}"]["ms_by_kind"], flush=True)
+    del a
+    sync()
+write(out_dir(), "attn_probe.json", R)
+print("done", flush=True)
