@@ -195,6 +195,32 @@ class PerStepRead(L.Callback):
             lg.log_metrics({"loss_per_step": v}, step=trainer.global_step)
 
 
+class SyncCounter(L.Callback):
+    """Counts the host syncs of the timed steps (torch.cuda.set_sync_debug_mode("warn"): PyTorch warns on every
+    synchronising call - a read-back, a blocking copy - but not on the clock's own torch.cuda.synchronize)."""
+
+    def __init__(self, first: int, last: int):
+        self.first, self.last, self.count, self.where, self._rec = first, last, 0, {}, None
+
+    def on_train_batch_start(self, trainer, module, batch, idx):
+        import warnings
+
+        if idx == self.first and CUDA:
+            self._rec = warnings.catch_warnings(record=True)
+            self._log = self._rec.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        elif idx == self.last and self._rec is not None:
+            torch.cuda.set_sync_debug_mode(0)
+            self._rec.__exit__(None, None, None)
+            hits = [w for w in self._log if "synchronizing" in str(w.message)]
+            self.count = len(hits)
+            for w in hits:
+                key = f"{Path(w.filename).name}:{w.lineno}"
+                self.where[key] = self.where.get(key, 0) + 1
+            self._rec = None
+
+
 def fit(name: str, knobs: dict, kolors: Path, steps: int, extra_callbacks=()):
     knobs = dict(knobs)
     log_mode = knobs.pop("_log", None)  # the logging variants: quiet | build | per_step (see VARIANTS)
@@ -221,7 +247,8 @@ def fit(name: str, knobs: dict, kolors: Path, steps: int, extra_callbacks=()):
         logger = TensorBoardLogger(save_dir=str(work), name="logs", version="", default_hp_metric=False)
         extra_callbacks = (*extra_callbacks, L.pytorch.callbacks.LearningRateMonitor(logging_interval="step"),
                            *([PerStepRead()] if log_mode == "per_step" else []))
-    callbacks = [clock, *([] if log_mode == "quiet" else [story]),
+    syncs = SyncCounter(args.warmup, steps - 1) if log_mode else None
+    callbacks = [clock, *([syncs] if syncs else []), *([] if log_mode == "quiet" else [story]),
                  *([EMA(cfg.train.ema)] if cfg.train.ema else []), *extra_callbacks]
     if cfg.train.validation:  # train.validation: held-out latents and the callback that measures them
         from storyc.stages.train.validation import Validation
@@ -246,6 +273,9 @@ def fit(name: str, knobs: dict, kolors: Path, steps: int, extra_callbacks=()):
            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if CUDA else None,
            "losses_finite": all(math.isfinite(x) for x in clock.losses), "last_loss": clock.losses[-1] if clock.losses else None,
            "story_callbacks_s_per_step": fr.get("s_per_step")}
+    if syncs is not None:  # host syncs over the timed steps, and where PyTorch saw them
+        rec.update(host_syncs=syncs.count, host_syncs_per_step=syncs.count / max(steps - 1 - args.warmup, 1),
+                   host_sync_sites=syncs.where)
     del module, trainer, loader
     gc.collect()
     if CUDA:

@@ -36,6 +36,7 @@ class LoRAModule(L.LightningModule):
         self.export = export  # rank 0 writes the trained LoRA here at the end (the main process may hold no copy)
         self._snr_table = None  # min-SNR weight per timestep (train.min_snr_gamma)
         self._timestep_id = 0
+        self._consts = {}  # _resident's device tensors
         if self._loader is None:
             self._attach(unet)
 
@@ -75,26 +76,38 @@ class LoRAModule(L.LightningModule):
         latents = batch["latent"].to(dev, wdtype)
         noise = batch["noise"].to(dev, wdtype)
         tg = torch.Generator().manual_seed(sample_seed(self.cfg.seed + 0x7F4A7C15, m))
-        tid = torch.randint(0, self.scheduler.num_train_timesteps, (1,), generator=tg)
-        timestep = self.scheduler.timesteps[tid].to(dev)
-        self._timestep_id = int(self.scheduler.timesteps[tid])  # the loss weighting's index, known on the host
+        tid = int(torch.randint(0, self.scheduler.num_train_timesteps, (1,), generator=tg))
+        # No host sync in a step: the scheduler reads its timestep back to the host (add_noise indexes a table with
+        # it), so it gets the host copy; the UNet gets a slice of the schedule kept on the device. Each
+        # blocking host-to-device copy (or read-back) would make the CPU wait for the GPU's queue to drain.
+        t_host = self.scheduler.timesteps[tid:tid + 1]
+        timestep = self._resident("timesteps", lambda: self.scheduler.timesteps.to(dev))[tid:tid + 1]
+        self._timestep_id = int(t_host)  # the loss weighting's index, known on the host
         ehs, ate, add_time_id = self.conditioning(batch["text"], latents, wdtype)
-        noisy = self.scheduler.add_noise(latents, noise, timestep)
-        target = self.scheduler.training_target(latents, noise, timestep)
+        noisy = self.scheduler.add_noise(latents, noise, t_host)
+        target = self.scheduler.training_target(latents, noise, t_host)
         pred = self._unet(noisy, timestep, ehs, add_time_id, ate)
         mask = batch.get("mask")
-        loss = self.compute_loss(pred, target, timestep, None if mask is None else mask.to(dev))
+        loss = self.compute_loss(pred, target, t_host, None if mask is None else mask.to(dev))
         return loss  # logged by StoryCallbacks, without a host sync per step
+
+    def _resident(self, key, make):
+        """A constant tensor of the step kept on the training device (made once: the one blocking copy)."""
+        hit = self._consts.get(key)
+        if hit is None or hit.device != self.device:
+            hit = self._consts[key] = make()
+        return hit
 
     def conditioning(self, text_ids: list, latents, dtype):
         """The UNet's conditioning of a batch: the cached caption embeddings (hidden states, pooled) and the SDXL
         time ids of the latents' image size."""
         dev = self.device
         emb = [self.data["emb"][self.data["texts"][t]] for t in text_ids]
-        ehs = torch.cat([e["encoder_hidden_states"] for e in emb]).to(dev, dtype)
-        ate = torch.cat([e["add_text_embeds"] for e in emb]).to(dev, dtype)
-        h, w = latents.shape[2] * 8, latents.shape[3] * 8
-        return ehs, ate, torch.tensor([h, w, 0, 0, h, w], device=dev).repeat(latents.shape[0])
+        ehs = _upload(torch.cat([e["encoder_hidden_states"] for e in emb]), dev).to(dtype)
+        ate = _upload(torch.cat([e["add_text_embeds"] for e in emb]), dev).to(dtype)
+        h, w, b = latents.shape[2] * 8, latents.shape[3] * 8, latents.shape[0]
+        tid = self._resident(("time_ids", h, w, b), lambda: torch.tensor([h, w, 0, 0, h, w], device=dev).repeat(b))
+        return ehs, ate, tid
 
     def compute_loss(self, pred, target, timestep, mask=None):
         """The objective (a hook): diffsynth's MSE on the scheduler's target, weighted per timestep; with
@@ -185,6 +198,14 @@ class LoRAModule(L.LightningModule):
             weights = dict(zip(names, ema.weights(self)))
             state = {k: weights[k].to(v.dtype) if k in weights else v for k, v in state.items()}
         return state
+
+
+def _upload(t, dev):
+    """A CPU tensor to a CUDA device without a host sync: through pinned memory, asynchronously (PyTorch's caching
+    host allocator keeps the pinned block until the copy has run). Elsewhere a plain copy."""
+    if dev.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(dev, non_blocking=True)
+    return t.to(dev)
 
 
 def masked_mse(pred, target, mask=None):
