@@ -20,6 +20,8 @@ from common import DEV, DT, SMOKE, build_unet, gpu_info, out_dir, sync, torch, w
 p = argparse.ArgumentParser()
 p.add_argument("--reps", type=int, default=5)
 p.add_argument("--only", default="generate,refine,train")
+p.add_argument("--refine-loop", action="store_true", help="also time storyc's refine_image call by call (the stage's "
+               "own loop at 2048², VAE included) against the bare UNet call above")
 args = p.parse_args()
 R = {"meta": gpu_info(), "runs": {}}
 print("card", R["meta"], flush=True)
@@ -126,5 +128,62 @@ for name in args.only.split(","):
         print(name, "profile", best, run[f"profile_{best}"]["ms_by_kind"], flush=True)
     del a
     sync()
+if args.refine_loop:
+    # refine_image as the stage calls it (1024² image -> 2048², strength 0.4 of 50 steps, cfg 4), every UNet call
+    # synchronised and timed with its input's layout, then the same denoise loop from fresh random latents
+    import numpy as np
+    from common import build_vae, make_pipe
+    from PIL import Image
+
+    from storyc.stages.generate import denoise
+    from storyc.stages.refine import refine_image
+
+    pipe = make_pipe(None, unet, build_vae("decoder"), build_vae("encoder"))
+    s = 64 if SMOKE else 1024
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (s, s, 3), dtype=np.uint8))
+    g = torch.Generator(device=DEV).manual_seed(1)
+    e2, a2 = (torch.randn(2, LEN, DIM, device=DEV, dtype=DT, generator=g),
+              torch.randn(2, POOLED, device=DEV, dtype=DT, generator=g))
+    calls = []
+    forward = unet.forward
+
+    def timed_forward(x, *a, **k):
+        sync()
+        t0 = time.perf_counter()
+        y = forward(x, *a, **k)
+        sync()
+        calls.append({"ms": round(1e3 * (time.perf_counter() - t0), 2), "shape": list(x.shape), "dtype": str(x.dtype),
+                      "stride": list(x.stride()), "contiguous": x.is_contiguous(),
+                      "ehs": [list(k["encoder_hidden_states"].shape), str(k["encoder_hidden_states"].dtype),
+                              k["encoder_hidden_states"].is_contiguous()],
+                      "timestep": [str(k["timestep"].dtype), str(k["timestep"].device)]})
+        return y
+
+    unet.forward = timed_forward
+    r = {"scale": 2.0, "strength": 0.4, "steps": 50, "cfg_scale": 4.0, "upscaler": "lanczos"}
+    enc = lambda _p, pos, neg: (e2[:len(pos) + len(neg)], a2[:len(pos) + len(neg)])  # noqa: E731
+    refine_image(pipe, img, (2 * s, 2 * s), dict(r, steps=5), 0, "a", "b", enc, False)  # warm-up
+    calls.clear()
+    sync()
+    t = time.perf_counter()
+    refine_image(pipe, img, (2 * s, 2 * s), r, 0, "a", "b", enc, False)
+    sync()
+    total = time.perf_counter() - t
+    in_refine = list(calls)
+    calls.clear()
+    lat = torch.randn(1, 4, s // 4, s // 4, device=DEV, dtype=DT, generator=g)
+    pipe.scheduler.set_timesteps(50, 0.4)
+    sync()
+    t = time.perf_counter()
+    with torch.no_grad():
+        denoise(pipe, lat, e2, a2, 4.0)
+    sync()
+    R["refine_loop"] = {"refine_image_s": round(total, 3), "unet_calls_in_refine": in_refine,
+                        "unet_ms_sum_in_refine": round(sum(c["ms"] for c in in_refine), 1),
+                        "denoise_from_random_s": round(time.perf_counter() - t, 3),
+                        "unet_calls_from_random": calls}
+    print("refine_loop", {k: v for k, v in R["refine_loop"].items() if not k.startswith("unet_calls")},
+          "first call", in_refine[:1], "random first", calls[:1], flush=True)
+    unet.forward = forward
 write(out_dir(), "attn_probe.json", R)
 print("done", flush=True)

@@ -241,12 +241,13 @@ def fit(name: str, knobs: dict, kolors: Path, steps: int, extra_callbacks=()):
     story = StoryCallbacks(Reporter(quiet=True, live=False), work / "train_log.csv", work / "fit_result.json", total,
                            False)
     logger = False
-    if log_mode in ("build", "per_step"):  # as `storyc build` logs: TensorBoard + the learning-rate monitor
+    if log_mode in ("build", "per_step"):  # as `storyc build` logs: TensorBoard (loss and LR from StoryCallbacks)
         from lightning.pytorch.loggers import TensorBoardLogger
 
         logger = TensorBoardLogger(save_dir=str(work), name="logs", version="", default_hp_metric=False)
-        extra_callbacks = (*extra_callbacks, L.pytorch.callbacks.LearningRateMonitor(logging_interval="step"),
-                           *([PerStepRead()] if log_mode == "per_step" else []))
+        if log_mode == "per_step":  # before the fix: Lightning's LR monitor and a loss read-back every step
+            extra_callbacks = (*extra_callbacks, L.pytorch.callbacks.LearningRateMonitor(logging_interval="step"),
+                               PerStepRead())
     syncs = SyncCounter(args.warmup, steps - 1) if log_mode else None
     callbacks = [clock, *([syncs] if syncs else []), *([] if log_mode == "quiet" else [story]),
                  *([EMA(cfg.train.ema)] if cfg.train.ema else []), *extra_callbacks]

@@ -21,8 +21,10 @@ class StoryCallbacks(L.Callback):
         self.t0 = None
         self.t_steady = None  # after the first step (CUDA-graph capture, warm-up): the steady step rate
         self.first = 0
-        self.pending = []  # (step, loss on the device) since the last flush: read back together, one sync
+        self.pending = []  # (step, loss on the device, learning rates) since the last flush: one read-back
         self.t_flush = 0.0
+        self.t_last, self.last_step, self.steady_from = None, None, 0
+        self.lrs = {}
         if not resumed and log_path.exists():
             log_path.unlink()
 
@@ -43,6 +45,12 @@ class StoryCallbacks(L.Callback):
                 keep = [ln for ln in lines[1:] if int(ln.split(",")[0]) <= trainer.global_step]
                 self.log_path.write_text("\n".join([lines[0], *keep]) + "\n", "utf-8")
 
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        # the learning rates this step uses (host floats; Lightning steps the scheduler before the batch-end
+        # hooks), logged with its loss. Lightning's LearningRateMonitor copies each to the device: a sync per step.
+        self.lrs = {f"lr-{type(o).__name__}" + (f"/pg{i}" if i else ""): float(g["lr"])
+                    for o in trainer.optimizers for i, g in enumerate(o.param_groups)} if trainer.loggers else {}
+
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         # No host sync per step: a step's loss stays on the device until a flush, every FLUSH_S seconds, at the
         # last step, at each checkpoint and at the end. Each step still gets its own line in the log.
@@ -50,12 +58,15 @@ class StoryCallbacks(L.Callback):
             return
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         step = trainer.global_step
-        self.pending.append((step, loss.detach() if hasattr(loss, "detach") else loss))
+        self.pending.append((step, loss.detach() if hasattr(loss, "detach") else loss, self.lrs))
         if self.t_steady is None:  # the first step (CUDA-graph capture, warm-up) read back now: the steady rate
             self.flush(trainer)    # is timed from its end
             self.t_steady = time.monotonic()
+            self.steady_from = step
         elif time.monotonic() - self.t_flush >= self.FLUSH_S or step >= self.total:
             self.flush(trainer)
+            if step >= self.total:  # the steady rate ends at the last step (not at the fit's teardown)
+                self.t_last, self.last_step = time.monotonic(), step
 
     FLUSH_S = 2.0
 
@@ -63,8 +74,8 @@ class StoryCallbacks(L.Callback):
         """The pending losses to the CSV log, TensorBoard (when on) and the progress line, in one read-back."""
         if not self.pending:
             return
-        steps = [s for s, _ in self.pending]
-        values = torch.stack([torch.as_tensor(v).float().reshape(()) for _, v in self.pending]).tolist()
+        steps, lrs = [s for s, _, _ in self.pending], [r for _, _, r in self.pending]
+        values = torch.stack([torch.as_tensor(v).float().reshape(()) for _, v, _ in self.pending]).tolist()
         self.pending, self.t_flush = [], time.monotonic()
         new = not self.log_path.exists()
         with open(self.log_path, "a", encoding="utf-8") as f:
@@ -72,8 +83,8 @@ class StoryCallbacks(L.Callback):
                 f.write("step,loss\n")
             f.writelines(f"{s},{v:.6f}\n" for s, v in zip(steps, values))
         for lg in trainer.loggers:
-            for s, v in zip(steps, values):
-                lg.log_metrics({"loss": v}, step=s)
+            for s, v, r in zip(steps, values, lrs):
+                lg.log_metrics({"loss": v, **r}, step=s)
         self.last_loss = values[-1]
         rate = (steps[-1] - self.first) / max(time.monotonic() - self.t0, 1e-9)
         self.report.update(steps[-1], self.total, f"loss {values[-1]:.4f}  {rate:.2f} it/s")
@@ -106,8 +117,10 @@ class StoryCallbacks(L.Callback):
             if peaks is not None:
                 per = ", ".join(f"rank {r}: {float(g):.2f} GiB" for r, g in enumerate(peaks.flatten()))
                 self.report.info(f"     {trainer.world_size} ranks on {dev.type}; peak memory {per}")
-            steps = int(trainer.global_step) - self.first
-            per = (time.monotonic() - self.t_steady) / max(steps - 1, 1) if self.t_steady else None
+            per = None
+            if self.t_steady is not None:  # from the end of the first step to the end of the last
+                end, last = (self.t_last, self.last_step) if self.t_last else (time.monotonic(), trainer.global_step)
+                per = (end - self.t_steady) / max(int(last) - self.steady_from, 1)
             atomic_write(self.result_path, json.dumps({"steps": int(trainer.global_step), "final_loss": self.last_loss,
                                                        "world_size": trainer.world_size, "s_per_step": per}))
 

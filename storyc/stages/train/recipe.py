@@ -215,9 +215,7 @@ def setup_callbacks(ctx, cfg: TrainConfig, work: Path, result: Path, total: int,
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=work / "checkpoints", filename="step-{step}",
                                                every_n_train_steps=cfg.train.checkpoint_every, save_last=True,
                                                save_top_k=0, save_on_train_epoch_end=False)
-    out = [StoryCallbacks(ctx.report, work / "train_log.csv", result, total, resumed)]
-    if cfg.train.tensorboard and _tensorboard_available():
-        out.append(L.pytorch.callbacks.LearningRateMonitor(logging_interval="step"))
+    out = [StoryCallbacks(ctx.report, work / "train_log.csv", result, total, resumed)]  # loss and LR logging
     if cfg.train.ema:
         out.append(EMA(cfg.train.ema))
     story = None
