@@ -81,7 +81,7 @@ def test_a_scene_can_refine_on_its_own_and_bad_settings_are_spec_errors(project)
         "scenes:\n  - {id: a, prompt: x, seed: 0, refine: {strength: 0.3}}\n  - {id: b, prompt: y, seed: 1}\n", "utf-8")
     plan = compile(load_story(project / "s.yaml"))
     assert [n for n in plan.stages if n.startswith("refine")] == ["refine[a]"]
-    assert plan.stages["refine[a]"].params["refine"] == {"scale": 2.0, "strength": 0.3, "steps": 50, "cfg_scale": 3.0,
+    assert plan.stages["refine[a]"].params["refine"] == {"scale": 2.0, "strength": 0.3, "steps": 20, "cfg_scale": 3.0,
                                                           "upscaler": "lanczos"}
     assert plan.stages["score[b]"].deps == ("generate[b]",) and plan.stages["score[a]"].deps == ("refine[a]",)
     (project / "s.yaml").write_text((project / "s.yaml").read_text("utf-8").replace("strength: 0.3", "strenght: 0.3"),
