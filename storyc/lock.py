@@ -61,13 +61,19 @@ class Hasher:
             self.cache = {}
         self.dirty = False
 
-    def file(self, path: Path) -> str:
-        path = Path(path)
+    def _cached(self, path: Path):
+        """(cache key, stat, the cached sha256 or None when the file changed or was never hashed)."""
         st = path.stat()
         key = str(path.resolve())
         hit = self.cache.get(key)
-        if isinstance(hit, list) and len(hit) == 3 and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
-            return hit[2]
+        ok = isinstance(hit, list) and len(hit) == 3 and hit[0] == st.st_size and hit[1] == st.st_mtime_ns
+        return key, st, hit[2] if ok else None
+
+    def file(self, path: Path) -> str:
+        path = Path(path)
+        key, st, sha = self._cached(path)
+        if sha is not None:
+            return sha
         self.reads += 1
         sha = sha256_file(path)
         self.cache[key] = [st.st_size, st.st_mtime_ns, sha]
@@ -79,7 +85,28 @@ class Hasher:
         folder = Path(folder)
         if folder.is_file():
             return self.file(folder)
-        return digest(sorted((rel, self.file(p)) for rel, p in walk_files(folder)))
+        files = walk_files(folder)
+        self._hash_many([p for _, p in files])
+        return digest(sorted((rel, self.file(p)) for rel, p in files))
+
+    def _hash_many(self, paths: list) -> None:
+        """Hash the files the cache lacks on several threads (file reads and sha256 release the GIL): a model's
+        shards are read at once, not one after another (17 GB of Kolors weights on a build's first run)."""
+        misses = []
+        for path in paths:
+            key, st, sha = self._cached(path)
+            if sha is None:
+                misses.append((path, key, st))
+        if len(misses) < 2:
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(len(misses), os.cpu_count() or 1, 8)) as pool:
+            shas = list(pool.map(lambda m: sha256_file(m[0]), misses))
+        for (_, key, st), sha in zip(misses, shas):
+            self.reads += 1
+            self.cache[key] = [st.st_size, st.st_mtime_ns, sha]
+        self.dirty = True
 
     def save(self) -> None:
         if self.dirty:

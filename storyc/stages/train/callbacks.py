@@ -121,8 +121,13 @@ class StoryCallbacks(L.Callback):
             if self.t_steady is not None:  # from the end of the first step to the end of the last
                 end, last = (self.t_last, self.last_step) if self.t_last else (time.monotonic(), trainer.global_step)
                 per = (end - self.t_steady) / max(int(last) - self.steady_from, 1)
+            # where the fit's time goes (monotonic clock, comparable with the stage's own): Lightning's set-up and
+            # the UNet's load before the first step, the first step (CUDA-graph capture), the steady steps
+            marks = {"train_start": self.t0, "first_step_end": self.t_steady, "last_step_end": self.t_last,
+                     "train_end": time.monotonic()}
             atomic_write(self.result_path, json.dumps({"steps": int(trainer.global_step), "final_loss": self.last_loss,
-                                                       "world_size": trainer.world_size, "s_per_step": per}))
+                                                       "world_size": trainer.world_size, "s_per_step": per,
+                                                       "marks": marks}))
 
 
 def ema_update(ema: list, params: list, decay: float) -> None:

@@ -179,6 +179,10 @@ class LoRAModule(L.LightningModule):
         if self.export is not None and self.trainer.is_global_zero:
             lo = self.lora_cfg
             lora_mod.save(self.export, self.lora_state(), {"rank": lo.rank, "alpha": lo.alpha})
+        # Lightning's teardown, next, moves the whole module to the CPU: 2.6 B frozen UNet weights copied back
+        # only to be dropped. Nothing reads the UNet after the export, so it (and its captured graphs) goes now.
+        object.__setattr__(self, "graphed", None)
+        self.unet = None
 
     def on_load_checkpoint(self, checkpoint):
         self.micro_batches = int(checkpoint.get("storyc_micro_batches", 0))

@@ -129,6 +129,7 @@ def fit(ctx, cfg: TrainConfig, work: Path, kolors: Path, data: dict, res, previe
                             setup_callbacks(ctx, cfg, work, result, total, resume is not None, previews), work,
                             setup_logger(ctx, cfg, resume is not None))
     loader = setup_data(cfg, data, module)  # the module's own config (with the memory plan) drives sampling
+    t_fit = time.monotonic()
     try:
         trainer.fit(module, train_dataloaders=loader, ckpt_path=resume)
     except SystemExit:  # Lightning turns Ctrl-C into sys.exit(1) after its own clean-up
@@ -147,6 +148,12 @@ def fit(ctx, cfg: TrainConfig, work: Path, kolors: Path, data: dict, res, previe
     out = json.loads(result.read_text("utf-8"))
     if out.get("s_per_step"):
         ctx.metric("train.s_per_step", out["s_per_step"])
+    m = out.get("marks") or {}
+    if all(m.get(k) for k in ("train_start", "first_step_end", "last_step_end", "train_end")):
+        ctx.metric("train.fit_setup_s", m["train_start"] - t_fit)  # Lightning's set-up, the UNet's load and move
+        ctx.metric("train.first_step_s", m["first_step_end"] - m["train_start"])  # CUDA-graph capture
+        ctx.metric("train.steps_s", m["last_step_end"] - m["first_step_end"])
+        ctx.metric("train.fit_end_s", time.monotonic() - m["last_step_end"])  # export, Lightning's teardown
     return int(out["steps"]), out["final_loss"]
 
 

@@ -99,7 +99,11 @@ def run(ctx, jobs):
     job, = jobs
     cfg = TrainConfig.from_job(job)
     ctx.model("kolors"), ctx.model("vae")  # build/download/check before fingerprinting
+    import time
+
+    t = time.monotonic()
     key = train_key(ctx, cfg)
+    ctx.metric("train.key_s", time.monotonic() - t)  # fingerprints: the first build on a machine reads the weights
     final = ctx.cache_dir / "train" / key
     node = _node(cfg)
     if node and not cache.entry_ok(final):  # train.num_nodes: join node 0's run; it writes the entry
