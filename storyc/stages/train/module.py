@@ -208,7 +208,10 @@ def _upload(t, dev):
     """A CPU tensor to a CUDA device without a host sync: through pinned memory, asynchronously (PyTorch's caching
     host allocator keeps the pinned block until the copy has run). Elsewhere a plain copy."""
     if dev.type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(dev, non_blocking=True)
+        try:
+            return t.pin_memory().to(dev, non_blocking=True)
+        except RuntimeError:  # no page-locked memory to be had (a locked-down container): a blocking copy
+            pass
     return t.to(dev)
 
 
