@@ -25,6 +25,19 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 for t in .whl/*.tar.xz; do [ -e "$t" ] && tar -xJf "$t" -C /tmp/site; done
 # byte-compile once, as a normal pip install does: the image does not write .pyc files, so without this every new
 # process recompiles transformers and diffsynth (measured: `import diffsynth` 10.4 s instead of ~3 s)
+# Where the image's own packages (torch...) came without .pyc files either, compile them too, into a cache prefix
+# (their folders may not be writable; with a prefix Python reads every .pyc from there, so /tmp/site goes there too)
+TORCH_DIR=$(python3 -c "import importlib.util as u, os; print(os.path.dirname(u.find_spec('torch').origin))" 2>/dev/null)
+if [ -n "$TORCH_DIR" ] && ! ls "$TORCH_DIR"/__pycache__/*.pyc >/dev/null 2>&1; then
+  export PYTHONPYCACHEPREFIX=/tmp/pycache
+  SITE_DIR=$(dirname "$TORCH_DIR")
+  echo "the image has no .pyc for $TORCH_DIR: compiling its packages into $PYTHONPYCACHEPREFIX"
+  for p in torch torchvision numpy PIL lightning lightning_fabric pytorch_lightning torchmetrics scipy sympy networkx \
+           jinja2 yaml safetensors einops fsspec requests urllib3 packaging filelock tqdm rich pygments markdown_it \
+           typing_extensions regex sentencepiece google protobuf psutil tensorboard; do
+    [ -e "$SITE_DIR/$p" ] && echo "$SITE_DIR/$p"
+  done | xargs -r python3 -m compileall -q -j 0 >/dev/null 2>&1 || true
+fi
 python3 -m compileall -q -j 0 /tmp/site >/dev/null 2>&1 || true
 # diffsynth imports modelscope at module level (hub downloads only); the GPU image lacks it and nothing is downloaded
 if ! python3 -c "import modelscope" 2>/dev/null; then
@@ -61,6 +74,10 @@ for b in "$@"; do
     # issue 25: `storyc watch` on the e2e project built by `e2e` (prompt and seed edits, a no-op save)
     e2e-watch) python3 bench/e2e.py watch --edits "${E2E_EDITS:-2}" ;;
     e2e-probe) python3 bench/load_probe.py ;;
+    # what a new process pays to import torch and diffsynth here (twice each: the second is the warm file cache)
+    imports) for m in torch diffsynth torch diffsynth; do
+               python3 -c "import time; t = time.perf_counter(); import $m; print('import $m: %.2f s' % (time.perf_counter() - t))"
+             done 2>&1 | grep '^import' | tee "$OUT/imports.txt" ;;
     e2e-caps) python3 bench/e2e.py caps --caps "${E2E_CAPS:-22,40}" ;;
     e2e-baseline) python3 bench/e2e.py baseline --steps "${E2E_BASE_STEPS:-12}" --images "${E2E_BASE_IMAGES:-3}" ;;
     # bench/sweep_bench.py: `storyc sweep` on 2 GPUs vs 1, and 6 variants sharing one training (issue 14); needs the

@@ -107,6 +107,23 @@ def plan_refine(free_gib: float | None, tile: "bool | str", width: int, height: 
                    f"{width}x{height}: tiled VAE {'on' if tiled else 'off'}")
 
 
+# ChatGLM3-6B in fp16 while it encodes (12.5 GiB of weights and its activations), beside the merged pipeline
+# (UNet + VAE, 5.3 GiB): where both fit, the pipeline loads on a thread while ChatGLM loads and encodes.
+TEXT_ENCODER_ENCODE_GIB = 13.3
+PIPELINE_GIB = 5.3
+
+
+def plan_loads(free_gib: float | None) -> tuple[bool, str]:
+    """Whether generate/refine load the merged pipeline while the text encoder encodes (two loads at once), or one
+    after the other (the text encoder freed first: never both on a small card). On the CPU: at once."""
+    if free_gib is None:
+        return True, "on the CPU: the text encoder and the pipeline loaded at once"
+    need = TEXT_ENCODER_ENCODE_GIB + PIPELINE_GIB + HEADROOM_GIB
+    both = free_gib >= need
+    return both, (f"{free_gib:.1f} GiB free {'>=' if both else '<'} {need:.1f} GiB for the text encoder and the "
+                  f"pipeline together: {'loaded at once' if both else 'one after the other'}")
+
+
 def cap_gib() -> float | None:
     """``STORYC_GPU_MEMORY_GIB``: the GPU memory storyc may use (e.g. 22 to behave like a 24 GB card)."""
     raw = os.environ.get("STORYC_GPU_MEMORY_GIB", "").strip()

@@ -45,7 +45,10 @@ def test_prompt_embeddings_are_cached_by_content(copy, monkeypatch):
     _edit(copy, "在演唱会", "在大型演唱会")
     assert _build(copy) == 0
     assert ran(copy) == {"generate[concert]", "score[concert]", "bundle"}
-    assert _metrics(copy)["prompts_encoded"] == 1  # the new prompt; the negative is cached
+    m = _metrics(copy)
+    assert m["prompts_encoded"] == 1  # the new prompt; the negative is cached
+    # the merged pipeline loaded on a thread while ChatGLM encoded (resources.plan_loads: on the CPU, at once)
+    assert m["generate.loads_overlapped"] == 1 and m["generate.unet_vae_load_and_merge_s"] > 0
 
     import storyc.models.kolors as kolors
 

@@ -55,6 +55,50 @@ def test_generate_plan(free, batch, images, want):
     assert b == want and why
 
 
+@pytest.mark.parametrize("free, want", [  # free: the card's free memory before generate loads anything
+    (None, True),  # the CPU
+    (130.0, True),  # an H200
+    (22.0, True),  # STORYC_GPU_MEMORY_GIB=22: 13.3 + 5.3 + 1.5 = 20.1 GiB fit
+    (19.0, False),  # less: ChatGLM is freed before the UNet loads
+])
+def test_load_plan(free, want):
+    from storyc.resources import plan_loads
+
+    both, why = plan_loads(free)
+    assert both is want and ("at once" if want else "one after the other") in why
+
+
+def test_silent_stdout_is_per_thread(capsys):
+    """A model loading quietly on a worker thread neither swallows the main thread's lines nor leaves stdout
+    swapped when the two leave their quiet spans out of order."""
+    import sys
+    import threading
+
+    from storyc.stages._quiet import silent_stdout
+
+    before = sys.stdout
+    inside, release = threading.Event(), threading.Event()
+
+    def worker():
+        with silent_stdout():
+            inside.set()
+            print("worker chatter")
+            release.wait(5)
+            print("more worker chatter")
+
+    t = threading.Thread(target=worker)
+    t.start()
+    inside.wait(5)
+    with silent_stdout():
+        print("main chatter")
+    print("main line")  # while the worker is still silent
+    release.set()
+    t.join(5)
+    print("after")
+    assert sys.stdout is before
+    assert capsys.readouterr().out == "main line\nafter\n"
+
+
 def test_memory_cap_variable(monkeypatch):
     from storyc.errors import StorycError
     from storyc.resources import cap_gib, free_gib

@@ -94,29 +94,27 @@ def load_unet_for(kolors: Path, dtype, device):
 
 def _add_text_encoder(mm, kolors: Path) -> None:
     """ChatGLM (diffsynth's ChatGLMModel, a transformers folder) into a ModelManager, quietly."""
-    import contextlib
-    import io
-
     from diffsynth.models.kolors_text_encoder import ChatGLMModel
 
-    with contextlib.redirect_stdout(io.StringIO()):  # diffsynth prints every load
+    from ..stages._quiet import silent_stdout
+
+    with silent_stdout():  # diffsynth prints every load
         mm.load_model_from_huggingface_folder(str(Path(kolors) / "text_encoder"), ["kolors_text_encoder"], [ChatGLMModel])
 
 
 def load_prompter(kolors: Path, dtype, device):
     """Kolors' text encoder behind diffsynth's KolorsPrompter (what encodes prompts for training, generation and
     previews): the one place ChatGLM is loaded."""
-    import contextlib
-    import io
-
     from diffsynth import ModelManager
     from diffsynth.prompters import KolorsPrompter
+
+    from ..stages._quiet import silent_stdout
 
     check_folder("kolors", kolors)
     mm = ModelManager(torch_dtype=dtype, device=device)
     _add_text_encoder(mm, kolors)
     prompter = KolorsPrompter()
-    with contextlib.redirect_stdout(io.StringIO()):
+    with silent_stdout():
         prompter.fetch_models(mm.fetch_model("kolors_text_encoder"))
     return prompter
 
@@ -125,11 +123,9 @@ def load_pipeline(kolors: Path, dtype, device, vae_encoder: Path | None = None, 
                   text_encoder: bool = True, unet=None):
     """An SDXLImagePipeline in Kolors mode (KolorsPrompter, 1100-step scheduler); ``unet``: use this UNet (the
     one being trained, for previews) instead of loading one."""
-    import contextlib
-    import io
-
     from diffsynth import ModelManager, SDXLImagePipeline
 
+    from ..stages._quiet import silent_stdout
     from .unet import load_unet
 
     kolors = Path(kolors)
@@ -137,7 +133,7 @@ def load_pipeline(kolors: Path, dtype, device, vae_encoder: Path | None = None, 
     mm = ModelManager(torch_dtype=dtype, device=device)
     if text_encoder:
         _add_text_encoder(mm, kolors)
-    with contextlib.redirect_stdout(io.StringIO()):  # diffsynth prints every load
+    with silent_stdout():  # diffsynth prints every load
         if not text_encoder:  # a placeholder keeps the pipeline in Kolors mode (prompter, scheduler) without 6B weights
             mm.model.append(_NoTextEncoder())
             mm.model_path.append("none")

@@ -57,6 +57,35 @@ def merged_pipeline(ctx, kolors: Path, lora_path: Path, strength: float, res, va
         kolors, lora_path, strength, res.torch_dtype(), res.device, text_encoder=False, vae_encoder=enc))
 
 
+def pipeline_beside_encoding(ctx, res, load, stage: str):
+    """Start ``load()`` (the merged pipeline) on a thread now, to load while ChatGLM loads and encodes, where
+    resources.plan_loads finds room for both; else (or under `storyc watch`, which holds it) it runs when asked.
+    Returns a function giving the pipeline; records ``<stage>.unet_vae_load_and_merge_s`` (the load's own time) and
+    ``<stage>.loads_overlapped``."""
+    from .. import resident
+
+    both = not resident.enabled() and resources.plan_loads(resources.free_gib(res.device))[0]
+    ctx.metric(f"{stage}.loads_overlapped", int(both))
+
+    def timed():
+        t = time.monotonic()
+        pipe = load()
+        ctx.metric(f"{stage}.unet_vae_load_and_merge_s", time.monotonic() - t)
+        return pipe
+
+    if not both:
+        return timed
+    t = time.monotonic()
+    import diffsynth  # noqa: F401  here first: two threads importing one package at once can see it half-made
+    ctx.metric(f"{stage}.import_s", time.monotonic() - t)
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="storyc-load")
+    pending = pool.submit(timed)
+    pool.shutdown(wait=False)
+    return pending.result
+
+
 def render(pipe, items: list[dict], gen: dict, batch_size: int, progress=None):
     """Render items [{prompt, negative_prompt, seed}] -> list of PIL images, batched with CFG."""
     return list(render_iter(pipe, items, gen, batch_size, progress))
@@ -353,12 +382,14 @@ def run(ctx, jobs):
     if shards > 1 and len(items) > 1:
         rendered = _render_ray(ctx, kolors, lpath, gen, items, shards, jobs[0].settings["batch_size"], ip_folder)
     else:
+        pipeline = pipeline_beside_encoding(ctx, res, lambda: merged_pipeline(ctx, kolors, lpath, gen["lora_strength"],
+                                                                               res), "generate")
         t = time.monotonic()
         table = encode_all(kolors, items, gen["cfg_scale"], res.torch_dtype(), res.device, ctx)  # ChatGLM then freed
         ctx.metric("generate.text_encoder_load_and_encode_s", time.monotonic() - t)
         t = time.monotonic()
-        pipe = merged_pipeline(ctx, kolors, lpath, gen["lora_strength"], res)
-        ctx.metric("generate.unet_vae_load_and_merge_s", time.monotonic() - t)
+        pipe = pipeline()
+        ctx.metric("generate.pipeline_wait_s", time.monotonic() - t)
         if ip_folder is not None:
             t = time.monotonic()
             load_characters(ip_folder, pipe, items, ctx.story.root, ctx.fingerprint("ip_adapter"))

@@ -15,7 +15,8 @@ from pathlib import Path
 from .. import resources
 from ..render import atomic_write, canonical_json
 from ._quiet import quiet_libraries
-from .generate import cached_encoder, denoise, encode_all, ip_kwargs, load_characters, merged_pipeline, save_png
+from .generate import (cached_encoder, denoise, encode_all, ip_kwargs, load_characters, merged_pipeline,
+                       pipeline_beside_encoding, save_png)
 from .registry import Result
 
 
@@ -104,6 +105,10 @@ def run(ctx, jobs):
         scenes.append((job, rec, ctx.output(gen, ".png")))
     items = [{"prompt": j.params["prompt"], "negative_prompt": j.params["negative_prompt"]} for j, _, _ in scenes]
     cfgs = {j.params["refine"]["cfg_scale"] for j in jobs}
+    big = [j.name for j in jobs if j.params["refine"]["upscaler"] == "esrgan"]
+    load = lambda: merged_pipeline(ctx, kolors, lora, strength, res, vae_encoder=True)  # noqa: E731
+    # with ESRGAN to run first, the pipeline loads after it (never the UNet and ESRGAN's 4x activations together)
+    pipeline = load if big else pipeline_beside_encoding(ctx, res, load, "refine")
     t = time.monotonic()
     guided = next((c for c in cfgs if c != 1.0), 1.0)  # negatives are encoded when any scene's guidance uses them
     table = encode_all(kolors, items, guided, res.torch_dtype(), res.device, ctx)  # then ChatGLM is freed
@@ -112,14 +117,13 @@ def run(ctx, jobs):
     for job, _, src in scenes:
         with Image.open(src) as im:
             sources[job.name] = im.convert("RGB")
-    big = [j.name for j in jobs if j.params["refine"]["upscaler"] == "esrgan"]
     if big:  # enlarged 4x before the UNet loads; refine_image then brings them to the refined size (Lanczos)
         t = time.monotonic()
         for name, im in zip(big, esrgan_upscale(ctx.model("esrgan"), [sources[n] for n in big], res.device)):
             sources[name] = im
         ctx.metric("refine.esrgan_s", time.monotonic() - t)
     t = time.monotonic()
-    pipe = merged_pipeline(ctx, kolors, lora, strength, res, vae_encoder=True)
+    pipe = pipeline()
     ctx.metric("refine.load_s", time.monotonic() - t)
     encode = cached_encoder(table)
     drawn = {}  # scene -> its characters' IP-Adapter tokens, as generate conditions it
