@@ -425,10 +425,34 @@ def main(argv=None) -> int:
         except ValueError:  # not the main thread (an embedding caller): leave its handlers alone
             pass
     try:
-        return _dispatch(args)
+        code = _dispatch(args)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if argv is None and "torch" in sys.modules:  # the `storyc` process itself, after a stage ran
+        _exit_now(code)
+    return code
+
+
+def _exit_now(code: int) -> None:
+    """End the process without the interpreter's teardown: with torch, transformers and diffsynth imported,
+    clearing their modules takes ~2 s after the work is done (measured: bench/RESULTS.md, the cold edit). What a
+    normal exit does first still happens: threads still working are waited for and what was registered to run at
+    exit runs (logging, Ray, temporary folders); storyc's own files are closed and atomic by then."""
+    import atexit
+    import threading
+
+    shutdown = getattr(threading, "_shutdown", None)  # what Python runs at exit to wind up and join threads
+    if shutdown is None:
+        return
+    shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # a closed pipe: nothing left to say
+            pass
+    os._exit(code)
 
 
 def _dispatch(args) -> int:

@@ -107,21 +107,19 @@ def plan_refine(free_gib: float | None, tile: "bool | str", width: int, height: 
                    f"{width}x{height}: tiled VAE {'on' if tiled else 'off'}")
 
 
-# ChatGLM3-6B in fp16 while it encodes (12.5 GiB of weights and its activations), beside the merged pipeline
-# (UNet + VAE, 5.3 GiB): where both fit, the pipeline loads on a thread while ChatGLM loads and encodes.
+# ChatGLM3-6B in fp16 while it encodes: 12.5 GiB of weights and its activations.
 TEXT_ENCODER_ENCODE_GIB = 13.3
-PIPELINE_GIB = 5.3
 
 
-def plan_loads(free_gib: float | None) -> tuple[bool, str]:
-    """Whether generate/refine load the merged pipeline while the text encoder encodes (two loads at once), or one
-    after the other (the text encoder freed first: never both on a small card). On the CPU: at once."""
+def plan_loads(free_gib: float | None, unet_gib: float) -> tuple[bool, str]:
+    """Whether generate/refine read the UNet's weights (``unet_gib`` on the device) while the text encoder loads
+    and encodes, or only once it is freed (never both on a small card). On the CPU: while."""
     if free_gib is None:
-        return True, "on the CPU: the text encoder and the pipeline loaded at once"
-    need = TEXT_ENCODER_ENCODE_GIB + PIPELINE_GIB + HEADROOM_GIB
+        return True, "on the CPU: the UNet's weights read while the text encoder encodes"
+    need = TEXT_ENCODER_ENCODE_GIB + unet_gib + HEADROOM_GIB
     both = free_gib >= need
     return both, (f"{free_gib:.1f} GiB free {'>=' if both else '<'} {need:.1f} GiB for the text encoder and the "
-                  f"pipeline together: {'loaded at once' if both else 'one after the other'}")
+                  f"UNet's weights together: {'read while it encodes' if both else 'read once it is freed'}")
 
 
 def cap_gib() -> float | None:

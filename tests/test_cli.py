@@ -22,6 +22,30 @@ def test_light_commands_import_no_heavy_library(tmp_path):
     assert "HEAVY []" in r.stdout, r.stdout
 
 
+def test_a_heavy_process_exits_without_teardown_but_loses_nothing(tmp_path):
+    """After a stage ran (torch imported) storyc ends with os._exit, skipping ~2 s of interpreter teardown; first a
+    worker thread still writing finishes, exit handlers run and buffered output is flushed; the exit code stands."""
+    code = f"""
+import atexit, sys, threading, time
+import torch  # what a stage imports
+sys.argv = ["storyc", "schema"]
+def slow():
+    time.sleep(0.5)
+    open({str(tmp_path / "late.txt")!r}, "w").write("written")
+threading.Thread(target=slow).start()
+atexit.register(lambda: print("exit handler ran"))
+import storyc.cli as cli
+cli._dispatch = lambda args: (print("buffered", end=""), 3)[1]
+cli.main()
+print("after main: the interpreter went on")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120,
+                       env={**__import__("os").environ, "PYTHONUNBUFFERED": ""})
+    assert r.returncode == 3, r.stderr
+    assert r.stdout == "bufferedexit handler ran\n"
+    assert (tmp_path / "late.txt").read_text() == "written"
+
+
 def test_python_dash_m_and_console_script_agree():
     r = run_cli("--version")
     assert r.returncode == 0 and r.stdout.startswith("storyc ")

@@ -120,9 +120,9 @@ def load_prompter(kolors: Path, dtype, device):
 
 
 def load_pipeline(kolors: Path, dtype, device, vae_encoder: Path | None = None, decoder: bool = True,
-                  text_encoder: bool = True, unet=None):
+                  text_encoder: bool = True, unet=None, unet_state: dict | None = None):
     """An SDXLImagePipeline in Kolors mode (KolorsPrompter, 1100-step scheduler); ``unet``: use this UNet (the
-    one being trained, for previews) instead of loading one."""
+    one being trained, for previews) instead of loading one; ``unet_state``: its weights file, already read."""
     from diffsynth import ModelManager, SDXLImagePipeline
 
     from ..stages._quiet import silent_stdout
@@ -144,7 +144,8 @@ def load_pipeline(kolors: Path, dtype, device, vae_encoder: Path | None = None, 
             mm.model_path.append(str(path))
             mm.model_name.append(name)
 
-        add(unet if unet is not None else load_unet(kolors / "unet", dtype, device), kolors / "unet", "sdxl_unet")
+        add(unet if unet is not None else load_unet(kolors / "unet", dtype, device, unet_state), kolors / "unet",
+            "sdxl_unet")
         if decoder:
             add(load_vae(kolors / "vae/diffusion_pytorch_model.safetensors", "decoder", dtype, device),
                 kolors / "vae", "sdxl_vae_decoder")

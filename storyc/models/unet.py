@@ -71,15 +71,17 @@ class ConfigSDXLUNet(SDXLUNet):
         self.is_kolors = hid is not None
 
 
-def load_unet(folder: Path, dtype=torch.float16, device="cpu") -> ConfigSDXLUNet:
-    """Load ``folder/config.json`` + ``diffusion_pytorch_model.safetensors`` (diffusers layout) into diffsynth."""
+def load_unet(folder: Path, dtype=torch.float16, device="cpu", state: dict | None = None) -> ConfigSDXLUNet:
+    """Load ``folder/config.json`` + ``diffusion_pytorch_model.safetensors`` (diffusers layout) into diffsynth;
+    ``state``: that file's tensors, already read (on any device)."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
     cfg = json.loads((folder / "config.json").read_text("utf-8"))
     with torch.device("meta"):
         unet = ConfigSDXLUNet(cfg)
-    state = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    if state is None:
+        state = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
     converted = SDXLUNetStateDictConverter().from_diffusers(state)
     if isinstance(converted, tuple):
         converted = converted[0]

@@ -27,13 +27,14 @@ def lora_file(ctx) -> Path:
 
 
 def load_merged_pipeline(kolors: Path, lora_path: Path | None, strength: float, dtype, device,
-                         text_encoder: bool = True, vae_encoder: Path | None = None):
+                         text_encoder: bool = True, vae_encoder: Path | None = None, unet_state: dict | None = None):
     """Kolors pipeline with the LoRA merged into the UNet at ``strength`` (= alpha/rank * lora_scale)."""
     from .. import lora as L
     from ..models.kolors import load_pipeline
 
     with silent_stdout():
-        pipe = load_pipeline(kolors, dtype, device, text_encoder=text_encoder, vae_encoder=vae_encoder)
+        pipe = load_pipeline(kolors, dtype, device, text_encoder=text_encoder, vae_encoder=vae_encoder,
+                             unet_state=unet_state)
     if lora_path is not None and strength:
         state, _ = L.load(lora_path)
         if not L.merge(pipe.unet, state, strength):
@@ -41,47 +42,49 @@ def load_merged_pipeline(kolors: Path, lora_path: Path | None, strength: float, 
     return pipe
 
 
-def merged_pipeline(ctx, kolors: Path, lora_path: Path, strength: float, res, vae_encoder: bool = False):
+def merged_pipeline(ctx, kolors: Path, lora_path: Path, strength: float, res, vae_encoder: bool = False,
+                    unet_state: dict | None = None):
     """The pipeline generate and refine render with (no text encoder: prompts come from ``encode_all``): loaded
-    for this stage, or under `storyc watch` the one held between builds for this Kolors, LoRA and strength (with
-    the VAE encoder, so refine shares it)."""
+    for this stage (from ``unet_state`` where prefetch_unet read it), or under `storyc watch` the one held between
+    builds for this Kolors, LoRA and strength (with the VAE encoder, so refine shares it)."""
     from .. import resident
 
     enc = Path(kolors) / "vae" / "diffusion_pytorch_model.safetensors"
     if not resident.enabled():
         return load_merged_pipeline(kolors, lora_path, strength, res.torch_dtype(), res.device, text_encoder=False,
-                                    vae_encoder=enc if vae_encoder else None)
+                                    vae_encoder=enc if vae_encoder else None, unet_state=unet_state)
     key = (str(kolors), ctx.fingerprint("kolors"), ctx.hasher.file(lora_path), strength, str(res.torch_dtype()),
            res.device)
     return resident.get("pipeline", key, lambda: load_merged_pipeline(
         kolors, lora_path, strength, res.torch_dtype(), res.device, text_encoder=False, vae_encoder=enc))
 
 
-def pipeline_beside_encoding(ctx, res, load, stage: str):
-    """Start ``load()`` (the merged pipeline) on a thread now, to load while ChatGLM loads and encodes, where
-    resources.plan_loads finds room for both; else (or under `storyc watch`, which holds it) it runs when asked.
-    Returns a function giving the pipeline; records ``<stage>.unet_vae_load_and_merge_s`` (the load's own time) and
-    ``<stage>.loads_overlapped``."""
+def prefetch_unet(ctx, res, kolors: Path, stage: str):
+    """Start reading the UNet's weights file onto the device, on a thread, before diffsynth is imported: the read
+    and the copy leave Python's lock free while the import (~8 s in a new process on an H200 host) and ChatGLM's
+    load hold it. Only where resources.plan_loads finds room for those weights beside ChatGLM, and not under
+    `storyc watch` (it holds the pipeline). Returns a function giving the tensors (None: not prefetched)."""
     from .. import resident
 
-    both = not resident.enabled() and resources.plan_loads(resources.free_gib(res.device))[0]
-    ctx.metric(f"{stage}.loads_overlapped", int(both))
-
-    def timed():
-        t = time.monotonic()
-        pipe = load()
-        ctx.metric(f"{stage}.unet_vae_load_and_merge_s", time.monotonic() - t)
-        return pipe
-
+    weights = Path(kolors) / "unet" / "diffusion_pytorch_model.safetensors"
+    if resident.enabled() or not weights.is_file():
+        return lambda: None
+    both, _ = resources.plan_loads(resources.free_gib(res.device), weights.stat().st_size / 2 ** 30)
+    ctx.metric(f"{stage}.unet_prefetched", int(both))
     if not both:
-        return timed
-    t = time.monotonic()
-    import diffsynth  # noqa: F401  here first: two threads importing one package at once can see it half-made
-    ctx.metric(f"{stage}.import_s", time.monotonic() - t)
+        return lambda: None
     from concurrent.futures import ThreadPoolExecutor
 
-    pool = ThreadPoolExecutor(1, thread_name_prefix="storyc-load")
-    pending = pool.submit(timed)
+    def read():
+        from safetensors.torch import load_file
+
+        t = time.monotonic()
+        state = load_file(str(weights), device=str(res.device))
+        ctx.metric(f"{stage}.unet_read_s", time.monotonic() - t)
+        return state
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="storyc-unet")
+    pending = pool.submit(read)
     pool.shutdown(wait=False)
     return pending.result
 
@@ -363,8 +366,10 @@ def run(ctx, jobs):
     items = [{"scene": s["id"], "prompt": s["prompt"], "negative_prompt": s["negative_prompt"], "seed": seed,
               **({"characters": s["characters"]} if s["characters"] else {})} for s in todo for seed in s["seeds"]]
     ip_folder = ctx.model("ip_adapter") if any(s["characters"] for s in todo) else None
-    _warn_truncation(ctx, todo)
     shards = resources.gpu_count(res.device)
+    sharded = shards > 1 and len(items) > 1
+    unet_state = (lambda: None) if sharded else prefetch_unet(ctx, res, kolors, "generate")  # first: it overlaps
+    _warn_truncation(ctx, todo)
     memory = None
     scorer = None
     if gen["candidates"] > 1:
@@ -379,17 +384,15 @@ def run(ctx, jobs):
     pending = {s["id"]: [] for s in todo}
     by_scene = {s["id"]: s for s in todo}
 
-    if shards > 1 and len(items) > 1:
+    if sharded:
         rendered = _render_ray(ctx, kolors, lpath, gen, items, shards, jobs[0].settings["batch_size"], ip_folder)
     else:
-        pipeline = pipeline_beside_encoding(ctx, res, lambda: merged_pipeline(ctx, kolors, lpath, gen["lora_strength"],
-                                                                               res), "generate")
         t = time.monotonic()
         table = encode_all(kolors, items, gen["cfg_scale"], res.torch_dtype(), res.device, ctx)  # ChatGLM then freed
         ctx.metric("generate.text_encoder_load_and_encode_s", time.monotonic() - t)
         t = time.monotonic()
-        pipe = pipeline()
-        ctx.metric("generate.pipeline_wait_s", time.monotonic() - t)
+        pipe = merged_pipeline(ctx, kolors, lpath, gen["lora_strength"], res, unet_state=unet_state())
+        ctx.metric("generate.unet_vae_load_and_merge_s", time.monotonic() - t)
         if ip_folder is not None:
             t = time.monotonic()
             load_characters(ip_folder, pipe, items, ctx.story.root, ctx.fingerprint("ip_adapter"))

@@ -16,7 +16,7 @@ from .. import resources
 from ..render import atomic_write, canonical_json
 from ._quiet import quiet_libraries
 from .generate import (cached_encoder, denoise, encode_all, ip_kwargs, load_characters, merged_pipeline,
-                       pipeline_beside_encoding, save_png)
+                       prefetch_unet, save_png)
 from .registry import Result
 
 
@@ -106,9 +106,8 @@ def run(ctx, jobs):
     items = [{"prompt": j.params["prompt"], "negative_prompt": j.params["negative_prompt"]} for j, _, _ in scenes]
     cfgs = {j.params["refine"]["cfg_scale"] for j in jobs}
     big = [j.name for j in jobs if j.params["refine"]["upscaler"] == "esrgan"]
-    load = lambda: merged_pipeline(ctx, kolors, lora, strength, res, vae_encoder=True)  # noqa: E731
-    # with ESRGAN to run first, the pipeline loads after it (never the UNet and ESRGAN's 4x activations together)
-    pipeline = load if big else pipeline_beside_encoding(ctx, res, load, "refine")
+    # with ESRGAN to run first the UNet is read after it (never its weights beside ESRGAN's 4x activations)
+    unet_state = (lambda: None) if big else prefetch_unet(ctx, res, kolors, "refine")
     t = time.monotonic()
     guided = next((c for c in cfgs if c != 1.0), 1.0)  # negatives are encoded when any scene's guidance uses them
     table = encode_all(kolors, items, guided, res.torch_dtype(), res.device, ctx)  # then ChatGLM is freed
@@ -123,7 +122,7 @@ def run(ctx, jobs):
             sources[name] = im
         ctx.metric("refine.esrgan_s", time.monotonic() - t)
     t = time.monotonic()
-    pipe = pipeline()
+    pipe = merged_pipeline(ctx, kolors, lora, strength, res, vae_encoder=True, unet_state=unet_state())
     ctx.metric("refine.load_s", time.monotonic() - t)
     encode = cached_encoder(table)
     drawn = {}  # scene -> its characters' IP-Adapter tokens, as generate conditions it
