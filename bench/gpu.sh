@@ -75,10 +75,13 @@ for b in "$@"; do
     e2e-watch) python3 bench/e2e.py watch --edits "${E2E_EDITS:-2}" ;;
     e2e-probe) python3 bench/load_probe.py ;;
     # what a new process pays to import torch and diffsynth here (twice each: the second is the warm file cache)
-    imports) for m in torch diffsynth torch diffsynth; do
-               python3 -c "import time; t = time.perf_counter(); import $m; print('import $m: %.2f s' % (time.perf_counter() - t))"
+    # (storyc's stages set USE_TF=0 USE_FLAX=0 before transformers loads: timed both ways)
+    imports) for m in torch diffsynth torch diffsynth "diffsynth (USE_TF=0 USE_FLAX=0)" "diffsynth (USE_TF=0 USE_FLAX=0)"; do
+               case "$m" in *USE_*) e="USE_TF=0 USE_FLAX=0"; n=diffsynth ;; *) e=; n=$m ;; esac
+               env $e python3 -c "import time; t = time.perf_counter(); import $n; print('import $m: %.2f s' % (time.perf_counter() - t))"
              done 2>&1 | grep '^import' | tee "$OUT/imports.txt"
-             python3 -X importtime -c "import diffsynth" 2> "$OUT/importtime_diffsynth.txt" >/dev/null ;;
+             python3 -X importtime -c "import diffsynth" 2> "$OUT/importtime_diffsynth.txt" >/dev/null
+             USE_TF=0 USE_FLAX=0 python3 -X importtime -c "import diffsynth" 2> "$OUT/importtime_diffsynth_noflax.txt" >/dev/null ;;
     e2e-caps) python3 bench/e2e.py caps --caps "${E2E_CAPS:-22,40}" ;;
     e2e-baseline) python3 bench/e2e.py baseline --steps "${E2E_BASE_STEPS:-12}" --images "${E2E_BASE_IMAGES:-3}" ;;
     # bench/sweep_bench.py: `storyc sweep` on 2 GPUs vs 1, and 6 variants sharing one training (issue 14); needs the

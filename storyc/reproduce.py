@@ -61,7 +61,9 @@ def pack_wheel(out: Path) -> Path:
         if f.is_file() and "__pycache__" not in rel.parts and f.suffix != ".pyc" and rel.name != "BUILD_COMMIT":
             entries[f"storyc/{rel.as_posix()}"] = f.read_bytes()
     entries["storyc/BUILD_COMMIT"] = ((storyc_commit() or "") + "\n").encode()
-    entries[f"{info}/METADATA"] = dist.read_text("METADATA").encode()
+    # an egg-info (setuptools' editable install leaves one in the checkout, found first from its root) has PKG-INFO:
+    # the same core-metadata text under its older name
+    entries[f"{info}/METADATA"] = (dist.read_text("METADATA") or dist.read_text("PKG-INFO")).encode()
     entries[f"{info}/entry_points.txt"] = (dist.read_text("entry_points.txt") or "").encode()
     entries[f"{info}/WHEEL"] = b"Wheel-Version: 1.0\nGenerator: storyc\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
     record = "".join(f"{name},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},"

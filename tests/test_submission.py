@@ -106,6 +106,25 @@ def test_publish_dry_run_stages_the_exact_tree_and_the_post(built, tmp_path):
     assert "images/01-home.png" in post and "在家" in post
 
 
+def test_the_storyc_wheel_packs_from_a_checkout_with_an_egg_info(tmp_path, monkeypatch):
+    """Run from a checkout's root after a setuptools editable install, Python finds ./storyc.egg-info first: its
+    metadata is PKG-INFO, not METADATA, and the wheel in reproduce/ must still carry it."""
+    import sys
+    import zipfile
+
+    from storyc import __version__
+    from storyc.reproduce import pack_wheel
+
+    egg = tmp_path / "root" / "storyc.egg-info"
+    egg.mkdir(parents=True)
+    (egg / "PKG-INFO").write_text(f"Metadata-Version: 2.4\nName: storyc\nVersion: {__version__}\n")
+    monkeypatch.setattr(sys, "path", [str(egg.parent), *sys.path])
+    (tmp_path / "out").mkdir()
+    with zipfile.ZipFile(pack_wheel(tmp_path / "out")) as z:
+        meta = z.read(f"storyc-{__version__}.dist-info/METADATA").decode()
+    assert meta.startswith("Metadata-Version: 2.4\nName: storyc\n")
+
+
 def test_the_model_page_alone_rebuilds_the_story(built, tiny_models, tmp_path):
     """A stranger with the published page only: install the storyc wheel from reproduce/, run the card's build step
     there, and get the published images and lock digests back."""

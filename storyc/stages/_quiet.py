@@ -13,6 +13,10 @@ import warnings
 def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # storyc runs transformers on PyTorch only: where TensorFlow or Flax is installed, transformers would import it
+    # too (jax: 2.0 s of a new process's imports on the GPU host, bench/RESULTS.md); read when transformers loads
+    os.environ.setdefault("USE_TF", "0")
+    os.environ.setdefault("USE_FLAX", "0")
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
