@@ -63,6 +63,8 @@ for b in "$@"; do
     train) python3 bench/train_bench.py ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/train_log.txt" ;;
     multigpu) python3 bench/multigpu.py 2>&1 | tee "$OUT/multigpu_log.txt" ;;
     graphs) python3 bench/graphs_check.py 2>&1 | tee "$OUT/graphs_log.txt" ;;
+    # bench/sample_graphs.py: the sampling loop eager vs replayed from a CUDA graph (one image, four, a refine)
+    sample-graphs) python3 bench/sample_graphs.py 2>&1 | tee "$OUT/sample_graphs_log.txt" ;;
     # bench/knobs_bench.py: the training knobs' per-step cost and story previews (issue 13); carry .knobs_site too
     # for the adamw8bit / prodigy variants (bench/RESULTS.md says how it is made)
     knobs) python3 bench/knobs_bench.py ${KNOBS_ARGS:-} 2>&1 | tee "$OUT/knobs_log.txt" ;;
