@@ -291,8 +291,8 @@ def denoise(pipe, latents, ehs, ate, cfg: float, each_step=None, ip=None, graphs
     images: one UNet call per step for 2 x batch rows (the notebook's pipeline makes two calls per image). Shared
     by generation and the refine pass (which starts from a noised image at its strength's first timestep).
     ``ip``: IP-Adapter keys and values per cross-attention (characters): the UNet runs through diffsynth's
-    ``lets_dance_xl``, its one entry point that passes them to the attention blocks. On a GPU the calls after the
-    first replay a CUDA graph of it (``graphs``; see _GraphedCall)."""
+    ``lets_dance_xl``, its one entry point that passes them to the attention blocks. On a GPU without characters
+    the calls after the first replay a CUDA graph of it (``graphs``; see _GraphedCall)."""
     import torch
 
     unet = pipe.unet
@@ -307,7 +307,9 @@ def denoise(pipe, latents, ehs, ate, cfg: float, each_step=None, ip=None, graphs
     b, dev = latents.shape[0], pipe.device
     h, w = latents.shape[2] * 8, latents.shape[3] * 8
     add_time_id = torch.tensor([h, w, 0, 0, h, w], device=dev).repeat(ehs.shape[0])
-    call = _GraphedCall(unet) if graphs and str(dev).startswith("cuda") and len(pipe.scheduler.timesteps) > 2 else unet
+    # graphed on a GPU, where measured (bench/RESULTS.md, sample graphs): not yet through the IP-Adapter's entry point
+    graphed = graphs and ip is None and str(dev).startswith("cuda") and len(pipe.scheduler.timesteps) > 2
+    call = _GraphedCall(unet) if graphed else unet
     for k, t in enumerate(pipe.scheduler.timesteps):
         timestep = t.unsqueeze(0).to(dev)
         x = torch.cat([latents, latents]) if cfg != 1.0 else latents
