@@ -17,10 +17,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SLOW_FIXTURES = {"tiny_models", "base", "copy", "built", "trained", "filtered"}
 
 
+# The longest tests (1-2.5 min each on 2 cores, 2026-12-02), run first: collected last (test_sweep.py, test_train.py),
+# one of them would keep one xdist worker busy for minutes after the other ran out of work.
+LONGEST = ("test_sweep.py::test_sweep_runs_variants_as_ray_tune_trials_and_resumes",
+           "test_sweep.py::test_a_killed_sweep_resumes_without_redoing_finished_trials",
+           "test_properties.py::test_a_sample_of_valid_specs_builds_without_internal_errors",
+           "test_train.py::test_resume_with_ema_and_previews_matches_uninterrupted",
+           "test_sweep.py::test_a_sweep_on_a_two_node_ray_cluster_trains_once",
+           "test_data_stages.py::test_ray_executor",
+           "test_properties.py::test_every_generated_spec_is_rejected_clearly_or_compiles",
+           "test_recaption.py::test_recaption_captions_keeps_hand_edits_and_rebuilds_nothing_when_nothing_changed",
+           "test_train.py::test_ddp_on_two_processes_equals_one_process_at_the_global_batch")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    rank = {name: i for i, name in enumerate(LONGEST)}
+    items.sort(key=lambda it: rank.get(it.nodeid.split("/")[-1], len(rank)))  # stable: the rest keep their order
 
 
 # Commands that run stages (torch, diffsynth, transformers: ~8 s of imports a process on 2 cores) run in this test
