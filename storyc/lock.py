@@ -74,8 +74,10 @@ class Hasher:
         key, st, sha = self._cached(path)
         if sha is not None:
             return sha
+        return self._store(key, st, sha256_file(path))
+
+    def _store(self, key: str, st, sha: str) -> str:
         self.reads += 1
-        sha = sha256_file(path)
         self.cache[key] = [st.st_size, st.st_mtime_ns, sha]
         self.dirty = True
         return sha
@@ -104,9 +106,7 @@ class Hasher:
         with ThreadPoolExecutor(min(len(misses), os.cpu_count() or 1, 8)) as pool:
             shas = list(pool.map(lambda m: sha256_file(m[0]), misses))
         for (_, key, st), sha in zip(misses, shas):
-            self.reads += 1
-            self.cache[key] = [st.st_size, st.st_mtime_ns, sha]
-        self.dirty = True
+            self._store(key, st, sha)
 
     def save(self) -> None:
         if self.dirty:
