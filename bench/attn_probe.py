@@ -20,6 +20,8 @@ from common import DEV, DT, SMOKE, build_unet, gpu_info, out_dir, sync, torch, w
 p = argparse.ArgumentParser()
 p.add_argument("--reps", type=int, default=5)
 p.add_argument("--only", default="generate,refine,train")
+p.add_argument("--geglu", action="store_true", help="instead of the attention kernels: diffsynth's GEGLU against "
+               "storyc's SplitGEGLU (storyc.models.unet), timed, profiled and compared output for output")
 p.add_argument("--refine-loop", action="store_true", help="also time storyc's refine_image call by call (the stage's "
                "own loop at 2048², VAE included) against the bare UNet call above")
 args = p.parse_args()
@@ -87,8 +89,9 @@ def profile(fn) -> dict:
         us = getattr(e, "device_time", 0) if not SMOKE else 0
         if us and e.device_type.name == "CUDA":
             by[kind(e.name)] = by.get(kind(e.name), 0.0) + us / 1e3
-            top[e.name[:90]] = top.get(e.name[:90], 0.0) + us / 1e3
-    return {"ms_by_kind": {k: round(v, 2) for k, v in sorted(by.items(), key=lambda kv: -kv[1])},
+            top[e.name[:160]] = top.get(e.name[:160], 0.0) + us / 1e3
+    return {"kernel_ms": round(sum(by.values()), 2),
+            "ms_by_kind": {k: round(v, 2) for k, v in sorted(by.items(), key=lambda kv: -kv[1])},
             "top_kernels_ms": {k: round(v, 2) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:12]}}
 
 
@@ -99,7 +102,48 @@ except Exception as e:  # noqa: BLE001
     R["meta"]["sdpa_choice_2048_level2"] = repr(e)[:200]
 print("sdpa picks", R["meta"]["sdpa_choice_2048_level2"], flush=True)
 del q
-for name in args.only.split(","):
+def timed(a, grad: bool) -> float:
+    times = []
+    for i in range(2 + args.reps):
+        sync()
+        t = time.perf_counter()
+        call(a, grad)
+        sync()
+        if i >= 2:
+            times.append(time.perf_counter() - t)
+    return round(1e3 * statistics.median(times), 2)
+
+
+def geglu_probe():
+    """The same UNet call with diffsynth's GEGLU and with storyc's split one: wall ms, kernel ms, output diff."""
+    from storyc.models.unet import split_geglu
+
+    for name in args.only.split(","):
+        rows, size, grad = SCEN[name]
+        a = inputs(rows, size, grad)
+        run = R["runs"][name] = {"rows": rows, "size": size, "backward": grad}
+        outs = {}
+        for tag in ("diffsynth", "split"):
+            split_geglu(unet, tag == "split")
+            with torch.no_grad():
+                outs[tag] = unet(a[0].detach(), timestep=a[1], encoder_hidden_states=a[2], add_time_id=a[3],
+                                 add_text_embeds=a[4]).float()
+            run[tag] = {"wall_ms": timed(a, grad), "profile": profile(lambda: call(a, grad))}
+            print(name, tag, run[tag]["wall_ms"], "ms wall,", run[tag]["profile"]["kernel_ms"], "ms kernels",
+                  run[tag]["profile"]["ms_by_kind"], flush=True)
+        d = (outs["split"] - outs["diffsynth"]).abs()
+        run["output_max_abs_diff"] = float(d.max())
+        run["output_rel_rms_diff"] = float(d.square().mean().sqrt() / outs["diffsynth"].square().mean().sqrt())
+        k = run["split"]["profile"]["kernel_ms"]
+        run["speedup_kernels"] = round(run["diffsynth"]["profile"]["kernel_ms"] / k, 3) if k else None
+        print(name, "diff", run["output_max_abs_diff"], run["output_rel_rms_diff"], "kernel speedup",
+              run["speedup_kernels"], flush=True)
+        del a, outs
+        sync()
+    split_geglu(unet, True)
+
+
+for name in ([] if args.geglu else args.only.split(",")):
     rows, size, grad = SCEN[name]
     a = inputs(rows, size, grad)
     run = R["runs"][name] = {"rows": rows, "size": size, "backward": grad, "ms": {}}
@@ -128,6 +172,8 @@ for name in args.only.split(","):
         print(name, "profile", best, run[f"profile_{best}"]["ms_by_kind"], flush=True)
     del a
     sync()
+if args.geglu:
+    geglu_probe()
 if args.refine_loop:
     # refine_image as the stage calls it (1024² image -> 2048², strength 0.4 of 50 steps, cfg 4), every UNet call
     # synchronised and timed with its input's layout, then the same denoise loop from fresh random latents
@@ -185,5 +231,5 @@ if args.refine_loop:
     print("refine_loop", {k: v for k, v in R["refine_loop"].items() if not k.startswith("unet_calls")},
           "first call", in_refine[:1], "random first", calls[:1], flush=True)
     unet.forward = forward
-write(out_dir(), "attn_probe.json", R)
+write(out_dir(), "geglu_probe.json" if args.geglu else "attn_probe.json", R)
 print("done", flush=True)

@@ -10,9 +10,33 @@ import json
 from pathlib import Path
 
 import torch
-from diffsynth.models.sd_unet import (AttentionBlock, DownSampler, PopBlock, PushBlock, ResnetBlock, Timesteps,
-                                      UpSampler)
+from diffsynth.models.sd_unet import (GEGLU, AttentionBlock, DownSampler, PopBlock, PushBlock, ResnetBlock,
+                                      Timesteps, UpSampler)
 from diffsynth.models.sdxl_unet import SDXLUNet, SDXLUNetStateDictConverter
+
+
+class SplitGEGLU(GEGLU):
+    """diffsynth's GEGLU (same weights, same result up to GEMM rounding) with its projection run as two half-width
+    GEMMs. Why: ``proj(x).chunk(2)`` leaves both halves strided, so the GELU and the product ran as PyTorch's
+    non-vectorised elementwise kernel, the largest non-GEMM cost of a Kolors UNet call (bench/attn_probe.py)."""
+
+    def forward(self, hidden_states):
+        p = self.proj
+        if type(p) is not torch.nn.Linear:  # wrapped by a LoRA/LyCORIS layer: diffsynth's own path
+            return super().forward(hidden_states)
+        n, b = p.out_features // 2, p.bias
+        h = torch.nn.functional.linear(hidden_states, p.weight[:n], None if b is None else b[:n])
+        g = torch.nn.functional.gelu(torch.nn.functional.linear(hidden_states, p.weight[n:],
+                                                                None if b is None else b[n:]))
+        return h * g if torch.is_grad_enabled() else g.mul_(h)
+
+
+def split_geglu(unet: torch.nn.Module, on: bool = True) -> torch.nn.Module:
+    """Swap every feed-forward GEGLU to :class:`SplitGEGLU` (or back, ``on=False``); no weights move."""
+    for m in unet.modules():
+        if isinstance(m, GEGLU):
+            m.__class__ = SplitGEGLU if on else GEGLU
+    return unet
 
 
 def _per_block(v, n):
@@ -69,6 +93,7 @@ class ConfigSDXLUNet(SDXLUNet):
         self.conv_act = torch.nn.SiLU()
         self.conv_out = torch.nn.Conv2d(C[0], cfg.get("out_channels", 4), kernel_size=3, padding=1)
         self.is_kolors = hid is not None
+        split_geglu(self)
 
 
 def load_unet(folder: Path, dtype=torch.float16, device="cpu", state: dict | None = None) -> ConfigSDXLUNet:
