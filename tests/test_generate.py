@@ -252,3 +252,33 @@ def test_publish_offline_fails_fast(built, monkeypatch):
                 timeout=60)
     assert r.returncode == 1 and "cannot reach ModelScope" in r.stderr
     assert "x" not in r.stdout.split()  # the token is never printed
+
+
+def test_split_geglu_matches_diffsynth_and_keeps_its_path_for_training_and_lora(tiny_models):
+    """The UNet's feed-forward runs as two half-width GEMMs only without gradients; with them, or with a LoRA on
+    its projection, it is diffsynth's own GEGLU call for call."""
+    from diffsynth.models.sd_unet import GEGLU
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from storyc.models.unet import SplitGEGLU, load_unet, split_geglu
+
+    unet = load_unet(tiny_models / "tiny-kolors/unet", torch.float32, "cpu")
+    ffs = [m for m in unet.modules() if isinstance(m, GEGLU)]
+    assert ffs and all(type(m) is SplitGEGLU for m in ffs)
+    ff = ffs[0]
+    x = torch.randn(2, 5, ff.proj.in_features, generator=torch.Generator().manual_seed(0))
+    want = GEGLU.forward(ff, x)
+    with torch.no_grad():
+        got = ff(x)
+    assert torch.allclose(got, want, atol=1e-5) and not torch.equal(got, torch.zeros_like(got))
+    calls = []
+    ff.proj.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        ff(x)
+    assert calls == []  # the split path reads the weights itself: no full-width projection ran
+    assert torch.equal(ff(x), want) and calls == [1]  # gradients on: diffsynth's call, bit for bit
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["act_fn.proj"]), unet)
+    with torch.no_grad():
+        assert torch.equal(ff(x), GEGLU.forward(ff, x))  # a wrapped projection: diffsynth's path
+    split_geglu(unet, False)
+    assert not any(type(m) is SplitGEGLU for m in unet.modules())

@@ -16,19 +16,20 @@ from diffsynth.models.sdxl_unet import SDXLUNet, SDXLUNetStateDictConverter
 
 
 class SplitGEGLU(GEGLU):
-    """diffsynth's GEGLU (same weights, same result up to GEMM rounding) with its projection run as two half-width
-    GEMMs. Why: ``proj(x).chunk(2)`` leaves both halves strided, so the GELU and the product ran as PyTorch's
-    non-vectorised elementwise kernel, the largest non-GEMM cost of a Kolors UNet call (bench/attn_probe.py)."""
+    """diffsynth's GEGLU (same weights) whose projection runs as two half-width GEMMs when no gradient is taken.
+    Why: ``proj(x).chunk(2)`` leaves both halves strided, so the GELU and the product ran as PyTorch's
+    non-vectorised elementwise kernel. On an H200 the split made a 1024² generation call 6% and a 2048² refine call
+    5% faster, bit-identical; in training it was 2% slower (the backward adds the two halves' input gradients), so
+    a step with gradients keeps diffsynth's path (bench/attn_probe.py --geglu, bench/RESULTS.md run 13)."""
 
     def forward(self, hidden_states):
         p = self.proj
-        if type(p) is not torch.nn.Linear:  # wrapped by a LoRA/LyCORIS layer: diffsynth's own path
+        if torch.is_grad_enabled() or type(p) is not torch.nn.Linear:  # training, or a LoRA/LyCORIS-wrapped proj
             return super().forward(hidden_states)
         n, b = p.out_features // 2, p.bias
         h = torch.nn.functional.linear(hidden_states, p.weight[:n], None if b is None else b[:n])
-        g = torch.nn.functional.gelu(torch.nn.functional.linear(hidden_states, p.weight[n:],
-                                                                None if b is None else b[n:]))
-        return h * g if torch.is_grad_enabled() else g.mul_(h)
+        g = torch.nn.functional.linear(hidden_states, p.weight[n:], None if b is None else b[n:])
+        return torch.nn.functional.gelu(g).mul_(h)
 
 
 def split_geglu(unet: torch.nn.Module, on: bool = True) -> torch.nn.Module:
