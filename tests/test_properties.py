@@ -32,10 +32,10 @@ SCHEMA = _inline(RAW, RAW.get("$defs", {}))
 
 
 @st.composite
-def specs(draw):
+def specs(draw, fixed: bool | None = None):
     spec = draw(from_schema(SCHEMA))
     spec.pop("extends", None)
-    if draw(st.booleans()):  # meet the cross-field rules half the time, so many examples reach compile
+    if draw(st.booleans()) if fixed is None else fixed:  # meet the cross-field rules (half the time by default)
         scenes = spec["scenes"][:64]
         for i, s in enumerate(scenes):
             s["id"], s["seed"] = f"s{i}", i
@@ -88,11 +88,26 @@ def test_every_generated_spec_is_rejected_clearly_or_compiles(tmp_path, spec):
     assert set(plan.stages) >= {"ingest", "filter", "train", "bundle"}
 
 
+def _printable(node):
+    """Every string with its control characters replaced, so most sampled specs validate and reach the build."""
+    import unicodedata
+
+    if isinstance(node, str):
+        return "".join("x" if unicodedata.category(c) in ("Cc", "Cs") else c for c in node)
+    if isinstance(node, list):
+        return [_printable(x) for x in node]
+    if isinstance(node, dict):
+        return {_printable(k): _printable(v) for k, v in node.items()}
+    return node
+
+
 def _scaled_down(spec: dict, data: str) -> dict:
     """The same choices at tiny-model scale (sizes, steps, counts), on a local dataset."""
-    s = dict(spec)
+    s = _printable(dict(spec))  # control characters are refused at their line: the compile test covers that
+    s.pop("characters", None)  # they need reference images in the project: test_characters builds them
     n = min(len(s["scenes"]), 3)
-    s["scenes"] = [{**sc, "id": f"s{i}", "seed": i} for i, sc in enumerate(s["scenes"][:n])]
+    s["scenes"] = [{**{k: v for k, v in sc.items() if k != "characters"}, "id": f"s{i}", "seed": i}
+                   for i, sc in enumerate(s["scenes"][:n])]
     s["models"] = {"kolors": "tiny:kolors", "vae": "tiny:sdxl-vae", "aesthetic": "tiny:aesthetic"}
     s["dataset"] = {"source": "folder", "path": data, "caption": "二次元"}
     s["filters"] = [{"image_shape_filter": {"min_width": 64, "min_height": 64}}]
@@ -118,7 +133,7 @@ def _scaled_down(spec: dict, data: str) -> dict:
 @settings(max_examples=3, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large,
                                  HealthCheck.function_scoped_fixture])
-@given(spec=specs())
+@given(spec=specs(fixed=True))
 def test_a_sample_of_valid_specs_builds_without_internal_errors(tmp_path_factory, tiny_models, spec):
     from storyc.cli import main
     from storyc.errors import SpecError
