@@ -5,6 +5,7 @@ cd "$(dirname "$0")/.."
 # constraints.txt: the exact versions CI was green with (scripts/constraints.py writes it)
 python3 -m pip install -q -c constraints.txt -e '.[run,test]'
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-# two workers (the CI machine has 2 cores). The whole suite (326 tests) took 11.7-18.2 min on this 2-core machine
-# (2026-12-02, over the 12-min goal; 15.3 min quiet with the longest tests first, 18.2 min before; the slowest: the Ray sweeps and the spec property tests, 1-2 min each); `-m "not slow"` runs the ~200 tests that build no project in ~1 min
+# two workers (the CI machine has 2 cores), one CPU thread each (tests/conftest.py sets OMP_NUM_THREADS=1). The
+# whole suite (327 tests) took 11.6 min on this 2-core machine (2026-12-02; 15.3 min with torch's default threads);
+# the slowest are the Ray sweeps (1-1.6 min each); `-m "not slow"` runs the ~200 tests that build no project in ~1 min
 exec python3 -m pytest -q -p no:cacheprovider -n 2 tests "$@"

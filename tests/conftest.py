@@ -10,6 +10,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One CPU thread per process (set before torch is imported; every storyc the tests start inherits it). With two
+# xdist workers on two cores, torch's default of one thread per core put 4+ threads on 2 cores, and the tiny
+# models' ops are too small to gain from threads: test_build.py + test_train.py took 366 s, 168 s with this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 # The fast tier (`python -m pytest -m "not slow"`): everything but the tests that build with the real models.
@@ -17,17 +21,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SLOW_FIXTURES = {"tiny_models", "base", "copy", "built", "trained", "filtered"}
 
 
-# The longest tests (1-2.5 min each on 2 cores, 2026-12-02), run first: collected last (test_sweep.py, test_train.py),
-# one of them would keep one xdist worker busy for minutes after the other ran out of work.
+# The longest tests (0.5-1.6 min each on 2 cores, 2026-12-02), run first: collected last (test_sweep.py,
+# test_train.py), one of them would keep one xdist worker busy for minutes after the other ran out of work.
 LONGEST = ("test_sweep.py::test_sweep_runs_variants_as_ray_tune_trials_and_resumes",
-           "test_sweep.py::test_a_killed_sweep_resumes_without_redoing_finished_trials",
-           "test_properties.py::test_a_sample_of_valid_specs_builds_without_internal_errors",
-           "test_train.py::test_resume_with_ema_and_previews_matches_uninterrupted",
            "test_sweep.py::test_a_sweep_on_a_two_node_ray_cluster_trains_once",
            "test_data_stages.py::test_ray_executor",
+           "test_sweep.py::test_a_killed_sweep_resumes_without_redoing_finished_trials",
            "test_properties.py::test_every_generated_spec_is_rejected_clearly_or_compiles",
-           "test_recaption.py::test_recaption_captions_keeps_hand_edits_and_rebuilds_nothing_when_nothing_changed",
-           "test_train.py::test_ddp_on_two_processes_equals_one_process_at_the_global_batch")
+           "test_properties.py::test_a_sample_of_valid_specs_builds_without_internal_errors",
+           "test_train.py::test_ddp_on_two_processes_equals_one_process_at_the_global_batch",
+           "test_train.py::test_resume_with_ema_and_previews_matches_uninterrupted",
+           "test_reliability.py::test_concurrent_builds_refuse_wait_and_take_over_stale_locks")
 
 
 def pytest_collection_modifyitems(config, items):
