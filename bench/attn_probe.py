@@ -37,7 +37,8 @@ if SMOKE:
 
     DIM, POOLED, LEN = TINY_UNET["encoder_hid_dim"], TINY_UNET["projection_class_embeddings_input_dim"] - 6 * \
         TINY_UNET["addition_time_embed_dim"], 16
-SCEN = {"generate": (8, 1024, False), "refine": (2, 2048, False), "train": (1, 1024, True)}
+SCEN = {"generate": (8, 1024, False), "refine": (2, 2048, False), "train": (1, 1024, True),
+        "train_lora": (1, 1024, True)}  # train_lora: the UNet's weights frozen, as under a LoRA (no weight grads)
 BACKENDS = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "cudnn": SDPBackend.CUDNN_ATTENTION}
 
@@ -116,12 +117,14 @@ def timed(a, grad: bool) -> float:
 
 def geglu_probe():
     """The same UNet call with diffsynth's GEGLU and with storyc's split one: wall ms, kernel ms, output diff."""
-    from storyc.models.unet import split_geglu
+    from storyc.models.unet import SplitGEGLU, split_geglu
 
     for name in args.only.split(","):
         rows, size, grad = SCEN[name]
         a = inputs(rows, size, grad)
         run = R["runs"][name] = {"rows": rows, "size": size, "backward": grad}
+        unet.requires_grad_(name != "train_lora")
+        SplitGEGLU.with_grad = grad  # a training variant times the split with gradients on
         outs = {}
         for tag in ("diffsynth", "split"):
             split_geglu(unet, tag == "split")
@@ -141,6 +144,8 @@ def geglu_probe():
         del a, outs
         sync()
     split_geglu(unet, True)
+    SplitGEGLU.with_grad = False
+    unet.requires_grad_(True)
 
 
 for name in ([] if args.geglu else args.only.split(",")):

@@ -22,14 +22,17 @@ class SplitGEGLU(GEGLU):
     5% faster, bit-identical; in training it was 2% slower (the backward adds the two halves' input gradients), so
     a step with gradients keeps diffsynth's path (bench/attn_probe.py --geglu, bench/RESULTS.md run 13)."""
 
+    with_grad = False  # split in training too (bench/attn_probe.py --geglu measures both)
+
     def forward(self, hidden_states):
         p = self.proj
-        if torch.is_grad_enabled() or type(p) is not torch.nn.Linear:  # training, or a LoRA/LyCORIS-wrapped proj
+        if (torch.is_grad_enabled() and not self.with_grad) or type(p) is not torch.nn.Linear:  # or a wrapped proj
             return super().forward(hidden_states)
         n, b = p.out_features // 2, p.bias
         h = torch.nn.functional.linear(hidden_states, p.weight[:n], None if b is None else b[:n])
         g = torch.nn.functional.linear(hidden_states, p.weight[n:], None if b is None else b[n:])
-        return torch.nn.functional.gelu(g).mul_(h)
+        g = torch.nn.functional.gelu(g)
+        return g * h if torch.is_grad_enabled() else g.mul_(h)
 
 
 def split_geglu(unet: torch.nn.Module, on: bool = True) -> torch.nn.Module:
