@@ -16,13 +16,14 @@ from diffsynth.models.sdxl_unet import SDXLUNet, SDXLUNetStateDictConverter
 
 
 class SplitGEGLU(GEGLU):
-    """diffsynth's GEGLU (same weights) whose projection runs as two half-width GEMMs when no gradient is taken.
+    """diffsynth's GEGLU (same weights) whose projection runs as two half-width GEMMs.
     Why: ``proj(x).chunk(2)`` leaves both halves strided, so the GELU and the product ran as PyTorch's
     non-vectorised elementwise kernel. On an H200 the split made a 1024² generation call 6% and a 2048² refine call
-    5% faster, bit-identical; in training it was 2% slower (the backward adds the two halves' input gradients), so
-    a step with gradients keeps diffsynth's path (bench/attn_probe.py --geglu, bench/RESULTS.md run 13)."""
+    5% faster and a LoRA training step's UNet forward + backward 6% faster (GPU kernel time), forwards bit-identical
+    (bench/attn_probe.py --geglu, bench/RESULTS.md runs 13 and 15). Where the UNet's own weights are trained it
+    costs 1.6% (the two halves' weight gradients); storyc never trains them."""
 
-    with_grad = False  # split in training too (bench/attn_probe.py --geglu measures both)
+    with_grad = True  # split when gradients are taken too (False: diffsynth's path whenever grad is enabled)
 
     def forward(self, hidden_states):
         p = self.proj
