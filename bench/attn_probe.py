@@ -103,6 +103,8 @@ except Exception as e:  # noqa: BLE001
     R["meta"]["sdpa_choice_2048_level2"] = repr(e)[:200]
 print("sdpa picks", R["meta"]["sdpa_choice_2048_level2"], flush=True)
 del q
+
+
 def timed(a, grad: bool) -> float:
     times = []
     for i in range(2 + args.reps):
@@ -155,16 +157,8 @@ for name in ([] if args.geglu else args.only.split(",")):
     for tag, backend in BACKENDS.items():
         ctx = sdpa_kernel([backend]) if backend is not None and not SMOKE else None
         try:
-            times = []
             with ctx if ctx is not None else torch.enable_grad():
-                for i in range(2 + args.reps):
-                    sync()
-                    t = time.perf_counter()
-                    call(a, grad)
-                    sync()
-                    if i >= 2:
-                        times.append(time.perf_counter() - t)
-            run["ms"][tag] = round(1e3 * statistics.median(times), 2)
+                run["ms"][tag] = timed(a, grad)
         except Exception as e:  # noqa: BLE001 - a kernel that cannot run this shape: recorded, not fatal
             run["ms"][tag] = repr(e)[:200]
         print(name, tag, run["ms"][tag], flush=True)
