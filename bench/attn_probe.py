@@ -22,6 +22,8 @@ p.add_argument("--reps", type=int, default=5)
 p.add_argument("--only", default="generate,refine,train")
 p.add_argument("--geglu", action="store_true", help="instead of the attention kernels: diffsynth's GEGLU against "
                "storyc's SplitGEGLU (storyc.models.unet), timed, profiled and compared output for output")
+p.add_argument("--channels-last", action="store_true", help="instead of the attention kernels: the UNet and its "
+               "input in channels_last (NHWC) against the default layout, timed and profiled")
 p.add_argument("--refine-loop", action="store_true", help="also time storyc's refine_image call by call (the stage's "
                "own loop at 2048², VAE included) against the bare UNet call above")
 args = p.parse_args()
@@ -150,7 +152,7 @@ def geglu_probe():
     unet.requires_grad_(True)
 
 
-for name in ([] if args.geglu else args.only.split(",")):
+for name in ([] if args.geglu or args.channels_last else args.only.split(",")):
     rows, size, grad = SCEN[name]
     a = inputs(rows, size, grad)
     run = R["runs"][name] = {"rows": rows, "size": size, "backward": grad, "ms": {}}
@@ -171,8 +173,38 @@ for name in ([] if args.geglu else args.only.split(",")):
         print(name, "profile", best, run[f"profile_{best}"]["ms_by_kind"], flush=True)
     del a
     sync()
+def layout_probe():
+    """The same UNet call in the default (NCHW) layout and in channels_last: wall ms, kernel ms, output diff."""
+    for name in args.only.split(","):
+        rows, size, grad = SCEN[name]
+        a = inputs(rows, size, grad)
+        run = R["runs"][name] = {"rows": rows, "size": size, "backward": grad}
+        unet.requires_grad_(name != "train_lora")
+        outs = {}
+        for tag in ("nchw", "channels_last"):
+            fmt = torch.channels_last if tag == "channels_last" else torch.contiguous_format
+            unet.to(memory_format=fmt)
+            a = (a[0].detach().contiguous(memory_format=fmt).requires_grad_(grad), *a[1:])
+            with torch.no_grad():
+                outs[tag] = unet(a[0].detach(), timestep=a[1], encoder_hidden_states=a[2], add_time_id=a[3],
+                                 add_text_embeds=a[4]).float()
+            run[tag] = {"wall_ms": timed(a, grad), "profile": profile(lambda: call(a, grad))}
+            print(name, tag, run[tag]["wall_ms"], "ms wall,", run[tag]["profile"]["kernel_ms"], "ms kernels",
+                  run[tag]["profile"]["ms_by_kind"], flush=True)
+        run["output_max_abs_diff"] = float((outs["channels_last"] - outs["nchw"]).abs().max())
+        k = run["channels_last"]["profile"]["kernel_ms"]
+        run["speedup_kernels"] = round(run["nchw"]["profile"]["kernel_ms"] / k, 3) if k else None
+        print(name, "diff", run["output_max_abs_diff"], "kernel speedup", run["speedup_kernels"], flush=True)
+        unet.to(memory_format=torch.contiguous_format)
+        del a, outs
+        sync()
+    unet.requires_grad_(True)
+
+
 if args.geglu:
     geglu_probe()
+if args.channels_last:
+    layout_probe()
 if args.refine_loop:
     # refine_image as the stage calls it (1024² image -> 2048², strength 0.4 of 50 steps, cfg 4), every UNet call
     # synchronised and timed with its input's layout, then the same denoise loop from fresh random latents
@@ -230,5 +262,5 @@ if args.refine_loop:
     print("refine_loop", {k: v for k, v in R["refine_loop"].items() if not k.startswith("unet_calls")},
           "first call", in_refine[:1], "random first", calls[:1], flush=True)
     unet.forward = forward
-write(out_dir(), "geglu_probe.json" if args.geglu else "attn_probe.json", R)
+write(out_dir(), "geglu_probe.json" if args.geglu else "layout_probe.json" if args.channels_last else "attn_probe.json", R)
 print("done", flush=True)
