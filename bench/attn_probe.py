@@ -173,17 +173,46 @@ for name in ([] if args.geglu or args.channels_last else args.only.split(",")):
         print(name, "profile", best, run[f"profile_{best}"]["ms_by_kind"], flush=True)
     del a
     sync()
+def _nhwc_block_class():
+    """diffsynth's AttentionBlock that keeps a channels_last input channels_last: its NHWC reshapes become views and
+    its output is not copied back to NCHW (an experiment for this probe; storyc's UNet does not use it)."""
+    from diffsynth.models.sd_unet import AttentionBlock
+
+    class NHWCAttentionBlock(AttentionBlock):
+        def forward(self, hidden_states, time_emb, text_emb, res_stack, cross_frame_attention=False, tiled=False,
+                    ipadapter_kwargs_list={}, **kwargs):  # noqa: B006 - diffsynth's signature
+            if tiled or cross_frame_attention or not self.need_proj_out or hidden_states.is_contiguous():
+                return super().forward(hidden_states, time_emb, text_emb, res_stack, cross_frame_attention, tiled,
+                                       ipadapter_kwargs_list=ipadapter_kwargs_list, **kwargs)
+            batch, c, height, width = hidden_states.shape
+            residual = hidden_states
+            x = self.norm(hidden_states).permute(0, 2, 3, 1).reshape(batch, height * width, c)
+            x = self.proj_in(x)
+            ehs = text_emb if text_emb.shape[0] == x.shape[0] else text_emb.repeat(x.shape[0], 1, 1)
+            for i, block in enumerate(self.transformer_blocks):
+                x = block(x, encoder_hidden_states=ehs, ipadapter_kwargs=ipadapter_kwargs_list.get(i, None))
+            x = self.proj_out(x).reshape(batch, height, width, c).permute(0, 3, 1, 2)  # channels_last, no copy
+            return x + residual, time_emb, text_emb, res_stack
+
+    return AttentionBlock, NHWCAttentionBlock
+
+
 def layout_probe():
-    """The same UNet call in the default (NCHW) layout and in channels_last: wall ms, kernel ms, output diff."""
+    """The same UNet call in the default (NCHW) layout, in channels_last, and in channels_last with NHWC-keeping
+    transformer blocks: wall ms, kernel ms, output diff."""
+    base_cls, nhwc_cls = _nhwc_block_class()
     for name in args.only.split(","):
         rows, size, grad = SCEN[name]
         a = inputs(rows, size, grad)
         run = R["runs"][name] = {"rows": rows, "size": size, "backward": grad}
         unet.requires_grad_(name != "train_lora")
         outs = {}
-        for tag in ("nchw", "channels_last"):
-            fmt = torch.channels_last if tag == "channels_last" else torch.contiguous_format
+        for tag in ("nchw", "channels_last", "channels_last_nhwc_blocks"):
+            fmt = torch.contiguous_format if tag == "nchw" else torch.channels_last
             unet.to(memory_format=fmt)
+            for m in unet.modules():
+                if isinstance(m, base_cls):
+                    m.__class__ = nhwc_cls if tag == "channels_last_nhwc_blocks" else base_cls
             a = (a[0].detach().contiguous(memory_format=fmt).requires_grad_(grad), *a[1:])
             with torch.no_grad():
                 outs[tag] = unet(a[0].detach(), timestep=a[1], encoder_hidden_states=a[2], add_time_id=a[3],
@@ -191,11 +220,16 @@ def layout_probe():
             run[tag] = {"wall_ms": timed(a, grad), "profile": profile(lambda: call(a, grad))}
             print(name, tag, run[tag]["wall_ms"], "ms wall,", run[tag]["profile"]["kernel_ms"], "ms kernels",
                   run[tag]["profile"]["ms_by_kind"], flush=True)
-        run["output_max_abs_diff"] = float((outs["channels_last"] - outs["nchw"]).abs().max())
-        k = run["channels_last"]["profile"]["kernel_ms"]
-        run["speedup_kernels"] = round(run["nchw"]["profile"]["kernel_ms"] / k, 3) if k else None
-        print(name, "diff", run["output_max_abs_diff"], "kernel speedup", run["speedup_kernels"], flush=True)
+        for tag in ("channels_last", "channels_last_nhwc_blocks"):
+            k = run[tag]["profile"]["kernel_ms"]
+            run[tag]["output_max_abs_diff"] = float((outs[tag] - outs["nchw"]).abs().max())
+            run[tag]["speedup_kernels"] = round(run["nchw"]["profile"]["kernel_ms"] / k, 3) if k else None
+            print(name, tag, "diff", run[tag]["output_max_abs_diff"], "kernel speedup", run[tag]["speedup_kernels"],
+                  flush=True)
         unet.to(memory_format=torch.contiguous_format)
+        for m in unet.modules():
+            if isinstance(m, base_cls):
+                m.__class__ = base_cls
         del a, outs
         sync()
     unet.requires_grad_(True)
