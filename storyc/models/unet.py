@@ -19,9 +19,10 @@ class SplitGEGLU(GEGLU):
     """diffsynth's GEGLU (same weights) whose projection runs as two half-width GEMMs.
     Why: ``proj(x).chunk(2)`` leaves both halves strided, so the GELU and the product ran as PyTorch's
     non-vectorised elementwise kernel. On an H200 the split made a 1024² generation call 6% and a 2048² refine call
-    5% faster and a LoRA training step's UNet forward + backward 6% faster (GPU kernel time), the fp16 outputs
-    bit-identical (bench/attn_probe.py --geglu, bench/RESULTS.md runs 13 and 15; on CPU in fp32 they differ by ~1e-6). Where the UNet's own weights are trained it
-    costs 1.6% (the two halves' weight gradients); storyc never trains them."""
+    5% faster and a LoRA training step's UNet forward + backward 6% faster (GPU kernel time), with bit-identical
+    fp16 outputs (bench/attn_probe.py --geglu, bench/RESULTS.md runs 13 and 15; on CPU in fp32 they differ by
+    ~1e-6). Where the UNet's own weights are trained it costs 1.6% (the two halves' weight gradients); storyc never
+    trains them."""
 
     with_grad = True  # split when gradients are taken too (False: diffsynth's path whenever grad is enabled)
 
