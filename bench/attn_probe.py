@@ -119,6 +119,17 @@ def timed(a, grad: bool) -> float:
     return round(1e3 * statistics.median(times), 2)
 
 
+def variant(name: str, tag: str, a, grad: bool):
+    """One variant of a probe's call: its output (no grad), then wall ms and a kernel profile."""
+    with torch.no_grad():
+        out = unet(a[0].detach(), timestep=a[1], encoder_hidden_states=a[2], add_time_id=a[3],
+                   add_text_embeds=a[4]).float()
+    rec = {"wall_ms": timed(a, grad), "profile": profile(lambda: call(a, grad))}
+    print(name, tag, rec["wall_ms"], "ms wall,", rec["profile"]["kernel_ms"], "ms kernels",
+          rec["profile"]["ms_by_kind"], flush=True)
+    return out, rec
+
+
 def geglu_probe():
     """The same UNet call with diffsynth's GEGLU and with storyc's split one: wall ms, kernel ms, output diff."""
     from storyc.models.unet import SplitGEGLU, split_geglu
@@ -132,12 +143,7 @@ def geglu_probe():
         outs = {}
         for tag in ("diffsynth", "split"):
             split_geglu(unet, tag == "split")
-            with torch.no_grad():
-                outs[tag] = unet(a[0].detach(), timestep=a[1], encoder_hidden_states=a[2], add_time_id=a[3],
-                                 add_text_embeds=a[4]).float()
-            run[tag] = {"wall_ms": timed(a, grad), "profile": profile(lambda: call(a, grad))}
-            print(name, tag, run[tag]["wall_ms"], "ms wall,", run[tag]["profile"]["kernel_ms"], "ms kernels",
-                  run[tag]["profile"]["ms_by_kind"], flush=True)
+            outs[tag], run[tag] = variant(name, tag, a, grad)
         d = (outs["split"] - outs["diffsynth"]).abs()
         run["output_max_abs_diff"] = float(d.max())
         run["output_rel_rms_diff"] = float(d.square().mean().sqrt() / outs["diffsynth"].square().mean().sqrt())
@@ -214,12 +220,7 @@ def layout_probe():
                 if isinstance(m, base_cls):
                     m.__class__ = nhwc_cls if tag == "channels_last_nhwc_blocks" else base_cls
             a = (a[0].detach().contiguous(memory_format=fmt).requires_grad_(grad), *a[1:])
-            with torch.no_grad():
-                outs[tag] = unet(a[0].detach(), timestep=a[1], encoder_hidden_states=a[2], add_time_id=a[3],
-                                 add_text_embeds=a[4]).float()
-            run[tag] = {"wall_ms": timed(a, grad), "profile": profile(lambda: call(a, grad))}
-            print(name, tag, run[tag]["wall_ms"], "ms wall,", run[tag]["profile"]["kernel_ms"], "ms kernels",
-                  run[tag]["profile"]["ms_by_kind"], flush=True)
+            outs[tag], run[tag] = variant(name, tag, a, grad)
         for tag in ("channels_last", "channels_last_nhwc_blocks"):
             k = run[tag]["profile"]["kernel_ms"]
             run[tag]["output_max_abs_diff"] = float((outs[tag] - outs["nchw"]).abs().max())
