@@ -164,24 +164,32 @@ del te, prompter, enc
 from storyc.model import LoRA  # noqa: E402
 from storyc.stages.train.config import train_section  # noqa: E402
 from storyc.stages.train.data import make_loader  # noqa: E402
+from storyc.models.fused_lora import fuse_lora  # noqa: E402
 from storyc.stages.train.module import LoRAModule  # noqa: E402
 
 LORA = LoRA.build({"rank": 16, "alpha": 4.0, "target_modules": ["to_q", "to_k", "to_v", "to_out"], "init": "gaussian",
                   "type": "lora", "factor": -1, "decompose_both": False})
 # storyc: eager; storyc_graphs: train.cuda_graphs (what `storyc build` does by default on one GPU);
 # storyc_compiled: train.compile (torch.compile of the whole UNet)
-variants = [("storyc_gc_on", {"gradient_checkpointing": True}), ("storyc", {}), ("storyc_graphs", {"cuda_graphs": True}),
+# *_peft: peft's own LoRA forward instead of storyc's fused one (storyc.models.fused_lora), same parameters
+variants = [("storyc_gc_on", {"gradient_checkpointing": True}), ("storyc", {}), ("storyc_peft", {"peft": True}),
+            ("storyc_graphs", {"cuda_graphs": True}), ("storyc_graphs_peft", {"cuda_graphs": True, "peft": True}),
             ("storyc_compiled", {"compile": True})]
 for name, over in variants:
     if name in skip:
         continue
+    over = dict(over)
+    peft_path = over.pop("peft", False)
     tr = {"learning_rate": 1e-4, "gradient_checkpointing": False, "seed": 0, "random_flip": False, "center_crop": True,
           "compile": False, "cuda_graphs": False, **over}
     m = None
     try:
         m = LoRAModule(build_unet(seed=2), data, lora=LORA, train=train_section(tr))
+        if peft_path:
+            fuse_lora(m.unet, False)
         R["variants"][name] = fit(m, 10_000, f"cached latents/embeddings, GC {'on' if tr['gradient_checkpointing'] else 'off'}, "
-                                             f"{'torch.compile' if tr['compile'] else 'CUDA graphs' if tr['cuda_graphs'] else 'eager'}, fused AdamW")
+                                             f"{'torch.compile' if tr['compile'] else 'CUDA graphs' if tr['cuda_graphs'] else 'eager'}, fused AdamW, "
+                                             f"{'peft' if peft_path else 'fused'} LoRA layers")
         if tr["cuda_graphs"]:
             R["variants"][name]["graphed"] = bool(m.graphed)
         print(name, R["variants"][name]["s_per_step"], "first", R["variants"][name]["first_steps"][:2], flush=True)
@@ -229,6 +237,16 @@ if "baseline" in v:
 if "losses" in v.get("storyc", {}) and "losses" in v.get("storyc_graphs", {}):
     # same seeds, same data, same LoRA init: the graphed steps should track the eager ones
     R["graphs_vs_eager_max_loss_diff"] = max(abs(a - b) for a, b in zip(v["storyc"]["losses"], v["storyc_graphs"]["losses"]))
+for a, b in (("storyc", "storyc_peft"), ("storyc_graphs", "storyc_graphs_peft")):
+    if "losses" in v.get(a, {}) and "losses" in v.get(b, {}):  # same seeds and data: the fused layers track peft's
+        la, lb = v[a]["losses"], v[b]["losses"]
+        R[f"{a}_fused_vs_peft_loss"] = {"max_abs_diff": max(abs(x - y) for x, y in zip(la, lb)),
+                                        "max_rel_diff": max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(la, lb)),
+                                        "mean_fused": statistics.mean(la), "mean_peft": statistics.mean(lb)}
+        v[a]["speedup_vs_peft"] = v[b]["s_per_step"] / v[a]["s_per_step"]
+from storyc.models import fused_lora  # noqa: E402
+
+R["meta"]["fused_lora_fp32_gemm_out"] = fused_lora._F32_OUT[0]  # False: this torch refused addmm's out_dtype
 R["meta"]["wall_s"] = time.perf_counter() - t_all
 write(out, "train_results.json", R)
 print("\n== train bench ==")
@@ -242,4 +260,7 @@ for name, r in v.items():
         print(f"{name:<16} {r}")
 print("cache pass:", R["cache_pass"], " largest batch:", R.get("largest_batch"))
 print("graphs vs eager, max |loss diff| per step:", R.get("graphs_vs_eager_max_loss_diff"))
+for k in ("storyc", "storyc_graphs"):
+    if f"{k}_fused_vs_peft_loss" in R:
+        print(f"{k}: fused vs peft LoRA layers {v[k]['speedup_vs_peft']:.3f}x, losses {R[f'{k}_fused_vs_peft_loss']}")
 print(f"floor ~{R['floor_s_per_step']:.3f} s/step (3 x 7.0 TFLOP at the fp16 matmul rate)")

@@ -6,6 +6,7 @@ import lightning as L
 import torch
 
 from ... import lora as lora_mod
+from ...models.fused_lora import fuse_lora
 from .data import sample_seed
 
 
@@ -46,6 +47,7 @@ class LoRAModule(L.LightningModule):
             torch.manual_seed(self.cfg.seed)  # the LoRA's initial weights: the same in every rank and run
             self.unet = lora_mod.inject(unet, lo.rank, lo.alpha, list(lo.target_modules), lo.init, lo.type,
                                         lo.factor, lo.decompose_both)
+        fuse_lora(self.unet)  # same parameters, fewer kernels a step (models/fused_lora.py)
         self.unet.train()  # diffsynth's UNet checkpoints activations only in training mode
         self.unet.requires_grad_(False)
         for n, p in self.unet.named_parameters():
