@@ -72,6 +72,10 @@ class KernelTime(L.Callback):
             evs = self.prof.key_averages()
             self.kernel_s = sum(e.self_device_time_total for e in evs) / 1e6 / max(self.n, 1)
             self.kernels = sum(e.count for e in evs if e.device_type.name == "CUDA") / max(self.n, 1)
+            # where the kernel time goes, per step: the 25 costliest kernel names
+            cuda = sorted((e for e in evs if e.device_type.name == "CUDA"), key=lambda e: -e.self_device_time_total)
+            self.top = [{"kernel": e.key[:160], "ms": round(e.self_device_time_total / 1e3 / max(self.n, 1), 3),
+                         "count": round(e.count / max(self.n, 1), 1)} for e in cuda[:25]]
 
 
 def fit(module, loader_len, gc_note):
@@ -86,7 +90,7 @@ def fit(module, loader_len, gc_note):
     wall = time.perf_counter() - t0
     steady = timer.t[args.warmup:-3] or timer.t[args.warmup:]  # the last 3 run under the profiler
     return {"s_per_step": statistics.median(steady), "steps": steady, "first_steps": timer.t[:args.warmup],
-            "losses": timer.loss, "gpu_kernel_s_per_step": getattr(kt, "kernel_s", None), "kernels_per_step": getattr(kt, "kernels", None),
+            "losses": timer.loss, "gpu_kernel_s_per_step": getattr(kt, "kernel_s", None), "kernels_per_step": getattr(kt, "kernels", None), "top_kernels": getattr(kt, "top", None),
             "peak_gib": (0 if SMOKE else round(torch.cuda.max_memory_allocated() / 2**30, 2)), "wall_s": wall, "note": gc_note}
 
 
@@ -261,6 +265,8 @@ for name, r in v.items():
 print("cache pass:", R["cache_pass"], " largest batch:", R.get("largest_batch"))
 print("graphs vs eager, max |loss diff| per step:", R.get("graphs_vs_eager_max_loss_diff"))
 for k in ("storyc", "storyc_graphs"):
+    for t in v.get(k, {}).get("top_kernels") or ():
+        print(f"  {k}: {t['ms']:8.3f} ms {t['count']:7.1f}x  {t['kernel']}")
     if f"{k}_fused_vs_peft_loss" in R:
         print(f"{k}: fused vs peft LoRA layers {v[k]['speedup_vs_peft']:.3f}x, losses {R[f'{k}_fused_vs_peft_loss']}")
 print(f"floor ~{R['floor_s_per_step']:.3f} s/step (3 x 7.0 TFLOP at the fp16 matmul rate)")
