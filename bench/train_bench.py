@@ -24,6 +24,8 @@ p.add_argument("--steps", type=int, default=12, help="timed steps per variant (a
 p.add_argument("--warmup", type=int, default=4)
 p.add_argument("--size", type=int, default=1024)
 p.add_argument("--skip", default="")
+p.add_argument("--ops", action="store_true", help="also: which aten ops (with input shapes) launch a LoRA step's "
+               "copies and casts, from one eager forward + backward of the training UNet under the profiler")
 args = p.parse_args()
 skip = set(args.skip.split(",")) if args.skip else set()
 import lightning as L  # noqa: E402
@@ -208,6 +210,44 @@ for name, over in variants:
         R["variants"][name] = {"error": repr(e)[:500]}
         print(name, "failed", repr(e)[:300], flush=True)
     del m
+    (SMOKE or torch.cuda.empty_cache())
+
+# ---------------- where a step's copies and casts come from (a graph replay shows kernels, not the ops behind them)
+if args.ops:
+    from torch.profiler import ProfilerActivity, profile
+
+    m = LoRAModule(build_unet(seed=2), data, lora=LORA, train=train_section({
+        "learning_rate": 1e-4, "gradient_checkpointing": False, "seed": 0, "random_flip": False, "center_crop": True}))
+    unet = m.unet.to(DEV)
+    lat = data["latents"][0]["latent"].to(DEV, DT)
+    e = data["emb"][PROMPT]
+    ehs, ate = e["encoder_hidden_states"].to(DEV, DT), e["add_text_embeds"].to(DEV, DT)
+    tid = torch.tensor([S, S, 0, 0, S, S], device=DEV)
+    t = torch.tensor([500], device=DEV)
+
+    def step():
+        unet.zero_grad(set_to_none=True)  # as the optimizer leaves them: no accumulation adds
+        with torch.autocast(DEV, dtype=torch.float16, enabled=not SMOKE):
+            out = unet(lat, timestep=t, encoder_hidden_states=ehs, add_time_id=tid, add_text_embeds=ate)
+        out.float().square().mean().backward()
+
+    for _ in range(2):
+        step()
+    sync()
+    with profile(activities=[ProfilerActivity.CPU] + ([] if SMOKE else [ProfilerActivity.CUDA]), record_shapes=True) as prof:
+        step()
+        sync()
+    keep = ("aten::copy_", "aten::_to_copy", "aten::to", "aten::clone", "aten::contiguous", "aten::add", "aten::add_",
+            "aten::mul", "aten::mm", "aten::addmm", "aten::addmm_")
+    rows = [{"op": ev.key, "shapes": str(ev.input_shapes)[:160], "count": ev.count,
+             "device_ms": round(ev.device_time_total / 1e3, 3)}
+            for ev in prof.key_averages(group_by_input_shape=True) if ev.key in keep]
+    rows.sort(key=lambda r: -r["count"])
+    R["op_profile"] = rows[:60]
+    print("\n== ops behind a LoRA step's copies, casts, adds and GEMMs (one eager step) ==")
+    for r in rows[:60]:
+        print(f"{r['count']:6d}  {r['device_ms']:8.3f} ms  {r['op']:<18} {r['shapes']}")
+    del m, unet
     (SMOKE or torch.cuda.empty_cache())
 
 # ---------------- largest batch that fits (storyc, GC off, eager) and images/s

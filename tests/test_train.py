@@ -354,7 +354,7 @@ def test_fused_lora_trains_as_peft_does_and_steps_aside_where_it_cannot(tiny_mod
         return out.float(), x.grad, {n: p.grad for n, p in unet.named_parameters() if p.requires_grad}, out
 
     def err(a, b):
-        return float((a - b).norm() / b.norm())
+        return float((a - b).detach().norm() / b.detach().norm())
 
     ref, inp = adapted()
     fused = fuse_lora(adapted()[0])
