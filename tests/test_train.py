@@ -425,3 +425,38 @@ def test_attention_and_geglu_inputs_are_cast_once_under_autocast_with_autocasts_
     attn.__class__, ff.__class__ = OneCastAttention, SplitGEGLU
     with torch.no_grad():  # without autocast nothing is cast
         assert attn(x0).dtype == torch.float32 and ff(x0).dtype == torch.float32
+
+
+def test_norms_keep_a_half_input_in_half_under_autocast_with_fp32_statistics(tiny_models):
+    """models/unet.py's HalfLayerNorm / HalfGroupNorm: under autocast a half-precision input stays half (CUDA's
+    autocast would run the norm in fp32 and cast both ways), with the fp32 computation's values rounded once;
+    without autocast, nn.LayerNorm / nn.GroupNorm exactly."""
+    from storyc.models.unet import HalfGroupNorm, HalfLayerNorm, half_norms
+
+    unet, _ = _unet_and_inputs(tiny_models)
+    unet.requires_grad_(False)  # frozen, as under a LoRA
+    ln = next(m for m in unet.modules() if type(m) is HalfLayerNorm)
+    gn = next(m for m in unet.modules() if type(m) is HalfGroupNorm)
+    g = torch.Generator().manual_seed(0)
+    for norm, shape, plain in ((ln, (2, 16, ln.normalized_shape[0]), torch.nn.LayerNorm),
+                               (gn, (2, gn.num_channels, 8, 8), torch.nn.GroupNorm)):
+        with torch.no_grad():
+            norm.weight.normal_(1, 0.2, generator=g)
+            norm.bias.normal_(0, 0.2, generator=g)
+        leaf = (torch.randn(shape, generator=g) * 3 + 1).to(torch.bfloat16).requires_grad_()
+        x = leaf * 1
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = norm(x)
+        assert out.dtype == torch.bfloat16
+        assert _graph_nodes(out, "ToCopyBackward0") == 0  # nothing cast up to fp32 and back
+        norm.__class__ = plain
+        want = norm(leaf.detach().float())  # fp32 throughout, as CUDA's autocast computes it
+        assert float((out.float() - want).norm() / want.norm()) < 8e-3  # one bf16 rounding (2^-8)
+        r = torch.randn(shape, generator=g)  # a loss the normalisation does not make constant
+        (out.float() * r).sum().backward()
+        ref = leaf.detach().float().requires_grad_()
+        (norm(ref) * r).sum().backward()
+        assert float((leaf.grad.float() - ref.grad).norm() / ref.grad.norm()) < 3e-2
+        x32 = torch.randn(shape, generator=g)
+        half_norms(unet, True)
+        assert type(norm) is not plain and torch.equal(norm(x32), plain.forward(norm, x32))  # no autocast: the same
