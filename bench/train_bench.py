@@ -171,7 +171,7 @@ from storyc.model import LoRA  # noqa: E402
 from storyc.stages.train.config import train_section  # noqa: E402
 from storyc.stages.train.data import make_loader  # noqa: E402
 from storyc.models.fused_lora import fuse_lora  # noqa: E402
-from storyc.models.unet import cast_once, half_norms  # noqa: E402
+from storyc.models.unet import half_norms  # noqa: E402
 from storyc.stages.train.module import LoRAModule  # noqa: E402
 
 LORA = LoRA.build({"rank": 16, "alpha": 4.0, "target_modules": ["to_q", "to_k", "to_v", "to_out"], "init": "gaussian",
@@ -179,11 +179,9 @@ LORA = LoRA.build({"rank": 16, "alpha": 4.0, "target_modules": ["to_q", "to_k", 
 # storyc: eager; storyc_graphs: train.cuda_graphs (what `storyc build` does by default on one GPU);
 # storyc_compiled: train.compile (torch.compile of the whole UNet)
 # *_peft: peft's own LoRA forward instead of storyc's fused one (storyc.models.fused_lora), same parameters;
-# *_cast_each: each q/k/v projection casts the LayerNorm's fp32 output itself (storyc.models.unet.cast_once off);
 # *_fp32_norms: autocast runs the Layer/GroupNorms in fp32 (storyc.models.unet.half_norms off)
 variants = [("storyc_gc_on", {"gradient_checkpointing": True}), ("storyc", {}), ("storyc_peft", {"peft": True}),
             ("storyc_graphs", {"cuda_graphs": True}), ("storyc_graphs_peft", {"cuda_graphs": True, "peft": True}),
-            ("storyc_graphs_cast_each", {"cuda_graphs": True, "cast_each": True}),
             ("storyc_graphs_fp32_norms", {"cuda_graphs": True, "fp32_norms": True}),
             ("storyc_compiled", {"compile": True})]
 for name, over in variants:
@@ -191,7 +189,6 @@ for name, over in variants:
         continue
     over = dict(over)
     peft_path = over.pop("peft", False)
-    cast_each = over.pop("cast_each", False)
     fp32_norms = over.pop("fp32_norms", False)
     tr = {"learning_rate": 1e-4, "gradient_checkpointing": False, "seed": 0, "random_flip": False, "center_crop": True,
           "compile": False, "cuda_graphs": False, **over}
@@ -200,14 +197,11 @@ for name, over in variants:
         m = LoRAModule(build_unet(seed=2), data, lora=LORA, train=train_section(tr))
         if peft_path:
             fuse_lora(m.unet, False)
-        if cast_each:
-            cast_once(m.unet, False)
         if fp32_norms:
             half_norms(m.unet, False)
         R["variants"][name] = fit(m, 10_000, f"cached latents/embeddings, GC {'on' if tr['gradient_checkpointing'] else 'off'}, "
                                              f"{'torch.compile' if tr['compile'] else 'CUDA graphs' if tr['cuda_graphs'] else 'eager'}, fused AdamW, "
                                              f"{'peft' if peft_path else 'fused'} LoRA layers"
-                                             f"{', each projection casts its input' if cast_each else ''}"
                                              f"{', fp32 norms' if fp32_norms else ''}")
         if tr["cuda_graphs"]:
             R["variants"][name]["graphed"] = bool(m.graphed)
@@ -294,8 +288,6 @@ if "baseline" in v:
 if "losses" in v.get("storyc", {}) and "losses" in v.get("storyc_graphs", {}):
     # same seeds, same data, same LoRA init: the graphed steps should track the eager ones
     R["graphs_vs_eager_max_loss_diff"] = max(abs(a - b) for a, b in zip(v["storyc"]["losses"], v["storyc_graphs"]["losses"]))
-if "s_per_step" in v.get("storyc_graphs", {}) and "s_per_step" in v.get("storyc_graphs_cast_each", {}):
-    v["storyc_graphs"]["speedup_vs_cast_each"] = v["storyc_graphs_cast_each"]["s_per_step"] / v["storyc_graphs"]["s_per_step"]
 if "s_per_step" in v.get("storyc_graphs", {}) and "s_per_step" in v.get("storyc_graphs_fp32_norms", {}):
     a, b = v["storyc_graphs"], v["storyc_graphs_fp32_norms"]
     a["speedup_vs_fp32_norms"] = b["s_per_step"] / a["s_per_step"]
