@@ -5,7 +5,8 @@ of the input to the adapter's fp32 and back under autocast, two GEMMs, a scale, 
 backward, ~5,600 small kernels a step, each reading or writing a whole activation. Here the scale is folded into
 the cast of B, the adapter's product is added by the GEMM's own epilogue (``addmm_``), the input gradient of both
 branches is summed the same way, and the adapter's weight gradients come out of the GEMM in fp32: the same math
-in fewer kernels. The parameters, their names and so every checkpoint and export are peft's.
+in fewer kernels. The parameters, their names and so every checkpoint and export are peft's. Measured on H200s: a
+training step 1.158-1.178x faster, 4,614 fewer kernels, 0.5 GiB less peak (bench/RESULTS.md runs 19-21).
 """
 from __future__ import annotations
 
@@ -66,7 +67,8 @@ class _LoRALinearFn(torch.autograd.Function):
 class FusedLoraLinear(PeftLinear):
     """peft's LoRA ``Linear`` (same state) that trains through :class:`_LoRALinearFn` when it can: one plain LoRA
     adapter active and unmerged, no dropout, a frozen ``nn.Linear`` base, and either autocast on or one dtype
-    throughout. Anything else (DoRA, a merged or disabled adapter, dropout, several adapters) is peft's own path."""
+    throughout. Anything else (DoRA, a merged or disabled adapter, dropout, several adapters) is peft's own path, and
+    so is torch.compile (``train.compile``), which fuses peft's graph itself and was measured that way."""
 
     def forward(self, x, *args, **kwargs):
         fn = self._fused_args(x) if not args and not kwargs else None
@@ -75,7 +77,8 @@ class FusedLoraLinear(PeftLinear):
         return _LoRALinearFn.apply(x, *fn)
 
     def _fused_args(self, x):
-        if self.disable_adapters or self.merged or len(self.active_adapters) != 1:
+        if (self.disable_adapters or self.merged or len(self.active_adapters) != 1
+                or torch.compiler.is_compiling()):
             return None
         name = self.active_adapters[0]
         base = self.base_layer
