@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from peft.tuners.lora.layer import Linear as PeftLinear
 
+from .unet import swap_classes
+
 
 _F32_OUT = [True]  # False once this torch refused addmm's out_dtype (it came in torch 2.8)
 
@@ -101,7 +103,4 @@ class FusedLoraLinear(PeftLinear):
 
 def fuse_lora(unet: torch.nn.Module, on: bool = True) -> torch.nn.Module:
     """Swap every peft LoRA ``Linear`` to :class:`FusedLoraLinear` (or back, ``on=False``); no weights move."""
-    for m in unet.modules():
-        if type(m) is (PeftLinear if on else FusedLoraLinear):
-            m.__class__ = FusedLoraLinear if on else PeftLinear
-    return unet
+    return swap_classes(unet, ((PeftLinear, FusedLoraLinear),), on)

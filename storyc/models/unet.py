@@ -78,22 +78,24 @@ def _as(t, dt):
     return None if t is None else t.to(dt)
 
 
+def swap_classes(model: torch.nn.Module, pairs, on: bool = True) -> torch.nn.Module:
+    """Give every submodule of exactly a ``base`` class its drop-in ``subclass`` (or back, ``on=False``), for each
+    ``(base, subclass)`` in ``pairs``: same state, no weights move."""
+    for m in model.modules():
+        for base, sub in pairs:
+            if type(m) is (base if on else sub):
+                m.__class__ = sub if on else base
+    return model
+
+
 def half_norms(unet: torch.nn.Module, on: bool = True) -> torch.nn.Module:
     """Swap every LayerNorm / GroupNorm to :class:`HalfLayerNorm` / :class:`HalfGroupNorm` (or back, ``on=False``)."""
-    pairs = ((torch.nn.LayerNorm, HalfLayerNorm), (torch.nn.GroupNorm, HalfGroupNorm))
-    for m in unet.modules():
-        for base, half in pairs:
-            if type(m) is (base if on else half):
-                m.__class__ = half if on else base
-    return unet
+    return swap_classes(unet, ((torch.nn.LayerNorm, HalfLayerNorm), (torch.nn.GroupNorm, HalfGroupNorm)), on)
 
 
 def split_geglu(unet: torch.nn.Module, on: bool = True) -> torch.nn.Module:
     """Swap every feed-forward GEGLU to :class:`SplitGEGLU` (or back, ``on=False``); no weights move."""
-    for m in unet.modules():
-        if isinstance(m, GEGLU):
-            m.__class__ = SplitGEGLU if on else GEGLU
-    return unet
+    return swap_classes(unet, ((GEGLU, SplitGEGLU),), on)
 
 
 def _per_block(v, n):
