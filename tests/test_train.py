@@ -317,6 +317,7 @@ def test_checkpoints_keep_the_trained_state_not_the_frozen_unet(tiny_models):
         assert torch.allclose(exported[n], s0 + 1.25), n
     assert all(torch.equal(a, b) for a, b in zip(ema.state_dict()["weights"], ema.weights(m)))  # what a checkpoint saves
 
+
 def _graph_nodes(t, name):
     seen, todo, n = set(), [t.grad_fn], 0
     while todo:
