@@ -23,8 +23,9 @@ def model_folder(story, key: str, report: Reporter | None = None) -> Path:
         return tiny.ensure(ref.name, ref.path)
     if ref.scheme == "modelscope":
         from .models.download import snapshot
+        from .models.kolors import PREFERENCE_PATTERNS
 
-        return snapshot(ref.name, story.root / ".storyc" / "models")
+        return snapshot(ref.name, story.root / ".storyc" / "models", PREFERENCE_PATTERNS.get(key))
     from .models.kolors import check_folder
 
     check_folder(key, ref.path)
@@ -39,8 +40,13 @@ def check_model(story, key: str) -> None:
         from .models.kolors import check_folder
 
         check_folder(key, ref.path)
-    elif ref.scheme == "modelscope" and not (story.root / ".storyc" / "models" / ref.name / ".complete").exists():
-        from .models.download import require_modelscope
+    elif ref.scheme == "modelscope":
+        from .models.download import done_marker, require_modelscope
+        from .models.kolors import PREFERENCE_PATTERNS
+
+        target = story.root / ".storyc" / "models" / ref.name
+        if (target / ".complete").exists() or done_marker(target, PREFERENCE_PATTERNS.get(key)).exists():
+            return
 
         require_modelscope(f"download `{ref.name}` (models.{key})", "download it where you have network into a "
                            f"folder and point `models.{key}` at that folder")

@@ -63,10 +63,13 @@ def checkpoints_html(lora: Path) -> str:
 def report_html(c: dict) -> str:
     """The report beside the images it shows: relative links, not a second (base64) copy of every PNG."""
     e = html.escape
+    pref = c.get("preference") or {}
+    measured = [k for k, v in pref.items() if v is not None]
     rows = "".join(
         f"<tr><td>{i + 1}</td><td><img src='{e(r['file'])}' width='256'></td><td><b>{e(r['scene'])}</b><br>"
         f"{e(r['prompt'])}<br><i>negative:</i> {e(r['negative_prompt'])}<br>{e(r.get('caption', ''))}</td>"
-        f"<td>{r['seed']}</td><td>{c['scores'][i]:.3f}</td><td>{_num(c['aligned'][i])}</td></tr>"
+        f"<td>{r['seed']}</td><td>{c['scores'][i]:.3f}</td><td>{_num(c['aligned'][i])}</td>"
+        + "".join(f"<td>{_num(c['prefs'][i].get(k))}</td>" for k in measured) + "</tr>"
         for i, r in enumerate(c["recs"]))
     filt = c["filt"] or {}
     frows = "".join(f"<tr><td>{e(o['op'])}</td><td>{o['in']}</td><td>{o['kept']}</td></tr>" for o in filt.get("ops", []))
@@ -81,10 +84,11 @@ table{{border-collapse:collapse}}.valid{{color:green}}.invalid{{color:#b00}}</st
 Style coherence (mean pairwise CLIP cosine) {c['coherence']:.3f}; least like the others: {e(c['odd'])}.</p>
 <p id="metrics">Style distance (AdaIN style loss of middle-layer CLIP features, lower is more coherent)
 {c['style_distance']:.3f}; farthest from the others: {e(c['farthest'])}. Prompt alignment (Chinese CLIP, image against
-its own prompt): {'not measured (set models.clip_zh)' if c['alignment'] is None else format(c['alignment'], '.3f')}.</p>
+its own prompt): {'not measured (set models.clip_zh)' if c['alignment'] is None else format(c['alignment'], '.3f')}.
+Preference (DiffSynth's ImageQualityMetric, image against its own prompt): {_preference(pref)}.</p>
 {_characters(c.get('characters'))}
 <h2>Storyboard</h2><img id="storyboard" src="storyboard.png" style="max-width:100%">
-<h2>Scenes</h2><table><tr><th>#</th><th>image</th><th>prompt</th><th>seed</th><th>score</th><th>prompt alignment</th></tr>{rows}</table>
+<h2>Scenes</h2><table><tr><th>#</th><th>image</th><th>prompt</th><th>seed</th><th>score</th><th>prompt alignment</th>{''.join(f'<th>{e(PREFERENCE_NAMES[k])}</th>' for k in measured)}</tr>{rows}</table>
 <h2>Data</h2><p>{filt.get('input', '?')} images in, {filt.get('kept', '?')} kept.</p>
 <table><tr><th>op</th><th>in</th><th>kept</th></tr>{frows}</table>
 <h2>Training</h2><p>{tr.get('steps', '?')} steps, final loss {tr.get('final_loss', float('nan')):.4f}, LoRA rank {c['lora']['rank']}
@@ -93,6 +97,15 @@ alpha {c['lora']['alpha']:g}, on {e(str(tr.get('device', '?')))} ({e(str(tr.get(
 {c.get('checkpoints_html', '')}
 </body></html>
 """
+
+
+PREFERENCE_NAMES = {"pickscore": "PickScore", "hpsv2": "HPS v2", "hpsv2_1": "HPS v2.1"}
+
+
+def _preference(pref: dict) -> str:
+    """Each preference model's mean, or that it was not measured (its model is not set)."""
+    return ", ".join(f"{PREFERENCE_NAMES[k]} " + (f"not measured (set models.{k})" if v is None else f"{v['mean']:.3f}")
+                     for k, v in pref.items()) or "not measured"
 
 
 def _characters(m: dict | None) -> str:

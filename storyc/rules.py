@@ -20,7 +20,8 @@ from .submission import COMPETITION_NAME, PLACEHOLDER_TEAMS
 from .yamlio import Located, get_path, json_path
 
 TINY_NAMES = {"kolors": "kolors", "vae": "sdxl-vae", "aesthetic": "aesthetic", "esrgan": "esrgan",
-              "clip_zh": "clip-zh", "ip_adapter": "ip-adapter", "captioner": "captioner"}
+              "clip_zh": "clip-zh", "ip_adapter": "ip-adapter", "captioner": "captioner",
+              "pickscore": "preference", "hpsv2": "preference", "hpsv2_1": "preference"}
 
 
 @dataclass(frozen=True)
@@ -436,7 +437,8 @@ def check_upscaler(ctx):
 
 
 def check_select(ctx):
-    """generation.select: prompt alignment needs a Chinese CLIP; ranking one candidate changes nothing."""
+    """generation.select: prompt alignment needs a Chinese CLIP, a preference score its model; ranking one
+    candidate changes nothing."""
     gen, models = ctx.data.get("generation"), ctx.data.get("models")
     if not isinstance(gen, dict) or not isinstance(gen.get("select"), dict) or not isinstance(models, dict):
         return []
@@ -445,6 +447,11 @@ def check_select(ctx):
         out.append(ctx.diag(("generation", "select", "prompt_alignment"), "ranking candidates by prompt alignment "
                             "needs a Chinese CLIP: `models.clip_zh` is not set",
                             "set `models.clip_zh` (a ChineseCLIPModel folder), or remove this weight", "select"))
+    for k in ("pickscore", "hpsv2", "hpsv2_1"):
+        if isinstance(sel.get(k), (int, float)) and sel[k] and not models.get(k):
+            out.append(ctx.diag(("generation", "select", k), f"ranking candidates by {k} needs its model: "
+                                f"`models.{k}` is not set", f"set `models.{k}: modelscope:DiffSynth-Studio/"
+                                "QualityMetric_reward_pretrained` (or a folder of it), or remove this weight", "select"))
     if gen.get("candidates") == 1 and ("generation", "select") in ctx.loc.values:  # written, to no effect
         out.append(ctx.diag(("generation", "select"), "`select` ranks candidates, but `candidates` is 1",
                             "set `generation.candidates: 4` (seeds tried per scene), or remove `select`", "select",

@@ -10,7 +10,8 @@ story, validated exactly as one (file:line of the sweep value that broke it, did
         wishing-star: [{seed: 7}, {seed: 8}, {seed: 9}]
       objective: mean_aesthetic     # or style_coherence, or {weights: {mean_aesthetic: 1, style_distance: -2}}
                                     # (also prompt_alignment, with models.clip_zh, and
-                                    # character_consistency, with characters)
+                                    # character_consistency, with characters, and pickscore,
+                                    # hpsv2, hpsv2_1 with models.<that name>)
 
 Light: no torch; `storyc validate` and `storyc plan` use it.
 """
@@ -129,6 +130,12 @@ def sweep_from(loc: Located, chain: tuple, root: Path, path: Path, base, only: s
         at = ("sweep", "objective")
         diags.append(Diagnostic("the objective weighs prompt_alignment, which this story does not measure",
                                 loc.mark(at), json_path(at), "set `models.clip_zh` (a Chinese CLIP folder)", "sweep"))
+    for k in ("pickscore", "hpsv2", "hpsv2_1"):
+        if k in objective and k not in base.spec.models:
+            at = ("sweep", "objective")
+            diags.append(Diagnostic(f"the objective weighs {k}, which this story does not measure", loc.mark(at),
+                                    json_path(at), f"set `models.{k}` (modelscope:DiffSynth-Studio/"
+                                    "QualityMetric_reward_pretrained, or a folder of it)", "sweep"))
     if "character_consistency" in objective and sum(len(s.characters) > 0 for s in base.spec.scenes) < 2:
         at = ("sweep", "objective")
         diags.append(Diagnostic("the objective weighs character_consistency, which this story does not measure",
@@ -181,7 +188,8 @@ def sweep_from(loc: Located, chain: tuple, root: Path, path: Path, base, only: s
 
 
 # what a variant's objective may weigh (style_distance is lower-better: give it a negative weight)
-METRICS = ("mean_aesthetic", "style_coherence", "style_distance", "prompt_alignment", "character_consistency")
+METRICS = ("mean_aesthetic", "style_coherence", "style_distance", "prompt_alignment", "character_consistency",
+           "pickscore", "hpsv2", "hpsv2_1")  # the last three: DiffSynth's preference models (models.<name>)
 
 
 def _objective(obj, loc, diags) -> dict:

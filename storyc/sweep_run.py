@@ -197,8 +197,7 @@ def _trial(config: dict, spec: str, folder: str, cache: str | None = None) -> No
     out = json.loads(done.read_text("utf-8"))
     objective = score(sw.objective, out)
     tune.report({k: out[k] for k in ("mean_aesthetic", "style_coherence", "seconds")}
-                | {k: out[k] for k in ("style_distance", "prompt_alignment", "character_consistency")
-                   if out.get(k) is not None}
+                | {k: out[k] for k in METRICS[2:] if out.get(k) is not None}
                 | {"valid": int(out["valid"]), "trained": int(out["trained"]),
                    "objective": float("nan") if objective is None else objective})
 

@@ -114,3 +114,93 @@ def test_a_sweep_objective_weighs_the_new_metrics(project):
     rec = {"mean_aesthetic": 5.0, "style_coherence": 0.9, "style_distance": 0.5, "prompt_alignment": None}
     assert score({"mean_aesthetic": 1.0, "style_distance": -2.0}, rec) == pytest.approx(4.0)
     assert score({"prompt_alignment": 1.0}, rec) is None  # not measured: no objective, never 0
+
+
+def _hps_reference(folder, weights, image, prompt):
+    """HPS the way its authors compute it, with the vendored open_clip built from the config the tiny model was
+    made with (storyc reads the architecture from the checkpoint instead)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from storyc.models.preference import _compat
+    from storyc.models.tiny import TINY_OPEN_CLIP
+
+    _compat()
+    from diffsynth.extensions.ImageQualityMetric.open_clip import factory
+    from diffsynth.extensions.ImageQualityMetric.open_clip.tokenizer import SimpleTokenizer
+
+    factory._MODEL_CONFIGS["test-hps"] = TINY_OPEN_CLIP
+    model, _, preprocess = factory.create_model_and_transforms("test-hps", output_dict=True)
+    model.load_state_dict(load_file(str(folder / weights)))
+    tok = SimpleTokenizer(str(folder / "bpe_simple_vocab_16e6.txt.gz"))
+    with torch.no_grad():
+        out = model.eval()(preprocess(image).unsqueeze(0), tok([prompt]))
+    return (out["image_features"] @ out["text_features"].T)[0, 0].item()
+
+
+def test_preference_scores_through_diffsynths_image_quality_metric(copy):
+    """models.pickscore / hpsv2_1 (DiffSynth's QualityMetric layout): each image against its own prompt in
+    scores.json, the report and `storyc score`, only score and bundle rerun; an unset one is null, never 0; and
+    generation.select ranks best-of-K candidates by a weighted preference score."""
+    import torch
+    from PIL import Image
+    from transformers import CLIPModel, CLIPProcessor
+
+    edit(copy, 'models: {kolors', "models: {pickscore: 'tiny:preference', hpsv2_1: 'tiny:preference', kolors")
+    r = run_cli("build", copy, "-q", cwd=copy.parent)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert ran(copy) == {f"score[{s}]" for s in SCENES} | {"bundle"}
+    doc = _scores(copy)["preference"]
+    assert doc["hpsv2"] is None  # not configured: not measured
+    sub = copy.parent / "build/t/submission/t"
+    folder = copy.parent / ".storyc/models/tiny-preference"
+    prompts = {p["file"]: p["prompt"] for p in json.loads((sub / "prompts.json").read_text("utf-8"))["scenes"]}
+    model = CLIPModel.from_pretrained(str(folder / "PickScore_v1")).eval()
+    proc = CLIPProcessor.from_pretrained(str(folder / "CLIP-ViT-H-14-laion2B-s32B-b79K"))
+    for file in prompts:
+        with Image.open(sub / file) as im:
+            im = im.convert("RGB")
+        with torch.no_grad():  # PickScore: the cosine of its CLIP's image and text embeddings
+            want = torch.nn.functional.cosine_similarity(
+                model.get_image_features(**proc(images=[im], return_tensors="pt")),
+                model.get_text_features(**proc(text=[prompts[file]], return_tensors="pt", padding=True,
+                                               truncation=True, max_length=77))).item()
+        assert doc["pickscore"]["images"][file] == pytest.approx(want, abs=1e-5)
+        hps = _hps_reference(folder, "HPS_v2/HPS_v2.1_compressed.safetensors", im, prompts[file])
+        assert doc["hpsv2_1"]["images"][file] == pytest.approx(hps, abs=1e-5)
+    assert doc["pickscore"]["mean"] == pytest.approx(sum(doc["pickscore"]["images"].values()) / 3)
+    page = (sub / "report.html").read_text("utf-8")
+    assert f"PickScore {doc['pickscore']['mean']:.3f}" in page and "HPS v2 not measured (set models.hpsv2)" in page
+    assert page.count("<th>HPS v2.1</th>") == 1
+    r = run_cli("score", sub, "--spec", copy, "--min", "-1", cwd=copy.parent)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"pickscore {doc['pickscore']['mean']:.4f} (" in r.stdout and "hpsv2: not measured" in r.stdout
+
+    # best-of-2 by PickScore alone: the kept seed is the candidate with the highest PickScore
+    edit(copy, "negative: 丑陋}", "negative: 丑陋}\ngeneration: {width: 64, height: 64, steps: 2, cfg_scale: 4.0, "
+         "batch_size: 1, candidates: 2, select: {aesthetic: 0, pickscore: 1}}")
+    edit(copy, "generation: {width: 64, height: 64, steps: 2, cfg_scale: 4.0, batch_size: 1}\n", "")
+    r = run_cli("build", copy, "-q", cwd=copy.parent)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for i, s in enumerate(SCENES):
+        rec = json.loads((copy.parent / f"build/t/images/0{i + 1}-{s}.json").read_text("utf-8"))
+        cands = rec["candidate_pickscore"]
+        assert len(cands) == 2 and rec["seed"] == int(max(cands, key=cands.get))
+        assert rec["candidate_objective"] == cands
+
+
+def test_a_preference_weight_or_objective_needs_its_model(project):
+    (project / "s.yaml").write_text(
+        "version: 1\nstory: {id: s}\nsubmission: {rules: none, images: 1}\nscenes: [{id: a, prompt: x, seed: 0}]\n"
+        "generation: {candidates: 2, select: {hpsv2: 1}}\n"
+        "sweep:\n  parameters: {generation.cfg_scale: [3.0, 4.0]}\n  objective: {weights: {pickscore: 1}}\n", "utf-8")
+    r = run_cli("validate", "s.yaml", cwd=project)
+    assert r.returncode == 1
+    assert "s.yaml:5:" in r.stderr and "ranking candidates by hpsv2 needs its model" in r.stderr
+    edit(project / "s.yaml", "story: {id: s}", "story: {id: s}\nmodels: {hpsv2: 'tiny:preference'}")
+    r = run_cli("validate", "s.yaml", cwd=project)  # the story is valid now; its sweep is not
+    assert r.returncode == 1 and "the objective weighs pickscore, which this story does not measure" in r.stderr
+    assert "s.yaml:9:" in r.stderr and "models.pickscore" in r.stderr
+    edit(project / "s.yaml", "{hpsv2: 'tiny:preference'}", "{hpsv2: 'tiny:preference', pickscore: 'tiny:preference'}")
+    r = run_cli("validate", "s.yaml", cwd=project)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -24,14 +24,24 @@ def require_modelscope(what: str, hint: str, error=StorycError) -> None:
         raise error(f"cannot reach ModelScope at {endpoint()} to {what} (no network)", hint) from None
 
 
-def snapshot(model_id: str, root: Path) -> Path:
+def done_marker(target: Path, patterns=None) -> Path:
+    """The file that says a download finished: the whole repository, or (``patterns``) that part of it."""
+    if not patterns:
+        return Path(target) / ".complete"
+    import hashlib
+
+    return Path(target) / f".complete-{hashlib.sha256(chr(10).join(patterns).encode()).hexdigest()[:12]}"
+
+
+def snapshot(model_id: str, root: Path, patterns=None) -> Path:
+    """``model_id`` downloaded once under ``root``; with ``patterns``, only the files they match."""
     target = Path(root) / model_id
-    if (target / ".complete").exists():
+    if done_marker(target, patterns).exists() or (target / ".complete").exists():
         return target
     require_modelscope(f"download `{model_id}`", "download it where you have network into a folder and point the "
                        f"spec at that folder instead of `modelscope:{model_id}`")
     from modelscope import snapshot_download
 
-    path = Path(snapshot_download(model_id, local_dir=str(target)))
-    (path / ".complete").write_text(model_id + "\n")
+    path = Path(snapshot_download(model_id, local_dir=str(target), allow_file_pattern=patterns))
+    done_marker(path, patterns).write_text(model_id + "\n")
     return path

@@ -28,6 +28,23 @@ REQUIRED = {
     "ip_adapter": ["image_encoder/config.json"],
     "captioner": ["config.json", "preprocessor_config.json"],
 }
+# DiffSynth's preference models: the files each reads from a DiffSynth-Studio/QualityMetric_reward_pretrained
+# download (its own ImageQualityMetric.model_dict), weights first
+QUALITY_METRIC_ID = "DiffSynth-Studio/QualityMetric_reward_pretrained"
+_CLIP_H = "CLIP-ViT-H-14-laion2B-s32B-b79K"
+PREFERENCE_FILES = {
+    "pickscore": ["PickScore_v1/config.json", f"{_CLIP_H}/preprocessor_config.json", f"{_CLIP_H}/tokenizer_config.json"],
+    "hpsv2": ["HPS_v2/HPS_v2_compressed.safetensors", "bpe_simple_vocab_16e6.txt.gz"],
+    "hpsv2_1": ["HPS_v2/HPS_v2.1_compressed.safetensors", "bpe_simple_vocab_16e6.txt.gz"],
+}
+PREFERENCE_PATTERNS = {  # what `modelscope:` downloads of that repository for each (not its other metrics' GBs)
+    "pickscore": ["PickScore_v1/*", *(f"{_CLIP_H}/{f}" for f in (
+        "config.json", "merges.txt", "preprocessor_config.json", "special_tokens_map.json", "tokenizer.json",
+        "tokenizer_config.json", "vocab.json"))],
+    "hpsv2": ["HPS_v2/HPS_v2_compressed.safetensors", "bpe_simple_vocab_16e6.txt.gz"],
+    "hpsv2_1": ["HPS_v2/HPS_v2.1_compressed.safetensors", "bpe_simple_vocab_16e6.txt.gz"],
+}
+REQUIRED.update(PREFERENCE_FILES)
 IP_ADAPTER_WEIGHTS = ("ip_adapter_plus_general.safetensors", "ip_adapter_plus_general.bin")  # the release's names
 MODELSCOPE_IDS = {"kolors": "Kwai-Kolors/Kolors", "vae": "AI-ModelScope/sdxl-vae-fp16-fix",
                   "aesthetic": "AI-ModelScope/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE",
@@ -39,6 +56,10 @@ def model_hint(kind: str, folder: str = "DIR") -> str:
     if kind == "captioner":
         return (f"download a BLIP-2 folder (e.g. `huggingface-cli download Salesforce/blip2-opt-2.7b --local-dir "
                 f"{folder}`), or remove `recaption`")
+    if kind in PREFERENCE_PATTERNS:  # one ModelScope repository holds every DiffSynth preference model
+        inc = " ".join(f"'{p}'" for p in PREFERENCE_PATTERNS[kind])
+        return (f"download it: `modelscope download --model {QUALITY_METRIC_ID} --include {inc} --local_dir "
+                f"{folder}`, or write `models.{kind}: modelscope:{QUALITY_METRIC_ID}` to download it on first use")
     if kind not in MODELSCOPE_IDS:  # published on Hugging Face in the layout transformers loads
         return (f"download a ChineseCLIPModel folder (e.g. `huggingface-cli download "
                 f"OFA-Sys/chinese-clip-vit-large-patch14 --local-dir {folder}`), or remove `models.{kind}`")

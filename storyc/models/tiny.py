@@ -269,9 +269,54 @@ def tiny_ip_adapter(folder: Path, seed: int = 0) -> Path:
     return _build_once(folder, build)
 
 
+TINY_OPEN_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 56, "layers": 2, "width": 160, "head_width": 80,
+                                                 "patch_size": 14, "mlp_ratio": 2.0},
+                  "text_cfg": {"context_length": 77, "vocab_size": 640, "width": 128, "heads": 2, "layers": 2}}
+
+
+def tiny_preference(folder: Path, seed: int = 0) -> Path:
+    """The DiffSynth-Studio/QualityMetric_reward_pretrained layout of the preference models storyc measures:
+    PickScore_v1/ (a transformers CLIPModel) with the CLIP-ViT-H-14 processor folder, and HPS v2 / v2.1 (open_clip
+    state dicts in safetensors) with open_clip's BPE merges file. Tiny widths (HPS's vision heads 80 wide and
+    text heads 64 wide, as ViT-H-14's, so storyc reads the architecture from the checkpoint as for the real one)."""
+    def build(tmp):
+        import gzip
+
+        import torch
+        from safetensors.torch import save_file
+        from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+        from .preference import _compat
+
+        torch.manual_seed(seed)
+        small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+        cfg = CLIPConfig(text_config=dict(small, vocab_size=600, max_position_embeddings=77),
+                         vision_config=dict(small, image_size=64, patch_size=32), projection_dim=16)
+        CLIPModel(cfg).save_pretrained(tmp / "PickScore_v1", safe_serialization=True)
+        clip = tmp / "CLIP-ViT-H-14-laion2B-s32B-b79K"
+        clip.mkdir()
+        write_clip_processor(clip, CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}))
+        cfg.save_pretrained(clip)
+        # open_clip's BPE file: a header line, then merges (a few, so some words become one token)
+        merges = ["#version: 0.2", "t h", "th e</w>", "a n", "i n", "r e", "o n</w>", "e r"]
+        with gzip.GzipFile(tmp / "bpe_simple_vocab_16e6.txt.gz", "wb", mtime=0) as f:
+            f.write("\n".join(merges).encode("utf-8"))
+        _compat()
+        from diffsynth.extensions.ImageQualityMetric.open_clip import factory
+
+        factory._MODEL_CONFIGS["storyc-tiny-hps"] = TINY_OPEN_CLIP
+        (tmp / "HPS_v2").mkdir()
+        for i, name in enumerate(("HPS_v2_compressed", "HPS_v2.1_compressed")):
+            torch.manual_seed(seed + 1 + i)
+            model = factory.create_model("storyc-tiny-hps")
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "HPS_v2" / f"{name}.safetensors"))
+
+    return _build_once(folder, build)
+
+
 BUILDERS = {"kolors": tiny_kolors, "sdxl-vae": tiny_sdxl_vae, "aesthetic": tiny_aesthetic, "esrgan": tiny_esrgan,
             "clip-zh": tiny_clip_zh, "ip-adapter": tiny_ip_adapter,
-            "captioner": tiny_captioner}
+            "captioner": tiny_captioner, "preference": tiny_preference}
 
 
 def ensure(name: str, folder: Path) -> Path:

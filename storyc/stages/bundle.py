@@ -22,7 +22,7 @@ from ..lock import sha256_file
 from ..render import canonical_json, csv_cell, link_or_copy, render
 from ..report import checkpoints_html, font_face, loss_svg, report_html
 from ..submission import Gate, display_name, files, read_json
-from .registry import Result
+from .registry import PREFERENCE, Result
 from .score import character_consistency, coherence, style_distance
 
 CONFIGURATION = {"framework": "Pytorch", "task": "text-to-image-synthesis"}
@@ -118,11 +118,17 @@ def run(ctx, jobs):
                                      "prompt_alignment": None if m.alignment is None else round(m.alignment, 6),
                                      "character_consistency": None if m.characters is None
                                      else round(m.characters["mean"], 6),
+                                     **{k: None if v is None else round(v, 6) for k, v in m.preference.items()},
                                      "font": m.font})
     align = "not measured" if m.alignment is None else f"{m.alignment:.3f}"
     chars = "" if m.characters is None else f", character consistency {m.characters['mean']:.3f}"
+    chars += "".join(f", {k} {v:.3f}" for k, v in m.preference.items() if v is not None)
     return (f"mean aesthetic {m.mean:.3f} ({'valid' if m.valid else 'INVALID'}), style coherence {m.coherence:.3f}, "
             f"style distance {m.style_distance:.3f}, prompt alignment {align}{chars}")
+
+
+PREFERENCE_WHAT = ("human-preference models through DiffSynth-Studio's ImageQualityMetric, each image against its "
+                   "own prompt (models.pickscore, models.hpsv2, models.hpsv2_1); they read English prompts")
 
 
 class Measured(NamedTuple):
@@ -132,6 +138,7 @@ class Measured(NamedTuple):
     style_distance: float
     alignment: float | None
     characters: dict | None
+    preference: dict  # metric -> the mean over the images, None: not measured
     weakest: list
     font: str | None
 
@@ -150,7 +157,7 @@ def _write_bundle(ctx, p: dict, tmp: Path, scenes: list, lora_cfg: dict):
         linked[n] = ctx.output("train", n)
         link_or_copy(linked[n], tmp / n)
     # images, prompt records (what generate rendered; captions from this stage's own slice), scores
-    recs, scores, embeds, styles, aligned, imgs = [], [], [], [], [], []
+    recs, scores, embeds, styles, aligned, prefs = [], [], [], [], [], []
     (tmp / "images").mkdir()
     for s in scenes:
         last = f"refine[{s['id']}]" if f"refine[{s['id']}]" in ctx.plan.stages else f"generate[{s['id']}]"
@@ -164,6 +171,7 @@ def _write_bundle(ctx, p: dict, tmp: Path, scenes: list, lora_cfg: dict):
         embeds.append(sc["clip_embedding"])
         styles.append(sc["style"])
         aligned.append(sc["prompt_alignment"])
+        prefs.append(sc.get("preference") or {})
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PNG decoding releases the GIL
         imgs = list(pool.map(lambda r: Image.open(tmp / r["file"]).convert("RGB"), recs))
     (tmp / "prompts.json").write_text(canonical_json({"format": "storyc.prompts/1", "scenes": recs}), "utf-8")
@@ -195,6 +203,11 @@ def _write_bundle(ctx, p: dict, tmp: Path, scenes: list, lora_cfg: dict):
     weakest = [[scenes[i]["id"], round(scores[i], 4)] for i in order[:3]]
     align = None if None in aligned else sum(aligned) / len(aligned)  # a metric never guessed: null = not measured
     chars = character_consistency([[c["id"] for c in r.get("characters", ())] for r in recs], embeds)
+    pref = {k: None for k in PREFERENCE}  # each mean over all the images, or null: not measured (never 0)
+    for k in PREFERENCE:
+        if all(k in pr for pr in prefs):
+            pref[k] = {"mean": sum(pr[k] for pr in prefs) / len(prefs),
+                       "images": {recs[i]["file"]: prefs[i][k] for i in range(len(recs))}}
     score_doc = {"format": "storyc.scores/2", "images": {recs[i]["file"]: scores[i] for i in range(len(recs))},
                  "mean": mean, "min_aesthetic": gate, "valid": valid, "weakest": weakest,
                  "style_coherence": {"mean_pairwise_cosine": coh, "least_coherent_scene": scenes[odd]["id"]},
@@ -204,7 +217,8 @@ def _write_bundle(ctx, p: dict, tmp: Path, scenes: list, lora_cfg: dict):
                  "prompt_alignment": None if align is None else {
                      "mean": align, "images": {recs[i]["file"]: aligned[i] for i in range(len(recs))},
                      "what": "Chinese CLIP cosine of each image and its own prompt (models.clip_zh)"},
-                 "character_consistency": chars}
+                 "character_consistency": chars,
+                 "preference": {**pref, "what": PREFERENCE_WHAT}}
     (tmp / "scores.json").write_text(canonical_json(score_doc), "utf-8")
 
     first = recs[0]
@@ -222,6 +236,7 @@ def _write_bundle(ctx, p: dict, tmp: Path, scenes: list, lora_cfg: dict):
     ctxd = dict(story=story, front_matter=front, title=title, scenes=scenes, recs=recs, scores=scores, mean=mean,
                 gate=gate, valid=valid, coherence=coh, odd=scenes[odd]["id"], lora_names=lora_names,
                 style_distance=dist, farthest=scenes[far]["id"], alignment=align, aligned=aligned, characters=chars,
+                preference=pref, prefs=prefs,
                 spec=ctx.story.rel(ctx.story.spec_path), lora=lora_cfg, gen=gen, filt=filt, train=train,
                 steps=rp.steps, notes=rp.notes, files=len(ctx.story.files) + 1,
                 datasets=rp.datasets_included,
@@ -242,4 +257,5 @@ def _write_bundle(ctx, p: dict, tmp: Path, scenes: list, lora_cfg: dict):
                 "files": {f: {"sha256": ctx.hasher.file(linked[f]) if f in linked else sha256_file(tmp / f),
                               "size": (tmp / f).stat().st_size} for f in files(tmp)}}
     (tmp / "manifest.json").write_text(canonical_json(manifest), "utf-8")
-    return Measured(mean, valid, coh, dist, align, chars, weakest, font if drawn else None)
+    return Measured(mean, valid, coh, dist, align, chars, {k: v and v["mean"] for k, v in pref.items()}, weakest,
+                    font if drawn else None)

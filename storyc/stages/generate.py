@@ -430,6 +430,11 @@ def run(ctx, jobs):
 
             scorer.aligner = Aligner(ctx.model("clip_zh"), resources.for_score(res.device).device)
         scorer.weights = jobs[0].params.get("select")  # None: the aesthetic score alone, as before
+        if "preference" in jobs[0].params:  # and DiffSynth's preference models it weighs
+            from ..models.preference import Preference
+
+            scorer.preference = {k: Preference(k, ctx.model(k), resources.for_score(res.device).device)
+                                 for k in jobs[0].params["preference"]}
     pending = {s["id"]: [] for s in todo}
     by_scene = {s["id"]: s for s in todo}
 
@@ -479,9 +484,15 @@ def _finish_scene(ctx, gen, s, cands, scorer, lora_sha, memory=None) -> Result:
             align = (scorer.aligner.align([img for _, img in cands], [s["prompt"]] * len(cands))
                      if scorer.aligner else [0.0] * len(cands))
             objective = [w["aesthetic"] * a + w["prompt_alignment"] * p for a, p in zip(scores, align)]
+            prefs = {k: m.score([img for _, img in cands], [s["prompt"]] * len(cands))
+                     for k, m in scorer.preference.items()}
+            for k, vals in prefs.items():
+                objective = [o + w[k] * v for o, v in zip(objective, vals)]
             ranked = {"candidate_objective": {str(it["seed"]): round(o, 6) for (it, _), o in zip(cands, objective)}}
             if scorer.aligner:
                 ranked["candidate_alignment"] = {str(it["seed"]): round(p, 6) for (it, _), p in zip(cands, align)}
+            for k, vals in prefs.items():
+                ranked[f"candidate_{k}"] = {str(it["seed"]): round(v, 6) for (it, _), v in zip(cands, vals)}
         best = max(range(len(cands)), key=lambda i: (objective[i], -cands[i][0]["seed"]))
         chosen_seed, image = cands[best][0]["seed"], cands[best][1]
     else:

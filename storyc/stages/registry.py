@@ -225,6 +225,7 @@ def _train_models(job, story):
 # generation values that apply to every scene (lora_scale is hashed through lora_alpha / lora_strength)
 GEN_COMMON = ("width", "height", "steps", "cfg_scale", "lora_alpha", "lora_strength", "candidates")
 SCENE_KEYS = ("prompt", "negative_prompt", "seeds", "file")
+PREFERENCE = ("pickscore", "hpsv2", "hpsv2_1")  # DiffSynth's preference models storyc measures (models.<name>)
 
 
 def generation_common(spec) -> dict:
@@ -240,10 +241,13 @@ def _generate(c: Compiled):
     out = []
     for sc in c.scenes:
         params = {**{k: sc[k] for k in SCENE_KEYS}, **{k: common[k] for k in GEN_COMMON}, "model": c.refs["kolors"]}
-        if common["candidates"] > 1 and plain(c.spec.generation.select) != SELECT_DEFAULT:
-            params["select"] = plain(c.spec.generation.select)  # hashed only when it can change the choice
-            if params["select"]["prompt_alignment"]:
+        sel = {k: v for k, v in plain(c.spec.generation.select).items() if k in SELECT_DEFAULT or v}
+        if common["candidates"] > 1 and sel != SELECT_DEFAULT:
+            params["select"] = sel  # hashed only when it can change the choice
+            if sel["prompt_alignment"]:
                 params["clip_zh"] = c.refs["clip_zh"]
+            if any(sel.get(k) for k in PREFERENCE):
+                params["preference"] = {k: c.refs[k] for k in PREFERENCE if sel.get(k)}
         if sc.get("characters"):  # hashed only when shown: a scene without characters keeps its slice
             params["characters"] = character_params(c, sc["characters"])
             params["ip_adapter"] = c.refs["ip_adapter"]
@@ -277,6 +281,7 @@ def _generate_models(job, story):
     keys = ("kolors",)
     if job.params["candidates"] > 1:
         keys += ("aesthetic", "clip_zh") if "clip_zh" in job.params else ("aesthetic",)
+        keys += tuple(job.params.get("preference", ()))
     if "characters" in job.params:
         keys += ("ip_adapter", *(f"character:{ch['id']}" for ch in job.params["characters"]))
     return keys
@@ -332,12 +337,16 @@ def _score(c: Compiled):
         params = {"model": c.refs["aesthetic"], "file": last[0]}
         if "clip_zh" in c.refs:  # prompt alignment, hashed only when measured
             params.update(clip_zh=c.refs["clip_zh"], prompt=sc["prompt"])
+        pref = {k: c.refs[k] for k in PREFERENCE if k in c.refs}
+        if pref:  # preference scores, likewise
+            params.update(preference=pref, prompt=sc["prompt"])
         out.append(StageSpec(f"score[{sc['id']}]", "score", params, (last[1],), sc["id"]))
     return out
 
 
 def _score_models(job, story):
-    return ("aesthetic", "clip_zh") if "clip_zh" in job.params else ("aesthetic",)
+    keys = ("aesthetic", "clip_zh") if "clip_zh" in job.params else ("aesthetic",)
+    return keys + tuple(job.params.get("preference", ()))
 
 
 # ---------------------------------------------------------------- bundle
@@ -387,7 +396,8 @@ KINDS: dict[str, StageKind] = {k.name: k for k in (
     StageKind("score", 3, _score, _score_models, "storyc.stages.score", scene_keys=("prompt",)),
     # version 5: scores.json says character_consistency (null: the story has no character in two scenes);
     # version 6: storyboard.png written by storyc.png (Average-filtered, deflated on every core): other bytes
-    StageKind("bundle", 6, _bundle, _bundle_models, "storyc.stages.bundle", _bundle_artifacts,
+    # version 7: scores.json says each preference model's figures (null: not measured)
+    StageKind("bundle", 7, _bundle, _bundle_models, "storyc.stages.bundle", _bundle_artifacts,
               verdict="storyc.submission:verdict"),
 )}
 

@@ -32,6 +32,7 @@ class Scorer:
         self.batch_size = 1
         self.weights = None  # generation.select: how best-of-K candidates are ranked (None: the score alone)
         self.aligner = None  # an Aligner, when the ranking weighs prompt alignment
+        self.preference = {}  # metric -> a models.preference.Preference, when the ranking weighs it
 
     def score_and_embed(self, images) -> tuple[list[float], list[list[float]]]:
         scores, embeds, _ = self.measure(images)
@@ -123,16 +124,31 @@ def run(ctx, jobs):
         vals = aligner.align([images[jobs.index(j)] for j in aligned], [j.params["prompt"] for j in aligned])
         alignment = {j.name: v for j, v in zip(aligned, vals)}
         ctx.metric("score.prompt_alignment_s", time.monotonic() - t)
+    preference = {}  # job name -> {metric: value}: DiffSynth's preference models, each the story's own
+    if any("preference" in j.params for j in jobs):
+        from ..models.preference import Preference
+    for key in sorted({k for j in jobs for k in j.params.get("preference", ())}):
+        t = time.monotonic()
+        asked = [j for j in jobs if key in j.params.get("preference", ())]
+        folder = ctx.model(key)
+        pm = resident.get(f"preference:{key}", (str(folder), ctx.fingerprint(key), rs.device),
+                          lambda: Preference(key, folder, rs.device))
+        for j, v in zip(asked, pm.score([images[jobs.index(j)] for j in asked], [j.params["prompt"] for j in asked])):
+            preference.setdefault(j.name, {})[key] = v
+        ctx.metric(f"score.{key}_s", time.monotonic() - t)
     for job, file, sc, emb, st in zip(jobs, files, scores, embeds, styles):
         rel = f"scores/{Path(file).stem}.json"
         doc = {"format": "storyc.score/2", "scene": job.scene, "file": file, "score": sc,
                "clip_embedding": [round(x, 6) for x in emb],
                "style": {k: [round(x, 6) for x in v] for k, v in st.items()},
                "prompt_alignment": alignment.get(job.name)}  # null: not measured (no models.clip_zh)
+        if job.name in preference:  # only when measured: a story without them keeps its files byte for byte
+            doc["preference"] = {k: round(v, 6) for k, v in preference[job.name].items()}
         atomic_write(ctx.path(rel), canonical_json(doc))
         facts = {"score": round(sc, 6)}
         if job.name in alignment:
             facts["prompt_alignment"] = round(alignment[job.name], 6)
+        facts.update(doc.get("preference", {}))
         yield Result(job.name, [rel], facts, digest_facts=round(sc, 6))
     return ", ".join(f"{j.scene} {sc:.3f}" for j, sc in zip(jobs, scores))
 
@@ -188,9 +204,11 @@ def style_distance(styles: list[dict]) -> tuple[float, int]:
     return sum(pairs) / len(pairs), max(range(n), key=lambda i: sum(d[i]))
 
 
-def score_folder(folder: Path, model: Path, gate: float, device: str | None = None, clip_zh: Path | None = None) -> int:
+def score_folder(folder: Path, model: Path, gate: float, device: str | None = None, clip_zh: Path | None = None,
+                 preference: dict | None = None) -> int:
     """`storyc score DIR`: score a folder of images standalone; print per image, the set's style figures, prompt
-    alignment (a storyc submission's prompts.json and a Chinese CLIP), the mean and PASS/FAIL (last line)."""
+    alignment (a storyc submission's prompts.json and a Chinese CLIP) and preference scores (prompts.json and the
+    spec's models.pickscore / hpsv2 / hpsv2_1), the mean and PASS/FAIL (last line)."""
     from PIL import Image
 
     from ..errors import StorycError
@@ -243,6 +261,17 @@ def score_folder(folder: Path, model: Path, gate: float, device: str | None = No
             print(f"character consistency {chars['mean']:.4f} ({per})")
     why = ("no prompts.json beside the images" if not prompt_of else "no Chinese CLIP (models.clip_zh in --spec)")
     print(f"prompt alignment {sum(aligned) / len(aligned):.4f}" if aligned else f"prompt alignment: not measured ({why})")
+    with_prompts = bool(prompt_of) and all(p in prompt_of for p in files)
+    for key in ("pickscore", "hpsv2", "hpsv2_1"):
+        if not (preference or {}).get(key) or not with_prompts:
+            why = "no prompts.json beside the images" if not with_prompts else f"models.{key} not in --spec"
+            print(f"{key}: not measured ({why})")
+            continue
+        from ..models.preference import Preference
+
+        vals = Preference(key, preference[key], resources.for_score(device).device).score(
+            images, [prompt_of[p] for p in files])
+        print(f"{key} {sum(vals) / len(vals):.4f} (" + ", ".join(f"{p.name} {v:.4f}" for p, v in zip(files, vals)) + ")")
     g = Gate.of(scores, gate)
     print(f"{'mean':<{width}}  {g.mean:8.4f}  {'PASS' if g.valid else 'FAIL'} (gate {gate:g})")
     return 0 if g.valid else 3  # as a build's INVALID

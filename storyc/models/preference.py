@@ -1,0 +1,89 @@
+"""Human-preference scores through DiffSynth-Studio's own ``extensions/ImageQualityMetric`` (PickScore, HPS v2,
+HPS v2.1), loaded from its model repository's layout (``DiffSynth-Studio/QualityMetric_reward_pretrained``).
+
+Two things in diffsynth 1.1.9 need help, and get it here rather than a copy of its code:
+- ``BLIP/med.py`` (imported by the package, whichever metric is used) reads three helpers from
+  ``transformers.modeling_utils``, which moved to ``transformers.pytorch_utils`` (same functions) in 4.x;
+- its vendored open_clip ships without ``model_configs/``, so ``HPScore_v2`` cannot build "ViT-H-14". The
+  architecture is read from the checkpoint instead (widths, depths, patch, context; the text tower's MLP is always 4x wide): for the real HPS files this
+  is exactly open_clip's ViT-H-14 config, and a tiny test checkpoint gets its own widths.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from ..errors import StorycError
+from .kolors import PREFERENCE_FILES
+
+VIT_H_14 = {"embed_dim": 1024, "vision_cfg": {"image_size": 224, "layers": 32, "width": 1280, "head_width": 80,
+                                              "patch_size": 14},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 1024, "heads": 16, "layers": 24}}
+_LOCK = threading.Lock()  # open_clip's config registry is module state
+
+
+def _compat() -> None:
+    import transformers.modeling_utils as mu
+    import transformers.pytorch_utils as pu
+
+    for name in ("apply_chunking_to_forward", "find_pruneable_heads_and_indices", "prune_linear_layer"):
+        if not hasattr(mu, name):
+            setattr(mu, name, getattr(pu, name))
+
+
+def open_clip_config(state: dict) -> dict:
+    """open_clip's model config for a ViT CLIP state dict: ViT-H-14's, with every size the checkpoint fixes read
+    from its tensors (vision head width 80 and text head width 64, as ViT-H-14 has them)."""
+    def count(prefix):
+        return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
+
+    width, _, patch, _ = state["visual.conv1.weight"].shape
+    grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    vocab, text_width = state["token_embedding.weight"].shape
+    vision = dict(VIT_H_14["vision_cfg"], width=width, patch_size=patch, image_size=grid * patch,
+                  layers=count("visual.transformer.resblocks."),
+                  mlp_ratio=state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width)
+    text = dict(VIT_H_14["text_cfg"], width=text_width, heads=text_width // 64, vocab_size=vocab,
+                context_length=state["positional_embedding"].shape[0], layers=count("transformer.resblocks."))
+    return {"embed_dim": state["text_projection"].shape[1], "vision_cfg": vision, "text_cfg": text}
+
+
+class Preference:
+    """One preference model: ``score(images, prompts)`` -> one float per image, each against its own prompt."""
+
+    def __init__(self, name: str, folder: Path, device: str):
+        _compat()
+        root = Path(folder)
+        missing = [f for f in PREFERENCE_FILES[name] if not (root / f).exists()]
+        if missing:
+            raise StorycError(f"models.{name}: {root} lacks {', '.join(missing)}",
+                              "point it at a DiffSynth-Studio/QualityMetric_reward_pretrained download")
+        self.name, self.device = name, device
+        if name == "pickscore":
+            from diffsynth.extensions.ImageQualityMetric import PickScore
+
+            self.model = PickScore(device=device, path={"pickscore": str(root / "PickScore_v1"),
+                                                        "clip": str(root / "CLIP-ViT-H-14-laion2B-s32B-b79K")})
+        else:
+            from diffsynth.extensions.ImageQualityMetric import HPScore_v2
+            from diffsynth.extensions.ImageQualityMetric.open_clip import factory
+            from safetensors import safe_open
+
+            weights = root / PREFERENCE_FILES[name][0]
+            with safe_open(str(weights), "pt") as f:
+                state = {k: _Shape(f.get_slice(k).get_shape()) for k in f.keys()}
+            key = "hpsv2" if name == "hpsv2" else "hpsv2.1"
+            with _LOCK:
+                factory._MODEL_CONFIGS["ViT-H-14"] = open_clip_config(state)
+                self.model = HPScore_v2(device=device, model_version="v2" if name == "hpsv2" else "v21",
+                                        path={key: str(weights), "open_clip_bpe": str(root / "bpe_simple_vocab_16e6.txt.gz")})
+
+    def score(self, images, prompts) -> list[float]:
+        return [float(self.model.score(im, p)[0]) for im, p in zip(images, prompts)]
+
+
+class _Shape:
+    """A tensor's shape without its data (open_clip_config reads shapes only)."""
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
