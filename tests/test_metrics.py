@@ -204,3 +204,23 @@ def test_a_preference_weight_or_objective_needs_its_model(project):
     edit(project / "s.yaml", "{hpsv2: 'tiny:preference'}", "{hpsv2: 'tiny:preference', pickscore: 'tiny:preference'}")
     r = run_cli("validate", "s.yaml", cwd=project)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_hps_architecture_read_from_a_full_size_checkpoint_is_open_clips_vit_h_14():
+    """diffsynth 1.1.9's vendored open_clip ships no model configs: storyc reads the architecture from the HPS
+    checkpoint. On a ViT-H-14 state dict (shapes only, on the meta device) that is open_clip's own ViT-H-14.json."""
+    import torch
+
+    from storyc.models.preference import _compat, open_clip_config
+
+    _compat()
+    from diffsynth.extensions.ImageQualityMetric.open_clip.model import CLIP
+
+    vit_h_14 = {"embed_dim": 1024,  # open_clip/model_configs/ViT-H-14.json
+                "vision_cfg": {"image_size": 224, "layers": 32, "width": 1280, "head_width": 80, "patch_size": 14},
+                "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 1024, "heads": 16, "layers": 24}}
+    with torch.device("meta"):
+        state = CLIP(**vit_h_14).state_dict()
+    cfg = open_clip_config(state)
+    assert cfg["vision_cfg"].pop("mlp_ratio") == 4.0  # open_clip's default, written out
+    assert cfg == vit_h_14
