@@ -84,7 +84,7 @@ def test_style_distance_always_and_prompt_alignment_with_a_chinese_clip(copy):
         assert value == pytest.approx(want, abs=1e-5)
     assert doc["prompt_alignment"]["mean"] == pytest.approx(sum(doc["prompt_alignment"]["images"].values()) / 3)
     page = (sub / "report.html").read_text("utf-8")
-    assert f"{doc['prompt_alignment']['mean']:.3f}" in page and "not measured" not in page
+    assert f"{doc['prompt_alignment']['mean']:.3f}" in page and "not measured (set models.clip_zh)" not in page
     # storyc score on the submission: the same figures, the gate's line last
     r = run_cli("score", sub, "--spec", copy, "--min", "-1", cwd=copy.parent)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -174,7 +174,8 @@ def test_preference_scores_through_diffsynths_image_quality_metric(copy):
     assert page.count("<th>HPS v2.1</th>") == 1
     r = run_cli("score", sub, "--spec", copy, "--min", "-1", cwd=copy.parent)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert f"pickscore {doc['pickscore']['mean']:.4f} (" in r.stdout and "hpsv2: not measured" in r.stdout
+    assert f"pickscore {doc['pickscore']['mean']:.4f} (" in r.stdout and "hpsv2 " not in r.stdout  # not set
+    assert f"hpsv2_1 {doc['hpsv2_1']['mean']:.4f} (" in r.stdout
 
     # best-of-2 by PickScore alone: the kept seed is the candidate with the highest PickScore
     edit(copy, "negative: 丑陋}", "negative: 丑陋}\ngeneration: {width: 64, height: 64, steps: 2, cfg_scale: 4.0, "

@@ -140,7 +140,8 @@ def run(ctx, jobs):
         tiled, why = resources.plan_refine(resources.free_gib(res.device), job.settings["tile"], w, h)
         if i == 0:
             ctx.report.info(f"     refine: {why}")
-        n = max(1, round(r["steps"] * r["strength"]))
+        # UNet calls: DiffSynth's img2img runs all its steps over the redrawn part (as many as it has timesteps)
+        n = min(r["steps"], max(1, round(pipe.scheduler.num_train_timesteps * r["strength"])))
         ip = ip_kwargs(pipe, [drawn[job.name]], r["cfg_scale"]) if job.name in drawn else None
         out = refine_image(pipe, image, (w, h), r, rec["seed"], job.params["prompt"], job.params["negative_prompt"],
                            encode, tiled, lambda k: ctx.report.update(i * n + k + 1, len(scenes) * n, "refining"),

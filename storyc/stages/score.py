@@ -262,14 +262,13 @@ def score_folder(folder: Path, model: Path, gate: float, device: str | None = No
     why = ("no prompts.json beside the images" if not prompt_of else "no Chinese CLIP (models.clip_zh in --spec)")
     print(f"prompt alignment {sum(aligned) / len(aligned):.4f}" if aligned else f"prompt alignment: not measured ({why})")
     with_prompts = bool(prompt_of) and all(p in prompt_of for p in files)
-    for key in ("pickscore", "hpsv2", "hpsv2_1"):
-        if not (preference or {}).get(key) or not with_prompts:
-            why = "no prompts.json beside the images" if not with_prompts else f"models.{key} not in --spec"
-            print(f"{key}: not measured ({why})")
+    for key, folder in (preference or {}).items():  # the preference models the spec sets
+        if not with_prompts:
+            print(f"{key}: not measured (no prompts.json beside the images)")
             continue
         from ..models.preference import Preference
 
-        vals = Preference(key, preference[key], resources.for_score(device).device).score(
+        vals = Preference(key, folder, resources.for_score(device).device).score(
             images, [prompt_of[p] for p in files])
         print(f"{key} {sum(vals) / len(vals):.4f} (" + ", ".join(f"{p.name} {v:.4f}" for p, v in zip(files, vals)) + ")")
     g = Gate.of(scores, gate)
