@@ -216,7 +216,9 @@ def cmd_score(args) -> int:
         model = model or model_folder(story, "aesthetic")
         gate = story.spec.submission.min_aesthetic if gate is None else gate
         clip_zh = model_folder(story, "clip_zh") if "clip_zh" in story.models else None
-        preference = {k: model_folder(story, k) for k in ("pickscore", "hpsv2", "hpsv2_1") if k in story.models}
+        from .model import PREFERENCE
+
+        preference = {k: model_folder(story, k) for k in PREFERENCE if k in story.models}
     if model is None:
         raise StorycError("no aesthetic model given", "pass --model DIR or --spec story.yaml")
     return score_folder(Path(args.dir), model, 6.0 if gate is None else gate, args.device, clip_zh,

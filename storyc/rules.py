@@ -14,14 +14,14 @@ from pathlib import Path
 
 from . import tokens
 from .errors import Diagnostic, did_you_mean
-from .model import SPLICE, ModelRef, join_negative, micro_batches, optimizer_steps
+from .model import PREFERENCE, SPLICE, ModelRef, join_negative, micro_batches, optimizer_steps
 from .project import outside_hint, root_and_why
 from .submission import COMPETITION_NAME, PLACEHOLDER_TEAMS
 from .yamlio import Located, get_path, json_path
 
 TINY_NAMES = {"kolors": "kolors", "vae": "sdxl-vae", "aesthetic": "aesthetic", "esrgan": "esrgan",
               "clip_zh": "clip-zh", "ip_adapter": "ip-adapter", "captioner": "captioner",
-              "pickscore": "preference", "hpsv2": "preference", "hpsv2_1": "preference"}
+              **{k: "preference" for k in PREFERENCE}}
 
 
 @dataclass(frozen=True)
@@ -447,7 +447,7 @@ def check_select(ctx):
         out.append(ctx.diag(("generation", "select", "prompt_alignment"), "ranking candidates by prompt alignment "
                             "needs a Chinese CLIP: `models.clip_zh` is not set",
                             "set `models.clip_zh` (a ChineseCLIPModel folder), or remove this weight", "select"))
-    for k in ("pickscore", "hpsv2", "hpsv2_1"):
+    for k in PREFERENCE:
         if isinstance(sel.get(k), (int, float)) and sel[k] and not models.get(k):
             out.append(ctx.diag(("generation", "select", k), f"ranking candidates by {k} needs its model: "
                                 f"`models.{k}` is not set", f"set `models.{k}: modelscope:DiffSynth-Studio/"

@@ -11,7 +11,7 @@ story, validated exactly as one (file:line of the sweep value that broke it, did
       objective: mean_aesthetic     # or style_coherence, or {weights: {mean_aesthetic: 1, style_distance: -2}}
                                     # (also prompt_alignment, with models.clip_zh, and
                                     # character_consistency, with characters, and pickscore,
-                                    # hpsv2, hpsv2_1 with models.<that name>)
+                                    # hpsv2, hpsv2_1, imagereward with models.<that name>)
 
 Light: no torch; `storyc validate` and `storyc plan` use it.
 """
@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .errors import Diagnostic, SpecError, did_you_mean
 from .lock import digest
+from .model import PREFERENCE
 from .yamlio import Located, get_path, json_path
 
 _SEG = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
@@ -130,7 +131,7 @@ def sweep_from(loc: Located, chain: tuple, root: Path, path: Path, base, only: s
         at = ("sweep", "objective")
         diags.append(Diagnostic("the objective weighs prompt_alignment, which this story does not measure",
                                 loc.mark(at), json_path(at), "set `models.clip_zh` (a Chinese CLIP folder)", "sweep"))
-    for k in ("pickscore", "hpsv2", "hpsv2_1"):
+    for k in PREFERENCE:
         if k in objective and k not in base.spec.models:
             at = ("sweep", "objective")
             diags.append(Diagnostic(f"the objective weighs {k}, which this story does not measure", loc.mark(at),
@@ -189,7 +190,7 @@ def sweep_from(loc: Located, chain: tuple, root: Path, path: Path, base, only: s
 
 # what a variant's objective may weigh (style_distance is lower-better: give it a negative weight)
 METRICS = ("mean_aesthetic", "style_coherence", "style_distance", "prompt_alignment", "character_consistency",
-           "pickscore", "hpsv2", "hpsv2_1")  # the last three: DiffSynth's preference models (models.<name>)
+           *PREFERENCE)  # the last: DiffSynth's preference models (models.<name>)
 
 
 def _objective(obj, loc, diags) -> dict:

@@ -138,6 +138,38 @@ def _hps_reference(folder, weights, image, prompt):
     return (out["image_features"] @ out["text_features"].T)[0, 0].item()
 
 
+def _image_reward_reference(folder, image, prompt):
+    """ImageReward's reward, computed here from the tiny checkpoint with the module sizes it was built with,
+    loaded strictly (storyc reads the sizes from the checkpoint and builds the model without weights)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from storyc.models.preference import _compat
+    from storyc.models.tiny import TINY_IMAGE_REWARD_VIT
+
+    _compat()
+    from diffsynth.extensions.ImageQualityMetric.BLIP.blip import init_tokenizer
+    from diffsynth.extensions.ImageQualityMetric.BLIP.med import BertConfig, BertModel
+    from diffsynth.extensions.ImageQualityMetric.BLIP.vit import VisionTransformer
+    from diffsynth.extensions.ImageQualityMetric.imagereward import MLP, _transform
+
+    parts = {"blip.visual_encoder": VisionTransformer(**TINY_IMAGE_REWARD_VIT),
+             "blip.text_encoder": BertModel(BertConfig.from_json_file(str(folder / "ImageReward/med_config.json")),
+                                            add_pooling_layer=False), "mlp": MLP(768)}
+    state = load_file(str(folder / "ImageReward/ImageReward.safetensors"))
+    for prefix, m in parts.items():
+        m.load_state_dict({k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")})
+        m.eval()
+    tok = init_tokenizer(str(folder / "bert-base-uncased"))(prompt, padding="max_length", truncation=True,
+                                                               max_length=35, return_tensors="pt")
+    with torch.no_grad():
+        img = parts["blip.visual_encoder"](_transform(224)(image).unsqueeze(0))
+        txt = parts["blip.text_encoder"](tok.input_ids, attention_mask=tok.attention_mask, encoder_hidden_states=img,
+                                         encoder_attention_mask=torch.ones(img.shape[:-1], dtype=torch.long),
+                                         return_dict=True).last_hidden_state[:, 0]
+        return ((parts["mlp"](txt) - 0.16717362830052426) / 1.0333394966054072).item()
+
+
 def test_preference_scores_through_diffsynths_image_quality_metric(copy):
     """models.pickscore / hpsv2_1 (DiffSynth's QualityMetric layout): each image against its own prompt in
     scores.json, the report and `storyc score`, only score and bundle rerun; an unset one is null, never 0; and
@@ -146,7 +178,8 @@ def test_preference_scores_through_diffsynths_image_quality_metric(copy):
     from PIL import Image
     from transformers import CLIPModel, CLIPProcessor
 
-    edit(copy, 'models: {kolors', "models: {pickscore: 'tiny:preference', hpsv2_1: 'tiny:preference', kolors")
+    edit(copy, 'models: {kolors', "models: {pickscore: 'tiny:preference', hpsv2_1: 'tiny:preference', "
+         "imagereward: 'tiny:preference', kolors")
     r = run_cli("build", copy, "-q", cwd=copy.parent)
     assert r.returncode == 0, r.stdout + r.stderr
     assert ran(copy) == {f"score[{s}]" for s in SCENES} | {"bundle"}
@@ -168,10 +201,13 @@ def test_preference_scores_through_diffsynths_image_quality_metric(copy):
         assert doc["pickscore"]["images"][file] == pytest.approx(want, abs=1e-5)
         hps = _hps_reference(folder, "HPS_v2/HPS_v2.1_compressed.safetensors", im, prompts[file])
         assert doc["hpsv2_1"]["images"][file] == pytest.approx(hps, abs=1e-5)
+        assert doc["imagereward"]["images"][file] == pytest.approx(_image_reward_reference(folder, im, prompts[file]),
+                                                                   abs=1e-5)
     assert doc["pickscore"]["mean"] == pytest.approx(sum(doc["pickscore"]["images"].values()) / 3)
     page = (sub / "report.html").read_text("utf-8")
     assert f"PickScore {doc['pickscore']['mean']:.3f}" in page and "HPS v2 not measured (set models.hpsv2)" in page
-    assert page.count("<th>HPS v2.1</th>") == 1
+    assert page.count("<th>HPS v2.1</th>") == 1 and page.count("<th>ImageReward</th>") == 1
+    assert len({round(v, 4) for v in doc["imagereward"]["images"].values()}) == 3  # the images tell apart
     r = run_cli("score", sub, "--spec", copy, "--min", "-1", cwd=copy.parent)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"pickscore {doc['pickscore']['mean']:.4f} (" in r.stdout and "hpsv2 " not in r.stdout  # not set

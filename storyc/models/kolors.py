@@ -36,6 +36,7 @@ PREFERENCE_FILES = {
     "pickscore": ["PickScore_v1/config.json", f"{_CLIP_H}/preprocessor_config.json", f"{_CLIP_H}/tokenizer_config.json"],
     "hpsv2": ["HPS_v2/HPS_v2_compressed.safetensors", "bpe_simple_vocab_16e6.txt.gz"],
     "hpsv2_1": ["HPS_v2/HPS_v2.1_compressed.safetensors", "bpe_simple_vocab_16e6.txt.gz"],
+    "imagereward": ["ImageReward/ImageReward.safetensors", "ImageReward/med_config.json", "bert-base-uncased/vocab.txt"],
 }
 PREFERENCE_PATTERNS = {  # what `modelscope:` downloads of that repository for each (not its other metrics' GBs)
     "pickscore": ["PickScore_v1/*", *(f"{_CLIP_H}/{f}" for f in (
@@ -43,6 +44,9 @@ PREFERENCE_PATTERNS = {  # what `modelscope:` downloads of that repository for e
         "tokenizer_config.json", "vocab.json"))],
     "hpsv2": ["HPS_v2/HPS_v2_compressed.safetensors", "bpe_simple_vocab_16e6.txt.gz"],
     "hpsv2_1": ["HPS_v2/HPS_v2.1_compressed.safetensors", "bpe_simple_vocab_16e6.txt.gz"],
+    "imagereward": ["ImageReward/ImageReward.safetensors", "ImageReward/med_config.json",
+                    *(f"bert-base-uncased/{f}" for f in ("config.json", "tokenizer.json", "tokenizer_config.json",
+                                                         "vocab.txt"))],  # not its 440 MB BERT weights: unread
 }
 REQUIRED.update(PREFERENCE_FILES)
 IP_ADAPTER_WEIGHTS = ("ip_adapter_plus_general.safetensors", "ip_adapter_plus_general.bin")  # the release's names

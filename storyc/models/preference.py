@@ -59,7 +59,9 @@ class Preference:
             raise StorycError(f"models.{name}: {root} lacks {', '.join(missing)}",
                               "point it at a DiffSynth-Studio/QualityMetric_reward_pretrained download")
         self.name, self.device = name, device
-        if name == "pickscore":
+        if name == "imagereward":
+            self.model = _image_reward(root, device)
+        elif name == "pickscore":
             from diffsynth.extensions.ImageQualityMetric import PickScore
 
             self.model = PickScore(device=device, path={"pickscore": str(root / "PickScore_v1"),
@@ -79,7 +81,51 @@ class Preference:
                                         path={key: str(weights), "open_clip_bpe": str(root / "bpe_simple_vocab_16e6.txt.gz")})
 
     def score(self, images, prompts) -> list[float]:
+        if self.name == "imagereward":
+            import torch
+
+            with torch.no_grad():
+                return [float(self.model.score(im, p)[0]) for im, p in zip(images, prompts)]
         return [float(self.model.score(im, p)[0]) for im, p in zip(images, prompts)]
+
+
+def _image_reward(root: Path, device: str):
+    """DiffSynth's ``ImageReward`` (BLIP ViT + BERT with cross-attention + the reward MLP) with its ViT's width and
+    depth read from the checkpoint: ``ImageRewardScore`` always builds a ViT-L and loads with ``strict=False``
+    (a checkpoint of another shape would load nothing and score at random). Built without weights, then every
+    weight the scoring path reads must come from the file."""
+    import torch
+    from diffsynth.extensions.ImageQualityMetric.BLIP.med import BertConfig, BertModel
+    from diffsynth.extensions.ImageQualityMetric.BLIP.vit import VisionTransformer
+    from diffsynth.extensions.ImageQualityMetric.imagereward import ImageReward
+    from safetensors.torch import load_file
+
+    weights = root / "ImageReward/ImageReward.safetensors"
+    state = load_file(str(weights))
+    pe = state["blip.visual_encoder.patch_embed.proj.weight"]
+    width, patch = pe.shape[0], pe.shape[-1]
+    grid = round((state["blip.visual_encoder.pos_embed"].shape[1] - 1) ** 0.5)
+    depth = len({k.split(".")[3] for k in state if k.startswith("blip.visual_encoder.blocks.")})
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():  # parameters on the meta device (no 300 M-weight ViT-L drawn at random first)
+        model = ImageReward(med_config=str(root / "ImageReward/med_config.json"), device=device,
+                            bert_model_path=str(root / "bert-base-uncased"))
+        model.blip.visual_encoder = VisionTransformer(img_size=grid * patch, patch_size=patch, embed_dim=width,
+                                                      depth=depth, num_heads=width // 64)
+        cfg = BertConfig.from_json_file(str(root / "ImageReward/med_config.json"))
+        cfg.encoder_width = width
+        model.blip.text_encoder = BertModel(config=cfg, add_pooling_layer=False)
+    model = model.to_empty(device="cpu")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    needed = [k for k in missing if k.startswith(("blip.visual_encoder.", "blip.text_encoder.", "mlp."))
+              and not k.endswith("position_ids")]
+    if needed or unexpected:
+        raise StorycError(f"models.imagereward: {weights} is not an ImageReward checkpoint of the shape it "
+                          f"declares (missing {needed[:3]}, unexpected {unexpected[:3]})")
+    emb = model.blip.text_encoder.embeddings  # a buffer the file may not carry: 0, 1, ... as BERT makes it
+    emb.position_ids.copy_(torch.arange(emb.position_ids.shape[-1]).expand_as(emb.position_ids))
+    return model.to(device).eval()
 
 
 class _Shape:

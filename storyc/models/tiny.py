@@ -276,8 +276,8 @@ TINY_OPEN_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 56, "layers": 2,
 
 def tiny_preference(folder: Path, seed: int = 0) -> Path:
     """The DiffSynth-Studio/QualityMetric_reward_pretrained layout of the preference models storyc measures:
-    PickScore_v1/ (a transformers CLIPModel) with the CLIP-ViT-H-14 processor folder, and HPS v2 / v2.1 (open_clip
-    state dicts in safetensors) with open_clip's BPE merges file. Tiny widths (HPS's vision heads 80 wide and
+    PickScore_v1/ (a transformers CLIPModel) with the CLIP-ViT-H-14 processor folder, HPS v2 / v2.1 (open_clip
+    state dicts in safetensors) with open_clip's BPE merges file, and ImageReward (below). Tiny widths (HPS's vision heads 80 wide and
     text heads 64 wide, as ViT-H-14's, so storyc reads the architecture from the checkpoint as for the real one)."""
     def build(tmp):
         import gzip
@@ -310,8 +310,51 @@ def tiny_preference(folder: Path, seed: int = 0) -> Path:
             torch.manual_seed(seed + 1 + i)
             model = factory.create_model("storyc-tiny-hps")
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "HPS_v2" / f"{name}.safetensors"))
+        _tiny_image_reward(tmp, seed + 3)
 
     return _build_once(folder, build)
+
+
+TINY_IMAGE_REWARD_VIT = {"img_size": 224, "patch_size": 32, "embed_dim": 64, "depth": 2, "num_heads": 1}
+
+
+def _tiny_image_reward(tmp: Path, seed: int) -> None:
+    """ImageReward/ (its safetensors and BLIP's med_config.json) and bert-base-uncased/ (a small uncased
+    vocabulary, CJK ideographs one token a character as in BERT's own): a tiny BLIP ViT, a one-layer
+    BERT 768 wide (the reward MLP's fixed input) with cross-attention, and the MLP. The vocabulary holds the first
+    2000 CJK ideographs (others are [UNK], as characters missing from BERT's own vocabulary are)."""
+    import torch
+    from diffsynth.extensions.ImageQualityMetric.BLIP.med import BertConfig, BertModel
+    from diffsynth.extensions.ImageQualityMetric.BLIP.vit import VisionTransformer
+    from diffsynth.extensions.ImageQualityMetric.imagereward import MLP
+    from safetensors.torch import save_file
+    from transformers import BertTokenizer
+
+    bert = tmp / "bert-base-uncased"
+    bert.mkdir()
+    vocab = ["[PAD]", *(f"[unused{i}]" for i in range(3)), "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+             *"abcdefghijklmnopqrstuvwxyz0123456789,.，。、！？", *(f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"),
+             *(chr(c) for c in range(0x4E00, 0x4E00 + 2000))]
+    (bert / "vocab.txt").write_text("\n".join(vocab) + "\n", "utf-8")
+    BertTokenizer(str(bert / "vocab.txt")).save_pretrained(bert)
+    (tmp / "ImageReward").mkdir()
+    med = {"architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
+           "hidden_dropout_prob": 0.1, "hidden_size": 768, "initializer_range": 0.02, "intermediate_size": 256,
+           "layer_norm_eps": 1e-12, "max_position_embeddings": 64, "model_type": "bert", "num_attention_heads": 12,
+           "num_hidden_layers": 1, "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": len(vocab) + 2,
+           "encoder_width": TINY_IMAGE_REWARD_VIT["embed_dim"], "add_cross_attention": True}
+    (tmp / "ImageReward/med_config.json").write_text(json.dumps(med, indent=2), "utf-8")
+    (bert / "config.json").write_text(json.dumps(dict(med, vocab_size=len(vocab)), indent=2), "utf-8")
+    torch.manual_seed(seed)
+    cfg = BertConfig.from_json_file(str(tmp / "ImageReward/med_config.json"))
+    parts = {"blip.visual_encoder": VisionTransformer(**TINY_IMAGE_REWARD_VIT),
+             "blip.text_encoder": BertModel(config=cfg, add_pooling_layer=False), "mlp": MLP(768)}
+    with torch.no_grad():  # MLP's own init (std 1/769 through five layers) leaves every reward at the same value
+        for layer in parts["mlp"].layers:
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.normal_(0, layer.in_features ** -0.5)
+    save_file({f"{p}.{k}": v.contiguous() for p, m in parts.items() for k, v in m.state_dict().items()},
+              str(tmp / "ImageReward/ImageReward.safetensors"))
 
 
 BUILDERS = {"kolors": tiny_kolors, "sdxl-vae": tiny_sdxl_vae, "aesthetic": tiny_aesthetic, "esrgan": tiny_esrgan,

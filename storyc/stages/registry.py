@@ -17,7 +17,7 @@ from typing import Callable
 
 from .. import __version__
 from ..lock import digest
-from ..model import plain
+from ..model import PREFERENCE, plain
 from ..render import canonical_json, render, yaml_file
 
 FORMAT = 1  # of the compiled JSON artifacts
@@ -225,7 +225,6 @@ def _train_models(job, story):
 # generation values that apply to every scene (lora_scale is hashed through lora_alpha / lora_strength)
 GEN_COMMON = ("width", "height", "steps", "cfg_scale", "lora_alpha", "lora_strength", "candidates")
 SCENE_KEYS = ("prompt", "negative_prompt", "seeds", "file")
-PREFERENCE = ("pickscore", "hpsv2", "hpsv2_1")  # DiffSynth's preference models storyc measures (models.<name>)
 
 
 def generation_common(spec) -> dict:
