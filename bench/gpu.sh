@@ -60,6 +60,11 @@ for b in "$@"; do
     characters) python3 bench/characters_bench.py ${CHAR_ARGS:-} 2>&1 | tee "$OUT/characters_log.txt" ;;
     # bench/attn_probe.py: the UNet's kernels by kind, and each attention backend, at generate/refine/train shapes
     attn) python3 bench/attn_probe.py ${ATTN_ARGS:-} 2>&1 | tee "$OUT/attn_log.txt" ;;
+    # bench/vae_probe.py: the refine pass's VAE decode/encode in fp32, bf16 autocast (storyc), bf16 weights,
+    # channels_last and per SDPA backend (time, peak, difference), kernel profiles, and a UNet call at batch 1 vs 2
+    vae) python3 bench/vae_probe.py ${VAE_ARGS:-} 2>&1 | tee "$OUT/vae_log.txt" ;;
+    # bench/norm_probe.py: GroupNorm and the VAE's attention, PyTorch's kernels vs storyc.models.unet's (issue 24)
+    norm) python3 bench/norm_probe.py ${NORM_ARGS:-} 2>&1 | tee "$OUT/norm_log.txt" ;;
     train) python3 bench/train_bench.py ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/train_log.txt" ;;
     multigpu) python3 bench/multigpu.py 2>&1 | tee "$OUT/multigpu_log.txt" ;;
     graphs) python3 bench/graphs_check.py 2>&1 | tee "$OUT/graphs_log.txt" ;;

@@ -9,8 +9,11 @@ of its `num_inference_steps` over the redrawn part of the schedule (50 UNet call
              the cost refine is measured against (goal: refine <= 2x generation per image)
   example    DiffSynth's own img2img: SDXLImagePipeline(prompt, input_image=image.resize(2048), denoising_strength
              0.4, 50 steps) with the LoRA merged, one image at a time (its example's path)
-  storyc     storyc.stages.refine.refine_image: embeddings encoded once, the shared denoise loop, VAE tiling as the
-             memory planner decides; untiled and tiled timed apart, with peak memory, and under STORYC_GPU_MEMORY_GIB=22
+  storyc     storyc.stages.refine.refine_many, the stage's loop: embeddings encoded once, the shared denoise loop,
+             the CPU's part (upscale, PIL conversion) on threads beside the GPU's, the VAE with storyc's GroupNorm and
+             attention (storyc.models.unet.wide_vae), VAE tiling as the memory planner decides; untiled and tiled
+             timed apart, with peak memory, and under STORYC_GPU_MEMORY_GIB=22; also refine_image one image after
+             the other, and a refine's phases with PyTorch's VAE kernels
 Run on the GPU machine: bash bench/gpu.sh refine
 """
 from __future__ import annotations
@@ -39,9 +42,11 @@ print("card", R["meta"], flush=True)
 from storyc import lora as L  # noqa: E402
 from storyc import resources  # noqa: E402
 from storyc.stages.generate import encode_prompts, render_iter  # noqa: E402
-from storyc.stages.refine import refine_image, refined_size  # noqa: E402
+from storyc.models.unet import wide_vae  # noqa: E402
+from storyc.stages.refine import refine_image, refine_many, refined_size  # noqa: E402
 
 te, enc, dec, unet = build_text_encoder(), build_vae("encoder"), build_vae("decoder"), build_unet(seed=2)
+wide_vae(enc), wide_vae(dec)  # as storyc.models.kolors.load_vae loads them (the example's path: swapped back)
 L.merge(unet, random_lora_state(unet), 4.0 * 0.5 / 16)  # the camp LoRA at alpha 2: merged as storyc merges it
 pipe = make_pipe(te, unet, dec, enc)
 scenes = [(PROMPT + f"，第{i}幕", NEG, i) for i in range(args.images)]
@@ -80,9 +85,13 @@ def encode(pipe_, positive, negative):
 # ---------------- DiffSynth's example path
 def example(i):
     a, b, s = scenes[i]
-    return pipe(prompt=a, negative_prompt=b, cfg_scale=4.0, input_image=images[i].resize((W, H)),
-                denoising_strength=0.4, num_inference_steps=EXAMPLE_STEPS, height=H, width=W, seed=s,
-                progress_bar_cmd=lambda x: x)
+    wide_vae(enc, on=False), wide_vae(dec, on=False)  # DiffSynth's own VAE modules
+    try:
+        return pipe(prompt=a, negative_prompt=b, cfg_scale=4.0, input_image=images[i].resize((W, H)),
+                    denoising_strength=0.4, num_inference_steps=EXAMPLE_STEPS, height=H, width=W, seed=s,
+                    progress_bar_cmd=lambda x: x)
+    finally:
+        wide_vae(enc), wide_vae(dec)
 
 
 skip = set(args.skip.split(","))
@@ -109,23 +118,35 @@ if not SMOKE:
 if "example" in R:
     R["example"]["note"] += "; its peak includes ChatGLM (12 GB) on the GPU, which its path keeps there"
 def storyc_refine(tiled, n):
-    out_imgs, ts = [], []
+    """The stage's loop (refine_many: the CPU's part on threads beside the GPU's), n images: seconds per image."""
     peak_reset()
+    items = [{"image": images[i], "size": (W, H), "r": r, "seed": scenes[i][2], "prompt": scenes[i][0],
+              "negative": scenes[i][1], "tiled": tiled} for i in range(n)]
+    sync()
+    t = time.perf_counter()
+    out_imgs = [im for _, im in refine_many(pipe, items, encode)]
+    sync()
+    total = time.perf_counter() - t
+    return {"s_per_image": total / n, "total_s": total, "images": n, "peak_gib": peak(), "tiled": tiled}, out_imgs
+
+
+def sequential_refine(n):
+    """refine_image one image after the other (the CPU's part in line with the GPU's): seconds per image."""
+    ts = []
     for i in range(n):
         sync()
         t = time.perf_counter()
-        out_imgs.append(refine_image(pipe, images[i], (W, H), r, scenes[i][2], scenes[i][0], scenes[i][1], encode,
-                                     tiled))
+        refine_image(pipe, images[i], (W, H), r, scenes[i][2], scenes[i][0], scenes[i][1], encode, False)
         sync()
         ts.append(time.perf_counter() - t)
-    return {"s_per_image": statistics.median(ts), "times": ts, "peak_gib": peak(), "tiled": tiled}, out_imgs
+    return {"s_per_image": statistics.median(ts), "times": ts}
 
 
 refine_image(pipe, images[0], (W, H), dict(r, steps=2), 0, scenes[0][0], NEG, encode, False)  # warm-up
 
 # where the time of one refine goes: VAE encode, the 20 UNet steps, VAE decode (synchronised wall times)
 phases = {"encode": 0.0, "decode": 0.0}
-orig_enc, orig_dec = pipe.encode_image, pipe.decode_image
+orig_enc, orig_dec = pipe.encode_image, dec.forward  # the refine decodes with the module (then to PIL apart)
 
 
 def timed_phase(name, fn):
@@ -152,17 +173,24 @@ def breakdown():
 
 import storyc.stages.refine as refine_mod  # noqa: E402
 
-pipe.encode_image, pipe.decode_image = timed_phase("encode", orig_enc), timed_phase("decode", orig_dec)
+pipe.encode_image, dec.forward = timed_phase("encode", orig_enc), timed_phase("decode", orig_dec)
 R["breakdown_bf16_vae"] = breakdown()
+wide_vae(enc, on=False), wide_vae(dec, on=False)
+R["breakdown_bf16_vae_pytorch_norms"] = breakdown()  # PyTorch's GroupNorm and attention kernels in the VAE
+wide_vae(enc), wide_vae(dec)
 real = refine_mod.vae_precision
 refine_mod.vae_precision = lambda p_: __import__("contextlib").nullcontext()  # the VAE as kept: fp32
 R["breakdown_fp32_vae"] = breakdown()
 refine_mod.vae_precision = real
-pipe.encode_image, pipe.decode_image = orig_enc, orig_dec
-print("breakdown", R["breakdown_bf16_vae"], R["breakdown_fp32_vae"], flush=True)
+pipe.encode_image = orig_enc
+del dec.forward
+print("breakdown", R["breakdown_bf16_vae"], R["breakdown_bf16_vae_pytorch_norms"], R["breakdown_fp32_vae"],
+      flush=True)
 
 R["storyc_untiled"], refined = storyc_refine(False, args.images)
 print("storyc untiled", R["storyc_untiled"], flush=True)
+R["storyc_untiled_sequential"] = sequential_refine(min(3, args.images))
+print("storyc untiled, one image after the other", R["storyc_untiled_sequential"], flush=True)
 if EXAMPLE_STEPS != r["steps"]:  # storyc at the example's own settings: the same work as DiffSynth's path
     r50 = dict(r, steps=EXAMPLE_STEPS)
     ts = []

@@ -90,3 +90,62 @@ def test_a_scene_can_refine_on_its_own_and_bad_settings_are_spec_errors(project)
     assert r.returncode == 1 and "s.yaml:6:42: $.scenes[0].refine.strenght: unknown key `strenght`" in r.stderr
     assert "did you mean `strength`?" in r.stderr
 
+
+
+def test_the_vaes_group_norm_and_attention_give_pytorchs_results():
+    """storyc.models.unet.group_norm / attention_chunked (what the VAE runs on a GPU at inference: PyTorch's own
+    kernels leave the card idle at batch 1) against F.group_norm and SDPA, including a group whose mean is far
+    from zero; with gradients or on a CPU the swapped modules are PyTorch's exactly."""
+    import torch
+
+    from storyc.models.unet import ChunkedAttention, WideGroupNorm, attention_chunked, group_norm, wide_vae
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 64, 12, 12, generator=g) * 3 + torch.randn(1, 64, 1, 1, generator=g) * 20
+    w, b = torch.randn(64, generator=g), torch.randn(64, generator=g)
+    want = torch.nn.functional.group_norm(x.double(), 32, w.double(), b.double(), 1e-5)
+    assert torch.allclose(group_norm(x, 32, w, b, 1e-5).double(), want, atol=2e-5)
+    assert torch.allclose(group_norm(x, 32, None, None, 1e-5).double(),
+                          torch.nn.functional.group_norm(x.double(), 32, eps=1e-5), atol=2e-5)
+    xb = x.bfloat16()  # half precision: no further from fp32 than PyTorch's own bf16 kernel
+    ours = (group_norm(xb, 32, w, b, 1e-5).double() - want).abs().max()
+    theirs = (torch.nn.functional.group_norm(xb, 32, w.bfloat16(), b.bfloat16(), 1e-5).double() - want).abs().max()
+    assert group_norm(xb, 32, w, b, 1e-5).dtype == torch.bfloat16 and ours <= theirs * 1.01
+    q, k, v = (torch.randn(1, 2, 300, 16, generator=g) for _ in range(3))
+    assert torch.allclose(attention_chunked(q, k, v, 128), torch.nn.functional.scaled_dot_product_attention(q, k, v),
+                          atol=1e-5)
+
+    from diffsynth.models.sd_vae_decoder import SDVAEDecoder
+
+    torch.manual_seed(0)
+    dec = SDVAEDecoder().eval()
+    latent = torch.randn(1, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        before = dec(latent)
+        wide_vae(dec)
+        assert {type(m) for m in dec.modules()} >= {WideGroupNorm, ChunkedAttention}
+        assert torch.equal(dec(latent), before)  # a CPU: PyTorch's kernels
+    assert not any(type(m) in (WideGroupNorm, ChunkedAttention) for m in wide_vae(dec, on=False).modules())
+
+
+def test_refine_many_draws_what_refine_image_draws(built, tiny_models):
+    """The stage's loop (the CPU's part on threads beside the GPU's) gives refine_image's images, in order."""
+    import numpy as np
+    import torch
+
+    from storyc.stages.generate import encode_prompts, load_merged_pipeline
+    from storyc.stages.refine import refine_image, refine_many
+
+    kolors = tiny_models / "tiny-kolors"
+    pipe = load_merged_pipeline(kolors, built.parent / "build/t/lora/t.diffsynth.safetensors", 0.5, torch.float32,
+                                "cpu", vae_encoder=kolors / "vae/diffusion_pytorch_model.safetensors")
+    r = {"steps": 3, "strength": 0.5, "cfg_scale": 4.0}
+    sources = sorted((built.parent / "build/t/images").glob("*.png"))
+    items = [{"image": Image.open(p).convert("RGB"), "size": (96, 128), "r": r, "seed": i, "prompt": f"{i}号女孩",
+              "negative": "丑陋", "tiled": False} for i, p in enumerate(sources)]
+    got = list(refine_many(pipe, items, encode_prompts))
+    assert [i for i, _ in got] == list(range(len(items))) and len(items) == 3
+    for (_, im), it in zip(got, items):
+        one = refine_image(pipe, it["image"], it["size"], r, it["seed"], it["prompt"], it["negative"], encode_prompts,
+                           False)
+        assert im.size == (96, 128) and np.array_equal(np.asarray(im), np.asarray(one))

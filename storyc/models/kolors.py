@@ -107,7 +107,9 @@ def load_vae(path: Path, which: str, dtype, device):
     with torch.device("meta"):
         model = cls()
     model.load_state_dict(converted, strict=True, assign=True)
-    return model.to(device=device, dtype=dtype).eval()
+    from .unet import wide_vae
+
+    return wide_vae(model).to(device=device, dtype=dtype).eval()
 
 
 def load_unet_for(kolors: Path, dtype, device):

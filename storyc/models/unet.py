@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import torch
+from diffsynth.models.attention import Attention
 from diffsynth.models.sd_unet import (GEGLU, AttentionBlock, DownSampler, PopBlock, PushBlock, ResnetBlock,
                                       Timesteps, UpSampler)
 from diffsynth.models.sdxl_unet import SDXLUNet, SDXLUNetStateDictConverter
@@ -72,6 +73,95 @@ class HalfGroupNorm(torch.nn.GroupNorm):
             return super().forward(x)
         with torch.autocast(x.device.type, enabled=False):
             return torch.nn.functional.group_norm(x, self.num_groups, _as(self.weight, dt), _as(self.bias, dt), self.eps)
+
+
+def group_norm(x, groups: int, weight, bias, eps: float):
+    """``F.group_norm``'s result for inference, with statistics that keep the whole card busy.
+    Why: PyTorch's statistics kernel gives each (image, group) one block, so a batch-1 VAE decode runs 32 blocks on
+    a 132-SM card: 187 ms of a 2048-px decode's 442 ms of kernels (bench/vae_probe.py); this is 3.7-4.6x faster at
+    the VAE's shapes, and slower where the batch already fills the card (bench/norm_probe.py). Here the mean and the
+    second moment are plain reductions over each group (PyTorch spreads a long one over many blocks), accumulated in
+    fp32 straight from x, and the normalisation is one fused multiply-add in fp32 rounded once to x's dtype.
+    The variance comes from E[x^2] - mean^2 in fp32: its relative error is about 2^-24 (1 + mean^2 / var), below
+    a half-precision rounding while |mean| < ~180 standard deviations of the group."""
+    n, c = x.shape[:2]
+    xg = x.reshape(n, groups, -1)
+    count = xg.shape[-1]
+    mean = xg.sum(-1, dtype=torch.float32) / count
+    var = (torch.linalg.vector_norm(xg, dim=-1, dtype=torch.float32).square() / count - mean.square()).clamp_min_(0)
+    rstd = torch.rsqrt(var + eps)  # (n, groups)
+    scale = rstd.repeat_interleave(c // groups, dim=1)  # (n, c)
+    if weight is not None:
+        scale = scale * weight.float()
+    shift = -mean.repeat_interleave(c // groups, dim=1) * scale
+    if bias is not None:
+        shift = shift + bias.float()
+    view = (n, c) + (1,) * (x.dim() - 2)
+    return torch.addcmul(shift.view(view), x, scale.view(view), out=torch.empty_like(x))
+
+
+def attention_chunked(q, k, v, chunk: int):
+    """Softmax attention (``F.scaled_dot_product_attention(q, k, v)``'s result) for long sequences with wide heads,
+    query chunk by query chunk: the scores of a chunk come out of one GEMM in fp32 (scaled there), the softmax runs in
+    fp32, and the probabilities meet V in the GEMM in half precision, as flash attention does. For the VAE's
+    attention, whose 512-wide head no flash or cuDNN kernel takes: PyTorch falls back to its memory-efficient kernel,
+    69.5 ms at 65,536 tokens on an H200 against 45.5 ms here (bench/norm_probe.py)."""
+    b, h, t, d = q.shape
+    out = torch.empty_like(q)
+    kt = k.transpose(-1, -2)
+    scale = d ** -0.5
+    for i in range(b):
+        for j in range(h):
+            for s in range(0, t, chunk):
+                scores = _mm_f32(q[i, j, s:s + chunk], kt[i, j]).mul_(scale)
+                torch.mm(torch.softmax(scores, -1).to(q.dtype), v[i, j], out=out[i, j, s:s + chunk])
+    return out
+
+
+def _mm_f32(a, b):
+    """a @ b with fp32 output from half inputs in one GEMM where the backend has it (CUDA), else in fp32."""
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+class WideGroupNorm(torch.nn.GroupNorm):
+    """A GroupNorm whose inference on a GPU runs :func:`group_norm` (in the input's dtype, also under autocast, as
+    :class:`HalfGroupNorm`); with gradients, or on a CPU, nn.GroupNorm exactly."""
+
+    def forward(self, x):
+        if torch.is_grad_enabled() or not x.is_cuda:
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class ChunkedAttention(Attention):
+    """diffsynth's Attention, whose inference on a GPU over a long sequence with heads wider than flash attention
+    takes (the VAE's: one 512-wide head) runs :func:`attention_chunked`; otherwise diffsynth's own forward."""
+
+    CHUNK_ELEMENTS = 2 ** 28  # fp32 scores per query chunk (1 GiB): 4,096 queries against 65,536 keys, as fast
+    # as 8,192 on an H200 at half the peak (bench/RESULTS.md, "The VAE at a refine's size")
+
+    def forward(self, hidden_states, encoder_hidden_states=None, attn_mask=None, ipadapter_kwargs=None,
+                qkv_preprocessor=None):
+        long = hidden_states.shape[1] >= 8192 and self.head_dim > 256
+        if (torch.is_grad_enabled() or not hidden_states.is_cuda or not long or encoder_hidden_states is not None
+                or attn_mask is not None or ipadapter_kwargs is not None or qkv_preprocessor is not None):
+            return super().forward(hidden_states, encoder_hidden_states, attn_mask, ipadapter_kwargs, qkv_preprocessor)
+        b, t = hidden_states.shape[:2]
+        q, k, v = (f(hidden_states).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+                   for f in (self.to_q, self.to_k, self.to_v))
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            out = attention_chunked(q, k, v, max(1024, self.CHUNK_ELEMENTS // t))
+        return self.to_out(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+
+def wide_vae(vae: torch.nn.Module, on: bool = True) -> torch.nn.Module:
+    """Swap a VAE encoder's or decoder's GroupNorms and attention to :class:`WideGroupNorm` and
+    :class:`ChunkedAttention` (or back, ``on=False``): same weights, their GPU inference without the kernels that
+    leave the card idle at batch 1 (bench/RESULTS.md: "The VAE at a refine's size")."""
+    return swap_classes(vae, ((torch.nn.GroupNorm, WideGroupNorm), (Attention, ChunkedAttention)), on)
 
 
 def _as(t, dt):
