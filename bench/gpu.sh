@@ -9,7 +9,7 @@
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
 #     diffsynth==1.1.9 transformers==4.57.6 tokenizers==0.22.2 huggingface_hub==0.36.2 peft==0.17.1 ftfy==6.3.1 \
 #     wcwidth==0.2.13 simple-aesthetics-predictor==0.1.2 jsonschema==4.25.1 referencing==0.36.2 \
-#     jsonschema-specifications==2025.9.1 rpds-py==0.27.1 diffusers==0.35.2 importlib_metadata==8.7.0
+#     jsonschema-specifications==2025.9.1 rpds-py==0.27.1 diffusers==0.35.2 importlib_metadata==8.7.0 timm==1.0.31
 set -o pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -65,6 +65,8 @@ for b in "$@"; do
     vae) python3 bench/vae_probe.py ${VAE_ARGS:-} 2>&1 | tee "$OUT/vae_log.txt" ;;
     # bench/norm_probe.py: GroupNorm and the VAE's attention, PyTorch's kernels vs storyc.models.unet's (issue 24)
     norm) python3 bench/norm_probe.py ${NORM_ARGS:-} 2>&1 | tee "$OUT/norm_log.txt" ;;
+    # bench/preference_bench.py: PickScore, HPS v2, ImageReward per image through storyc's loader (issue 24)
+    preference) python3 bench/preference_bench.py 2>&1 | tee "$OUT/preference_log.txt" ;;
     train) python3 bench/train_bench.py ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/train_log.txt" ;;
     multigpu) python3 bench/multigpu.py 2>&1 | tee "$OUT/multigpu_log.txt" ;;
     graphs) python3 bench/graphs_check.py 2>&1 | tee "$OUT/graphs_log.txt" ;;
