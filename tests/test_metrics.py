@@ -8,6 +8,7 @@ import pytest
 from conftest import edit, ran, run_cli
 
 SCENES = ("home", "concert", "stage")
+ONE_SCENE = "version: 1\nstory: {id: s}\nsubmission: {rules: none, images: 1}\nscenes: [{id: a, prompt: x, seed: 0}]\n"
 
 
 def _scores(spec):
@@ -98,8 +99,7 @@ def test_style_distance_always_and_prompt_alignment_with_a_chinese_clip(copy):
 
 def test_a_sweep_objective_weighs_the_new_metrics(project):
     (project / "s.yaml").write_text(
-        "version: 1\nstory: {id: s}\nsubmission: {rules: none, images: 1}\nscenes: [{id: a, prompt: x, seed: 0}]\n"
-        "sweep:\n  parameters: {generation.cfg_scale: [3.0, 4.0]}\n"
+        ONE_SCENE + "sweep:\n  parameters: {generation.cfg_scale: [3.0, 4.0]}\n"
         "  objective: {weights: {mean_aesthetic: 1, style_distance: -2, prompt_alignment: 1}}\n", "utf-8")
     r = run_cli("validate", "s.yaml", cwd=project)
     assert r.returncode == 1 and "the objective weighs prompt_alignment, which this story does not measure" in r.stderr
@@ -228,8 +228,7 @@ def test_preference_scores_through_diffsynths_image_quality_metric(copy):
 
 def test_a_preference_weight_or_objective_needs_its_model(project):
     (project / "s.yaml").write_text(
-        "version: 1\nstory: {id: s}\nsubmission: {rules: none, images: 1}\nscenes: [{id: a, prompt: x, seed: 0}]\n"
-        "generation: {candidates: 2, select: {hpsv2: 1}}\n"
+        ONE_SCENE + "generation: {candidates: 2, select: {hpsv2: 1}}\n"
         "sweep:\n  parameters: {generation.cfg_scale: [3.0, 4.0]}\n  objective: {weights: {pickscore: 1}}\n", "utf-8")
     r = run_cli("validate", "s.yaml", cwd=project)
     assert r.returncode == 1
