@@ -130,16 +130,20 @@ def storyc_refine(tiled, n):
     return {"s_per_image": total / n, "total_s": total, "images": n, "peak_gib": peak(), "tiled": tiled}, out_imgs
 
 
-def sequential_refine(n):
-    """refine_image one image after the other (the CPU's part in line with the GPU's): seconds per image."""
-    ts = []
+def sequential_refine(n, pipelined):
+    """refine_image one image after the other (the CPU's part in line with the GPU's, a graph captured per image):
+    seconds per image, and whether each image is refine_many's to the byte."""
+    import numpy as np
+
+    ts, same = [], []
     for i in range(n):
         sync()
         t = time.perf_counter()
-        refine_image(pipe, images[i], (W, H), r, scenes[i][2], scenes[i][0], scenes[i][1], encode, False)
+        im = refine_image(pipe, images[i], (W, H), r, scenes[i][2], scenes[i][0], scenes[i][1], encode, False)
         sync()
         ts.append(time.perf_counter() - t)
-    return {"s_per_image": statistics.median(ts), "times": ts}
+        same.append(bool(np.array_equal(np.asarray(im), np.asarray(pipelined[i]))))
+    return {"s_per_image": statistics.median(ts), "times": ts, "same_images_as_the_stage_loop": same}
 
 
 refine_image(pipe, images[0], (W, H), dict(r, steps=2), 0, scenes[0][0], NEG, encode, False)  # warm-up
@@ -189,7 +193,7 @@ print("breakdown", R["breakdown_bf16_vae"], R["breakdown_bf16_vae_pytorch_norms"
 
 R["storyc_untiled"], refined = storyc_refine(False, args.images)
 print("storyc untiled", R["storyc_untiled"], flush=True)
-R["storyc_untiled_sequential"] = sequential_refine(min(3, args.images))
+R["storyc_untiled_sequential"] = sequential_refine(min(3, args.images), refined)
 print("storyc untiled, one image after the other", R["storyc_untiled_sequential"], flush=True)
 if EXAMPLE_STEPS != r["steps"]:  # storyc at the example's own settings: the same work as DiffSynth's path
     r50 = dict(r, steps=EXAMPLE_STEPS)

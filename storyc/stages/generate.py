@@ -286,13 +286,14 @@ def render_iter(pipe, items: list[dict], gen: dict, batch_size: int, progress=No
         yield from decoded
 
 
-def denoise(pipe, latents, ehs, ate, cfg: float, each_step=None, ip=None, graphs: bool = True):
+def denoise(pipe, latents, ehs, ate, cfg: float, each_step=None, ip=None, graphs: bool = True, calls=None):
     """The sampling loop over the scheduler's timesteps (as set), classifier-free guidance batched with the
     images: one UNet call per step for 2 x batch rows (the notebook's pipeline makes two calls per image). Shared
     by generation and the refine pass (which starts from a noised image at its strength's first timestep).
     ``ip``: IP-Adapter keys and values per cross-attention (characters): the UNet runs through diffsynth's
     ``lets_dance_xl``, its one entry point that passes them to the attention blocks. On a GPU without characters
-    the calls after the first replay a CUDA graph of it (``graphs``; see _GraphedCall)."""
+    the calls after the first replay a CUDA graph of it (``graphs``; see _GraphedCall). ``calls``: a dict that
+    keeps those graphs for the next loops of the same shapes (the refine's scenes), which then only replay."""
     import torch
 
     unet = pipe.unet
@@ -310,6 +311,9 @@ def denoise(pipe, latents, ehs, ate, cfg: float, each_step=None, ip=None, graphs
     # graphed on a GPU, where measured (bench/RESULTS.md, sample graphs): not yet through the IP-Adapter's entry point
     graphed = graphs and ip is None and str(dev).startswith("cuda") and len(pipe.scheduler.timesteps) > 2
     call = _GraphedCall(unet) if graphed else unet
+    if graphed and calls is not None:
+        key = (tuple(latents.shape), cfg != 1.0, tuple(ehs.shape), tuple(ate.shape), latents.dtype)
+        call = calls.setdefault(key, call)
     for k, t in enumerate(pipe.scheduler.timesteps):
         timestep = t.unsqueeze(0).to(dev)
         x = torch.cat([latents, latents]) if cfg != 1.0 else latents

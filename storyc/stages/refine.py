@@ -40,7 +40,8 @@ def refine_many(pipe, items: list, encode, finish=None):
     negative, tiled, each_step, ip), yielding ``(index, finish(index, image))`` in order, the same images.
     The CPU's part runs on threads beside the GPU's: the next item's Lanczos upscale and tensor conversion while
     this one denoises; the conversion to a PIL image and ``finish`` (the stage writes its files there) while the
-    next denoises (at 2048 px ~0.3 s an image, and a PNG, that the GPU would otherwise wait for)."""
+    next denoises (at 2048 px ~0.3 s an image, and a PNG, that the GPU would otherwise wait for). The UNet's CUDA
+    graphs are captured once for all the scenes of a shape, not once a scene."""
     from concurrent.futures import ThreadPoolExecutor
 
     def after(i, out):
@@ -49,6 +50,7 @@ def refine_many(pipe, items: list, encode, finish=None):
 
     if not items:
         return
+    calls = {}  # the UNet's CUDA graphs, captured at the first scene and replayed for the others of its shapes
     with ThreadPoolExecutor(1) as pre, ThreadPoolExecutor(1) as post:
         nxt = pre.submit(upscaled, pipe, items[0]["image"], items[0]["size"])
         pending = []
@@ -57,7 +59,7 @@ def refine_many(pipe, items: list, encode, finish=None):
             if i + 1 < len(items):
                 nxt = pre.submit(upscaled, pipe, items[i + 1]["image"], items[i + 1]["size"])
             out = _redraw(pipe, x, it["r"], it["seed"], it["prompt"], it["negative"], encode, it["tiled"],
-                          it.get("each_step"), it.get("ip")).cpu()  # waits for this image's GPU work only
+                          it.get("each_step"), it.get("ip"), calls).cpu()  # waits for this image's GPU work only
             pending.append((i, post.submit(after, i, out)))
             while pending and pending[0][1].done():  # finished ones, without waiting for the others
                 j, f = pending.pop(0)
@@ -73,9 +75,10 @@ def upscaled(pipe, image, size: tuple):
     return pipe.preprocess_image(image.resize(tuple(size), Image.LANCZOS))
 
 
-def _redraw(pipe, x, r: dict, seed: int, prompt: str, negative: str, encode, tiled: bool, each_step=None, ip=None):
+def _redraw(pipe, x, r: dict, seed: int, prompt: str, negative: str, encode, tiled: bool, each_step=None, ip=None,
+            calls=None):
     """The GPU's part of a refine: the upscaled image ``x`` encoded, noised, denoised and decoded (the decoder's
-    output tensor)."""
+    output tensor). ``calls``: denoise's graphs, kept from one scene to the next."""
     import torch
 
     h, w = x.shape[-2:]
@@ -89,7 +92,7 @@ def _redraw(pipe, x, r: dict, seed: int, prompt: str, negative: str, encode, til
         latents = pipe.scheduler.add_noise(latents, noise, timestep=pipe.scheduler.timesteps[0])
         cfg = r["cfg_scale"]
         ehs, ate = encode(pipe, [prompt], [negative] if cfg != 1.0 else [])
-        latents = denoise(pipe, latents, ehs, ate, cfg, each_step, ip)
+        latents = denoise(pipe, latents, ehs, ate, cfg, each_step, ip, calls=calls)
         with vae_precision(pipe):  # what pipe.decode_image does before its conversion to a PIL image
             return pipe.vae_decoder(latents.to(pipe.device), tiled=tiled, tile_size=64, tile_stride=32)
 
