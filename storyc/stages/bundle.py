@@ -19,10 +19,10 @@ from .. import png, reproduce
 from ..errors import StorycError
 from ..fonts import find_font
 from ..lock import sha256_file
+from ..model import PREFERENCE
 from ..render import canonical_json, csv_cell, link_or_copy, render
 from ..report import checkpoints_html, font_face, loss_svg, report_html
 from ..submission import Gate, display_name, files, read_json
-from ..model import PREFERENCE
 from .registry import Result
 from .score import character_consistency, coherence, style_distance
 
@@ -129,7 +129,8 @@ def run(ctx, jobs):
 
 
 PREFERENCE_WHAT = ("human-preference models through DiffSynth-Studio's ImageQualityMetric, each image against its "
-                   "own prompt (models.pickscore, models.hpsv2, models.hpsv2_1, models.imagereward); they read English prompts")
+                   "own prompt (models.pickscore, models.hpsv2, models.hpsv2_1, models.imagereward); they read "
+                   "English prompts")
 
 
 class Measured(NamedTuple):
