@@ -41,11 +41,10 @@ def check_model(story, key: str) -> None:
 
         check_folder(key, ref.path)
     elif ref.scheme == "modelscope":
-        from .models.download import done_marker, require_modelscope
+        from .models.download import downloaded, require_modelscope
         from .models.kolors import PREFERENCE_PATTERNS
 
-        target = story.root / ".storyc" / "models" / ref.name
-        if (target / ".complete").exists() or done_marker(target, PREFERENCE_PATTERNS.get(key)).exists():
+        if downloaded(story.root / ".storyc" / "models" / ref.name, PREFERENCE_PATTERNS.get(key)):
             return
 
         require_modelscope(f"download `{ref.name}` (models.{key})", "download it where you have network into a "

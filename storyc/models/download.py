@@ -33,10 +33,15 @@ def done_marker(target: Path, patterns=None) -> Path:
     return Path(target) / f".complete-{hashlib.sha256(chr(10).join(patterns).encode()).hexdigest()[:12]}"
 
 
+def downloaded(target: Path, patterns=None) -> bool:
+    """Whether the repository (or the part ``patterns`` picks) is in ``target`` already; a whole one holds any part."""
+    return (Path(target) / ".complete").exists() or done_marker(target, patterns).exists()
+
+
 def snapshot(model_id: str, root: Path, patterns=None) -> Path:
     """``model_id`` downloaded once under ``root``; with ``patterns``, only the files they match."""
     target = Path(root) / model_id
-    if done_marker(target, patterns).exists() or (target / ".complete").exists():
+    if downloaded(target, patterns):
         return target
     require_modelscope(f"download `{model_id}`", "download it where you have network into a folder and point the "
                        f"spec at that folder instead of `modelscope:{model_id}`")

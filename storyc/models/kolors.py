@@ -33,7 +33,8 @@ REQUIRED = {
 QUALITY_METRIC_ID = "DiffSynth-Studio/QualityMetric_reward_pretrained"
 _CLIP_H = "CLIP-ViT-H-14-laion2B-s32B-b79K"
 PREFERENCE_FILES = {
-    "pickscore": ["PickScore_v1/config.json", f"{_CLIP_H}/preprocessor_config.json", f"{_CLIP_H}/tokenizer_config.json"],
+    "pickscore": ["PickScore_v1/config.json", f"{_CLIP_H}/preprocessor_config.json",
+                  f"{_CLIP_H}/tokenizer_config.json"],
     "hpsv2": ["HPS_v2/HPS_v2_compressed.safetensors", "bpe_simple_vocab_16e6.txt.gz"],
     "hpsv2_1": ["HPS_v2/HPS_v2.1_compressed.safetensors", "bpe_simple_vocab_16e6.txt.gz"],
     "imagereward": ["ImageReward/ImageReward.safetensors", "ImageReward/med_config.json", "bert-base-uncased/vocab.txt"],

@@ -1,12 +1,14 @@
 """Human-preference scores through DiffSynth-Studio's own ``extensions/ImageQualityMetric`` (PickScore, HPS v2,
-HPS v2.1), loaded from its model repository's layout (``DiffSynth-Studio/QualityMetric_reward_pretrained``).
+HPS v2.1, ImageReward), loaded from its model repository's layout (``DiffSynth-Studio/QualityMetric_reward_pretrained``).
 
-Two things in diffsynth 1.1.9 need help, and get it here rather than a copy of its code:
+Three things in diffsynth 1.1.9 need help, and get it here rather than a copy of its code:
 - ``BLIP/med.py`` (imported by the package, whichever metric is used) reads three helpers from
   ``transformers.modeling_utils``, which moved to ``transformers.pytorch_utils`` (same functions) in 4.x;
 - its vendored open_clip ships without ``model_configs/``, so ``HPScore_v2`` cannot build "ViT-H-14". The
-  architecture is read from the checkpoint instead (widths, depths, patch, context; the text tower's MLP is always 4x wide): for the real HPS files this
-  is exactly open_clip's ViT-H-14 config, and a tiny test checkpoint gets its own widths.
+  architecture is read from the checkpoint instead (widths, depths, patch, context; the text tower's MLP is always
+  4x wide): for the real HPS files this is exactly open_clip's ViT-H-14 config, and a tiny test checkpoint gets its
+  own widths;
+- ``ImageRewardScore`` always builds a ViT-L and loads with ``strict=False`` (see :func:`_image_reward`).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import threading
 from pathlib import Path
 
 from ..errors import StorycError
-from .kolors import PREFERENCE_FILES
+from .kolors import PREFERENCE_FILES, check_folder
 
 VIT_H_14 = {"embed_dim": 1024, "vision_cfg": {"image_size": 224, "layers": 32, "width": 1280, "head_width": 80,
                                               "patch_size": 14},
@@ -54,10 +56,7 @@ class Preference:
     def __init__(self, name: str, folder: Path, device: str):
         _compat()
         root = Path(folder)
-        missing = [f for f in PREFERENCE_FILES[name] if not (root / f).exists()]
-        if missing:
-            raise StorycError(f"models.{name}: {root} lacks {', '.join(missing)}",
-                              "point it at a DiffSynth-Studio/QualityMetric_reward_pretrained download")
+        check_folder(name, root)
         self.name, self.device = name, device
         if name == "imagereward":
             self.model = _image_reward(root, device)
@@ -78,15 +77,14 @@ class Preference:
             with _LOCK:
                 factory._MODEL_CONFIGS["ViT-H-14"] = open_clip_config(state)
                 self.model = HPScore_v2(device=device, model_version="v2" if name == "hpsv2" else "v21",
-                                        path={key: str(weights), "open_clip_bpe": str(root / "bpe_simple_vocab_16e6.txt.gz")})
+                                        path={key: str(weights),
+                                              "open_clip_bpe": str(root / "bpe_simple_vocab_16e6.txt.gz")})
 
     def score(self, images, prompts) -> list[float]:
-        if self.name == "imagereward":
-            import torch
+        import torch
 
-            with torch.no_grad():
-                return [float(self.model.score(im, p)[0]) for im, p in zip(images, prompts)]
-        return [float(self.model.score(im, p)[0]) for im, p in zip(images, prompts)]
+        with torch.no_grad():  # ImageReward.score (the model, not DiffSynth's wrapper) keeps no no_grad of its own
+            return [float(self.model.score(im, p)[0]) for im, p in zip(images, prompts)]
 
 
 def _image_reward(root: Path, device: str):

@@ -277,8 +277,9 @@ TINY_OPEN_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 56, "layers": 2,
 def tiny_preference(folder: Path, seed: int = 0) -> Path:
     """The DiffSynth-Studio/QualityMetric_reward_pretrained layout of the preference models storyc measures:
     PickScore_v1/ (a transformers CLIPModel) with the CLIP-ViT-H-14 processor folder, HPS v2 / v2.1 (open_clip
-    state dicts in safetensors) with open_clip's BPE merges file, and ImageReward (below). Tiny widths (HPS's vision heads 80 wide and
-    text heads 64 wide, as ViT-H-14's, so storyc reads the architecture from the checkpoint as for the real one)."""
+    state dicts in safetensors) with open_clip's BPE merges file, and ImageReward (below). Tiny widths (HPS's vision
+    heads 80 wide and text heads 64 wide, as ViT-H-14's, so storyc reads the architecture from the checkpoint as for
+    the real one)."""
     def build(tmp):
         import gzip
 
@@ -309,7 +310,8 @@ def tiny_preference(folder: Path, seed: int = 0) -> Path:
         for i, name in enumerate(("HPS_v2_compressed", "HPS_v2.1_compressed")):
             torch.manual_seed(seed + 1 + i)
             model = factory.create_model("storyc-tiny-hps")
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "HPS_v2" / f"{name}.safetensors"))
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                      str(tmp / "HPS_v2" / f"{name}.safetensors"))
         _tiny_image_reward(tmp, seed + 3)
 
     return _build_once(folder, build)

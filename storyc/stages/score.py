@@ -125,9 +125,9 @@ def run(ctx, jobs):
         alignment = {j.name: v for j, v in zip(aligned, vals)}
         ctx.metric("score.prompt_alignment_s", time.monotonic() - t)
     preference = {}  # job name -> {metric: value}: DiffSynth's preference models, each the story's own
-    if any("preference" in j.params for j in jobs):
-        from ..models.preference import Preference
     for key in sorted({k for j in jobs for k in j.params.get("preference", ())}):
+        from ..models.preference import Preference
+
         t = time.monotonic()
         asked = [j for j in jobs if key in j.params.get("preference", ())]
         folder = ctx.model(key)
