@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""The preference scores' cost per image (issue 24): PickScore, HPS v2 and ImageReward through storyc's loader
+"""The preference scores' cost per image (issue 24): PickScore, HPS v2, ImageReward and MPS through storyc's loader
 (storyc.models.preference, DiffSynth's ImageQualityMetric classes) on full-size random-weight models written in
 DiffSynth-Studio/QualityMetric_reward_pretrained's layout: PickScore_v1 a CLIP ViT-H/14 (transformers), HPS v2 an
-open_clip ViT-H-14, ImageReward a BLIP ViT-L + BERT-base. The tokenizers are small byte-level ones (the real
+open_clip ViT-H-14, ImageReward a BLIP ViT-L + BERT-base, MPS a CLIP ViT-H/14 + DiffSynth's 1024-wide cross model. The tokenizers are small byte-level ones (the real
 vocabularies are not here); a prompt is at most 77 (35 for ImageReward) tokens either way, so the cost is the
 models'. 8 images of 1024^2, each against its own prompt, one at a time as the score stage runs them.
 Run on the GPU machine: bash bench/gpu.sh preference
@@ -85,6 +85,14 @@ with torch.device(DEV):
 save({f"{p}.{k}": v for p, mod in parts.items() for k, v in mod.state_dict().items()},
      root / "ImageReward/ImageReward.safetensors")
 del parts
+# MPS: its own CLIP ViT-H/14 (the CLIP-ViT-H-14 folder's config) and DiffSynth's cross model (1024 wide, 4 layers)
+from diffsynth.extensions.ImageQualityMetric.trainer.models.cross_modeling import Cross_model  # noqa: E402
+
+with torch.device(DEV):
+    parts = {"model": CLIPModel(cfg), "cross_model": Cross_model(dim=1024 // S, layer_num=4, heads=16 // S or 1)}
+save({f"{p}.{k}": v for p, mod in parts.items() for k, v in mod.state_dict().items()},
+     root / "MPS_overall_checkpoint/MPS_overall_checkpoint_diffsynth.safetensors")
+del parts
 R["write_s"] = time.perf_counter() - t
 print("models written", round(R["write_s"], 1), "s", flush=True)
 
@@ -94,7 +102,7 @@ g = torch.Generator().manual_seed(0)
 size = 64 if SMOKE else 1024
 images = [Image.fromarray((torch.rand(size, size, 3, generator=g) * 255).byte().numpy()) for _ in range(8)]
 prompts = [f"a girl with short purple hair, scene {i}, anime style" for i in range(8)]
-for name in ("pickscore", "hpsv2", "imagereward"):
+for name in ("pickscore", "hpsv2", "imagereward", "mps"):
     if DEV == "cuda":
         torch.cuda.empty_cache()
     peak_reset()

@@ -303,7 +303,7 @@ def select_text(how) -> str:
 
 SPLICE = r"\{([a-z0-9][a-z0-9-]*)\}"  # `{girl}` in a prompt: the character's description
 # models.<name> that measure human preference through DiffSynth's ImageQualityMetric (storyc.models.preference)
-PREFERENCE = ("pickscore", "hpsv2", "hpsv2_1", "imagereward")
+PREFERENCE = ("pickscore", "hpsv2", "hpsv2_1", "imagereward", "mps")
 
 
 def splice(text: str, characters: dict) -> str:

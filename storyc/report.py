@@ -99,7 +99,8 @@ alpha {c['lora']['alpha']:g}, on {e(str(tr.get('device', '?')))} ({e(str(tr.get(
 """
 
 
-PREFERENCE_NAMES = {"pickscore": "PickScore", "hpsv2": "HPS v2", "hpsv2_1": "HPS v2.1", "imagereward": "ImageReward"}
+PREFERENCE_NAMES = {"pickscore": "PickScore", "hpsv2": "HPS v2", "hpsv2_1": "HPS v2.1", "imagereward": "ImageReward",
+                    "mps": "MPS"}
 
 
 def _preference(pref: dict) -> str:

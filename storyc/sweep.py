@@ -11,7 +11,7 @@ story, validated exactly as one (file:line of the sweep value that broke it, did
       objective: mean_aesthetic     # or style_coherence, or {weights: {mean_aesthetic: 1, style_distance: -2}}
                                     # (also prompt_alignment, with models.clip_zh, and
                                     # character_consistency, with characters, and pickscore,
-                                    # hpsv2, hpsv2_1, imagereward with models.<that name>)
+                                    # hpsv2, hpsv2_1, imagereward, mps with models.<that name>)
 
 Light: no torch; `storyc validate` and `storyc plan` use it.
 """

@@ -170,8 +170,47 @@ def _image_reward_reference(folder, image, prompt):
         return ((parts["mlp"](txt) - 0.16717362830052426) / 1.0333394966054072).item()
 
 
+MPS_OVERALL = ("light, color, clarity, tone, style, ambiance, artistry, shape, face, hair, hands, limbs, structure, "
+               "instance, texture, quantity, attributes, position, number, location, word, things")
+
+
+def _mps_reference(folder, image, prompt):
+    """MPS's "overall" score from transformers' own CLIPModel and DiffSynth's cross model, each loaded strictly from
+    the checkpoint at the tiny layout's known sizes: the prompt's token features attend (cross model) from the image's
+    patch features, masked to the tokens most like the condition words; the score is the scaled cosine of the result's
+    first token with the prompt's pooled feature."""
+    import torch
+    from diffsynth.extensions.ImageQualityMetric.trainer.models.cross_modeling import Cross_model
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    clip_dir = folder / "CLIP-ViT-H-14-laion2B-s32B-b79K"
+    state = load_file(str(folder / "MPS_overall_checkpoint/MPS_overall_checkpoint_diffsynth.safetensors"))
+    clip, cross = CLIPModel(CLIPConfig.from_pretrained(str(clip_dir))), Cross_model(dim=16, layer_num=2, dim_head=8,
+                                                                                      heads=2)
+    for prefix, m in (("model", clip), ("cross_model", cross)):
+        m.load_state_dict({k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")})
+        m.eval()
+    tok = AutoTokenizer.from_pretrained(str(clip_dir))  # as DiffSynth's MPScore (the fast one: its "，" differs)
+
+    def ids(text):
+        return tok(text, max_length=77, padding="max_length", truncation=True, return_tensors="pt").input_ids
+
+    pixels = CLIPImageProcessor.from_pretrained(str(clip_dir))(image, return_tensors="pt").pixel_values.half().float()
+    with torch.no_grad():
+        words = clip.text_model(input_ids=ids(prompt))
+        text_f, text_eos = clip.text_projection(words.last_hidden_state), clip.text_projection(words.pooler_output)
+        cond_f = clip.text_projection(clip.text_model(input_ids=ids(MPS_OVERALL)).last_hidden_state)
+        image_f = clip.visual_projection(clip.vision_model(pixel_values=pixels).last_hidden_state)
+        sim = torch.einsum("bid,bjd->bji", text_f, cond_f).max(dim=1, keepdim=True).values
+        mask = torch.where(sim / sim.max() > 0.3, 0.0, float("-inf")).repeat(1, image_f.shape[1], 1)
+        feat = torch.nn.functional.normalize(cross(image_f, text_f, mask)[:, 0], dim=-1)
+        return (clip.logit_scale.exp() * torch.nn.functional.normalize(text_eos, dim=-1) @ feat.T).item()
+
+
 def test_preference_scores_through_diffsynths_image_quality_metric(copy):
-    """models.pickscore / hpsv2_1 (DiffSynth's QualityMetric layout): each image against its own prompt in
+    """models.pickscore / hpsv2_1 / imagereward / mps (DiffSynth's QualityMetric layout): each image against its own
+    prompt in
     scores.json, the report and `storyc score`, only score and bundle rerun; an unset one is null, never 0; and
     generation.select ranks best-of-K candidates by a weighted preference score."""
     import torch
@@ -179,7 +218,7 @@ def test_preference_scores_through_diffsynths_image_quality_metric(copy):
     from transformers import CLIPModel, CLIPProcessor
 
     edit(copy, 'models: {kolors', "models: {pickscore: 'tiny:preference', hpsv2_1: 'tiny:preference', "
-         "imagereward: 'tiny:preference', kolors")
+         "imagereward: 'tiny:preference', mps: 'tiny:preference', kolors")
     r = run_cli("build", copy, "-q", cwd=copy.parent)
     assert r.returncode == 0, r.stdout + r.stderr
     assert ran(copy) == {f"score[{s}]" for s in SCENES} | {"bundle"}
@@ -203,15 +242,18 @@ def test_preference_scores_through_diffsynths_image_quality_metric(copy):
         assert doc["hpsv2_1"]["images"][file] == pytest.approx(hps, abs=1e-5)
         assert doc["imagereward"]["images"][file] == pytest.approx(_image_reward_reference(folder, im, prompts[file]),
                                                                    abs=1e-5)
+        assert doc["mps"]["images"][file] == pytest.approx(_mps_reference(folder, im, prompts[file]), abs=1e-4)
     assert doc["pickscore"]["mean"] == pytest.approx(sum(doc["pickscore"]["images"].values()) / 3)
     page = (sub / "report.html").read_text("utf-8")
     assert f"PickScore {doc['pickscore']['mean']:.3f}" in page and "HPS v2 not measured (set models.hpsv2)" in page
     assert page.count("<th>HPS v2.1</th>") == 1 and page.count("<th>ImageReward</th>") == 1
+    assert page.count("<th>MPS</th>") == 1
     assert len({round(v, 4) for v in doc["imagereward"]["images"].values()}) == 3  # the images tell apart
+    assert len({round(v, 4) for v in doc["mps"]["images"].values()}) == 3
     r = run_cli("score", sub, "--spec", copy, "--min", "-1", cwd=copy.parent)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"pickscore {doc['pickscore']['mean']:.4f} (" in r.stdout and "hpsv2 " not in r.stdout  # not set
-    assert f"hpsv2_1 {doc['hpsv2_1']['mean']:.4f} (" in r.stdout
+    assert f"hpsv2_1 {doc['hpsv2_1']['mean']:.4f} (" in r.stdout and f"mps {doc['mps']['mean']:.4f} (" in r.stdout
 
     # best-of-2 by PickScore alone: the kept seed is the candidate with the highest PickScore
     edit(copy, "negative: 丑陋}", "negative: 丑陋}\ngeneration: {width: 64, height: 64, steps: 2, cfg_scale: 4.0, "
@@ -260,3 +302,18 @@ def test_hps_architecture_read_from_a_full_size_checkpoint_is_open_clips_vit_h_1
     cfg = open_clip_config(state)
     assert cfg["vision_cfg"].pop("mlp_ratio") == 4.0  # open_clip's default, written out
     assert cfg == vit_h_14
+
+
+def test_mps_sizes_read_from_a_full_size_checkpoint_are_diffsynths():
+    """storyc builds MPS's cross model at the sizes its checkpoint has: for DiffSynth's own (CLIPModel builds
+    Cross_model(dim=1024, layer_num=4, heads=16)), those (shapes only, on the meta device)."""
+    import torch
+
+    from storyc.models.preference import _compat, mps_cross_sizes
+
+    _compat()
+    from diffsynth.extensions.ImageQualityMetric.trainer.models.cross_modeling import Cross_model
+
+    with torch.device("meta"):
+        state = {f"cross_model.{k}": v for k, v in Cross_model(dim=1024, layer_num=4, heads=16).state_dict().items()}
+    assert mps_cross_sizes(state) == {"dim": 1024, "layer_num": 4, "dim_head": 64, "heads": 16, "ff_mult": 4}

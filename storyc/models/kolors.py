@@ -31,23 +31,27 @@ REQUIRED = {
 # DiffSynth's preference models: the files each reads from a DiffSynth-Studio/QualityMetric_reward_pretrained
 # download (its own ImageQualityMetric.model_dict), weights first
 QUALITY_METRIC_ID = "DiffSynth-Studio/QualityMetric_reward_pretrained"
-_CLIP_H = "CLIP-ViT-H-14-laion2B-s32B-b79K"
+CLIP_H = "CLIP-ViT-H-14-laion2B-s32B-b79K"
 PREFERENCE_FILES = {
-    "pickscore": ["PickScore_v1/config.json", f"{_CLIP_H}/preprocessor_config.json",
-                  f"{_CLIP_H}/tokenizer_config.json"],
+    "pickscore": ["PickScore_v1/config.json", f"{CLIP_H}/preprocessor_config.json",
+                  f"{CLIP_H}/tokenizer_config.json"],
     "hpsv2": ["HPS_v2/HPS_v2_compressed.safetensors", "bpe_simple_vocab_16e6.txt.gz"],
     "hpsv2_1": ["HPS_v2/HPS_v2.1_compressed.safetensors", "bpe_simple_vocab_16e6.txt.gz"],
     "imagereward": ["ImageReward/ImageReward.safetensors", "ImageReward/med_config.json", "bert-base-uncased/vocab.txt"],
+    "mps": ["MPS_overall_checkpoint/MPS_overall_checkpoint_diffsynth.safetensors", f"{CLIP_H}/config.json",
+            f"{CLIP_H}/preprocessor_config.json", f"{CLIP_H}/tokenizer_config.json"],
 }
+_CLIP_H_FILES = tuple(f"{CLIP_H}/{f}" for f in ("config.json", "merges.txt", "preprocessor_config.json",
+                                                 "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json",
+                                                 "vocab.json"))
 PREFERENCE_PATTERNS = {  # what `modelscope:` downloads of that repository for each (not its other metrics' GBs)
-    "pickscore": ["PickScore_v1/*", *(f"{_CLIP_H}/{f}" for f in (
-        "config.json", "merges.txt", "preprocessor_config.json", "special_tokens_map.json", "tokenizer.json",
-        "tokenizer_config.json", "vocab.json"))],
+    "pickscore": ["PickScore_v1/*", *_CLIP_H_FILES],
     "hpsv2": ["HPS_v2/HPS_v2_compressed.safetensors", "bpe_simple_vocab_16e6.txt.gz"],
     "hpsv2_1": ["HPS_v2/HPS_v2.1_compressed.safetensors", "bpe_simple_vocab_16e6.txt.gz"],
     "imagereward": ["ImageReward/ImageReward.safetensors", "ImageReward/med_config.json",
                     *(f"bert-base-uncased/{f}" for f in ("config.json", "tokenizer.json", "tokenizer_config.json",
                                                          "vocab.txt"))],  # not its 440 MB BERT weights: unread
+    "mps": ["MPS_overall_checkpoint/MPS_overall_checkpoint_diffsynth.safetensors", *_CLIP_H_FILES],
 }
 REQUIRED.update(PREFERENCE_FILES)
 IP_ADAPTER_WEIGHTS = ("ip_adapter_plus_general.safetensors", "ip_adapter_plus_general.bin")  # the release's names

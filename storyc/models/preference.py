@@ -1,14 +1,17 @@
 """Human-preference scores through DiffSynth-Studio's own ``extensions/ImageQualityMetric`` (PickScore, HPS v2,
-HPS v2.1, ImageReward), loaded from its model repository's layout (``DiffSynth-Studio/QualityMetric_reward_pretrained``).
+HPS v2.1, ImageReward, MPS), loaded from its model repository's layout
+(``DiffSynth-Studio/QualityMetric_reward_pretrained``).
 
-Three things in diffsynth 1.1.9 need help, and get it here rather than a copy of its code:
+Four things in diffsynth 1.1.9 need help, and get it here rather than a copy of its code:
 - ``BLIP/med.py`` (imported by the package, whichever metric is used) reads three helpers from
   ``transformers.modeling_utils``, which moved to ``transformers.pytorch_utils`` (same functions) in 4.x;
 - its vendored open_clip ships without ``model_configs/``, so ``HPScore_v2`` cannot build "ViT-H-14". The
   architecture is read from the checkpoint instead (widths, depths, patch, context; the text tower's MLP is always
   4x wide): for the real HPS files this is exactly open_clip's ViT-H-14 config, and a tiny test checkpoint gets its
   own widths;
-- ``ImageRewardScore`` always builds a ViT-L and loads with ``strict=False`` (see :func:`_image_reward`).
+- ``ImageRewardScore`` always builds a ViT-L and loads with ``strict=False`` (see :func:`_image_reward`);
+- ``MPScore`` loads with ``strict=False`` too, reads its tokenizer with ``trust_remote_code=True``, and its CLIP
+  passes ``return_dict`` to transformers 4.57's CLIP towers, which no longer take it (see :func:`_mps`).
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import threading
 from pathlib import Path
 
 from ..errors import StorycError
-from .kolors import PREFERENCE_FILES, check_folder
+from .kolors import CLIP_H, PREFERENCE_FILES, check_folder
 
 VIT_H_14 = {"embed_dim": 1024, "vision_cfg": {"image_size": 224, "layers": 32, "width": 1280, "head_width": 80,
                                               "patch_size": 14},
@@ -60,11 +63,13 @@ class Preference:
         self.name, self.device = name, device
         if name == "imagereward":
             self.model = _image_reward(root, device)
+        elif name == "mps":
+            self.model = _mps(root, device)
         elif name == "pickscore":
             from diffsynth.extensions.ImageQualityMetric import PickScore
 
             self.model = PickScore(device=device, path={"pickscore": str(root / "PickScore_v1"),
-                                                        "clip": str(root / "CLIP-ViT-H-14-laion2B-s32B-b79K")})
+                                                        "clip": str(root / CLIP_H)})
         else:
             from diffsynth.extensions.ImageQualityMetric import HPScore_v2
             from diffsynth.extensions.ImageQualityMetric.open_clip import factory
@@ -124,6 +129,65 @@ def _image_reward(root: Path, device: str):
     emb = model.blip.text_encoder.embeddings  # a buffer the file may not carry: 0, 1, ... as BERT makes it
     emb.position_ids.copy_(torch.arange(emb.position_ids.shape[-1]).expand_as(emb.position_ids))
     return model.to(device).eval()
+
+
+def _mps(root: Path, device: str):
+    """DiffSynth's ``MPScore`` (its scoring code, the "overall" condition) around a model built here.
+    ``MPScore.__init__`` builds a cross model of fixed width 1024 and loads with ``strict=False``, so a checkpoint of
+    other names or shapes would score at random, and it reads its tokenizer with ``trust_remote_code=True``. Here
+    the cross model's sizes come from the checkpoint (for the real one: DiffSynth's 1024 wide, 4 layers, 16 heads),
+    every weight must come from the file, and no code is read from the model folder. DiffSynth's XCLIPModel passes
+    ``return_dict`` to the CLIP towers, which transformers 4.57 no longer takes: the towers here drop it (their
+    output is the same model output, indexed alike)."""
+    import torch
+    from accelerate import init_empty_weights
+    from diffsynth.extensions.ImageQualityMetric.mps import MPScore
+    from diffsynth.extensions.ImageQualityMetric.trainer.models.clip_model import CLIPModel
+    from diffsynth.extensions.ImageQualityMetric.trainer.models.cross_modeling import Cross_model
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, CLIPImageProcessor
+
+    weights, clip = root / PREFERENCE_FILES["mps"][0], root / CLIP_H
+    state = load_file(str(weights))
+    try:
+        sizes = mps_cross_sizes(state)
+    except KeyError as e:
+        raise StorycError(f"models.mps: {weights} is not an MPS checkpoint (no {e.args[0]})") from None
+    with init_empty_weights():  # weights on the meta device until the file's are assigned; buffers are built
+        model = CLIPModel(str(clip), config_file=True)
+        model.cross_model = Cross_model(**sizes)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    params = {n for n, _ in model.named_parameters()}
+    needed = [k for k in missing if k in params]
+    unexpected = [k for k in unexpected if not k.endswith("position_ids")]
+    if needed or unexpected:
+        raise StorycError(f"models.mps: {weights} does not match the CLIP of {clip / 'config.json'} and an MPS cross "
+                          f"model (missing {needed[:3]}, unexpected {unexpected[:3]})")
+    for tower in (model.model.text_model, model.model.vision_model):
+        tower.__class__ = _without_return_dict(type(tower))
+    scorer = MPScore.__new__(MPScore)
+    torch.nn.Module.__init__(scorer)
+    scorer.device, scorer.condition = device, "overall"
+    scorer.image_processor = CLIPImageProcessor.from_pretrained(str(clip))
+    scorer.tokenizer = AutoTokenizer.from_pretrained(str(clip))
+    scorer.model = model.to(device=device, dtype=torch.float32).eval()  # fp32, as DiffSynth's MPScore runs it
+    return scorer
+
+
+def mps_cross_sizes(state: dict) -> dict:
+    """``Cross_model``'s arguments for an MPS state dict, read from its tensors' shapes."""
+    q, kv, ff = (state[f"cross_model.layers.0.0.fn.{k}.weight"] for k in ("to_q", "to_kv", "ff.0"))
+    dim, head = q.shape[1], kv.shape[0] // 2
+    return {"dim": dim, "layer_num": len({k.split(".")[2] for k in state if k.startswith("cross_model.layers.")}),
+            "dim_head": head, "heads": q.shape[0] // head, "ff_mult": ff.shape[0] // (2 * dim)}
+
+
+def _without_return_dict(cls):
+    """``cls`` whose forward takes and drops ``return_dict`` (see :func:`_mps`)."""
+    def forward(self, *args, return_dict=None, **kwargs):
+        return cls.forward(self, *args, **kwargs)
+
+    return type(cls.__name__, (cls,), {"forward": forward})
 
 
 class _Shape:

@@ -147,7 +147,7 @@ def write_clip_processor(folder: Path, image_processor) -> None:
         vocab[tok] = len(vocab)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), "utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n", "utf-8")
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)  # CLIP's
     CLIPProcessor(image_processor=image_processor, tokenizer=tok).save_pretrained(folder)
 
 
@@ -277,9 +277,10 @@ TINY_OPEN_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 56, "layers": 2,
 def tiny_preference(folder: Path, seed: int = 0) -> Path:
     """The DiffSynth-Studio/QualityMetric_reward_pretrained layout of the preference models storyc measures:
     PickScore_v1/ (a transformers CLIPModel) with the CLIP-ViT-H-14 processor folder, HPS v2 / v2.1 (open_clip
-    state dicts in safetensors) with open_clip's BPE merges file, and ImageReward (below). Tiny widths (HPS's vision
-    heads 80 wide and text heads 64 wide, as ViT-H-14's, so storyc reads the architecture from the checkpoint as for
-    the real one)."""
+    state dicts in safetensors) with open_clip's BPE merges file, ImageReward (below) and MPS (a CLIP of the
+    CLIP-ViT-H-14 folder's config and DiffSynth's cross model, 16 wide instead of 1024, in one safetensors). Tiny
+    widths (HPS's vision heads 80 wide and text heads 64 wide, as ViT-H-14's, so storyc reads the architecture from
+    the checkpoint as for the real one)."""
     def build(tmp):
         import gzip
 
@@ -313,6 +314,14 @@ def tiny_preference(folder: Path, seed: int = 0) -> Path:
             save_file({k: v.contiguous() for k, v in model.state_dict().items()},
                       str(tmp / "HPS_v2" / f"{name}.safetensors"))
         _tiny_image_reward(tmp, seed + 3)
+        from diffsynth.extensions.ImageQualityMetric.trainer.models.cross_modeling import Cross_model
+
+        torch.manual_seed(seed + 4)
+        parts = {"model": CLIPModel(cfg), "cross_model": Cross_model(dim=cfg.projection_dim, layer_num=2, dim_head=8,
+                                                                      heads=2)}
+        (tmp / "MPS_overall_checkpoint").mkdir()
+        save_file({f"{p}.{k}": v.contiguous() for p, m in parts.items() for k, v in m.state_dict().items()},
+                  str(tmp / "MPS_overall_checkpoint/MPS_overall_checkpoint_diffsynth.safetensors"))
 
     return _build_once(folder, build)
 

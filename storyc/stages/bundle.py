@@ -129,7 +129,7 @@ def run(ctx, jobs):
 
 
 PREFERENCE_WHAT = ("human-preference models through DiffSynth-Studio's ImageQualityMetric, each image against its "
-                   "own prompt (models.pickscore, models.hpsv2, models.hpsv2_1, models.imagereward); they read "
+                   "own prompt (models.pickscore, models.hpsv2, models.hpsv2_1, models.imagereward, models.mps); they read "
                    "English prompts")
 
 

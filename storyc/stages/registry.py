@@ -395,8 +395,8 @@ KINDS: dict[str, StageKind] = {k.name: k for k in (
     StageKind("score", 3, _score, _score_models, "storyc.stages.score", scene_keys=("prompt",)),
     # version 5: scores.json says character_consistency (null: the story has no character in two scenes);
     # version 6: storyboard.png written by storyc.png (Average-filtered, deflated on every core): other bytes
-    # version 7: scores.json says each preference model's figures (null: not measured)
-    StageKind("bundle", 7, _bundle, _bundle_models, "storyc.stages.bundle", _bundle_artifacts,
+    # version 7: scores.json says each preference model's figures (null: not measured); 8: MPS among them
+    StageKind("bundle", 8, _bundle, _bundle_models, "storyc.stages.bundle", _bundle_artifacts,
               verdict="storyc.submission:verdict"),
 )}
 

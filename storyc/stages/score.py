@@ -208,7 +208,7 @@ def score_folder(folder: Path, model: Path, gate: float, device: str | None = No
                  preference: dict | None = None) -> int:
     """`storyc score DIR`: score a folder of images standalone; print per image, the set's style figures, prompt
     alignment (a storyc submission's prompts.json and a Chinese CLIP) and preference scores (prompts.json and the
-    spec's models.pickscore / hpsv2 / hpsv2_1 / imagereward), the mean and PASS/FAIL (last line)."""
+    spec's models.pickscore / hpsv2 / hpsv2_1 / imagereward / mps), the mean and PASS/FAIL (last line)."""
     from PIL import Image
 
     from ..errors import StorycError
