@@ -6,7 +6,7 @@ import base64
 import html
 from pathlib import Path
 
-from .model import select_text
+from .model import PREFERENCE, select_text
 from .submission import read_json
 
 
@@ -47,16 +47,21 @@ def checkpoints_html(lora: Path) -> str:
     if not isinstance(doc, dict):
         return ""
     rows = []
+    names = {"characters": "character consistency", "alignment": "prompt alignment",
+             **{k: PREFERENCE_NAMES[k] for k in PREFERENCE}}  # the figures some checkpoints have
+    more = [k for k in names if any(k in c for c in doc.get("checkpoints", []))]
     for c in doc.get("checkpoints", []):
         strip = lora / "checkpoints" / f"step-{c['step']}.png"
         if not strip.is_file():
             continue
         src = "data:image/png;base64," + base64.b64encode(strip.read_bytes()).decode()
         chosen = " (used)" if c["step"] == doc.get("selected") else ""
-        rows.append(f"<tr><td>{c['step']}{chosen}</td><td>{c['mean']:.3f}</td><td>{c['coherence']:.3f}</td>"
+        cells = "".join(f"<td>{c[k]:.3f}</td>" if k in c else "<td></td>" for k in more)
+        rows.append(f"<tr><td>{c['step']}{chosen}</td><td>{c['mean']:.3f}</td><td>{c['coherence']:.3f}</td>{cells}"
                     f"<td><img src='{src}' height='96'></td></tr>")
+    heads = "".join(f"<th>{html.escape(names[k])}</th>" for k in more)
     return (f"<h3 id='checkpoints'>Checkpoints (train.select: {html.escape(select_text(doc.get('select')))})</h3><table>"
-            "<tr><th>step</th><th>mean aesthetic</th><th>coherence</th><th>preview</th></tr>" + "".join(rows)
+            f"<tr><th>step</th><th>mean aesthetic</th><th>coherence</th>{heads}<th>preview</th></tr>" + "".join(rows)
             + "</table>")
 
 

@@ -600,6 +600,15 @@ def check_train_knobs(ctx):
                                 "character consistency only for a character shown in two scenes or more, and no "
                                 "character is", "list a character in two scenes' `characters`, or remove this "
                                 "weight", "train_knobs"))
+    if isinstance(weights, dict):  # a figure the previews measure only with its model
+        models = ctx.data.get("models") if isinstance(ctx.data.get("models"), dict) else {}
+        hub = ": modelscope:DiffSynth-Studio/QualityMetric_reward_pretrained`"
+        for k, model, what in (("prompt_alignment", "clip_zh", "` (a ChineseCLIPModel folder)"),
+                               *((k, k, hub) for k in PREFERENCE)):
+            if isinstance(weights.get(k), (int, float)) and weights[k] and not models.get(model):
+                out.append(ctx.diag(("train", "select", "weights", k), f"choosing the checkpoint by {k} needs its "
+                                    f"model: `models.{model}` is not set", f"set `models.{model}{what}, or remove "
+                                    "this weight", "train_knobs"))
     if (tr.get("select") == "best_score" or isinstance(tr.get("select"), dict)) and not tr.get("preview_every"):
         how = "best_score" if tr["select"] == "best_score" else "{weights: ...}"
         out.append(ctx.diag(("train", "select"), f"`select: {how}` needs previews to score checkpoints",

@@ -317,3 +317,42 @@ def test_mps_sizes_read_from_a_full_size_checkpoint_are_diffsynths():
     with torch.device("meta"):
         state = {f"cross_model.{k}": v for k, v in Cross_model(dim=1024, layer_num=4, heads=16).state_dict().items()}
     assert mps_cross_sizes(state) == {"dim": 1024, "layer_num": 4, "dim_head": 64, "heads": 16, "ff_mult": 4}
+
+
+def test_train_select_weighs_prompt_alignment_and_preference_scores(copy):
+    """train.select: {weights: ...} may weigh prompt alignment (models.clip_zh) and the preference models: each
+    preview measures them (the mean over its scenes), the checkpoint with the best objective ships, the lock names the
+    models as the training's inputs, the report shows the figures; without its model a weight is a spec error."""
+    import yaml
+
+    root = copy.parent
+    edit(copy, 'models: {kolors', "models: {clip_zh: 'tiny:clip-zh', pickscore: 'tiny:preference', "
+         "mps: 'tiny:preference', kolors")
+    edit(copy, "checkpoint_every: 2}", "checkpoint_every: 2, preview_every: 2, preview_steps: 1, "
+         "select: {weights: {mean_aesthetic: 0, prompt_alignment: 1, pickscore: 1, mps: -1}}}")
+    r = run_cli("build", copy, "--until", "train", cwd=root)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "preview at step 2: mean aesthetic" in r.stdout and ", prompt alignment " in r.stdout
+    assert ", pickscore " in r.stdout and ", mps " in r.stdout
+    doc = json.loads((root / "build/t/lora/checkpoints.json").read_text("utf-8"))
+    ck = doc["checkpoints"]
+    assert [c["step"] for c in ck] == [2, 4]
+    for c in ck:
+        assert -1 <= c["alignment"] <= 1 and -1 <= c["pickscore"] <= 1 and c["mps"] != 0
+        assert "hpsv2" not in c  # not weighed: not measured
+    best = max(ck, key=lambda c: (c["alignment"] + c["pickscore"] - c["mps"], c["step"]))
+    assert doc["selected"] == best["step"]
+    lock = yaml.safe_load((root / "story.lock").read_text("utf-8"))["stages"]["train"]
+    assert {"clip_zh", "pickscore", "mps"} <= set(lock["models"])
+    assert lock["params"]["preview"]["preference"] == {"pickscore": "tiny:preference", "mps": "tiny:preference"}
+    r = run_cli("build", copy, "-q", cwd=root)
+    assert r.returncode == 0, r.stdout + r.stderr
+    page = (root / "build/t/submission/t/report.html").read_text("utf-8")
+    assert "<th>prompt alignment</th><th>PickScore</th><th>MPS</th><th>preview</th>" in page
+
+    edit(copy, "pickscore: 'tiny:preference', ", "")
+    r = run_cli("validate", copy, cwd=root)
+    assert r.returncode == 1 and "$.train.select.weights.pickscore: choosing the checkpoint by pickscore needs its " \
+        "model: `models.pickscore` is not set" in r.stderr
+    line = next(i for i, t in enumerate(copy.read_text("utf-8").splitlines(), 1) if "preview_every" in t)
+    assert f"story.yaml:{line}:" in r.stderr

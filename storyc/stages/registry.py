@@ -161,7 +161,8 @@ def _train(c: Compiled):
 
 def preview_params(c: Compiled) -> dict:
     """What the story previews during training render: the scenes (first seed each), at the generation's
-    guidance and LoRA strength, at the preview size and steps, scored by the aesthetic model."""
+    guidance and LoRA strength, at the preview size and steps, scored by the aesthetic model (and by the model of any
+    other figure train.select weighs)."""
     tr, common = c.spec.train, generation_common(c.spec)
     size = tr.preview_size
     w, h = (size, size) if isinstance(size, int) else (tuple(size) if size else (common["width"], common["height"]))
@@ -173,6 +174,11 @@ def preview_params(c: Compiled) -> dict:
            "cfg_scale": common["cfg_scale"], "lora_strength": common["lora_strength"], "aesthetic": c.refs["aesthetic"]}
     if any("characters" in s for s in scenes):  # the previews render the characters, as generation does
         out["ip_adapter"] = c.refs["ip_adapter"]
+    weights = tr.select.get("weights", {}) if isinstance(tr.select, dict) else {}
+    if weights.get("prompt_alignment"):  # train.select weighs it: the previews measure it (only then: same slice)
+        out["clip_zh"] = c.refs["clip_zh"]
+    if any(weights.get(k) for k in PREFERENCE):
+        out["preference"] = {k: c.refs[k] for k in PREFERENCE if weights.get(k)}
     return out
 
 
@@ -215,6 +221,8 @@ def _train_models(job, story):
     if "ip_adapter" in job.params.get("preview", {}):  # previews with characters: the adapter and the references
         ids = sorted({ch["id"] for s in job.params["preview"]["scenes"] for ch in s.get("characters", ())})
         keys += ("ip_adapter", *(f"character:{i}" for i in ids))
+    preview = job.params.get("preview", {})
+    keys += ("clip_zh",) * ("clip_zh" in preview) + tuple(preview.get("preference", ()))
     if "folder" in (job.params["train"].get("validation") or {}):  # its images, by content
         keys += ("validation",)
     return keys

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 
 from ... import lora as lora_mod
+from ...model import PREFERENCE
 from ...render import atomic_write, canonical_json
 
 STRIP_HEIGHT = 128  # preview strip thumbnails: one row of the story, small enough to embed in report.html
@@ -22,10 +23,11 @@ STRIP_HEIGHT = 128  # preview strip thumbnails: one row of the story, small enou
 
 class StoryPreviews(L.Callback):
     def __init__(self, preview: dict, every: int, total: int, table: dict, kolors: Path, aesthetic: Path,
-                 folder: Path, report, ip_adapter: Path | None = None, root: Path | None = None):
+                 folder: Path, report, ip_adapter: Path | None = None, root: Path | None = None,
+                 measures: dict | None = None):
         self.p, self.every, self.total, self.table = preview, every, total, table
         self.kolors, self.aesthetic, self.folder, self.report = kolors, aesthetic, folder, report
-        self.ip_adapter, self.root = ip_adapter, root
+        self.ip_adapter, self.root, self.measures = ip_adapter, root, measures or {}
         self.records = load_records(folder)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
@@ -35,13 +37,13 @@ class StoryPreviews(L.Callback):
         if step % self.every and step != self.total:
             return
         self.records[str(step)] = preview_checkpoint(module, step, self.p, self.table, self.kolors, self.aesthetic,
-                                                     self.folder, self.ip_adapter, self.root)
+                                                     self.folder, self.ip_adapter, self.root, self.measures)
         atomic_write(self.folder / "records.json", canonical_json(self.records))
         r = self.records[str(step)]
         _log_to_tensorboard(trainer, step, self.folder / f"step-{step}.png", r)
-        chars = f", character consistency {r['characters']:.3f}" if "characters" in r else ""
+        more = "".join(f", {name} {r[key]:.3f}" for name, key in FIGURE_NAMES.items() if key in r)
         self.report.info(f"     preview at step {step}: mean aesthetic {r['mean']:.3f}, coherence {r['coherence']:.3f}"
-                         + chars)
+                         + more)
 
 
 def _log_to_tensorboard(trainer, step: int, strip_png: Path, rec: dict) -> None:
@@ -53,8 +55,9 @@ def _log_to_tensorboard(trainer, step: int, strip_png: Path, rec: dict) -> None:
     from PIL import Image
 
     exp.add_image("preview", np.asarray(Image.open(strip_png).convert("RGB")), step, dataformats="HWC")
-    exp.add_scalar("preview/mean_aesthetic", rec["mean"], step)
-    exp.add_scalar("preview/style_coherence", rec["coherence"], step)
+    for name, key in FIGURES.items():
+        if key in rec:
+            exp.add_scalar(f"preview/{name}", rec[key], step)
 
 
 def load_records(folder: Path) -> dict:
@@ -89,10 +92,12 @@ def _preview_weights(module, strength: float):
 
 
 def preview_checkpoint(module, step: int, p: dict, table: dict, kolors: Path, aesthetic: Path, folder: Path,
-                       ip_adapter: Path | None = None, root: Path | None = None) -> dict:
+                       ip_adapter: Path | None = None, root: Path | None = None, measures: dict | None = None) -> dict:
     """Render, score and keep one checkpoint: its LoRA (step-N.safetensors) and preview strip (step-N.png). Scenes
     that show characters are conditioned on their references through the IP-Adapter, as generation does, and the
-    record then holds their character consistency."""
+    record then holds their character consistency. ``measures``: the models of the figures train.select also
+    weighs (``clip_zh``: prompt alignment; ``preference``: {name: folder}), each a mean over the scenes, every
+    image against its own prompt as the score stage measures it."""
     from ... import resources
     from ...models.kolors import load_pipeline
     from ..generate import cached_encoder, load_characters, render_iter
@@ -121,10 +126,32 @@ def preview_checkpoint(module, step: int, p: dict, table: dict, kolors: Path, ae
         torch.cuda.empty_cache()
     coh, _ = coherence(embeds)
     chars = character_consistency([[c["id"] for c in s.get("characters", ())] for s in p["scenes"]], embeds)
+    more = _measure(images, [s["prompt"] for s in p["scenes"]], measures or {}, resources.for_score(str(dev)).device)
     strip(images).save(folder / f"step-{step}.png")
     return {"step": step, "mean": round(sum(scores) / len(scores), 6), "coherence": round(coh, 6),
-            **({"characters": round(chars["mean"], 6)} if chars else {}),
+            **({"characters": round(chars["mean"], 6)} if chars else {}), **more,
             "scores": {s["id"]: round(v, 6) for s, v in zip(p["scenes"], scores)}}
+
+
+def _measure(images, prompts, measures: dict, device: str) -> dict:
+    """The mean prompt alignment and preference scores of a checkpoint's previews (each model loaded for this
+    preview and freed: the training UNet keeps the card between previews)."""
+    out = {}
+    if measures.get("clip_zh"):
+        from ..score import Aligner
+
+        out["alignment"] = _mean(Aligner(measures["clip_zh"], device).align(images, prompts))
+    for name, folder in (measures.get("preference") or {}).items():
+        from ...models.preference import Preference
+
+        out[name] = _mean(Preference(name, folder, device).score(images, prompts))
+    if out and device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return out
+
+
+def _mean(values) -> float:
+    return round(sum(values) / len(values), 6)
 
 
 def strip(images):
@@ -141,7 +168,10 @@ def strip(images):
 
 
 # objective name -> a preview record's key
-FIGURES = {"mean_aesthetic": "mean", "style_coherence": "coherence", "character_consistency": "characters"}
+FIGURES = {"mean_aesthetic": "mean", "style_coherence": "coherence", "character_consistency": "characters",
+           "prompt_alignment": "alignment", **{k: k for k in PREFERENCE}}
+# the figures a preview line names beside the mean aesthetic and the coherence
+FIGURE_NAMES = {"character consistency": "characters", "prompt alignment": "alignment", **{k: k for k in PREFERENCE}}
 
 
 def objective(record: dict, how) -> float | None:

@@ -42,7 +42,9 @@ def train(ctx, cfg: TrainConfig, work: Path, node: int = 0, leader: Path | None 
         items = [{"prompt": s["prompt"], "negative_prompt": s["negative_prompt"]} for s in cfg.preview["scenes"]]
         table = encode_all(kolors, items, cfg.preview["cfg_scale"], res.torch_dtype(), res.device, ctx)
         previews = {"table": table, "kolors": kolors, "aesthetic": ctx.model("aesthetic"), "root": ctx.story.root,
-                    "ip_adapter": ctx.model("ip_adapter") if "ip_adapter" in cfg.preview else None}
+                    "ip_adapter": ctx.model("ip_adapter") if "ip_adapter" in cfg.preview else None,
+                    "measures": {"clip_zh": ctx.model("clip_zh") if "clip_zh" in cfg.preview else None,
+                                 "preference": {k: ctx.model(k) for k in cfg.preview.get("preference", ())}}}
         ctx.metric("train.preview_encode_s", time.monotonic() - t)
     t1 = time.monotonic()
     steps, final_loss = fit(ctx, cfg, work, kolors, data, res, previews, node, leader)
@@ -233,7 +235,7 @@ def setup_callbacks(ctx, cfg: TrainConfig, work: Path, result: Path, total: int,
             shutil.rmtree(work / "previews", ignore_errors=True)
         story = StoryPreviews(cfg.preview, cfg.train.preview_every, total, previews["table"], previews["kolors"],
                               previews["aesthetic"], work / "previews", ctx.report, previews["ip_adapter"],
-                              previews["root"])
+                              previews["root"], previews["measures"])
         out.append(story)
     if cfg.train.validation or cfg.train.stop:
         from .validation import EarlyStop, Validation
