@@ -24,6 +24,9 @@ p.add_argument("--geglu", action="store_true", help="instead of the attention ke
                "storyc's SplitGEGLU (storyc.models.unet), timed, profiled and compared output for output")
 p.add_argument("--channels-last", action="store_true", help="instead of the attention kernels: the UNet and its "
                "input in channels_last (NHWC) against the default layout, timed and profiled")
+p.add_argument("--norms", action="store_true", help="instead of the attention kernels: the UNet's GroupNorm as "
+               "PyTorch's against storyc's group_norm (storyc.models.unet.WideGroupNorm), and that with the GEGLU's "
+               "GELU and product fused by torch.compile: kernel profile, CUDA-graph replay time, output diff")
 p.add_argument("--refine-loop", action="store_true", help="also time storyc's refine_image call by call (the stage's "
                "own loop at 2048², VAE included) against the bare UNet call above")
 args = p.parse_args()
@@ -40,6 +43,7 @@ if SMOKE:
     DIM, POOLED, LEN = TINY_UNET["encoder_hid_dim"], TINY_UNET["projection_class_embeddings_input_dim"] - 6 * \
         TINY_UNET["addition_time_embed_dim"], 16
 SCEN = {"generate": (8, 1024, False), "refine": (2, 2048, False), "train": (1, 1024, True),
+        "generate_one": (2, 1024, False),  # one scene re-rendered alone (the edit loop): 1 image + guidance
         "train_lora": (1, 1024, True)}  # train_lora: the UNet's weights frozen, as under a LoRA (no weight grads)
 BACKENDS = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "cudnn": SDPBackend.CUDNN_ATTENTION}
@@ -158,7 +162,7 @@ def geglu_probe():
     unet.requires_grad_(True)
 
 
-for name in ([] if args.geglu or args.channels_last else args.only.split(",")):
+for name in ([] if args.geglu or args.channels_last or args.norms else args.only.split(",")):
     rows, size, grad = SCEN[name]
     a = inputs(rows, size, grad)
     run = R["runs"][name] = {"rows": rows, "size": size, "backward": grad, "ms": {}}
@@ -236,6 +240,75 @@ def layout_probe():
     unet.requires_grad_(True)
 
 
+def graphed_ms(a) -> float:
+    """One no-grad UNet call captured as a CUDA graph and replayed (as the stages run it): median ms."""
+    x, t, ehs, tid, ate = a
+    fn = lambda: unet(x, timestep=t, encoder_hidden_states=ehs, add_time_id=tid, add_text_embeds=ate)  # noqa: E731
+    if SMOKE:
+        return 0.0
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(g):
+        fn()
+    times = []
+    for _ in range(2 + args.reps):
+        sync()
+        t0 = time.perf_counter()
+        g.replay()
+        sync()
+        times.append(time.perf_counter() - t0)
+    del g
+    return round(1e3 * statistics.median(times[2:]), 2)
+
+
+def norms_probe():
+    """The no-grad UNet call with PyTorch's GroupNorm (storyc's HalfGroupNorm), with storyc's group_norm swapped in
+    (WideGroupNorm), and with that and the feed-forward's GELU x product as one compiled kernel."""
+    import storyc.models.unet as su
+
+    fused = torch.compile(lambda g, h: torch.nn.functional.gelu(g) * h, dynamic=False) if not SMOKE else None
+    split_forward = su.SplitGEGLU.forward
+
+    def fused_forward(self, hidden_states):
+        if torch.is_grad_enabled() or type(self.proj) is not torch.nn.Linear:
+            return split_forward(self, hidden_states)
+        p, n = self.proj, self.proj.out_features // 2
+        b = p.bias
+        h = torch.nn.functional.linear(hidden_states, p.weight[:n], None if b is None else b[:n])
+        g = torch.nn.functional.linear(hidden_states, p.weight[n:], None if b is None else b[n:])
+        return fused(g, h) if fused is not None else torch.nn.functional.gelu(g) * h
+
+    for name in args.only.split(","):
+        rows, size, _ = SCEN[name]
+        a = inputs(rows, size, False)
+        run = R["runs"][name] = {"rows": rows, "size": size}
+        outs = {}
+        for tag in ("pytorch", "wide_norm", "wide_norm_fused_geglu"):
+            su.swap_classes(unet, ((su.HalfGroupNorm, su.WideGroupNorm),), tag != "pytorch")
+            su.SplitGEGLU.forward = fused_forward if tag.endswith("fused_geglu") else split_forward
+            outs[tag], run[tag] = variant(name, tag, a, False)
+            run[tag]["graphed_ms"] = graphed_ms(a)
+            print(name, tag, "graphed", run[tag]["graphed_ms"], "ms", flush=True)
+        for tag in ("wide_norm", "wide_norm_fused_geglu"):
+            d = (outs[tag] - outs["pytorch"]).abs()
+            run[tag]["output_max_abs_diff"] = float(d.max())
+            run[tag]["output_rel_rms_diff"] = float(d.square().mean().sqrt() / outs["pytorch"].square().mean().sqrt())
+            if run[tag]["graphed_ms"]:
+                run[tag]["speedup_graphed"] = round(run["pytorch"]["graphed_ms"] / run[tag]["graphed_ms"], 3)
+            print(name, tag, {k: v for k, v in run[tag].items() if k != "profile"}, flush=True)
+        su.swap_classes(unet, ((su.HalfGroupNorm, su.WideGroupNorm),), False)
+        su.SplitGEGLU.forward = split_forward
+        del a, outs
+        sync()
+
+
+if args.norms:
+    norms_probe()
 if args.geglu:
     geglu_probe()
 if args.channels_last:
@@ -297,5 +370,6 @@ if args.refine_loop:
     print("refine_loop", {k: v for k, v in R["refine_loop"].items() if not k.startswith("unet_calls")},
           "first call", in_refine[:1], "random first", calls[:1], flush=True)
     unet.forward = forward
-write(out_dir(), "geglu_probe.json" if args.geglu else "layout_probe.json" if args.channels_last else "attn_probe.json", R)
+write(out_dir(), "geglu_probe.json" if args.geglu else "layout_probe.json" if args.channels_last else
+      "norms_probe.json" if args.norms else "attn_probe.json", R)
 print("done", flush=True)
