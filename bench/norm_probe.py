@@ -16,7 +16,7 @@ import time
 
 from common import DEV, SMOKE, gpu_info, out_dir, sync, torch, write
 
-from storyc.models.unet import attention_chunked, group_norm  # noqa: E402
+from storyc.models.unet import attention_chunked, group_norm, group_stats  # noqa: E402
 
 R = {"meta": gpu_info(), "group_norm": [], "attention": []}
 print("card", R["meta"], flush=True)
@@ -79,5 +79,72 @@ for dt in (torch.bfloat16,):
         row[f"chunk{chunk}_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if DEV == "cuda" else None
     R["attention"].append(row)
     print("attention", row, flush=True)
+
+
+
+def graphed(fn, reps=20):
+    """fn captured once as a CUDA graph (as the stages replay the UNet), replayed reps times: seconds per call."""
+    if DEV != "cuda":
+        return timed(fn)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    gr = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(gr):
+        fn()
+    gr.replay()
+    sync()
+    t = time.perf_counter()
+    for _ in range(reps):
+        gr.replay()
+    sync()
+    return (time.perf_counter() - t) / reps
+
+
+def applied(x, groups, w, b, eps, how):
+    """group_norm with its statistics as storyc computes them and the scale-and-shift done ``how``."""
+    n, c = x.shape[:2]
+    mean, rstd = group_stats(x, groups, eps)
+    scale = rstd.repeat_interleave(c // groups, dim=1) * w.float()
+    shift = b.float() - mean.repeat_interleave(c // groups, dim=1) * scale
+    if how == "addcmul_half":  # scale and shift rounded to x's dtype: same-dtype broadcast kernel
+        return torch.addcmul(shift.to(x.dtype)[..., None, None], x, scale.to(x.dtype)[..., None, None])
+    if how == "batch_norm":  # each (image, channel) a channel of one image: batch norm's inference kernel
+        rm = mean.repeat_interleave(c // groups, dim=1).reshape(-1)
+        rv = (rstd.square().reciprocal() - eps).repeat_interleave(c // groups, dim=1).reshape(-1)
+        return torch.nn.functional.batch_norm(x.reshape(1, n * c, *x.shape[2:]), rm, rv, w.float().repeat(n),
+                                              b.float().repeat(n), False, 0.0, eps).view_as(x)
+    if how == "rows":  # (n*c, HW) rows against (n*c, 1) columns, as PyTorch's own group-norm apply iterates
+        return torch.addcmul(shift.reshape(-1, 1), x.reshape(n * c, -1), scale.reshape(-1, 1)).to(x.dtype).view_as(x)
+    raise ValueError(how)
+
+
+if "--apply" in __import__("sys").argv:  # the scale-and-shift's kernels, timed as CUDA-graph replays
+    R["apply"] = []
+    for what, n, c, h, dt in SHAPES:
+        h = max(8, int(h * S))
+        x = (torch.randn(n, c, h, h, device=DEV, generator=g) * 2 + torch.randn(1, c, 1, 1, device=DEV, generator=g) * 4).to(dt)
+        w = torch.randn(c, device=DEV, generator=g).to(dt)
+        b = torch.randn(c, device=DEV, generator=g).to(dt)
+        ref = torch.nn.functional.group_norm(x.float(), 32, w.float(), b.float(), 1e-5)
+        fns = {"native": lambda: torch.nn.functional.group_norm(x, 32, w, b, 1e-5),
+               "storyc": lambda: group_norm(x, 32, w, b, 1e-5),
+               "stats_only": lambda: group_stats(x, 32, 1e-5)}
+        for how in ("addcmul_half", "batch_norm", "rows"):
+            fns[how] = (lambda how=how: applied(x, 32, w, b, 1e-5, how))
+        row = {"what": what, "shape": [n, c, h, h], "dtype": str(dt)}
+        for k, f in fns.items():
+            try:
+                row[f"{k}_ms"] = round(1e3 * graphed(f), 4)
+                if k != "stats_only":
+                    row[f"{k}_err"] = err(f(), ref)
+            except Exception as e:  # noqa: BLE001 - a variant that cannot run here: recorded
+                row[f"{k}_ms"] = repr(e)[:160]
+        R["apply"].append(row)
+        print("apply", row, flush=True)
+        del x, ref
 
 write(out_dir(), "norm_probe", R)

@@ -85,11 +85,7 @@ def group_norm(x, groups: int, weight, bias, eps: float):
     The variance comes from E[x^2] - mean^2 in fp32: its relative error is about 2^-24 (1 + mean^2 / var), below
     a half-precision rounding while |mean| < ~180 standard deviations of the group."""
     n, c = x.shape[:2]
-    xg = x.reshape(n, groups, -1)
-    count = xg.shape[-1]
-    mean = xg.sum(-1, dtype=torch.float32) / count
-    var = (torch.linalg.vector_norm(xg, dim=-1, dtype=torch.float32).square() / count - mean.square()).clamp_min_(0)
-    rstd = torch.rsqrt(var + eps)  # (n, groups)
+    mean, rstd = group_stats(x, groups, eps)
     scale = rstd.repeat_interleave(c // groups, dim=1)  # (n, c)
     if weight is not None:
         scale = scale * weight.float()
@@ -98,6 +94,15 @@ def group_norm(x, groups: int, weight, bias, eps: float):
         shift = shift + bias.float()
     view = (n, c) + (1,) * (x.dim() - 2)
     return torch.addcmul(shift.view(view), x, scale.view(view), out=torch.empty_like(x))
+
+
+def group_stats(x, groups: int, eps: float):
+    """Each (image, group)'s mean and 1 / sqrt(var + eps), both (n, groups) in fp32 (see :func:`group_norm`)."""
+    xg = x.reshape(x.shape[0], groups, -1)
+    count = xg.shape[-1]
+    mean = xg.sum(-1, dtype=torch.float32) / count
+    var = (torch.linalg.vector_norm(xg, dim=-1, dtype=torch.float32).square() / count - mean.square()).clamp_min_(0)
+    return mean, torch.rsqrt(var + eps)
 
 
 def attention_chunked(q, k, v, chunk: int):
