@@ -15,7 +15,7 @@ import argparse
 import statistics
 import time
 
-from common import DEV, DT, SMOKE, build_unet, gpu_info, out_dir, sync, torch, write
+from common import DEV, DT, SMOKE, build_unet, gpu_info, out_dir, sync, torch, unet_norms, write
 
 p = argparse.ArgumentParser()
 p.add_argument("--reps", type=int, default=5)
@@ -288,20 +288,20 @@ def norms_probe():
         a = inputs(rows, size, False)
         run = R["runs"][name] = {"rows": rows, "size": size}
         outs = {}
-        for tag in ("pytorch", "wide_norm", "wide_norm_fused_geglu"):
-            su.swap_classes(unet, ((su.HalfGroupNorm, su.WideGroupNorm),), tag != "pytorch")
+        for tag in ("pytorch", "wide_norm", "wide_norm_bn", "wide_norm_fused_geglu"):
+            unet_norms(unet, {"pytorch": "pytorch", "wide_norm_bn": "wide_bn"}.get(tag, "wide"))
             su.SplitGEGLU.forward = fused_forward if tag.endswith("fused_geglu") else split_forward
             outs[tag], run[tag] = variant(name, tag, a, False)
             run[tag]["graphed_ms"] = graphed_ms(a)
             print(name, tag, "graphed", run[tag]["graphed_ms"], "ms", flush=True)
-        for tag in ("wide_norm", "wide_norm_fused_geglu"):
+        for tag in ("wide_norm", "wide_norm_bn", "wide_norm_fused_geglu"):
             d = (outs[tag] - outs["pytorch"]).abs()
             run[tag]["output_max_abs_diff"] = float(d.max())
             run[tag]["output_rel_rms_diff"] = float(d.square().mean().sqrt() / outs["pytorch"].square().mean().sqrt())
             if run[tag]["graphed_ms"]:
                 run[tag]["speedup_graphed"] = round(run["pytorch"]["graphed_ms"] / run[tag]["graphed_ms"], 3)
             print(name, tag, {k: v for k, v in run[tag].items() if k != "profile"}, flush=True)
-        su.swap_classes(unet, ((su.HalfGroupNorm, su.WideGroupNorm),), False)
+        unet_norms(unet, "pytorch")
         su.SplitGEGLU.forward = split_forward
         del a, outs
         sync()

@@ -224,3 +224,29 @@ def compile_regions(unet, mode: str | None = None) -> int:
             m.compile(dynamic=False, mode=mode)
             n += 1
     return n
+
+
+def group_norm_bn(x, groups, weight, bias, eps):
+    """storyc.models.unet.group_norm with its scale-and-shift as batch norm's inference kernel (each (image, channel)
+    a channel of one image, cuDNN's where PyTorch picks it): an experiment of norm_probe / attn_probe / refine_bench."""
+    from storyc.models.unet import group_stats
+
+    n, c = x.shape[:2]
+    mean, rstd = group_stats(x, groups, eps)
+    k = c // groups
+    rm = mean.repeat_interleave(k, dim=1).reshape(-1)
+    rv = rstd.square().reciprocal().repeat_interleave(k, dim=1).reshape(-1)  # var + eps: batch norm adds eps=0
+    w = None if weight is None else weight.float().repeat(n)
+    b = None if bias is None else bias.float().repeat(n)
+    return torch.nn.functional.batch_norm(x.reshape(1, n * c, *x.shape[2:]), rm, rv, w, b, False, 0.0, 0.0).view_as(x)
+
+
+def unet_norms(unet, how: str):
+    """The UNet's GroupNorms as storyc's HalfGroupNorm ("pytorch"), storyc's group_norm ("wide") or that with
+    batch norm's scale-and-shift ("wide_bn"): a bench switch, not storyc's code path."""
+    import storyc.models.unet as su
+
+    if not hasattr(su, "_bench_group_norm"):
+        su._bench_group_norm = su.group_norm
+    su.group_norm = group_norm_bn if how == "wide_bn" else su._bench_group_norm
+    su.swap_classes(unet, ((su.HalfGroupNorm, su.WideGroupNorm),), how != "pytorch")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import statistics
 import time
 
-from common import DEV, SMOKE, gpu_info, out_dir, sync, torch, write
+from common import DEV, SMOKE, gpu_info, group_norm_bn, out_dir, sync, torch, write
 
 from storyc.models.unet import attention_chunked, group_norm, group_stats  # noqa: E402
 
@@ -113,10 +113,7 @@ def applied(x, groups, w, b, eps, how):
     if how == "addcmul_half":  # scale and shift rounded to x's dtype: same-dtype broadcast kernel
         return torch.addcmul(shift.to(x.dtype)[..., None, None], x, scale.to(x.dtype)[..., None, None])
     if how == "batch_norm":  # each (image, channel) a channel of one image: batch norm's inference kernel
-        rm = mean.repeat_interleave(c // groups, dim=1).reshape(-1)
-        rv = (rstd.square().reciprocal() - eps).repeat_interleave(c // groups, dim=1).reshape(-1)
-        return torch.nn.functional.batch_norm(x.reshape(1, n * c, *x.shape[2:]), rm, rv, w.float().repeat(n),
-                                              b.float().repeat(n), False, 0.0, eps).view_as(x)
+        return group_norm_bn(x, groups, w, b, eps)
     if how == "rows":  # (n*c, HW) rows against (n*c, 1) columns, as PyTorch's own group-norm apply iterates
         return torch.addcmul(shift.reshape(-1, 1), x.reshape(n * c, -1), scale.reshape(-1, 1)).to(x.dtype).view_as(x)
     raise ValueError(how)

@@ -33,6 +33,8 @@ p.add_argument("--scale", type=float, default=2.0)
 p.add_argument("--example-images", type=int, default=3, help="timed images of DiffSynth's path")
 p.add_argument("--steps", type=int, default=20, help="storyc's refine steps (generation.refine.steps' default)")
 p.add_argument("--skip", default="", help="comma list: example, tiled, variants")
+p.add_argument("--unet-norms", default="", help="comma list of UNet GroupNorm variants (bench/common.py unet_norms: "
+               "wide, wide_bn) whose stage loop is also timed, over --images")
 args = p.parse_args()
 R = {"meta": {**gpu_info(), "images": args.images, "size": args.size, "scale": args.scale, "strength": 0.4,
               "steps": args.steps, "example_steps": 50, "cfg": 4.0}}
@@ -206,6 +208,15 @@ if EXAMPLE_STEPS != r["steps"]:  # storyc at the example's own settings: the sam
         ts.append(time.perf_counter() - t)
     R["storyc_untiled_example_steps"] = {"steps": EXAMPLE_STEPS, "s_per_image": statistics.median(ts), "times": ts}
     print("storyc untiled at the example's steps", R["storyc_untiled_example_steps"], flush=True)
+
+for how in filter(None, args.unet_norms.split(",")):  # the UNet's GroupNorm statistics as full-card reductions
+    from common import unet_norms
+
+    unet_norms(pipe.unet, how)
+    refine_image(pipe, images[0], (W, H), dict(r, steps=2), 0, scenes[0][0], NEG, encode, False)  # warm-up
+    R[f"storyc_untiled_unet_{how}"], _ = storyc_refine(False, args.images)
+    unet_norms(pipe.unet, "pytorch")
+    print(f"storyc untiled, UNet norms {how}", R[f"storyc_untiled_unet_{how}"], flush=True)
 
 # kernel-level levers for the UNet at 2048^2 (most of a refine), 2 images each
 if "variants" not in skip:
