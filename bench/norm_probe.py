@@ -48,12 +48,19 @@ SHAPES = [  # (what, N, C, H, dtype): the VAE decoder's levels at a 2048^2 refin
     ("unet 2048 l2", 2, 1280, 64, torch.float16), ("unet 1024x8 l0", 16, 320, 128, torch.float16),
 ]
 g = torch.Generator(DEV).manual_seed(0)
-for what, n, c, h, dt in SHAPES:
-    h = max(8, int(h * S))
+
+
+def case(n, c, h, dt):
+    """Activations with a per-channel offset, a weight and a bias, and the fp32 reference result."""
     x = (torch.randn(n, c, h, h, device=DEV, generator=g) * 2 + torch.randn(1, c, 1, 1, device=DEV, generator=g) * 4).to(dt)
     w = torch.randn(c, device=DEV, generator=g).to(dt)
     b = torch.randn(c, device=DEV, generator=g).to(dt)
-    ref = torch.nn.functional.group_norm(x.float(), 32, w.float(), b.float(), 1e-5)
+    return x, w, b, torch.nn.functional.group_norm(x.float(), 32, w.float(), b.float(), 1e-5)
+
+
+for what, n, c, h, dt in SHAPES:
+    h = max(8, int(h * S))
+    x, w, b, ref = case(n, c, h, dt)
     native = lambda: torch.nn.functional.group_norm(x, 32, w, b, 1e-5)  # noqa: E731
     ours = lambda: group_norm(x, 32, w, b, 1e-5)  # noqa: E731
     row = {"what": what, "shape": [n, c, h, h], "dtype": str(dt), "native_s": timed(native), "storyc_s": timed(ours),
@@ -123,10 +130,7 @@ if "--apply" in __import__("sys").argv:  # the scale-and-shift's kernels, timed 
     R["apply"] = []
     for what, n, c, h, dt in SHAPES:
         h = max(8, int(h * S))
-        x = (torch.randn(n, c, h, h, device=DEV, generator=g) * 2 + torch.randn(1, c, 1, 1, device=DEV, generator=g) * 4).to(dt)
-        w = torch.randn(c, device=DEV, generator=g).to(dt)
-        b = torch.randn(c, device=DEV, generator=g).to(dt)
-        ref = torch.nn.functional.group_norm(x.float(), 32, w.float(), b.float(), 1e-5)
+        x, w, b, ref = case(n, c, h, dt)
         fns = {"native": lambda: torch.nn.functional.group_norm(x, 32, w, b, 1e-5),
                "storyc": lambda: group_norm(x, 32, w, b, 1e-5),
                "stats_only": lambda: group_stats(x, 32, 1e-5)}
