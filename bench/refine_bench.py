@@ -32,7 +32,7 @@ p.add_argument("--size", type=int, default=1024)
 p.add_argument("--scale", type=float, default=2.0)
 p.add_argument("--example-images", type=int, default=3, help="timed images of DiffSynth's path")
 p.add_argument("--steps", type=int, default=20, help="storyc's refine steps (generation.refine.steps' default)")
-p.add_argument("--skip", default="", help="comma list: example, tiled, variants")
+p.add_argument("--skip", default="", help="comma list: example, tiled, variants, breakdown, sequential, steps50, cap22")
 p.add_argument("--unet-norms", default="", help="comma list of UNet GroupNorm variants (bench/common.py unet_norms: "
                "wide, wide_bn) whose stage loop is also timed, over --images")
 args = p.parse_args()
@@ -179,25 +179,27 @@ def breakdown():
 
 import storyc.stages.refine as refine_mod  # noqa: E402
 
-pipe.encode_image, dec.forward = timed_phase("encode", orig_enc), timed_phase("decode", orig_dec)
-R["breakdown_bf16_vae"] = breakdown()
-wide_vae(enc, on=False), wide_vae(dec, on=False)
-R["breakdown_bf16_vae_pytorch_norms"] = breakdown()  # PyTorch's GroupNorm and attention kernels in the VAE
-wide_vae(enc), wide_vae(dec)
-real = refine_mod.vae_precision
-refine_mod.vae_precision = lambda p_: __import__("contextlib").nullcontext()  # the VAE as kept: fp32
-R["breakdown_fp32_vae"] = breakdown()
-refine_mod.vae_precision = real
-pipe.encode_image = orig_enc
-del dec.forward
-print("breakdown", R["breakdown_bf16_vae"], R["breakdown_bf16_vae_pytorch_norms"], R["breakdown_fp32_vae"],
-      flush=True)
+if "breakdown" not in skip:
+    pipe.encode_image, dec.forward = timed_phase("encode", orig_enc), timed_phase("decode", orig_dec)
+    R["breakdown_bf16_vae"] = breakdown()
+    wide_vae(enc, on=False), wide_vae(dec, on=False)
+    R["breakdown_bf16_vae_pytorch_norms"] = breakdown()  # PyTorch's GroupNorm and attention kernels in the VAE
+    wide_vae(enc), wide_vae(dec)
+    real = refine_mod.vae_precision
+    refine_mod.vae_precision = lambda p_: __import__("contextlib").nullcontext()  # the VAE as kept: fp32
+    R["breakdown_fp32_vae"] = breakdown()
+    refine_mod.vae_precision = real
+    pipe.encode_image = orig_enc
+    del dec.forward
+    print("breakdown", R["breakdown_bf16_vae"], R["breakdown_bf16_vae_pytorch_norms"], R["breakdown_fp32_vae"],
+          flush=True)
 
 R["storyc_untiled"], refined = storyc_refine(False, args.images)
 print("storyc untiled", R["storyc_untiled"], flush=True)
-R["storyc_untiled_sequential"] = sequential_refine(min(3, args.images), refined)
-print("storyc untiled, one image after the other", R["storyc_untiled_sequential"], flush=True)
-if EXAMPLE_STEPS != r["steps"]:  # storyc at the example's own settings: the same work as DiffSynth's path
+if "sequential" not in skip:
+    R["storyc_untiled_sequential"] = sequential_refine(min(3, args.images), refined)
+    print("storyc untiled, one image after the other", R["storyc_untiled_sequential"], flush=True)
+if EXAMPLE_STEPS != r["steps"] and "steps50" not in skip:  # storyc at the example's own settings: the same work as DiffSynth's path
     r50 = dict(r, steps=EXAMPLE_STEPS)
     ts = []
     for i in range(min(2, args.images)):
@@ -234,13 +236,16 @@ if "variants" not in skip:
 if "tiled" not in skip:
     R["storyc_tiled"], _ = storyc_refine(True, min(3, args.images))
     print("storyc tiled", R["storyc_tiled"], flush=True)
-os.environ["STORYC_GPU_MEMORY_GIB"] = "22"
-tiled, why = resources.plan_refine(resources.free_gib(DEV), "auto", W, H)
-R["storyc_cap22"], _ = storyc_refine(tiled, min(3, args.images))
-R["storyc_cap22"]["plan"] = why
-print("storyc cap 22", R["storyc_cap22"], flush=True)
+if "cap22" not in skip:
+    os.environ["STORYC_GPU_MEMORY_GIB"] = "22"
+    tiled, why = resources.plan_refine(resources.free_gib(DEV), "auto", W, H)
+    R["storyc_cap22"], _ = storyc_refine(tiled, min(3, args.images))
+    R["storyc_cap22"]["plan"] = why
+    print("storyc cap 22", R["storyc_cap22"], flush=True)
+    R["ratio_cap22_to_generate"] = R["storyc_cap22"]["s_per_image"] / R["generate"]["s_per_image"]
 R["ratio_refine_to_generate"] = R["storyc_untiled"]["s_per_image"] / R["generate"]["s_per_image"]
-R["ratio_cap22_to_generate"] = R["storyc_cap22"]["s_per_image"] / R["generate"]["s_per_image"]
+for k in [k for k in R if k.startswith("storyc_untiled_unet_")]:
+    R[f"ratio_{k[len('storyc_untiled_'):]}_to_generate"] = R[k]["s_per_image"] / R["generate"]["s_per_image"]
 if "example" in R:
     R["example_over_storyc"] = R["example"]["s_per_image"] / R["storyc_untiled"]["s_per_image"]
 out.mkdir(parents=True, exist_ok=True)
