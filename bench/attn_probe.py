@@ -25,8 +25,9 @@ p.add_argument("--geglu", action="store_true", help="instead of the attention ke
 p.add_argument("--channels-last", action="store_true", help="instead of the attention kernels: the UNet and its "
                "input in channels_last (NHWC) against the default layout, timed and profiled")
 p.add_argument("--norms", action="store_true", help="instead of the attention kernels: the UNet's GroupNorm as "
-               "PyTorch's against storyc's group_norm (storyc.models.unet.WideGroupNorm), and that with the GEGLU's "
-               "GELU and product fused by torch.compile: kernel profile, CUDA-graph replay time, output diff")
+               "PyTorch's against storyc's (HalfGroupNorm's group_norm path), group_norm with batch norm's "
+               "scale-and-shift, and storyc's with the GEGLU's GELU and product fused by torch.compile: kernel "
+               "profile, CUDA-graph replay time, output diff")
 p.add_argument("--refine-loop", action="store_true", help="also time storyc's refine_image call by call (the stage's "
                "own loop at 2048², VAE included) against the bare UNet call above")
 args = p.parse_args()
@@ -267,8 +268,9 @@ def graphed_ms(a) -> float:
 
 
 def norms_probe():
-    """The no-grad UNet call with PyTorch's GroupNorm (storyc's HalfGroupNorm), with storyc's group_norm swapped in
-    (WideGroupNorm), and with that and the feed-forward's GELU x product as one compiled kernel."""
+    """The no-grad UNet call with PyTorch's GroupNorm, with storyc's (HalfGroupNorm: its group_norm where PyTorch's
+    statistics would starve the card), with group_norm everywhere and batch norm's scale-and-shift, and with
+    storyc's and the feed-forward's GELU x product as one compiled kernel."""
     import storyc.models.unet as su
 
     fused = torch.compile(lambda g, h: torch.nn.functional.gelu(g) * h, dynamic=False) if not SMOKE else None
@@ -288,20 +290,20 @@ def norms_probe():
         a = inputs(rows, size, False)
         run = R["runs"][name] = {"rows": rows, "size": size}
         outs = {}
-        for tag in ("pytorch", "wide_norm", "wide_norm_bn", "wide_norm_fused_geglu"):
-            unet_norms(unet, {"pytorch": "pytorch", "wide_norm_bn": "wide_bn"}.get(tag, "wide"))
+        for tag in ("pytorch", "storyc", "wide_bn", "storyc_fused_geglu"):  # storyc: HalfGroupNorm's own choice
+            unet_norms(unet, "storyc" if tag.startswith("storyc") else tag)
             su.SplitGEGLU.forward = fused_forward if tag.endswith("fused_geglu") else split_forward
             outs[tag], run[tag] = variant(name, tag, a, False)
             run[tag]["graphed_ms"] = graphed_ms(a)
             print(name, tag, "graphed", run[tag]["graphed_ms"], "ms", flush=True)
-        for tag in ("wide_norm", "wide_norm_bn", "wide_norm_fused_geglu"):
+        for tag in ("storyc", "wide_bn", "storyc_fused_geglu"):
             d = (outs[tag] - outs["pytorch"]).abs()
             run[tag]["output_max_abs_diff"] = float(d.max())
             run[tag]["output_rel_rms_diff"] = float(d.square().mean().sqrt() / outs["pytorch"].square().mean().sqrt())
             if run[tag]["graphed_ms"]:
                 run[tag]["speedup_graphed"] = round(run["pytorch"]["graphed_ms"] / run[tag]["graphed_ms"], 3)
             print(name, tag, {k: v for k, v in run[tag].items() if k != "profile"}, flush=True)
-        unet_norms(unet, "pytorch")
+        unet_norms(unet, "storyc")
         su.SplitGEGLU.forward = split_forward
         del a, outs
         sync()

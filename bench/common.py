@@ -235,18 +235,20 @@ def group_norm_bn(x, groups, weight, bias, eps):
     mean, rstd = group_stats(x, groups, eps)
     k = c // groups
     rm = mean.repeat_interleave(k, dim=1).reshape(-1)
-    rv = rstd.square().reciprocal().repeat_interleave(k, dim=1).reshape(-1)  # var + eps: batch norm adds eps=0
+    rv = (rstd.square().reciprocal() - eps).repeat_interleave(k, dim=1).reshape(-1)  # var: batch norm adds eps
     w = None if weight is None else weight.float().repeat(n)
     b = None if bias is None else bias.float().repeat(n)
-    return torch.nn.functional.batch_norm(x.reshape(1, n * c, *x.shape[2:]), rm, rv, w, b, False, 0.0, 0.0).view_as(x)
+    return torch.nn.functional.batch_norm(x.reshape(1, n * c, *x.shape[2:]), rm, rv, w, b, False, 0.0, eps).view_as(x)
 
 
 def unet_norms(unet, how: str):
-    """The UNet's GroupNorms as storyc's HalfGroupNorm ("pytorch"), storyc's group_norm ("wide") or that with
-    batch norm's scale-and-shift ("wide_bn"): a bench switch, not storyc's code path."""
+    """The UNet's GroupNorms as PyTorch's kernel ("pytorch"), as storyc runs them (HalfGroupNorm: storyc's
+    group_norm where PyTorch's statistics would starve the card: "storyc"), or storyc's group_norm everywhere with
+    batch norm's scale-and-shift ("wide_bn", an experiment): a bench switch."""
     import storyc.models.unet as su
 
     if not hasattr(su, "_bench_group_norm"):
         su._bench_group_norm = su.group_norm
     su.group_norm = group_norm_bn if how == "wide_bn" else su._bench_group_norm
-    su.swap_classes(unet, ((su.HalfGroupNorm, su.WideGroupNorm),), how != "pytorch")
+    su.HalfGroupNorm.wide = how != "pytorch"
+    su.swap_classes(unet, ((su.HalfGroupNorm, su.WideGroupNorm),), how == "wide_bn")

@@ -34,7 +34,7 @@ p.add_argument("--example-images", type=int, default=3, help="timed images of Di
 p.add_argument("--steps", type=int, default=20, help="storyc's refine steps (generation.refine.steps' default)")
 p.add_argument("--skip", default="", help="comma list: example, tiled, variants, breakdown, sequential, steps50, cap22")
 p.add_argument("--unet-norms", default="", help="comma list of UNet GroupNorm variants (bench/common.py unet_norms: "
-               "wide, wide_bn) whose stage loop is also timed, over --images")
+               "pytorch, wide_bn) whose stage loop is also timed, over --images (storyc's own is the main row)")
 args = p.parse_args()
 R = {"meta": {**gpu_info(), "images": args.images, "size": args.size, "scale": args.scale, "strength": 0.4,
               "steps": args.steps, "example_steps": 50, "cfg": 4.0}}
@@ -217,7 +217,7 @@ for how in filter(None, args.unet_norms.split(",")):  # the UNet's GroupNorm sta
     unet_norms(pipe.unet, how)
     refine_image(pipe, images[0], (W, H), dict(r, steps=2), 0, scenes[0][0], NEG, encode, False)  # warm-up
     R[f"storyc_untiled_unet_{how}"], _ = storyc_refine(False, args.images)
-    unet_norms(pipe.unet, "pytorch")
+    unet_norms(pipe.unet, "storyc")
     print(f"storyc untiled, UNet norms {how}", R[f"storyc_untiled_unet_{how}"], flush=True)
 
 # kernel-level levers for the UNet at 2048^2 (most of a refine), 2 images each

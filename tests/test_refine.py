@@ -111,6 +111,11 @@ def test_the_vaes_group_norm_and_attention_give_pytorchs_results():
     ours = (group_norm(xb, 32, w, b, 1e-5).double() - want).abs().max()
     theirs = (torch.nn.functional.group_norm(xb, 32, w.bfloat16(), b.bfloat16(), 1e-5).double() - want).abs().max()
     assert group_norm(xb, 32, w, b, 1e-5).dtype == torch.bfloat16 and ours <= theirs * 1.01
+    xh = (x / 8).half()  # fp16 (the UNet's), a mean far from zero: no further from fp32 than PyTorch's fp16 kernel
+    want_h = torch.nn.functional.group_norm(xh.double(), 32, w.double(), b.double(), 1e-5)
+    ours = (group_norm(xh, 32, w.half(), b.half(), 1e-5).double() - want_h).abs().max()
+    theirs = (torch.nn.functional.group_norm(xh, 32, w.half(), b.half(), 1e-5).double() - want_h).abs().max()
+    assert group_norm(xh, 32, w.half(), b.half(), 1e-5).dtype == torch.float16 and ours <= theirs * 1.01
     q, k, v = (torch.randn(1, 2, 300, 16, generator=g) for _ in range(3))
     assert torch.allclose(attention_chunked(q, k, v, 128), torch.nn.functional.scaled_dot_product_attention(q, k, v),
                           atol=1e-5)
