@@ -436,22 +436,29 @@ def check_upscaler(ctx):
     return out
 
 
+def _weights_without_models(ctx, path: tuple, weights: dict, doing: str, topic: str) -> list:
+    """A diagnostic for each nonzero weight (in ``weights``, at ``path``) of a figure that only a model measures,
+    whose ``models.<name>`` the spec does not set: prompt alignment (a Chinese CLIP) and the preference scores."""
+    models = ctx.data.get("models") if isinstance(ctx.data.get("models"), dict) else {}
+    hub = "modelscope:DiffSynth-Studio/QualityMetric_reward_pretrained"
+    out = []
+    for k, model, label, needs, hint in (
+            ("prompt_alignment", "clip_zh", "prompt alignment", "a Chinese CLIP",
+             "`models.clip_zh` (a ChineseCLIPModel folder)"),
+            *((k, k, k, "its model", f"`models.{k}: {hub}` (or a folder of it)") for k in PREFERENCE)):
+        if isinstance(weights.get(k), (int, float)) and weights[k] and not models.get(model):
+            out.append(ctx.diag((*path, k), f"{doing} {label} needs {needs}: `models.{model}` is not set",
+                                f"set {hint}, or remove this weight", topic))
+    return out
+
+
 def check_select(ctx):
     """generation.select: prompt alignment needs a Chinese CLIP, a preference score its model; ranking one
     candidate changes nothing."""
     gen, models = ctx.data.get("generation"), ctx.data.get("models")
     if not isinstance(gen, dict) or not isinstance(gen.get("select"), dict) or not isinstance(models, dict):
         return []
-    out, sel = [], gen["select"]
-    if isinstance(sel.get("prompt_alignment"), (int, float)) and sel["prompt_alignment"] and not models.get("clip_zh"):
-        out.append(ctx.diag(("generation", "select", "prompt_alignment"), "ranking candidates by prompt alignment "
-                            "needs a Chinese CLIP: `models.clip_zh` is not set",
-                            "set `models.clip_zh` (a ChineseCLIPModel folder), or remove this weight", "select"))
-    for k in PREFERENCE:
-        if isinstance(sel.get(k), (int, float)) and sel[k] and not models.get(k):
-            out.append(ctx.diag(("generation", "select", k), f"ranking candidates by {k} needs its model: "
-                                f"`models.{k}` is not set", f"set `models.{k}: modelscope:DiffSynth-Studio/"
-                                "QualityMetric_reward_pretrained` (or a folder of it), or remove this weight", "select"))
+    out = _weights_without_models(ctx, ("generation", "select"), gen["select"], "ranking candidates by", "select")
     if gen.get("candidates") == 1 and ("generation", "select") in ctx.loc.values:  # written, to no effect
         out.append(ctx.diag(("generation", "select"), "`select` ranks candidates, but `candidates` is 1",
                             "set `generation.candidates: 4` (seeds tried per scene), or remove `select`", "select",
@@ -601,14 +608,8 @@ def check_train_knobs(ctx):
                                 "character is", "list a character in two scenes' `characters`, or remove this "
                                 "weight", "train_knobs"))
     if isinstance(weights, dict):  # a figure the previews measure only with its model
-        models = ctx.data.get("models") if isinstance(ctx.data.get("models"), dict) else {}
-        hub = ": modelscope:DiffSynth-Studio/QualityMetric_reward_pretrained`"
-        for k, model, what in (("prompt_alignment", "clip_zh", "` (a ChineseCLIPModel folder)"),
-                               *((k, k, hub) for k in PREFERENCE)):
-            if isinstance(weights.get(k), (int, float)) and weights[k] and not models.get(model):
-                out.append(ctx.diag(("train", "select", "weights", k), f"choosing the checkpoint by {k} needs its "
-                                    f"model: `models.{model}` is not set", f"set `models.{model}{what}, or remove "
-                                    "this weight", "train_knobs"))
+        out += _weights_without_models(ctx, ("train", "select", "weights"), weights, "choosing the checkpoint by",
+                                      "train_knobs")
     if (tr.get("select") == "best_score" or isinstance(tr.get("select"), dict)) and not tr.get("preview_every"):
         how = "best_score" if tr["select"] == "best_score" else "{weights: ...}"
         out.append(ctx.diag(("train", "select"), f"`select: {how}` needs previews to score checkpoints",

@@ -175,11 +175,22 @@ def preview_params(c: Compiled) -> dict:
     if any("characters" in s for s in scenes):  # the previews render the characters, as generation does
         out["ip_adapter"] = c.refs["ip_adapter"]
     weights = tr.select.get("weights", {}) if isinstance(tr.select, dict) else {}
-    if weights.get("prompt_alignment"):  # train.select weighs it: the previews measure it (only then: same slice)
-        out["clip_zh"] = c.refs["clip_zh"]
-    if any(weights.get(k) for k in PREFERENCE):
-        out["preference"] = {k: c.refs[k] for k in PREFERENCE if weights.get(k)}
+    out.update(measured_by_models(c, {k for k, w in weights.items() if w}))  # what train.select weighs, only then
     return out
+
+
+def measured_by_models(c: Compiled, figures) -> dict:
+    """The params of those ``figures`` that a model measures, hashed only when measured: ``clip_zh`` (prompt
+    alignment's Chinese CLIP) and ``preference`` ({name: ref} of DiffSynth's preference models)."""
+    out = {"clip_zh": c.refs["clip_zh"]} if "prompt_alignment" in figures else {}
+    if any(k in figures for k in PREFERENCE):
+        out["preference"] = {k: c.refs[k] for k in PREFERENCE if k in figures}
+    return out
+
+
+def measuring_models(params: dict) -> tuple:
+    """The model keys that ``measured_by_models``'s params name."""
+    return ("clip_zh",) * ("clip_zh" in params) + tuple(params.get("preference", ()))
 
 
 def _train_artifacts(c: Compiled, jobs):
@@ -221,8 +232,7 @@ def _train_models(job, story):
     if "ip_adapter" in job.params.get("preview", {}):  # previews with characters: the adapter and the references
         ids = sorted({ch["id"] for s in job.params["preview"]["scenes"] for ch in s.get("characters", ())})
         keys += ("ip_adapter", *(f"character:{i}" for i in ids))
-    preview = job.params.get("preview", {})
-    keys += ("clip_zh",) * ("clip_zh" in preview) + tuple(preview.get("preference", ()))
+    keys += measuring_models(job.params.get("preview", {}))
     if "folder" in (job.params["train"].get("validation") or {}):  # its images, by content
         keys += ("validation",)
     return keys
@@ -251,10 +261,7 @@ def _generate(c: Compiled):
         sel = {k: v for k, v in plain(c.spec.generation.select).items() if k in SELECT_DEFAULT or v}
         if common["candidates"] > 1 and sel != SELECT_DEFAULT:
             params["select"] = sel  # hashed only when it can change the choice
-            if sel["prompt_alignment"]:
-                params["clip_zh"] = c.refs["clip_zh"]
-            if any(sel.get(k) for k in PREFERENCE):
-                params["preference"] = {k: c.refs[k] for k in PREFERENCE if sel.get(k)}
+            params.update(measured_by_models(c, {k for k, w in sel.items() if w}))
         if sc.get("characters"):  # hashed only when shown: a scene without characters keeps its slice
             params["characters"] = character_params(c, sc["characters"])
             params["ip_adapter"] = c.refs["ip_adapter"]
@@ -287,8 +294,7 @@ SELECT_DEFAULT = {"aesthetic": 1.0, "prompt_alignment": 0.0}
 def _generate_models(job, story):
     keys = ("kolors",)
     if job.params["candidates"] > 1:
-        keys += ("aesthetic", "clip_zh") if "clip_zh" in job.params else ("aesthetic",)
-        keys += tuple(job.params.get("preference", ()))
+        keys += ("aesthetic", *measuring_models(job.params))
     if "characters" in job.params:
         keys += ("ip_adapter", *(f"character:{ch['id']}" for ch in job.params["characters"]))
     return keys
@@ -342,18 +348,17 @@ def _score(c: Compiled):
         last = (refined_file(sc["index"], sc["id"]), f"refine[{sc['id']}]") if sc.get("refine") else \
             (sc["file"], f"generate[{sc['id']}]")
         params = {"model": c.refs["aesthetic"], "file": last[0]}
-        if "clip_zh" in c.refs:  # prompt alignment, hashed only when measured
-            params.update(clip_zh=c.refs["clip_zh"], prompt=sc["prompt"])
-        pref = {k: c.refs[k] for k in PREFERENCE if k in c.refs}
-        if pref:  # preference scores, likewise
-            params.update(preference=pref, prompt=sc["prompt"])
+        # prompt alignment and the preference scores: each whose model the story sets (hashed only then)
+        measured = measured_by_models(c, {k for k in PREFERENCE if k in c.refs}
+                                      | ({"prompt_alignment"} if "clip_zh" in c.refs else set()))
+        if measured:
+            params.update(measured, prompt=sc["prompt"])
         out.append(StageSpec(f"score[{sc['id']}]", "score", params, (last[1],), sc["id"]))
     return out
 
 
 def _score_models(job, story):
-    keys = ("aesthetic", "clip_zh") if "clip_zh" in job.params else ("aesthetic",)
-    return keys + tuple(job.params.get("preference", ()))
+    return ("aesthetic", *measuring_models(job.params))
 
 
 # ---------------------------------------------------------------- bundle
