@@ -47,9 +47,7 @@ def checkpoints_html(lora: Path) -> str:
     if not isinstance(doc, dict):
         return ""
     rows = []
-    names = {"characters": "character consistency", "alignment": "prompt alignment",
-             **{k: PREFERENCE_NAMES[k] for k in PREFERENCE}}  # the figures some checkpoints have
-    more = [k for k in names if any(k in c for c in doc.get("checkpoints", []))]
+    more = [k for k in CHECKPOINT_FIGURES if any(k in c for c in doc.get("checkpoints", []))]
     for c in doc.get("checkpoints", []):
         strip = lora / "checkpoints" / f"step-{c['step']}.png"
         if not strip.is_file():
@@ -59,7 +57,7 @@ def checkpoints_html(lora: Path) -> str:
         cells = "".join(f"<td>{c[k]:.3f}</td>" if k in c else "<td></td>" for k in more)
         rows.append(f"<tr><td>{c['step']}{chosen}</td><td>{c['mean']:.3f}</td><td>{c['coherence']:.3f}</td>{cells}"
                     f"<td><img src='{src}' height='96'></td></tr>")
-    heads = "".join(f"<th>{html.escape(names[k])}</th>" for k in more)
+    heads = "".join(f"<th>{html.escape(CHECKPOINT_FIGURES[k])}</th>" for k in more)
     return (f"<h3 id='checkpoints'>Checkpoints (train.select: {html.escape(select_text(doc.get('select')))})</h3><table>"
             f"<tr><th>step</th><th>mean aesthetic</th><th>coherence</th>{heads}<th>preview</th></tr>" + "".join(rows)
             + "</table>")
@@ -106,6 +104,9 @@ alpha {c['lora']['alpha']:g}, on {e(str(tr.get('device', '?')))} ({e(str(tr.get(
 
 PREFERENCE_NAMES = {"pickscore": "PickScore", "hpsv2": "HPS v2", "hpsv2_1": "HPS v2.1", "imagereward": "ImageReward",
                     "mps": "MPS"}
+# a preview record's figures beyond the mean aesthetic and the coherence (key -> label), those some records have
+CHECKPOINT_FIGURES = {"characters": "character consistency", "alignment": "prompt alignment",
+                      **{k: PREFERENCE_NAMES[k] for k in PREFERENCE}}
 
 
 def _preference(pref: dict) -> str:

@@ -333,7 +333,7 @@ def test_train_select_weighs_prompt_alignment_and_preference_scores(copy):
     r = run_cli("build", copy, "--until", "train", cwd=root)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "preview at step 2: mean aesthetic" in r.stdout and ", prompt alignment " in r.stdout
-    assert ", pickscore " in r.stdout and ", mps " in r.stdout
+    assert ", PickScore " in r.stdout and ", MPS " in r.stdout
     doc = json.loads((root / "build/t/lora/checkpoints.json").read_text("utf-8"))
     ck = doc["checkpoints"]
     assert [c["step"] for c in ck] == [2, 4]

@@ -17,6 +17,7 @@ import torch
 from ... import lora as lora_mod
 from ...model import PREFERENCE
 from ...render import atomic_write, canonical_json
+from ...report import CHECKPOINT_FIGURES
 
 STRIP_HEIGHT = 128  # preview strip thumbnails: one row of the story, small enough to embed in report.html
 
@@ -41,7 +42,7 @@ class StoryPreviews(L.Callback):
         atomic_write(self.folder / "records.json", canonical_json(self.records))
         r = self.records[str(step)]
         _log_to_tensorboard(trainer, step, self.folder / f"step-{step}.png", r)
-        more = "".join(f", {name} {r[key]:.3f}" for name, key in FIGURE_NAMES.items() if key in r)
+        more = "".join(f", {label} {r[key]:.3f}" for key, label in CHECKPOINT_FIGURES.items() if key in r)
         self.report.info(f"     preview at step {step}: mean aesthetic {r['mean']:.3f}, coherence {r['coherence']:.3f}"
                          + more)
 
@@ -170,8 +171,6 @@ def strip(images):
 # objective name -> a preview record's key
 FIGURES = {"mean_aesthetic": "mean", "style_coherence": "coherence", "character_consistency": "characters",
            "prompt_alignment": "alignment", **{k: k for k in PREFERENCE}}
-# the figures a preview line names beside the mean aesthetic and the coherence
-FIGURE_NAMES = {"character consistency": "characters", "prompt alignment": "alignment", **{k: k for k in PREFERENCE}}
 
 
 def objective(record: dict, how) -> float | None:
