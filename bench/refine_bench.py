@@ -32,10 +32,13 @@ p.add_argument("--size", type=int, default=1024)
 p.add_argument("--scale", type=float, default=2.0)
 p.add_argument("--example-images", type=int, default=3, help="timed images of DiffSynth's path")
 p.add_argument("--steps", type=int, default=20, help="storyc's refine steps (generation.refine.steps' default)")
-p.add_argument("--skip", default="", help="comma list: example, tiled, variants, breakdown, sequential, steps50, cap22")
+p.add_argument("--skip", default="", help="comma list: example, tiled, variants, breakdown, sequential, steps50, cap22, "
+               "every_step (the refine with every step guided), generate_interval (the generation with SD-XL's "
+               "guidance interval)")
 p.add_argument("--unet-norms", default="", help="comma list of UNet GroupNorm variants (bench/common.py unet_norms: "
                "pytorch, wide_bn) whose stage loop is also timed, over --images (storyc's own is the main row)")
 args = p.parse_args()
+skip = set(args.skip.split(","))
 R = {"meta": {**gpu_info(), "images": args.images, "size": args.size, "scale": args.scale, "strength": 0.4,
               "steps": args.steps, "example_steps": 50, "cfg": 4.0}}
 out = out_dir()
@@ -43,7 +46,8 @@ print("card", R["meta"], flush=True)
 
 from storyc import lora as L  # noqa: E402
 from storyc import resources  # noqa: E402
-from storyc.stages.generate import encode_prompts, render_iter  # noqa: E402
+from storyc.schema import resolve  # noqa: E402
+from storyc.stages.generate import SDXL_GUIDANCE_INTERVAL, encode_prompts, render_iter  # noqa: E402
 from storyc.models.unet import wide_vae  # noqa: E402
 from storyc.stages.refine import refine_image, refine_many, refined_size  # noqa: E402
 
@@ -52,7 +56,10 @@ wide_vae(enc), wide_vae(dec)  # as storyc.models.kolors.load_vae loads them (the
 L.merge(unet, random_lora_state(unet), 4.0 * 0.5 / 16)  # the camp LoRA at alpha 2: merged as storyc merges it
 pipe = make_pipe(te, unet, dec, enc)
 scenes = [(PROMPT + f"，第{i}幕", NEG, i) for i in range(args.images)]
-r = {"scale": args.scale, "strength": 0.4, "steps": 2 if SMOKE else args.steps, "cfg_scale": 4.0, "upscaler": "lanczos"}
+INTERVAL = resolve({"$ref": "#/$defs/refine"})["properties"]["guidance_interval"]["default"]  # the stage's default
+r = {"scale": args.scale, "strength": 0.4, "steps": 2 if SMOKE else args.steps, "cfg_scale": 4.0, "upscaler": "lanczos",
+     "guidance_interval": INTERVAL}
+R["meta"]["guidance_interval"] = INTERVAL
 EXAMPLE_STEPS = 2 if SMOKE else 50  # DiffSynth's Kolors example
 W, H = refined_size(args.size, args.size, args.scale)
 R["meta"]["refined"] = [W, H]
@@ -69,6 +76,15 @@ images = list(render_iter(pipe, items, gen, min(8, len(items))))
 sync()
 R["generate"] = {"s_per_image": (time.perf_counter() - t) / len(items), "peak_gib": peak(), "batch": min(8, len(items))}
 print("generate", R["generate"], flush=True)
+if "generate_interval" not in skip:  # generation.guidance_interval: SD-XL's (the generation's default guides every step)
+    gi = dict(gen, guidance_interval=list(SDXL_GUIDANCE_INTERVAL))
+    list(render_iter(pipe, items[:1], dict(gi, steps=2), 1))
+    sync()
+    t = time.perf_counter()
+    list(render_iter(pipe, items, gi, min(8, len(items))))
+    sync()
+    R["generate_interval"] = {"s_per_image": (time.perf_counter() - t) / len(items), "interval": gi["guidance_interval"]}
+    print("generate with SD-XL's guidance interval", R["generate_interval"], flush=True)
 
 # the prompt embeddings as the refine stage has them (encoded once, ChatGLM released before the UNet loads)
 with torch.no_grad():
@@ -96,7 +112,6 @@ def example(i):
         wide_vae(enc), wide_vae(dec)
 
 
-skip = set(args.skip.split(","))
 if "example" not in skip:
     example(0)  # warm-up at the full size
     peak_reset()
@@ -119,7 +134,7 @@ if not SMOKE:
     torch.cuda.empty_cache()
 if "example" in R:
     R["example"]["note"] += "; its peak includes ChatGLM (12 GB) on the GPU, which its path keeps there"
-def storyc_refine(tiled, n):
+def storyc_refine(tiled, n, r=r):
     """The stage's loop (refine_many: the CPU's part on threads beside the GPU's), n images: seconds per image."""
     peak_reset()
     items = [{"image": images[i], "size": (W, H), "r": r, "seed": scenes[i][2], "prompt": scenes[i][0],
@@ -196,6 +211,9 @@ if "breakdown" not in skip:
 
 R["storyc_untiled"], refined = storyc_refine(False, args.images)
 print("storyc untiled", R["storyc_untiled"], flush=True)
+if "every_step" not in skip:  # the refine as before the guidance interval: every step guided, as DiffSynth's img2img
+    R["storyc_untiled_every_step_guided"], _ = storyc_refine(False, args.images, dict(r, guidance_interval=None))
+    print("storyc untiled, every step guided", R["storyc_untiled_every_step_guided"], flush=True)
 if "sequential" not in skip:
     R["storyc_untiled_sequential"] = sequential_refine(min(3, args.images), refined)
     print("storyc untiled, one image after the other", R["storyc_untiled_sequential"], flush=True)
@@ -239,11 +257,14 @@ if "tiled" not in skip:
 if "cap22" not in skip:
     os.environ["STORYC_GPU_MEMORY_GIB"] = "22"
     tiled, why = resources.plan_refine(resources.free_gib(DEV), "auto", W, H)
-    R["storyc_cap22"], _ = storyc_refine(tiled, min(3, args.images))
+    R["storyc_cap22"], _ = storyc_refine(tiled, args.images)
     R["storyc_cap22"]["plan"] = why
     print("storyc cap 22", R["storyc_cap22"], flush=True)
     R["ratio_cap22_to_generate"] = R["storyc_cap22"]["s_per_image"] / R["generate"]["s_per_image"]
 R["ratio_refine_to_generate"] = R["storyc_untiled"]["s_per_image"] / R["generate"]["s_per_image"]
+if "storyc_untiled_every_step_guided" in R:
+    R["ratio_every_step_guided_to_generate"] = (R["storyc_untiled_every_step_guided"]["s_per_image"]
+                                                / R["generate"]["s_per_image"])
 for k in [k for k in R if k.startswith("storyc_untiled_unet_")]:
     R[f"ratio_{k[len('storyc_untiled_'):]}_to_generate"] = R[k]["s_per_image"] / R["generate"]["s_per_image"]
 if "example" in R:

@@ -182,6 +182,7 @@ class Generation(Section):
     height: int
     steps: int
     cfg_scale: float
+    guidance_interval: tuple | None  # the noise levels that are guided (null: every step)
     lora_scale: float
     candidates: int
     select: dict  # how candidates are ranked: {aesthetic, prompt_alignment} weights

@@ -415,19 +415,41 @@ def check_small_sizes(ctx):
     return out
 
 
-def check_upscaler(ctx):
-    """`refine.upscaler: esrgan` (story-wide or a scene's) needs the Real-ESRGAN weights: said at that line."""
-    gen, models = ctx.data.get("generation"), ctx.data.get("models")
-    if not isinstance(models, dict) or models.get("esrgan"):
-        return []
+def _refine_places(ctx) -> list:
+    """Where the spec sets refine settings: generation.refine and each scene's own."""
+    gen = ctx.data.get("generation")
     places = []
     if isinstance(gen, dict) and isinstance(gen.get("refine"), dict):
         places.append(("generation", "refine"))
     for i, sc in enumerate(_list(ctx.data.get("scenes"))):
         if isinstance(sc, dict) and isinstance(sc.get("refine"), dict):
             places.append(("scenes", i, "refine"))
+    return places
+
+
+def check_guidance_interval(ctx):
+    """A guidance interval [lo, hi] guides the noise levels above lo and up to hi: lo must be below hi."""
+    gen = ctx.data.get("generation")
+    places = [("generation",)] if isinstance(gen, dict) else []
     out = []
-    for where in places:
+    for where in places + _refine_places(ctx):
+        v = get_path(ctx.data, where).get("guidance_interval")
+        if isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v) and v[0] >= v[1]:
+            out.append(ctx.diag((*where, "guidance_interval"), f"guidance interval [{v[0]:g}, {v[1]:g}] holds no "
+                                "noise level: its first value (lo) must be below its second (hi)",
+                                "write [lo, hi], e.g. [0.28, 5.42] (SD-XL's interval), or [0, 1000] to guide every "
+                                "step",
+                                "guidance_interval"))
+    return out
+
+
+def check_upscaler(ctx):
+    """`refine.upscaler: esrgan` (story-wide or a scene's) needs the Real-ESRGAN weights: said at that line."""
+    models = ctx.data.get("models")
+    if not isinstance(models, dict) or models.get("esrgan"):
+        return []
+    out = []
+    for where in _refine_places(ctx):
         if get_path(ctx.data, where).get("upscaler") == "esrgan":
             out.append(ctx.diag((*where, "upscaler"), "upscaler `esrgan` needs the Real-ESRGAN x4 weights: "
                                 "`models.esrgan` is not set",
@@ -809,7 +831,8 @@ def _image_problem(p: Path) -> str | None:
 
 RULES = [check_text, check_unique_scene_ids, check_unique_seeds, check_scene_count, check_dataset_fields, check_paths,
          check_dj_ops, check_prompt_length, check_storyboard, check_small_sizes, check_lora_targets, check_lora_type, check_masks, check_recaption,
-         check_team, check_train_knobs, check_competition, check_upscaler, check_select, check_characters]
+         check_team, check_train_knobs, check_competition, check_upscaler, check_guidance_interval, check_select,
+         check_characters]
 
 
 def run_all(ctx: RuleInput) -> list[Diagnostic]:

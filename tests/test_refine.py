@@ -82,13 +82,28 @@ def test_a_scene_can_refine_on_its_own_and_bad_settings_are_spec_errors(project)
     plan = compile(load_story(project / "s.yaml"))
     assert [n for n in plan.stages if n.startswith("refine")] == ["refine[a]"]
     assert plan.stages["refine[a]"].params["refine"] == {"scale": 2.0, "strength": 0.3, "steps": 20, "cfg_scale": 3.0,
-                                                          "upscaler": "lanczos"}
+                                                          "guidance_interval": [0.28, 5.42], "upscaler": "lanczos"}
+    assert "guidance_interval" not in plan.stages["generate[a]"].params  # the generation's is hashed only when set
     assert plan.stages["score[b]"].deps == ("generate[b]",) and plan.stages["score[a]"].deps == ("refine[a]",)
     (project / "s.yaml").write_text((project / "s.yaml").read_text("utf-8").replace("strength: 0.3", "strenght: 0.3"),
                                     "utf-8")
     r = run_cli("validate", "s.yaml", cwd=project)
     assert r.returncode == 1 and "s.yaml:6:42: $.scenes[0].refine.strenght: unknown key `strenght`" in r.stderr
     assert "did you mean `strength`?" in r.stderr
+
+    text = (project / "s.yaml").read_text("utf-8").replace("strenght: 0.3", "guidance_interval: [5.42, 0.28]")
+    (project / "s.yaml").write_text(text.replace("cfg_scale: 3.0}", "cfg_scale: 3.0, guidance_interval: [0.5, 2]}"),
+                                    "utf-8")
+    r = run_cli("validate", "s.yaml", cwd=project)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert ("s.yaml:6:61: $.scenes[0].refine.guidance_interval: guidance interval [5.42, 0.28] holds no noise level"
+            in r.stderr), r.stderr
+    assert "e.g. [0.28, 5.42]" in r.stderr and "$.generation.guidance_interval" not in r.stderr
+    (project / "s.yaml").write_text(text.replace("[5.42, 0.28]", "[0, 1000]").replace(
+        "cfg_scale: 3.0}", "cfg_scale: 3.0, guidance_interval: [0.5, 2]}"), "utf-8")
+    plan = compile(load_story(project / "s.yaml"))
+    assert plan.stages["generate[a]"].params["guidance_interval"] == [0.5, 2]
+    assert plan.stages["refine[a]"].params["refine"]["guidance_interval"] == [0, 1000]
 
 
 
@@ -154,3 +169,55 @@ def test_refine_many_draws_what_refine_image_draws(built, tiny_models):
         one = refine_image(pipe, it["image"], it["size"], r, it["seed"], it["prompt"], it["negative"], encode_prompts,
                            False)
         assert im.size == (96, 128) and np.array_equal(np.asarray(im), np.asarray(one))
+
+
+def test_guidance_interval_runs_unguided_steps_on_the_positive_rows_alone(built, tiny_models):
+    """guidance_interval: steps whose noise level is outside it make one UNet pass over the positive rows (half the
+    rows of a guided step) and draw what cfg_scale 1 draws there; inside it, classifier-free guidance as before.
+    Kolors' own schedule: SD-XL's interval guides 16 of a default refine's 20 steps and 33 of a 50-step generation."""
+    import numpy as np
+    import torch
+
+    from storyc.stages.generate import SDXL_GUIDANCE_INTERVAL, encode_prompts, guided_steps, load_merged_pipeline, \
+        render_iter
+    from storyc.stages.refine import refine_image
+
+    kolors = tiny_models / "tiny-kolors"
+    pipe = load_merged_pipeline(kolors, built.parent / "build/t/lora/t.diffsynth.safetensors", 0.5, torch.float32,
+                                "cpu", vae_encoder=kolors / "vae/diffusion_pytorch_model.safetensors")
+    sch = pipe.scheduler
+    sch.set_timesteps(20, 0.4)
+    assert guided_steps(sch, 4.0, SDXL_GUIDANCE_INTERVAL) == [True] * 16 + [False] * 4
+    assert guided_steps(sch, 4.0, None) == [True] * 20 and guided_steps(sch, 1.0, (0, 1000)) == [False] * 20
+    sch.set_timesteps(50)
+    assert sum(guided_steps(sch, 4.0, SDXL_GUIDANCE_INTERVAL)) == 33
+
+    rows = []
+    pipe.unet.register_forward_pre_hook(lambda m, args, kw: rows.append((args[0] if args else kw["sample"]).shape[0]),
+                                        with_kwargs=True)
+    with Image.open(sorted((built.parent / "build/t/images").glob("*.png"))[0]) as im:
+        src = im.convert("RGB")
+
+    def refine(**r):
+        rows.clear()
+        out = refine_image(pipe, src, (96, 96), {"steps": 4, "strength": 0.5, "cfg_scale": 4.0, **r}, 3, "女孩",
+                           "丑陋", encode_prompts, False)
+        return np.asarray(out), list(rows)
+
+    full, full_rows = refine()  # no interval: every step guided, as DiffSynth's img2img
+    assert full_rows == [2, 2, 2, 2]
+    assert np.array_equal(refine(guidance_interval=[0, 1000])[0], full)
+    none, none_rows = refine(guidance_interval=[100, 1000])  # no step's noise level is in it
+    assert none_rows == [1, 1, 1, 1]
+    assert np.array_equal(none, refine(cfg_scale=1.0)[0])
+    part, part_rows = refine(guidance_interval=[0.8, 5.42])  # strength 0.5: sigmas 1.7, 1.0 in; 0.5, 0.03 out
+    assert part_rows == [2, 2, 1, 1]
+    assert not np.array_equal(part, full) and not np.array_equal(part, none)
+
+    items = [{"prompt": "女孩", "negative_prompt": "丑陋", "seed": s} for s in (0, 1)]
+    gen = {"width": 64, "height": 64, "steps": 3, "cfg_scale": 4.0}
+    rows.clear()
+    unguided = [np.asarray(i) for i in render_iter(pipe, items, {**gen, "guidance_interval": [100, 1000]}, 2)]
+    assert rows == [2, 2, 2]  # the two images' positive rows, not 4
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in
+               zip(unguided, render_iter(pipe, items, {**gen, "cfg_scale": 1.0}, 2)))

@@ -281,50 +281,104 @@ def render_iter(pipe, items: list[dict], gen: dict, batch_size: int, progress=No
                 if progress:
                     progress(done, total)
 
-            latents = denoise(pipe, latents, ehs, ate, cfg, step, ip_kwargs(pipe, chunk, cfg))
+            latents = denoise(pipe, latents, ehs, ate, cfg, step, ip_kwargs(pipe, chunk, cfg),
+                              interval=gen.get("guidance_interval"))
             decoded = [pipe.decode_image(latents[i:i + 1]) for i in range(b)]
         yield from decoded
 
 
-def denoise(pipe, latents, ehs, ate, cfg: float, each_step=None, ip=None, graphs: bool = True, calls=None):
+def denoise(pipe, latents, ehs, ate, cfg: float, each_step=None, ip=None, graphs: bool = True, calls=None,
+            interval=None):
     """The sampling loop over the scheduler's timesteps (as set), classifier-free guidance batched with the
     images: one UNet call per step for 2 x batch rows (the notebook's pipeline makes two calls per image). Shared
     by generation and the refine pass (which starts from a noised image at its strength's first timestep).
-    ``ip``: IP-Adapter keys and values per cross-attention (characters): the UNet runs through diffsynth's
-    ``lets_dance_xl``, its one entry point that passes them to the attention blocks. On a GPU without characters
-    the calls after the first replay a CUDA graph of it (``graphs``; see _GraphedCall). ``calls``: a dict that
-    keeps those graphs for the next loops of the same shapes (the refine's scenes), which then only replay."""
+    ``interval``: (lo, hi], the noise levels that are guided (see :func:`guided_steps`); the other steps run the
+    positive rows alone, one UNet call for batch rows. ``ip``: IP-Adapter keys and values per cross-attention
+    (characters): the UNet runs through diffsynth's ``lets_dance_xl``, its one entry point that passes them to the
+    attention blocks. On a GPU without characters the calls after the first replay a CUDA graph of it (``graphs``;
+    see _GraphedCall), one graph for the guided calls and one for the others. ``calls``: a dict that keeps those
+    graphs for the next loops of the same shapes (the refine's scenes), which then only replay."""
     import torch
-
-    unet = pipe.unet
-    if ip is not None:
-        from diffsynth.pipelines.dancer import lets_dance_xl
-
-        def unet(x, timestep, encoder_hidden_states, add_time_id, add_text_embeds):
-            return lets_dance_xl(pipe.unet, sample=x, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
-                                 add_time_id=add_time_id, add_text_embeds=add_text_embeds, ipadapter_kwargs_list=ip,
-                                 unet_batch_size=x.shape[0], device=x.device)
 
     b, dev = latents.shape[0], pipe.device
     h, w = latents.shape[2] * 8, latents.shape[3] * 8
-    add_time_id = torch.tensor([h, w, 0, 0, h, w], device=dev).repeat(ehs.shape[0])
-    # graphed on a GPU, where measured (bench/RESULTS.md, sample graphs): not yet through the IP-Adapter's entry point
-    graphed = graphs and ip is None and str(dev).startswith("cuda") and len(pipe.scheduler.timesteps) > 2
-    call = _GraphedCall(unet) if graphed else unet
-    if graphed and calls is not None:
-        key = (tuple(latents.shape), cfg != 1.0, tuple(ehs.shape), tuple(ate.shape), latents.dtype)
-        call = calls.setdefault(key, call)
+    guided = guided_steps(pipe.scheduler, cfg, interval)
+    phases = {}
+
+    def phase(g: bool):  # the UNet call and its inputs for guided (2 x batch rows) or unguided steps
+        if g not in phases:
+            rows = 2 * b if g else b
+            e, a, ipg = (ehs, ate, ip) if g else (ehs[:b], ate[:b], _first_rows(ip, b))
+            tid = torch.tensor([h, w, 0, 0, h, w], device=dev).repeat(rows)
+            unet = _unet_call(pipe, ipg)
+            # graphed on a GPU, where measured (bench/RESULTS.md, sample graphs): not yet through the IP-Adapter's
+            # entry point; a phase of one or two calls only when its graph is kept for the next loops
+            graphed = (graphs and ipg is None and str(dev).startswith("cuda")
+                       and (guided.count(g) > 2 or calls is not None))
+            call = _GraphedCall(unet) if graphed else unet
+            if graphed and calls is not None:
+                call = calls.setdefault((tuple(latents.shape), rows, tuple(e.shape), tuple(a.shape), latents.dtype),
+                                        call)
+            phases[g] = (call, e, tid, a)
+        return phases[g]
+
     for k, t in enumerate(pipe.scheduler.timesteps):
         timestep = t.unsqueeze(0).to(dev)
-        x = torch.cat([latents, latents]) if cfg != 1.0 else latents
-        pred = call(x, timestep, ehs, add_time_id, ate)
-        if cfg != 1.0:
+        call, e, tid, a = phase(guided[k])
+        pred = call(torch.cat([latents, latents]) if guided[k] else latents, timestep, e, tid, a)
+        if guided[k]:
             posi, nega = pred[:b], pred[b:]
             pred = nega + cfg * (posi - nega)
         latents = pipe.scheduler.step(pred, timestep, latents)
         if each_step:
             each_step(k)
     return latents
+
+
+# Kynkaanniemi et al. 2024, "Applying Guidance in a Limited Interval Improves Sample and Distribution Quality in
+# Diffusion Models": their Stable Diffusion XL setting (also ComfyUI's GuidanceLimiter default). The refine's default.
+SDXL_GUIDANCE_INTERVAL = (0.28, 5.42)
+
+
+def guided_steps(scheduler, cfg: float, interval=None) -> list[bool]:
+    """Which of the scheduler's timesteps (as set) run classifier-free guidance: none at cfg 1, every one without an
+    ``interval``, else those whose noise level sigma = sqrt((1 - alpha_bar) / alpha_bar) is in (lo, hi]. Guidance
+    harms at high noise and does little at low noise (the paper above); an unguided step costs half a guided one.
+    sigma is the schedule's noise-to-signal ratio, so an interval means the same noise levels under Kolors' 1100-step
+    schedule as under SD-XL's 1000."""
+    n = len(scheduler.timesteps)
+    if cfg == 1.0:
+        return [False] * n
+    if interval is None:
+        return [True] * n
+    lo, hi = interval
+    out = []
+    for t in scheduler.timesteps:
+        a = scheduler.alphas_cumprod[int(t)]
+        out.append(lo < ((1 - a) / a) ** 0.5 <= hi)
+    return out
+
+
+def _first_rows(ip, b: int):
+    """IP-Adapter keys and values of the positive rows only (an unguided step's)."""
+    if ip is None:
+        return None
+    return {blk: {t: {**d, "ip_k": d["ip_k"][:b], "ip_v": d["ip_v"][:b]} for t, d in by_t.items()}
+            for blk, by_t in ip.items()}
+
+
+def _unet_call(pipe, ip):
+    """The UNet as denoise calls it: the pipeline's, or through ``lets_dance_xl`` with IP-Adapter keys and values."""
+    if ip is None:
+        return pipe.unet
+    from diffsynth.pipelines.dancer import lets_dance_xl
+
+    def unet(x, timestep, encoder_hidden_states, add_time_id, add_text_embeds):
+        return lets_dance_xl(pipe.unet, sample=x, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
+                             add_time_id=add_time_id, add_text_embeds=add_text_embeds, ipadapter_kwargs_list=ip,
+                             unet_batch_size=x.shape[0], device=x.device)
+
+    return unet
 
 
 class _GraphedCall:
@@ -407,6 +461,7 @@ def warm(ctx, jobs) -> list[str]:
 def run(ctx, jobs):
     quiet_libraries()
     gen = {k: jobs[0].params[k] for k in GEN_COMMON}  # the same for every scene of a plan
+    gen["guidance_interval"] = jobs[0].params.get("guidance_interval")
     todo = [{"id": j.scene, "name": j.name, "index": j.settings["index"], "lora_scale": j.settings["lora_scale"],
              "characters": j.params.get("characters"),
              **{k: j.params[k] for k in ("prompt", "negative_prompt", "seeds", "file")}} for j in jobs]
@@ -507,6 +562,8 @@ def _finish_scene(ctx, gen, s, cands, scorer, lora_sha, memory=None) -> Result:
            "negative_prompt": s["negative_prompt"], "seed": chosen_seed, "steps": gen["steps"],
            "cfg_scale": gen["cfg_scale"], "width": gen["width"], "height": gen["height"],
            "lora_scale": s["lora_scale"], "lora_sha256": lora_sha}
+    if gen.get("guidance_interval"):  # only when set: a record without it is as it was
+        rec["guidance_interval"] = gen["guidance_interval"]
     if s.get("characters"):  # who it shows and how strongly (the references are in the lock's fingerprints)
         rec["characters"] = [{"id": c["id"], "scale": c["scale"], "references": c["references"]}
                              for c in s["characters"]]

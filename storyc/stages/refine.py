@@ -4,7 +4,9 @@ The generated image is upscaled (Lanczos, or Real-ESRGAN x4 then Lanczos down to
 timestep with the scene's own seed, and denoised again with the scene's prompts and the LoRA merged at the
 generation's strength: the same steps as DiffSynth's ``SDXLImagePipeline(input_image=..., denoising_strength=...)``,
 with the prompt embeddings encoded once for every scene (ChatGLM released before the UNet loads) and the loop
-shared with generation. Tiled VAE encode/decode when the memory planner (or the spec) asks for it.
+shared with generation. One difference by default: guidance only in SD-XL's guidance interval (``guidance_interval``;
+the last, least noisy steps run the positive prompt alone, at half the cost). Tiled VAE encode/decode when the
+memory planner (or the spec) asks for it.
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ def refine_image(pipe, image, size: tuple, r: dict, seed: int, prompt: str, nega
                  each_step=None, ip=None):
     """One image through the refine pass (what DiffSynth's pipeline does with ``input_image`` and
     ``denoising_strength``): Lanczos to ``size``, VAE-encode, noise to the strength's first timestep with ``seed``,
-    denoise with classifier-free guidance, decode. ``encode(pipe, positives, negatives)`` gives the embeddings;
+    denoise with classifier-free guidance (in ``r["guidance_interval"]`` when set), decode. ``encode(pipe,
+    positives, negatives)`` gives the embeddings;
     ``ip``: the scene's characters (IP-Adapter keys and values), as generate drew them."""
     out = _redraw(pipe, upscaled(pipe, image, size), r, seed, prompt, negative, encode, tiled, each_step, ip)
     return pipe.vae_output_to_image(out)
@@ -92,7 +95,8 @@ def _redraw(pipe, x, r: dict, seed: int, prompt: str, negative: str, encode, til
         latents = pipe.scheduler.add_noise(latents, noise, timestep=pipe.scheduler.timesteps[0])
         cfg = r["cfg_scale"]
         ehs, ate = encode(pipe, [prompt], [negative] if cfg != 1.0 else [])
-        latents = denoise(pipe, latents, ehs, ate, cfg, each_step, ip, calls=calls)
+        latents = denoise(pipe, latents, ehs, ate, cfg, each_step, ip, calls=calls,
+                          interval=r.get("guidance_interval"))
         with vae_precision(pipe):  # what pipe.decode_image does before its conversion to a PIL image
             return pipe.vae_decoder(latents.to(pipe.device), tiled=tiled, tile_size=64, tile_stride=32)
 

@@ -171,7 +171,8 @@ def preview_params(c: Compiled) -> dict:
                **({"characters": character_params(c, s["characters"])} if s.get("characters") else {})}
               for s in c.scenes]
     out = {"scenes": scenes, "width": w, "height": h, "steps": tr.preview_steps or common["steps"],
-           "cfg_scale": common["cfg_scale"], "lora_strength": common["lora_strength"], "aesthetic": c.refs["aesthetic"]}
+           "cfg_scale": common["cfg_scale"], "lora_strength": common["lora_strength"], "aesthetic": c.refs["aesthetic"],
+           **guidance(c.spec.generation)}
     if any("characters" in s for s in scenes):  # the previews render the characters, as generation does
         out["ip_adapter"] = c.refs["ip_adapter"]
     weights = tr.select.get("weights", {}) if isinstance(tr.select, dict) else {}
@@ -253,11 +254,17 @@ def generation_common(spec) -> dict:
             "candidates": gen.candidates}
 
 
+def guidance(gen) -> dict:
+    """generation.guidance_interval as a stage param, only when set: a slice without it is as it was."""
+    return {"guidance_interval": list(gen.guidance_interval)} if gen.guidance_interval is not None else {}
+
+
 def _generate(c: Compiled):
     common = generation_common(c.spec)
     out = []
     for sc in c.scenes:
-        params = {**{k: sc[k] for k in SCENE_KEYS}, **{k: common[k] for k in GEN_COMMON}, "model": c.refs["kolors"]}
+        params = {**{k: sc[k] for k in SCENE_KEYS}, **{k: common[k] for k in GEN_COMMON}, "model": c.refs["kolors"],
+                  **guidance(c.spec.generation)}
         sel = {k: v for k, v in plain(c.spec.generation.select).items() if k in SELECT_DEFAULT or v}
         if common["candidates"] > 1 and sel != SELECT_DEFAULT:
             params["select"] = sel  # hashed only when it can change the choice

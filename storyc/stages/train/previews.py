@@ -112,6 +112,7 @@ def preview_checkpoint(module, step: int, p: dict, table: dict, kolors: Path, ae
     items = [{"prompt": s["prompt"], "negative_prompt": s["negative_prompt"], "seed": s["seed"],
               **({"characters": s["characters"]} if s.get("characters") else {})} for s in p["scenes"]]
     gen = {k: p[k] for k in ("width", "height", "steps", "cfg_scale")}
+    gen["guidance_interval"] = p.get("guidance_interval")
     autocast = torch.autocast("cuda", dtype=dtype) if dev.type == "cuda" else contextlib.nullcontext()
     with _preview_weights(module, p["lora_strength"]) as unet, autocast:
         pipe = load_pipeline(kolors, dtype, dev, text_encoder=False, unet=unet)
