@@ -35,6 +35,8 @@ p.add_argument("--steps", type=int, default=20, help="storyc's refine steps (gen
 p.add_argument("--skip", default="", help="comma list: example, tiled, variants, breakdown, sequential, steps50, cap22, "
                "every_step (the refine with every step guided), generate_interval (the generation with SD-XL's "
                "guidance interval)")
+p.add_argument("--vae-layouts", default="", help="comma list of VAE memory formats (channels_last) whose phases "
+               "and stage loop are also timed, over --images, and compared with the default's pixels")
 p.add_argument("--unet-norms", default="", help="comma list of UNet GroupNorm variants (bench/common.py unet_norms: "
                "pytorch, wide_bn) whose stage loop is also timed, over --images (storyc's own is the main row)")
 args = p.parse_args()
@@ -238,6 +240,39 @@ for how in filter(None, args.unet_norms.split(",")):  # the UNet's GroupNorm sta
     unet_norms(pipe.unet, "storyc")
     print(f"storyc untiled, UNet norms {how}", R[f"storyc_untiled_unet_{how}"], flush=True)
 
+def gen_decode_s():
+    """The generation's decode of one 1024² latent (fp32, as generate decodes): median of 5, synchronised."""
+    lat = torch.randn(1, 4, args.size // 8, args.size // 8, device=DEV, dtype=pipe.torch_dtype)
+    ts = []
+    with torch.no_grad():
+        for _ in range(6):
+            sync()
+            t = time.perf_counter()
+            pipe.vae_decoder(lat)
+            sync()
+            ts.append(time.perf_counter() - t)
+    return statistics.median(ts[1:])
+
+
+if args.vae_layouts:
+    R["generate_decode_s"] = gen_decode_s()
+for fmt in filter(None, args.vae_layouts.split(",")):  # the VAE's convolutions without cuDNN's NCHW<->NHWC transposes
+    import numpy as np
+
+    mf = getattr(torch, fmt)
+    enc.to(memory_format=mf), dec.to(memory_format=mf)
+    refine_image(pipe, images[0], (W, H), dict(r, steps=2), 0, scenes[0][0], NEG, encode, False)  # warm-up
+    pipe.encode_image, dec.forward = timed_phase("encode", orig_enc), timed_phase("decode", orig_dec)
+    R[f"breakdown_vae_{fmt}"] = breakdown()
+    pipe.encode_image = orig_enc
+    del dec.forward
+    R[f"storyc_untiled_vae_{fmt}"], imgs = storyc_refine(False, args.images)
+    d = np.abs(np.asarray(imgs[0], dtype=np.int16) - np.asarray(refined[0], dtype=np.int16))
+    R[f"storyc_untiled_vae_{fmt}"]["px_diff_vs_default"] = {"max": int(d.max()), "mean": float(d.mean())}
+    R[f"generate_decode_s_vae_{fmt}"] = gen_decode_s()
+    enc.to(memory_format=torch.contiguous_format), dec.to(memory_format=torch.contiguous_format)
+    print(f"storyc untiled, VAE {fmt}", R[f"breakdown_vae_{fmt}"], R[f"storyc_untiled_vae_{fmt}"], flush=True)
+
 # kernel-level levers for the UNet at 2048^2 (most of a refine), 2 images each
 if "variants" not in skip:
     variants = {}
@@ -265,7 +300,7 @@ R["ratio_refine_to_generate"] = R["storyc_untiled"]["s_per_image"] / R["generate
 if "storyc_untiled_every_step_guided" in R:
     R["ratio_every_step_guided_to_generate"] = (R["storyc_untiled_every_step_guided"]["s_per_image"]
                                                 / R["generate"]["s_per_image"])
-for k in [k for k in R if k.startswith("storyc_untiled_unet_")]:
+for k in [k for k in R if k.startswith(("storyc_untiled_unet_", "storyc_untiled_vae_"))]:
     R[f"ratio_{k[len('storyc_untiled_'):]}_to_generate"] = R[k]["s_per_image"] / R["generate"]["s_per_image"]
 if "example" in R:
     R["example_over_storyc"] = R["example"]["s_per_image"] / R["storyc_untiled"]["s_per_image"]

@@ -120,6 +120,9 @@ def test_the_vaes_group_norm_and_attention_give_pytorchs_results():
     w, b = torch.randn(64, generator=g), torch.randn(64, generator=g)
     want = torch.nn.functional.group_norm(x.double(), 32, w.double(), b.double(), 1e-5)
     assert torch.allclose(group_norm(x, 32, w, b, 1e-5).double(), want, atol=2e-5)
+    xc = x.contiguous(memory_format=torch.channels_last)  # read in place, written in its layout
+    assert torch.allclose(group_norm(xc, 32, w, b, 1e-5).double(), want, atol=2e-5)
+    assert group_norm(xc, 32, w, b, 1e-5).is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(group_norm(x, 32, None, None, 1e-5).double(),
                           torch.nn.functional.group_norm(x.double(), 32, eps=1e-5), atol=2e-5)
     xb = x.bfloat16()  # half precision: no further from fp32 than PyTorch's own bf16 kernel

@@ -114,11 +114,21 @@ def group_norm(x, groups: int, weight, bias, eps: float):
 
 
 def group_stats(x, groups: int, eps: float):
-    """Each (image, group)'s mean and 1 / sqrt(var + eps), both (n, groups) in fp32 (see :func:`group_norm`)."""
-    xg = x.reshape(x.shape[0], groups, -1)
-    count = xg.shape[-1]
-    mean = xg.sum(-1, dtype=torch.float32) / count
-    var = (torch.linalg.vector_norm(xg, dim=-1, dtype=torch.float32).square() / count - mean.square()).clamp_min_(0)
+    """Each (image, group)'s mean and 1 / sqrt(var + eps), both (n, groups) in fp32 (see :func:`group_norm`).
+    A channels-last x is read in place: per-channel sums over the pixels, then over each group's channels."""
+    n, c = x.shape[:2]
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        xc = x.permute(0, 2, 3, 1).reshape(n, -1, c)  # a view: NHWC is this tensor's memory order
+        count = xc.shape[1] * (c // groups)
+        s1 = xc.sum(1, dtype=torch.float32).view(n, groups, -1).sum(-1)
+        s2 = torch.linalg.vector_norm(xc, dim=1, dtype=torch.float32).square().view(n, groups, -1).sum(-1)
+    else:
+        xg = x.reshape(n, groups, -1)
+        count = xg.shape[-1]
+        s1 = xg.sum(-1, dtype=torch.float32)
+        s2 = torch.linalg.vector_norm(xg, dim=-1, dtype=torch.float32).square()
+    mean = s1 / count
+    var = (s2 / count - mean.square()).clamp_min_(0)
     return mean, torch.rsqrt(var + eps)
 
 

@@ -90,7 +90,8 @@ def _redraw(pipe, x, r: dict, seed: int, prompt: str, negative: str, encode, til
         pipe.scheduler.set_timesteps(r["steps"], r["strength"])
         x = x.to(device=pipe.device, dtype=pipe.torch_dtype)
         with vae_precision(pipe):
-            latents = pipe.encode_image(x, tiled=tiled).to(pipe.torch_dtype)
+            # contiguous: a channels-last VAE's latents would carry that layout into the UNet's calls
+            latents = pipe.encode_image(x, tiled=tiled).to(pipe.torch_dtype).contiguous()
         noise = pipe.generate_noise((1, 4, h // 8, w // 8), seed=seed, device=pipe.device, dtype=pipe.torch_dtype)
         latents = pipe.scheduler.add_noise(latents, noise, timestep=pipe.scheduler.timesteps[0])
         cfg = r["cfg_scale"]
