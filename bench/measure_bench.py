@@ -6,6 +6,9 @@
   score      storyc's Scorer.measure (aesthetic score + CLIP embedding + the style statistics hook) vs the
              notebook's get_aesthetics_score forward alone: a full-size CLIP ViT-L/14 aesthetic predictor
   alignment  storyc's Aligner (Chinese CLIP ViT-L/14 + RoBERTa-base, full size, random): one image against its prompt
+  dreamsim   storyc's DreamSim embedding per image (storyc.models.dreamsim, DreamSim's open_clip_vitb32: a full-size
+             random ViT-B/32 in its layout) vs DreamSim's own usage, its forward on each pair of images (what a
+             character's k scenes cost: k(k-1)/2 pairs); --only dreamsim runs this part alone
 Run on the GPU machine: bash bench/gpu.sh measure   (BENCH_SMOKE=1 on a CPU: a plumbing check, not a measurement)
 """
 from __future__ import annotations
@@ -21,6 +24,7 @@ from common import DEV, PROMPT, SMOKE, gpu_info, out_dir, sync, torch, write
 p = argparse.ArgumentParser()
 p.add_argument("--images", type=int, default=8)
 p.add_argument("--size", type=int, default=1024)
+p.add_argument("--only", default="", help="dreamsim: that part alone")
 args = p.parse_args()
 N, S = (2, 64) if SMOKE else (args.images, args.size)
 R = {"meta": {**gpu_info(), "images": N, "size": S}}
@@ -71,8 +75,41 @@ def all_at_once(fn, ims):
     return {"s_per_image": total / len(ims), "total_s": round(total, 4), "peak_gib": peak()}
 
 
-# ---------------------------------------------------------------- ESRGAN x4
+# ---------------------------------------------------------------- DreamSim (character consistency)
 from storyc.models import tiny  # noqa: E402
+from storyc.models.dreamsim import DreamSim  # noqa: E402
+
+t = time.perf_counter()
+ds_folder = tiny.tiny_dreamsim(root / "dreamsim")  # full size: DreamSim's ViT-B/32 has no smaller config
+R["dreamsim_write_s"] = time.perf_counter() - t
+t = time.perf_counter()
+ds = DreamSim(ds_folder, DEV)
+sync()
+R["dreamsim_load_s"] = time.perf_counter() - t
+ims = images(N, S)
+R["dreamsim_storyc"] = per_image(ds.embed, ims, reps=3)
+
+
+def pairwise(x):  # DreamSim's own usage: its forward (two embeddings and their distance) on every pair
+    xs = [ds.preprocess(im).to(DEV) for im in x]
+    with torch.no_grad():
+        return [float(ds.model(xs[i], xs[j])) for i in range(len(xs)) for j in range(i + 1, len(xs))]
+
+
+pairwise(ims[:2])  # warm-up
+sync()
+t = time.perf_counter()
+d = pairwise(ims)
+sync()
+R["dreamsim_pairwise_forward"] = {"s_total": time.perf_counter() - t, "pairs": len(d), "images": len(ims)}
+R["dreamsim_storyc_total_s"] = R["dreamsim_storyc"]["s_per_image"] * len(ims)
+print("dreamsim", R["dreamsim_storyc"], R["dreamsim_pairwise_forward"], flush=True)
+del ds
+if args.only == "dreamsim":
+    write(out_dir(), "measure_bench.json", R)
+    raise SystemExit(0)
+
+# ---------------------------------------------------------------- ESRGAN x4
 from storyc.stages import refine  # noqa: E402
 
 esr = tiny.tiny_esrgan(root / "esrgan")  # the full RRDBNet architecture (DiffSynth recognises it by its shapes)

@@ -121,8 +121,11 @@ def _characters(m: dict | None) -> str:
         return ""
     e = html.escape
     per = ", ".join(f"{e(k)} {v['mean_pairwise_cosine']:.3f} ({v['images']} scenes)" for k, v in m["characters"].items())
+    ds = m.get("dreamsim")
+    dream = "not measured (set models.dreamsim)" if ds is None else f"{ds['mean']:.3f}: " + ", ".join(
+        f"{e(k)} {v:.3f}" for k, v in ds["characters"].items())
     return (f'<p id="characters">Character consistency (mean pairwise CLIP cosine of the scenes that show each '
-            f"character) {m['mean']:.3f}: {per}.</p>")
+            f"character) {m['mean']:.3f}: {per}. By DreamSim (1 - its distance): {dream}.</p>")
 
 
 def _num(v) -> str:

@@ -20,7 +20,7 @@ from .submission import COMPETITION_NAME, PLACEHOLDER_TEAMS
 from .yamlio import Located, get_path, json_path
 
 TINY_NAMES = {"kolors": "kolors", "vae": "sdxl-vae", "aesthetic": "aesthetic", "esrgan": "esrgan",
-              "clip_zh": "clip-zh", "ip_adapter": "ip-adapter", "captioner": "captioner",
+              "clip_zh": "clip-zh", "ip_adapter": "ip-adapter", "captioner": "captioner", "dreamsim": "dreamsim",
               **{k: "preference" for k in PREFERENCE}}
 
 
@@ -280,7 +280,12 @@ def model_refs(ctx) -> tuple[dict, list]:
         if not isinstance(raw, str) or not raw:
             continue
         path = ("models", key)
-        if raw.startswith("modelscope:"):
+        if raw.startswith("modelscope:") and key == "dreamsim":
+            from .models.kolors import model_hint
+
+            out.append(ctx.diag(path, f"`{raw}`: DreamSim's checkpoints are GitHub release files, not a ModelScope "
+                                "repository", model_hint(key, "DIR"), "paths"))
+        elif raw.startswith("modelscope:"):
             mid = raw.split(":", 1)[1]
             if modelscope_id_problem(mid):
                 out.append(ctx.diag(path, f"`{raw}`: {modelscope_id_problem(mid)}", rule="paths"))

@@ -141,6 +141,39 @@ def test_characters_condition_their_scenes_and_a_reference_change_rerenders_exac
     assert "Character consistency" in (sub / "README.md").read_text("utf-8")
     out = run_cli("score", sub, "--spec", copy, cwd=root).stdout
     assert f"character consistency {cc['mean']:.4f} (girl {cc['mean']:.4f} in 2)" in out
+    assert cc["dreamsim"] is None and "By DreamSim (1 - its distance): not measured" in (sub / "report.html").read_text(
+        "utf-8")
+
+    # models.dreamsim: her two scenes are measured again (DreamSim's own loader and model, a full-size random
+    # ViT-B/32 in its open_clip_vitb32 layout); the figure is 1 - the distance DreamSim's forward gives
+    edit(copy, "models: {", "models: {dreamsim: 'tiny:dreamsim', ")
+    r = run_cli("build", copy, "-q", cwd=root)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert ran(copy) == {"score[home]", "score[concert]", "bundle"}
+    ds = json.loads((sub / "scores.json").read_text("utf-8"))["character_consistency"]["dreamsim"]
+    import contextlib
+    import io
+
+    import torch
+    from dreamsim import dreamsim
+    from PIL import Image
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        model, pre = dreamsim(pretrained=True, device="cpu", cache_dir=str(root / ".storyc/models/tiny-dreamsim"),
+                              dreamsim_type="open_clip_vitb32")
+    a, b = (pre(Image.open(root / f"build/t/images/{f}").convert("RGB")) for f in ("01-home.png", "02-concert.png"))
+    with torch.no_grad():
+        want = 1 - float(model(a, b))
+    assert abs(ds["characters"]["girl"] - want) < 1e-4 and ds["mean"] == ds["characters"]["girl"]
+    assert -1 <= want < 0.9999  # two different images: not the same embedding
+    assert f"By DreamSim (1 - its distance): {want:.3f}: girl {want:.3f}" in (sub / "report.html").read_text("utf-8")
+    lock = yaml.safe_load((root / "story.lock").read_text("utf-8"))["stages"]
+    assert "dreamsim" in lock["score[home]"]["models"] and "dreamsim" not in lock["score[stage]"]["params"]
+    edit(copy, "models: {dreamsim: 'tiny:dreamsim', ", "models: {dreamsim: 'modelscope:a/b', ")
+    r = run_cli("validate", copy, cwd=root)
+    assert r.returncode == 1 and "DreamSim's checkpoints are GitHub release files" in r.stderr, r.stderr
+    assert "dreamsim_open_clip_vitb32_checkpoint.zip" in r.stderr
+    edit(copy, "models: {dreamsim: 'modelscope:a/b', ", "models: {")
 
     # a new reference drawing: exactly the two scenes that show her, and status says why
     _reference(root / "refs/girl.png", (40, 200, 220), 5)

@@ -27,6 +27,7 @@ REQUIRED = {
     "clip_zh": ["config.json", "preprocessor_config.json", "vocab.txt"],
     "ip_adapter": ["image_encoder/config.json"],
     "captioner": ["config.json", "preprocessor_config.json"],
+    "dreamsim": [],  # one of its variants' files: check_folder asks storyc.models.dreamsim
 }
 # DiffSynth's preference models: the files each reads from a DiffSynth-Studio/QualityMetric_reward_pretrained
 # download (its own ImageQualityMetric.model_dict), weights first
@@ -62,6 +63,10 @@ MODELSCOPE_IDS = {"kolors": "Kwai-Kolors/Kolors", "vae": "AI-ModelScope/sdxl-vae
 
 def model_hint(kind: str, folder: str = "DIR") -> str:
     """How to get a model (the same words in validate's warning and in a build's error)."""
+    if kind == "dreamsim":
+        return (f"download DreamSim's open_clip_vitb32 checkpoint (dreamsim_open_clip_vitb32_checkpoint.zip, the "
+                f"v0.2.0-checkpoints release of github.com/ssundaram21/dreamsim) and unzip it into {folder}; its "
+                f"ensemble and DINO variants are not read (they run torch.hub code)")
     if kind == "captioner":
         return (f"download a BLIP-2 folder (e.g. `huggingface-cli download Salesforce/blip2-opt-2.7b --local-dir "
                 f"{folder}`), or remove `recaption`")
@@ -86,6 +91,11 @@ def check_folder(kind: str, folder: Path) -> None:
     if kind == "kolors" and not any((folder / "text_encoder").glob("*.safetensors")) and not any(
             (folder / "text_encoder").glob("*.bin")):
         missing.append("text_encoder/*.safetensors or *.bin")
+    if kind == "dreamsim":
+        from .dreamsim import TYPES, kind as dreamsim_kind
+
+        if dreamsim_kind(folder) is None:
+            missing.append(" or ".join(f"{c} with {lo}/adapter_config.json" for c, lo in TYPES.values()))
     if kind == "ip_adapter" and not any((folder / w).is_file() for w in IP_ADAPTER_WEIGHTS):
         missing.append("ip_adapter_plus_general.safetensors (or .bin)")
     if missing:

@@ -368,9 +368,48 @@ def _tiny_image_reward(tmp: Path, seed: int) -> None:
               str(tmp / "ImageReward/ImageReward.safetensors"))
 
 
+def tiny_dreamsim(folder: Path, seed: int = 0) -> Path:
+    """DreamSim's open_clip_vitb32 layout (what its ``dreamsim(dreamsim_type="open_clip_vitb32")`` downloads and
+    reads): the OpenCLIP ViT-B/32 as DINO's ViT (``open_clip_vitb32_pretrain.pth.tar``, a ``state_dict`` with the
+    768 -> 512 projection as ``proj``) and its LoRA (``open_clip_vitb32_single_lora/``, peft's layout). Full width:
+    dreamsim builds ViT-B/32 from no config (87 M weights, stored in fp16 but the projection, 175 MB), so a random
+    model is its real size. The LoRA's B matrices are random (peft starts them at zero), so the adapter acts."""
+    def build(tmp):
+        import json
+
+        import torch
+        from dreamsim.feature_extraction.vision_transformer import vit_base
+
+        g = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        vit = vit_base(patch_size=32)
+        vit.pos_drop = torch.nn.LayerNorm(vit.embed_dim)  # where load_open_clip_as_dino puts CLIP's ln_pre
+        sd = {k: v.half() for k, v in vit.state_dict().items()}
+        sd["proj"] = torch.randn(vit.embed_dim, 512, generator=g) * vit.embed_dim ** -0.5  # used as read: fp32
+        torch.save({"state_dict": sd}, tmp / "open_clip_vitb32_pretrain.pth.tar")
+        lora = tmp / "open_clip_vitb32_single_lora"
+        lora.mkdir()
+        (lora / "adapter_config.json").write_text(json.dumps(  # DreamSim's published LoRA settings
+            {"r": 16, "lora_alpha": 0.5, "lora_dropout": 0.3, "bias": "none", "target_modules": ["qkv"]}), "utf-8")
+        import contextlib
+        import io
+
+        from dreamsim import dreamsim
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            model, _ = dreamsim(pretrained=False, device="cpu", cache_dir=str(tmp), dreamsim_type="open_clip_vitb32")
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02, generator=g)
+        model.save_pretrained(str(lora))
+
+    return _build_once(folder, build)
+
+
 BUILDERS = {"kolors": tiny_kolors, "sdxl-vae": tiny_sdxl_vae, "aesthetic": tiny_aesthetic, "esrgan": tiny_esrgan,
             "clip-zh": tiny_clip_zh, "ip-adapter": tiny_ip_adapter,
-            "captioner": tiny_captioner, "preference": tiny_preference}
+            "captioner": tiny_captioner, "preference": tiny_preference, "dreamsim": tiny_dreamsim}
 
 
 def ensure(name: str, folder: Path) -> Path:

@@ -159,7 +159,7 @@ def _write_bundle(ctx, p: dict, tmp: Path, scenes: list, lora_cfg: dict):
         linked[n] = ctx.output("train", n)
         link_or_copy(linked[n], tmp / n)
     # images, prompt records (what generate rendered; captions from this stage's own slice), scores
-    recs, scores, embeds, styles, aligned, prefs = [], [], [], [], [], []
+    recs, scores, embeds, styles, aligned, prefs, sims = [], [], [], [], [], [], []
     (tmp / "images").mkdir()
     for s in scenes:
         last = f"refine[{s['id']}]" if f"refine[{s['id']}]" in ctx.plan.stages else f"generate[{s['id']}]"
@@ -174,6 +174,7 @@ def _write_bundle(ctx, p: dict, tmp: Path, scenes: list, lora_cfg: dict):
         styles.append(sc["style"])
         aligned.append(sc["prompt_alignment"])
         prefs.append(sc.get("preference") or {})
+        sims.append(sc.get("dreamsim_embedding"))
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PNG decoding releases the GIL
         imgs = list(pool.map(lambda r: Image.open(tmp / r["file"]).convert("RGB"), recs))
     (tmp / "prompts.json").write_text(canonical_json({"format": "storyc.prompts/1", "scenes": recs}), "utf-8")
@@ -204,7 +205,7 @@ def _write_bundle(ctx, p: dict, tmp: Path, scenes: list, lora_cfg: dict):
     order = sorted(range(len(scores)), key=lambda i: scores[i])
     weakest = [[scenes[i]["id"], round(scores[i], 4)] for i in order[:3]]
     align = None if None in aligned else sum(aligned) / len(aligned)  # a metric never guessed: null = not measured
-    chars = character_consistency([[c["id"] for c in r.get("characters", ())] for r in recs], embeds)
+    chars = character_consistency([[c["id"] for c in r.get("characters", ())] for r in recs], embeds, sims)
     pref = {k: None for k in PREFERENCE}  # each mean over all the images, or null: not measured (never 0)
     for k in PREFERENCE:
         if all(k in pr for pr in prefs):

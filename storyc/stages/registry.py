@@ -360,12 +360,14 @@ def _score(c: Compiled):
                                       | ({"prompt_alignment"} if "clip_zh" in c.refs else set()))
         if measured:
             params.update(measured, prompt=sc["prompt"])
+        if "dreamsim" in c.refs and sc.get("characters"):  # character consistency by DreamSim too (hashed only then)
+            params["dreamsim"] = c.refs["dreamsim"]
         out.append(StageSpec(f"score[{sc['id']}]", "score", params, (last[1],), sc["id"]))
     return out
 
 
 def _score_models(job, story):
-    return ("aesthetic", *measuring_models(job.params))
+    return ("aesthetic", *measuring_models(job.params), *(("dreamsim",) if "dreamsim" in job.params else ()))
 
 
 # ---------------------------------------------------------------- bundle
@@ -415,8 +417,9 @@ KINDS: dict[str, StageKind] = {k.name: k for k in (
     StageKind("score", 3, _score, _score_models, "storyc.stages.score", scene_keys=("prompt",)),
     # version 5: scores.json says character_consistency (null: the story has no character in two scenes);
     # version 6: storyboard.png written by storyc.png (Average-filtered, deflated on every core): other bytes
-    # version 7: scores.json says each preference model's figures (null: not measured); 8: MPS among them
-    StageKind("bundle", 8, _bundle, _bundle_models, "storyc.stages.bundle", _bundle_artifacts,
+    # version 7: scores.json says each preference model's figures (null: not measured); 8: MPS among them;
+    # 9: character_consistency says its DreamSim figures (null: not measured)
+    StageKind("bundle", 9, _bundle, _bundle_models, "storyc.stages.bundle", _bundle_artifacts,
               verdict="storyc.submission:verdict"),
 )}
 

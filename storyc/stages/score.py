@@ -136,6 +136,17 @@ def run(ctx, jobs):
         for j, v in zip(asked, pm.score([images[jobs.index(j)] for j in asked], [j.params["prompt"] for j in asked])):
             preference.setdefault(j.name, {})[key] = v
         ctx.metric(f"score.{key}_s", time.monotonic() - t)
+    sims = [j for j in jobs if "dreamsim" in j.params]  # the scenes that show a character, when models.dreamsim
+    dreamsim = {}
+    if sims:
+        from ..models.dreamsim import DreamSim
+
+        t = time.monotonic()
+        folder = ctx.model("dreamsim")
+        ds = resident.get("dreamsim", (str(folder), ctx.fingerprint("dreamsim"), rs.device),
+                          lambda: DreamSim(folder, rs.device))
+        dreamsim = dict(zip((j.name for j in sims), ds.embed([images[jobs.index(j)] for j in sims])))
+        ctx.metric("score.dreamsim_s", time.monotonic() - t)
     for job, file, sc, emb, st in zip(jobs, files, scores, embeds, styles):
         rel = f"scores/{Path(file).stem}.json"
         doc = {"format": "storyc.score/2", "scene": job.scene, "file": file, "score": sc,
@@ -144,6 +155,8 @@ def run(ctx, jobs):
                "prompt_alignment": alignment.get(job.name)}  # null: not measured (no models.clip_zh)
         if job.name in preference:  # only when measured: a story without them keeps its files byte for byte
             doc["preference"] = {k: round(v, 6) for k, v in preference[job.name].items()}
+        if job.name in dreamsim:
+            doc["dreamsim_embedding"] = [round(x, 6) for x in dreamsim[job.name]]
         atomic_write(ctx.path(rel), canonical_json(doc))
         facts = {"score": round(sc, 6)}
         if job.name in alignment:
@@ -170,9 +183,11 @@ def coherence(embeds: list[list[float]]) -> tuple[float, int]:
     return sum(pairs) / len(pairs), min(range(n), key=lambda i: per[i])
 
 
-def character_consistency(shown: list, embeds: list[list[float]]) -> dict | None:
+def character_consistency(shown: list, embeds: list[list[float]], dreamsim: list | None = None) -> dict | None:
     """Per character shown in two images or more (``shown[i]``: the ids image i shows): the mean pairwise cosine
-    of those images' CLIP embeddings, and the mean over characters. None: no character to measure."""
+    of those images' CLIP embeddings, and the mean over characters. None: no character to measure. ``dreamsim``:
+    each image's DreamSim embedding (None where not measured): the same figures as 1 - DreamSim's distance, under
+    "dreamsim" (null unless every image that shows a character has one)."""
     where: dict = {}
     for i, ids in enumerate(shown):
         for c in ids:
@@ -180,9 +195,16 @@ def character_consistency(shown: list, embeds: list[list[float]]) -> dict | None
     per = {c: coherence([embeds[i] for i in idx])[0] for c, idx in sorted(where.items()) if len(idx) > 1}
     if not per:
         return None
-    return {"mean": sum(per.values()) / len(per),
-            "characters": {c: {"mean_pairwise_cosine": v, "images": len(where[c])} for c, v in per.items()},
-            "what": "per character, the mean pairwise cosine of the CLIP image embeddings of the scenes that show it"}
+    out = {"mean": sum(per.values()) / len(per),
+           "characters": {c: {"mean_pairwise_cosine": v, "images": len(where[c])} for c, v in per.items()},
+           "what": "per character, the mean pairwise cosine of the CLIP image embeddings of the scenes that show it",
+           "dreamsim": None}
+    if dreamsim is not None and all(dreamsim[i] is not None for c in per for i in where[c]):
+        sims = {c: coherence([dreamsim[i] for i in where[c]])[0] for c in per}
+        out["dreamsim"] = {"mean": sum(sims.values()) / len(sims), "characters": sims,
+                           "what": "per character, the mean over pairs of the scenes that show it of 1 - DreamSim's "
+                                   "distance (models.dreamsim)"}
+    return out
 
 
 def style_distance(styles: list[dict]) -> tuple[float, int]:
