@@ -10,7 +10,8 @@ story, validated exactly as one (file:line of the sweep value that broke it, did
         wishing-star: [{seed: 7}, {seed: 8}, {seed: 9}]
       objective: mean_aesthetic     # or style_coherence, or {weights: {mean_aesthetic: 1, style_distance: -2}}
                                     # (also prompt_alignment, with models.clip_zh, and
-                                    # character_consistency, with characters, and pickscore,
+                                    # character_consistency, with characters; character_dreamsim,
+                                    # with them and models.dreamsim; and pickscore,
                                     # hpsv2, hpsv2_1, imagereward, mps with models.<that name>)
 
 Light: no torch; `storyc validate` and `storyc plan` use it.
@@ -137,11 +138,14 @@ def sweep_from(loc: Located, chain: tuple, root: Path, path: Path, base, only: s
             diags.append(Diagnostic(f"the objective weighs {k}, which this story does not measure", loc.mark(at),
                                     json_path(at), f"set `models.{k}` (modelscope:DiffSynth-Studio/"
                                     "QualityMetric_reward_pretrained, or a folder of it)", "sweep"))
-    if "character_consistency" in objective and sum(len(s.characters) > 0 for s in base.spec.scenes) < 2:
-        at = ("sweep", "objective")
-        diags.append(Diagnostic("the objective weighs character_consistency, which this story does not measure",
-                                loc.mark(at), json_path(at), "list a character in the `characters` of two scenes "
-                                "or more", "sweep"))
+    shown = sum(len(s.characters) > 0 for s in base.spec.scenes)
+    for k in ("character_consistency", "character_dreamsim"):
+        if k in objective and (shown < 2 or (k == "character_dreamsim" and "dreamsim" not in base.spec.models)):
+            at = ("sweep", "objective")
+            diags.append(Diagnostic(f"the objective weighs {k}, which this story does not measure", loc.mark(at),
+                                    json_path(at), "list a character in the `characters` of two scenes or more" if
+                                    shown < 2 else "set `models.dreamsim` (a folder of DreamSim's checkpoint)",
+                                    "sweep"))
     if diags:
         raise SpecError(diags)
     if not dims:
@@ -190,7 +194,7 @@ def sweep_from(loc: Located, chain: tuple, root: Path, path: Path, base, only: s
 
 # what a variant's objective may weigh (style_distance is lower-better: give it a negative weight)
 METRICS = ("mean_aesthetic", "style_coherence", "style_distance", "prompt_alignment", "character_consistency",
-           *PREFERENCE)  # the last: DiffSynth's preference models (models.<name>)
+           "character_dreamsim", *PREFERENCE)  # the last: DiffSynth's preference models (models.<name>)
 
 
 def _objective(obj, loc, diags) -> dict:

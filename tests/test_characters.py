@@ -173,6 +173,8 @@ def test_characters_condition_their_scenes_and_a_reference_change_rerenders_exac
     r = run_cli("validate", copy, cwd=root)
     assert r.returncode == 1 and "DreamSim's checkpoints are GitHub release files" in r.stderr, r.stderr
     assert "dreamsim_open_clip_vitb32_checkpoint.zip" in r.stderr
+    lock = yaml.safe_load((root / "story.lock").read_text("utf-8"))["stages"]
+    assert lock["bundle"]["extra"]["character_dreamsim"] == round(ds["mean"], 6)  # what a sweep objective weighs
     edit(copy, "models: {dreamsim: 'modelscope:a/b', ", "models: {")
 
     # a new reference drawing: exactly the two scenes that show her, and status says why
@@ -273,3 +275,8 @@ def test_the_shipped_character_demo_and_a_sweep_over_refine_and_scale(project):
         "utf-8")
     r = run_cli("validate", project / "specs/sweep.yaml", cwd=project)
     assert r.returncode == 1 and "weighs character_consistency, which this story does not measure" in r.stderr
+    (project / "specs/sweep.yaml").write_text(sweep.format("demo-characters.yaml").replace(
+        "character_consistency", "character_dreamsim"), "utf-8")
+    r = run_cli("validate", project / "specs/sweep.yaml", cwd=project)
+    assert r.returncode == 1 and "weighs character_dreamsim, which this story does not measure" in r.stderr
+    assert "set `models.dreamsim`" in r.stderr

@@ -119,6 +119,8 @@ def run(ctx, jobs):
                                      "prompt_alignment": None if m.alignment is None else round(m.alignment, 6),
                                      "character_consistency": None if m.characters is None
                                      else round(m.characters["mean"], 6),
+                                     "character_dreamsim": None if (m.characters or {}).get("dreamsim") is None
+                                     else round(m.characters["dreamsim"]["mean"], 6),
                                      **{k: None if v is None else round(v, 6) for k, v in m.preference.items()},
                                      "font": m.font})
     align = "not measured" if m.alignment is None else f"{m.alignment:.3f}"
