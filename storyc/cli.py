@@ -219,10 +219,11 @@ def cmd_score(args) -> int:
         from .model import PREFERENCE
 
         preference = {k: model_folder(story, k) for k in PREFERENCE if k in story.models}
+        dreamsim = model_folder(story, "dreamsim") if "dreamsim" in story.models else None
     if model is None:
         raise StorycError("no aesthetic model given", "pass --model DIR or --spec story.yaml")
     return score_folder(Path(args.dir), model, 6.0 if gate is None else gate, args.device, clip_zh,
-                        preference if args.spec else None)
+                        preference if args.spec else None, dreamsim if args.spec else None)
 
 
 def cmd_sweep(args) -> int:

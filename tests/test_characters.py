@@ -167,6 +167,8 @@ def test_characters_condition_their_scenes_and_a_reference_change_rerenders_exac
     assert abs(ds["characters"]["girl"] - want) < 1e-4 and ds["mean"] == ds["characters"]["girl"]
     assert -1 <= want < 0.9999  # two different images: not the same embedding
     assert f"By DreamSim (1 - its distance): {want:.3f}: girl {want:.3f}" in (sub / "report.html").read_text("utf-8")
+    out = run_cli("score", sub, "--spec", copy, cwd=root).stdout
+    assert f"character consistency by DreamSim {ds['mean']:.4f} (girl {ds['mean']:.4f} in 2)" in out, out
     lock = yaml.safe_load((root / "story.lock").read_text("utf-8"))["stages"]
     assert "dreamsim" in lock["score[home]"]["models"] and "dreamsim" not in lock["score[stage]"]["params"]
     edit(copy, "models: {dreamsim: 'tiny:dreamsim', ", "models: {dreamsim: 'modelscope:a/b', ")

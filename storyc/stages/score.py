@@ -227,10 +227,11 @@ def style_distance(styles: list[dict]) -> tuple[float, int]:
 
 
 def score_folder(folder: Path, model: Path, gate: float, device: str | None = None, clip_zh: Path | None = None,
-                 preference: dict | None = None) -> int:
+                 preference: dict | None = None, dreamsim: Path | None = None) -> int:
     """`storyc score DIR`: score a folder of images standalone; print per image, the set's style figures, prompt
-    alignment (a storyc submission's prompts.json and a Chinese CLIP) and preference scores (prompts.json and the
-    spec's models.pickscore / hpsv2 / hpsv2_1 / imagereward / mps), the mean and PASS/FAIL (last line)."""
+    alignment (a storyc submission's prompts.json and a Chinese CLIP), character consistency (by CLIP, and by
+    DreamSim with the spec's models.dreamsim) and preference scores (prompts.json and the spec's models.pickscore /
+    hpsv2 / hpsv2_1 / imagereward / mps), the mean and PASS/FAIL (last line)."""
     from PIL import Image
 
     from ..errors import StorycError
@@ -277,10 +278,22 @@ def score_folder(folder: Path, model: Path, gate: float, device: str | None = No
         dist, far = style_distance(styles)
         print(f"style coherence {coh:.4f} (least like the others: {files[odd].name}); style distance {dist:.4f} "
               f"(farthest: {files[far].name})")
-        chars = character_consistency([shown.get(p, []) for p in files], embeds)
+        who = [shown.get(p, []) for p in files]
+        sims = None
+        if dreamsim is not None and any(who):  # the images that show a character, as the score stage embeds them
+            from ..models.dreamsim import DreamSim
+
+            ds = DreamSim(dreamsim, resources.for_score(device).device)
+            got = iter(ds.embed([im for im, ids in zip(images, who) if ids]))
+            sims = [next(got) if ids else None for ids in who]
+        chars = character_consistency(who, embeds, sims)
         if chars:
             per = ", ".join(f"{k} {v['mean_pairwise_cosine']:.4f} in {v['images']}" for k, v in chars["characters"].items())
             print(f"character consistency {chars['mean']:.4f} ({per})")
+            if chars["dreamsim"] is not None:
+                per = ", ".join(f"{k} {v:.4f} in {chars['characters'][k]['images']}"
+                                for k, v in chars["dreamsim"]["characters"].items())
+                print(f"character consistency by DreamSim {chars['dreamsim']['mean']:.4f} ({per})")
     why = ("no prompts.json beside the images" if not prompt_of else "no Chinese CLIP (models.clip_zh in --spec)")
     print(f"prompt alignment {sum(aligned) / len(aligned):.4f}" if aligned else f"prompt alignment: not measured ({why})")
     with_prompts = bool(prompt_of) and all(p in prompt_of for p in files)
