@@ -5,7 +5,7 @@ timestep with the scene's own seed, and denoised again with the scene's prompts 
 generation's strength: the same steps as DiffSynth's ``SDXLImagePipeline(input_image=..., denoising_strength=...)``,
 with the prompt embeddings encoded once for every scene (ChatGLM released before the UNet loads) and the loop
 shared with generation. One difference by default: guidance only in SD-XL's guidance interval (``guidance_interval``;
-the last, least noisy steps run the positive prompt alone, at half the cost). Tiled VAE encode/decode when the
+the last, least noisy steps run the positive prompt alone, at about half the cost). Tiled VAE encode/decode when the
 memory planner (or the spec) asks for it.
 """
 from __future__ import annotations

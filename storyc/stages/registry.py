@@ -190,8 +190,10 @@ def measured_by_models(c: Compiled, figures) -> dict:
 
 
 def measuring_models(params: dict) -> tuple:
-    """The model keys that ``measured_by_models``'s params name."""
-    return ("clip_zh",) * ("clip_zh" in params) + tuple(params.get("preference", ()))
+    """The model keys of a stage's measured figures: what ``measured_by_models``'s params name, and DreamSim (the
+    score stage's ``dreamsim``)."""
+    return (("clip_zh",) * ("clip_zh" in params) + tuple(params.get("preference", ()))
+            + ("dreamsim",) * ("dreamsim" in params))
 
 
 def _train_artifacts(c: Compiled, jobs):
@@ -367,7 +369,7 @@ def _score(c: Compiled):
 
 
 def _score_models(job, story):
-    return ("aesthetic", *measuring_models(job.params), *(("dreamsim",) if "dreamsim" in job.params else ()))
+    return ("aesthetic", *measuring_models(job.params))
 
 
 # ---------------------------------------------------------------- bundle
