@@ -35,6 +35,8 @@ p.add_argument("--reps", type=int, default=5)
 p.add_argument("--warmup", type=int, default=2)
 p.add_argument("--sizes", default="2048,1024", help="image sides (px); the first is the one profiled")
 p.add_argument("--skip", default="", help="comma list: decode, encode, sdpa, profile, unet, graphs")
+p.add_argument("--unet-rows", default="1,2", help="comma list of UNet batch rows timed at each size (2: the CFG pair; "
+               "4: two scenes' pairs in one call)")
 args = p.parse_args()
 skip = set(args.skip.split(","))
 SIZES = [16, 8] if SMOKE else [int(s) for s in args.sizes.split(",")]
@@ -246,7 +248,8 @@ if "unet" not in skip:
             TINY_UNET["addition_time_embed_dim"], 16
     R["unet"] = {}
     U_SIZES = [128, 64] if SMOKE else SIZES[:2]  # the tiny UNet's GroupNorm needs a latent of 8 px or more
-    for size, rows in [(U_SIZES[0], 1), (U_SIZES[0], 2), (U_SIZES[1], 1), (U_SIZES[1], 2)]:
+    U_ROWS = [int(v) for v in args.unet_rows.split(",")]
+    for size, rows in [(sz, n) for sz in U_SIZES for n in U_ROWS]:
         key = f"{size}_b{rows}"
         rec = R["unet"][key] = {"size": size, "latent": [rows, 4, size // 8, size // 8], "rows": rows}
         try:
@@ -282,6 +285,10 @@ if "unet" not in skip:
         for m_ in ("eager_s", "graphed_s"):
             if m_ in b1 and m_ in b2:
                 R["unet"][f"{size}_b1_over_b2_{m_[:-2]}"] = round(b1[m_] / b2[m_], 3)
+            for n in U_ROWS:  # the cost of one row at n rows a call, against at the CFG pair's 2
+                bn = R["unet"].get(f"{size}_b{n}", {})
+                if n > 2 and m_ in bn and m_ in b2:
+                    R["unet"][f"{size}_row_at_b{n}_over_b2_{m_[:-2]}"] = round(bn[m_] / n / (b2[m_] / 2), 3)
     save()
 
 
