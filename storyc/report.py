@@ -105,7 +105,8 @@ alpha {c['lora']['alpha']:g}, on {e(str(tr.get('device', '?')))} ({e(str(tr.get(
 PREFERENCE_NAMES = {"pickscore": "PickScore", "hpsv2": "HPS v2", "hpsv2_1": "HPS v2.1", "imagereward": "ImageReward",
                     "mps": "MPS"}
 # a preview record's figures beyond the mean aesthetic and the coherence (key -> label), those some records have
-CHECKPOINT_FIGURES = {"characters": "character consistency", "alignment": "prompt alignment",
+CHECKPOINT_FIGURES = {"characters": "character consistency", "character_dreamsim": "character consistency by DreamSim",
+                      "alignment": "prompt alignment",
                       **{k: PREFERENCE_NAMES[k] for k in PREFERENCE}}
 
 

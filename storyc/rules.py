@@ -465,13 +465,16 @@ def check_upscaler(ctx):
 
 def _weights_without_models(ctx, path: tuple, weights: dict, doing: str, topic: str) -> list:
     """A diagnostic for each nonzero weight (in ``weights``, at ``path``) of a figure that only a model measures,
-    whose ``models.<name>`` the spec does not set: prompt alignment (a Chinese CLIP) and the preference scores."""
+    whose ``models.<name>`` the spec does not set: prompt alignment (a Chinese CLIP), DreamSim's character
+    consistency and the preference scores."""
     models = ctx.data.get("models") if isinstance(ctx.data.get("models"), dict) else {}
     hub = "modelscope:DiffSynth-Studio/QualityMetric_reward_pretrained"
     out = []
     for k, model, label, needs, hint in (
             ("prompt_alignment", "clip_zh", "prompt alignment", "a Chinese CLIP",
              "`models.clip_zh` (a ChineseCLIPModel folder)"),
+            ("character_dreamsim", "dreamsim", "character consistency by DreamSim", "DreamSim",
+             "`models.dreamsim` (a folder of DreamSim's open_clip_vitb32 checkpoint, unzipped)"),
             *((k, k, k, "its model", f"`models.{k}: {hub}` (or a folder of it)") for k in PREFERENCE)):
         if isinstance(weights.get(k), (int, float)) and weights[k] and not models.get(model):
             out.append(ctx.diag((*path, k), f"{doing} {label} needs {needs}: `models.{model}` is not set",
@@ -480,12 +483,18 @@ def _weights_without_models(ctx, path: tuple, weights: dict, doing: str, topic: 
 
 
 def check_select(ctx):
-    """generation.select: prompt alignment needs a Chinese CLIP, a preference score its model; ranking one
-    candidate changes nothing."""
+    """generation.select: prompt alignment needs a Chinese CLIP, a preference score its model, character likeness a
+    scene with characters; ranking one candidate changes nothing."""
     gen, models = ctx.data.get("generation"), ctx.data.get("models")
     if not isinstance(gen, dict) or not isinstance(gen.get("select"), dict) or not isinstance(models, dict):
         return []
     out = _weights_without_models(ctx, ("generation", "select"), gen["select"], "ranking candidates by", "select")
+    like = gen["select"].get("character_likeness")
+    if isinstance(like, (int, float)) and like and not any(
+            isinstance(sc, dict) and _list(sc.get("characters")) for sc in _list(ctx.data.get("scenes"))):
+        out.append(ctx.diag(("generation", "select", "character_likeness"), "ranking candidates by character "
+                            "likeness needs a scene that shows a character, and none does",
+                            "list a character in a scene's `characters`, or remove this weight", "select"))
     if gen.get("candidates") == 1 and ("generation", "select") in ctx.loc.values:  # written, to no effect
         out.append(ctx.diag(("generation", "select"), "`select` ranks candidates, but `candidates` is 1",
                             "set `generation.candidates: 4` (seeds tried per scene), or remove `select`", "select",
@@ -624,16 +633,17 @@ def check_train_knobs(ctx):
             out.append(ctx.diag(("train", "lr_warmup_steps"), f"{warm} warm-up steps but the run has only {steps} "
                                 "optimizer steps", "warm up over a small part of the run (e.g. 5%)", "train_knobs"))
     weights = tr["select"].get("weights") if isinstance(tr.get("select"), dict) else None
-    if isinstance(weights, dict) and "character_consistency" in weights:
+    for key in ("character_consistency", "character_dreamsim"):
+        if not (isinstance(weights, dict) and key in weights):
+            continue
         shown: dict = {}
         for sc in _list(ctx.data.get("scenes")):
             for cid in _list(sc.get("characters") if isinstance(sc, dict) else None):
                 shown[cid] = shown.get(cid, 0) + 1
         if not any(n > 1 for n in shown.values()):
-            out.append(ctx.diag(("train", "select", "weights", "character_consistency"), "the previews measure "
-                                "character consistency only for a character shown in two scenes or more, and no "
-                                "character is", "list a character in two scenes' `characters`, or remove this "
-                                "weight", "train_knobs"))
+            out.append(ctx.diag(("train", "select", "weights", key), "the previews measure character consistency "
+                                "only for a character shown in two scenes or more, and no character is",
+                                "list a character in two scenes' `characters`, or remove this weight", "train_knobs"))
     if isinstance(weights, dict):  # a figure the previews measure only with its model
         out += _weights_without_models(ctx, ("train", "select", "weights"), weights, "choosing the checkpoint by",
                                       "train_knobs")

@@ -204,6 +204,48 @@ def test_characters_condition_their_scenes_and_a_reference_change_rerenders_exac
     assert ran(copy) == {f"{k}[{s}]" for k in ("generate", "refine", "score") for s in ("home", "concert")} | {"bundle"}
 
 
+def test_candidates_rank_by_their_likeness_to_the_characters_references(copy):
+    """generation.select.character_likeness: in a scene that shows a character, the candidate whose CLIP image
+    embedding is closest to the character's reference wins (each candidate's figure is in its record); a scene
+    without characters ranks as without the weight. Weighing it in a story without characters is a spec error."""
+    root = copy.parent
+    edit(copy, "batch_size: 1}", "batch_size: 1, candidates: 2, select: {aesthetic: 0, character_likeness: 1}}")
+    r = run_cli("validate", copy, cwd=root)
+    assert r.returncode == 1 and "$.generation.select.character_likeness: ranking candidates by character " \
+                                 "likeness needs a scene that shows a character" in r.stderr
+    _reference(root / "refs/girl.png", (200, 80, 160))
+    copy.write_text(copy.read_text("utf-8").replace("models: {", "models: {ip_adapter: tiny:ip-adapter, ").replace(
+        "scenes:\n", CHARS).replace("caption: 在家}", "caption: 在家, characters: [girl]}"), "utf-8")
+    r = run_cli("build", copy, "--until", "generate", cwd=root)
+    assert r.returncode == 0, r.stdout + r.stderr
+    import torch
+    from aesthetics_predictor import AestheticsPredictorV2Linear
+    from transformers import CLIPProcessor
+
+    folder = str(root / ".storyc/models/tiny-aesthetic")
+    model, proc = AestheticsPredictorV2Linear.from_pretrained(folder).eval(), CLIPProcessor.from_pretrained(folder)
+
+    def embed(path):
+        with Image.open(path) as im, torch.no_grad():
+            return model(**proc(images=[im.convert("RGB")], return_tensors="pt")).hidden_states[0]
+
+    ref = embed(root / "refs/girl.png")
+    lock = yaml.safe_load((root / "story.lock").read_text("utf-8"))["stages"]
+    extra = lock["generate[home]"]["extra"]
+    like = {int(seed): torch.nn.functional.cosine_similarity(
+        embed(root / f"build/t/images/candidates/01-home-s{seed}.png"), ref, dim=0).item()
+        for seed in extra["candidate_scores"]}
+    assert len(like) == 2 and like[min(like)] != like[max(like)]
+    for seed, v in like.items():
+        assert extra["candidate_character_likeness"][str(seed)] == pytest.approx(v, abs=1e-5)
+    assert extra["seed"] == max(like, key=lambda k: (like[k], -k))
+    rec = json.loads((root / "build/t/images/01-home.json").read_text("utf-8"))
+    assert rec["candidate_character_likeness"] == extra["candidate_character_likeness"]
+    other = lock["generate[concert]"]["extra"]  # no character: every objective 0, the first seed kept
+    assert "candidate_character_likeness" not in other and set(other["candidate_objective"].values()) == {0.0}
+    assert lock["generate[home]"]["params"]["select"] == {"aesthetic": 0, "character_likeness": 1, "prompt_alignment": 0.0}
+
+
 def test_previews_render_characters_and_select_weighs_their_consistency(copy, project):
     """With previews on, the scenes that show a character are previewed through the IP-Adapter as generation renders
     them; each checkpoint's record holds its character consistency, `train.select` can weigh it, and a new reference
@@ -211,19 +253,28 @@ def test_previews_render_characters_and_select_weighs_their_consistency(copy, pr
     error at its line."""
     root = copy.parent
     _reference(root / "refs/girl.png", (200, 80, 160))
-    text = copy.read_text("utf-8").replace("models: {", "models: {ip_adapter: tiny:ip-adapter, ").replace(
+    weights = {"mean_aesthetic": 1, "character_consistency": 2, "character_dreamsim": 1}
+    text = copy.read_text("utf-8").replace(
+        "models: {", "models: {ip_adapter: tiny:ip-adapter, dreamsim: 'tiny:dreamsim', ").replace(
         "scenes:\n", CHARS).replace("caption: 在家}", "caption: 在家, characters: [girl]}").replace(
         "caption: 演唱会}", "caption: 演唱会, characters: [girl]}").replace(
         "checkpoint_every: 2}", "checkpoint_every: 2, preview_every: 2, preview_steps: 1, "
-                                "select: {weights: {mean_aesthetic: 1, character_consistency: 2}}}")
+                                f"select: {{weights: {json.dumps(weights)}}}}}")
     copy.write_text(text, "utf-8")
     r = run_cli("build", copy, "--until", "train", cwd=root)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "preview at step 2: mean aesthetic" in r.stdout and ", character consistency " in r.stdout
-    ck = json.loads((root / "build/t/lora/checkpoints.json").read_text("utf-8"))["checkpoints"]
+    assert ", character consistency by DreamSim " in r.stdout
+    doc = json.loads((root / "build/t/lora/checkpoints.json").read_text("utf-8"))
+    ck = doc["checkpoints"]
     assert [c["step"] for c in ck] == [2, 4] and all(-1.0 <= c["characters"] <= 1.0 for c in ck)
+    # DreamSim's figure is its own (not the CLIP one), and the kept checkpoint is the best by the whole objective
+    assert all(-1.0 <= c["character_dreamsim"] <= 1.0 and c["character_dreamsim"] != c["characters"] for c in ck)
+    objective = {c["step"]: c["mean"] + 2 * c["characters"] + c["character_dreamsim"] for c in ck}
+    assert doc["selected"] == max(objective, key=lambda s: (objective[s], s))
     lock = yaml.safe_load((root / "story.lock").read_text("utf-8"))["stages"]["train"]
-    assert {"ip_adapter", "character:girl"} <= set(lock["models"])
+    assert {"ip_adapter", "character:girl", "dreamsim"} <= set(lock["models"])
+    assert "dreamsim" in lock["params"]["preview"]
     scenes = {s["id"]: s for s in lock["params"]["preview"]["scenes"]}
     assert scenes["home"]["characters"][0]["id"] == "girl" and "characters" not in scenes["stage"]
     strip = (root / "build/t/lora/checkpoints/step-2.png").read_bytes()
@@ -242,6 +293,10 @@ def test_previews_render_characters_and_select_weighs_their_consistency(copy, pr
     r = run_cli("validate", spec, cwd=project)
     assert r.returncode == 1 and "story.yaml:4:" in r.stderr
     assert "$.train.select.weights.character_consistency: the previews measure character consistency" in r.stderr
+    spec.write_text(spec.read_text("utf-8").replace("character_consistency: 1", "character_dreamsim: 1"), "utf-8")
+    r = run_cli("validate", spec, cwd=project)
+    assert r.returncode == 1 and "$.train.select.weights.character_dreamsim: the previews measure character" in r.stderr
+    assert "character consistency by DreamSim needs DreamSim: `models.dreamsim` is not set" in r.stderr
 
 
 def test_the_shipped_character_demo_and_a_sweep_over_refine_and_scale(project):

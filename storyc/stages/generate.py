@@ -533,14 +533,14 @@ def _finish_scene(ctx, gen, s, cands, scorer, lora_sha, memory=None) -> Result:
     ranked = {}
     if scorer is not None:
         folder = ctx.path("images/candidates")
-        scores = scorer.score([img for _, img in cands])
+        scores, embeds = scorer.score_and_embed([img for _, img in cands])
         cand_scores = {}
         for (it, img), sc in zip(cands, scores):
             save_png(img, folder / f"{Path(s['file']).stem}-s{it['seed']}.png")
             cand_scores[str(it["seed"])] = round(sc, 6)
         objective = scores
         w = scorer.weights
-        if w:  # generation.select: a weighted sum of the aesthetic score and the prompt alignment
+        if w:  # generation.select: a weighted sum of the aesthetic score, the prompt alignment, ...
             align = (scorer.aligner.align([img for _, img in cands], [s["prompt"]] * len(cands))
                      if scorer.aligner else [0.0] * len(cands))
             objective = [w["aesthetic"] * a + w["prompt_alignment"] * p for a, p in zip(scores, align)]
@@ -548,9 +548,16 @@ def _finish_scene(ctx, gen, s, cands, scorer, lora_sha, memory=None) -> Result:
                      for k, m in scorer.preference.items()}
             for k, vals in prefs.items():
                 objective = [o + w[k] * v for o, v in zip(objective, vals)]
+            like = None  # a scene without characters ranks as without the weight
+            if w.get("character_likeness") and s.get("characters"):
+                like = scorer.likeness(embeds, s["characters"], ctx.story.root)
+                objective = [o + w["character_likeness"] * v for o, v in zip(objective, like)]
             ranked = {"candidate_objective": {str(it["seed"]): round(o, 6) for (it, _), o in zip(cands, objective)}}
             if scorer.aligner:
                 ranked["candidate_alignment"] = {str(it["seed"]): round(p, 6) for (it, _), p in zip(cands, align)}
+            if like is not None:
+                ranked["candidate_character_likeness"] = {str(it["seed"]): round(v, 6)
+                                                          for (it, _), v in zip(cands, like)}
             for k, vals in prefs.items():
                 ranked[f"candidate_{k}"] = {str(it["seed"]): round(v, 6) for (it, _), v in zip(cands, vals)}
         best = max(range(len(cands)), key=lambda i: (objective[i], -cands[i][0]["seed"]))

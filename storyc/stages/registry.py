@@ -182,8 +182,11 @@ def preview_params(c: Compiled) -> dict:
 
 def measured_by_models(c: Compiled, figures) -> dict:
     """The params of those ``figures`` that a model measures, hashed only when measured: ``clip_zh`` (prompt
-    alignment's Chinese CLIP) and ``preference`` ({name: ref} of DiffSynth's preference models)."""
+    alignment's Chinese CLIP), ``dreamsim`` (character consistency by DreamSim) and ``preference`` ({name: ref} of
+    DiffSynth's preference models)."""
     out = {"clip_zh": c.refs["clip_zh"]} if "prompt_alignment" in figures else {}
+    if "character_dreamsim" in figures:
+        out["dreamsim"] = c.refs["dreamsim"]
     if any(k in figures for k in PREFERENCE):
         out["preference"] = {k: c.refs[k] for k in PREFERENCE if k in figures}
     return out

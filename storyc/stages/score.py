@@ -33,6 +33,7 @@ class Scorer:
         self.weights = None  # generation.select: how best-of-K candidates are ranked (None: the score alone)
         self.aligner = None  # an Aligner, when the ranking weighs prompt alignment
         self.preference = {}  # metric -> a models.preference.Preference, when the ranking weighs it
+        self._references = {}  # a character reference's path -> its CLIP embedding (character likeness)
 
     def score_and_embed(self, images) -> tuple[list[float], list[list[float]]]:
         scores, embeds, _ = self.measure(images)
@@ -67,6 +68,23 @@ class Scorer:
 
     def score(self, images) -> list[float]:
         return self.score_and_embed(images)[0]
+
+    def likeness(self, embeds: list[list[float]], characters: list[dict], root: Path) -> list[float]:
+        """Each image's likeness to the characters it shows (``embeds``: the images' CLIP embeddings from
+        :meth:`score_and_embed`): per character, the mean cosine with its reference images' embeddings, then the
+        mean over characters. A reference is embedded once per scorer."""
+        from PIL import Image
+
+        refs = []
+        for ch in characters:
+            mine = []
+            for rel in ch["references"]:
+                if rel not in self._references:
+                    with Image.open(root / rel) as im:
+                        self._references[rel] = self.score_and_embed([im.convert("RGB")])[1][0]
+                mine.append(self._references[rel])
+            refs.append(mine)
+        return [sum(sum(cosine(e, r) for r in mine) / len(mine) for mine in refs) / len(refs) for e in embeds]
 
 
 class Aligner:
@@ -164,6 +182,13 @@ def run(ctx, jobs):
         facts.update(doc.get("preference", {}))
         yield Result(job.name, [rel], facts, digest_facts=round(sc, 6))
     return ", ".join(f"{j.scene} {sc:.3f}" for j, sc in zip(jobs, scores))
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    import math
+
+    return sum(x * y for x, y in zip(a, b)) / ((math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+                                               or 1.0)
 
 
 def coherence(embeds: list[list[float]]) -> tuple[float, int]:

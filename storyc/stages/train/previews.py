@@ -127,8 +127,12 @@ def preview_checkpoint(module, step: int, p: dict, table: dict, kolors: Path, ae
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     coh, _ = coherence(embeds)
-    chars = character_consistency([[c["id"] for c in s.get("characters", ())] for s in p["scenes"]], embeds)
-    more = _measure(images, [s["prompt"] for s in p["scenes"]], measures or {}, resources.for_score(str(dev)).device)
+    shown = [[c["id"] for c in s.get("characters", ())] for s in p["scenes"]]
+    measures = measures or {}
+    chars = character_consistency(shown, embeds, _dreamsim(images, shown, measures.get("dreamsim"), str(dev)))
+    more = _measure(images, [s["prompt"] for s in p["scenes"]], measures, resources.for_score(str(dev)).device)
+    if chars and chars["dreamsim"]:
+        more["character_dreamsim"] = round(chars["dreamsim"]["mean"], 6)
     strip(images).save(folder / f"step-{step}.png")
     return {"step": step, "mean": round(sum(scores) / len(scores), 6), "coherence": round(coh, 6),
             **({"characters": round(chars["mean"], 6)} if chars else {}), **more,
@@ -152,6 +156,21 @@ def _measure(images, prompts, measures: dict, device: str) -> dict:
     return out
 
 
+def _dreamsim(images, shown: list, folder: Path | None, device: str) -> list | None:
+    """Each preview's DreamSim embedding where it shows a character (None elsewhere), as the score stage embeds the
+    built set; None without ``folder`` (train.select does not weigh character_dreamsim)."""
+    if folder is None or not any(shown):
+        return None
+    from ... import resources
+    from ...models.dreamsim import DreamSim
+
+    which = [i for i, ids in enumerate(shown) if ids]
+    model = DreamSim(folder, resources.for_score(device).device)
+    embeds = dict(zip(which, model.embed([images[i] for i in which])))
+    del model
+    return [embeds.get(i) for i in range(len(images))]
+
+
 def _mean(values) -> float:
     return round(sum(values) / len(values), 6)
 
@@ -171,7 +190,7 @@ def strip(images):
 
 # objective name -> a preview record's key
 FIGURES = {"mean_aesthetic": "mean", "style_coherence": "coherence", "character_consistency": "characters",
-           "prompt_alignment": "alignment", **{k: k for k in PREFERENCE}}
+           "character_dreamsim": "character_dreamsim", "prompt_alignment": "alignment", **{k: k for k in PREFERENCE}}
 
 
 def objective(record: dict, how) -> float | None:

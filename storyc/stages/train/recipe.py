@@ -44,6 +44,7 @@ def train(ctx, cfg: TrainConfig, work: Path, node: int = 0, leader: Path | None 
         previews = {"table": table, "kolors": kolors, "aesthetic": ctx.model("aesthetic"), "root": ctx.story.root,
                     "ip_adapter": ctx.model("ip_adapter") if "ip_adapter" in cfg.preview else None,
                     "measures": {"clip_zh": ctx.model("clip_zh") if "clip_zh" in cfg.preview else None,
+                                 "dreamsim": ctx.model("dreamsim") if "dreamsim" in cfg.preview else None,
                                  "preference": {k: ctx.model(k) for k in cfg.preview.get("preference", ())}}}
         ctx.metric("train.preview_encode_s", time.monotonic() - t)
     t1 = time.monotonic()
