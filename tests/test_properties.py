@@ -61,7 +61,7 @@ def _strict(text: str):
     return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
 
 
-@settings(max_examples=150, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
+@settings(max_examples=120, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large,
                                  HealthCheck.function_scoped_fixture])
 @given(spec=specs())

@@ -185,7 +185,7 @@ def test_a_killed_sweep_resumes_without_redoing_finished_trials(base, tmp_path):
     spec = copy_project(base, tmp_path / "p")
     sweep = spec.parent / "sweep.yaml"
     sweep.write_text("version: 1\nextends: story.yaml\n"
-                     "sweep:\n  parameters:\n    lora.rank: [2]\n    generation.cfg_scale: [3.0, 4.5, 6.0]\n", "utf-8")
+                     "sweep:\n  parameters:\n    lora.rank: [2]\n    generation.cfg_scale: [3.0, 6.0]\n", "utf-8")
     folder = spec.parent / "build/t/sweeps/sweep"
     cache = tmp_path / "shared-cache"  # as a cluster's trials would share it
     proc = subprocess.Popen([sys.executable, "-m", "storyc", "sweep", str(sweep), "--concurrent", "1", "-q",
@@ -207,10 +207,10 @@ def test_a_killed_sweep_resumes_without_redoing_finished_trials(base, tmp_path):
     r = run_cli("sweep", sweep, "-q", "--cache", cache, cwd=spec.parent, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = json.loads((folder / "results.json").read_text("utf-8"))["variants"]
-    assert [row["state"] for row in rows] == ["done"] * 3
+    assert [row["state"] for row in rows] == ["done"] * 2
     assert len([e for e in (cache / "train").iterdir() if e.is_dir()]) == 1  # the one LoRA, in the given cache
     assert first.stat().st_mtime_ns == stamp and (first.parent / "story.lock").stat().st_mtime_ns == lock_stamp
-    assert sum(row["trained"] for row in rows) == 1  # one LoRA for all three, trained before the kill
+    assert sum(row["trained"] for row in rows) == 1  # one LoRA for both, trained before the kill
 
 
 def test_a_sweep_on_a_two_node_ray_cluster_trains_once(base, tmp_path):
