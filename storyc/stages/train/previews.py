@@ -168,6 +168,8 @@ def _dreamsim(images, shown: list, folder: Path | None, device: str) -> list | N
     model = DreamSim(folder, resources.for_score(device).device)
     embeds = dict(zip(which, model.embed([images[i] for i in which])))
     del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()  # the training UNet keeps the card between previews
     return [embeds.get(i) for i in range(len(images))]
 
 
