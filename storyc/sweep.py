@@ -138,13 +138,14 @@ def sweep_from(loc: Located, chain: tuple, root: Path, path: Path, base, only: s
             diags.append(Diagnostic(f"the objective weighs {k}, which this story does not measure", loc.mark(at),
                                     json_path(at), f"set `models.{k}` (modelscope:DiffSynth-Studio/"
                                     "QualityMetric_reward_pretrained, or a folder of it)", "sweep"))
-    shown = sum(len(s.characters) > 0 for s in base.spec.scenes)
+    # measured for a character shown in two scenes or more (score.character_consistency)
+    twice = any(sum(c in s.characters for s in base.spec.scenes) > 1 for c in base.spec.characters)
     for k in ("character_consistency", "character_dreamsim"):
-        if k in objective and (shown < 2 or (k == "character_dreamsim" and "dreamsim" not in base.spec.models)):
+        if k in objective and (not twice or (k == "character_dreamsim" and "dreamsim" not in base.spec.models)):
             at = ("sweep", "objective")
             diags.append(Diagnostic(f"the objective weighs {k}, which this story does not measure", loc.mark(at),
                                     json_path(at), "list a character in the `characters` of two scenes or more" if
-                                    shown < 2 else "set `models.dreamsim` (a folder of DreamSim's checkpoint)",
+                                    not twice else "set `models.dreamsim` (a folder of DreamSim's checkpoint)",
                                     "sweep"))
     if diags:
         raise SpecError(diags)

@@ -337,3 +337,16 @@ def test_the_shipped_character_demo_and_a_sweep_over_refine_and_scale(project):
     r = run_cli("validate", project / "specs/sweep.yaml", cwd=project)
     assert r.returncode == 1 and "weighs character_dreamsim, which this story does not measure" in r.stderr
     assert "set `models.dreamsim`" in r.stderr
+    # two characters in one scene each: none is in two scenes, so nothing measures their consistency
+    (project / "specs/two.yaml").write_text(
+        "version: 1\nstory: {id: two}\nmodels: {ip_adapter: tiny:ip-adapter}\n"
+        "dataset: {source: folder, path: demo-data}\n"
+        "characters:\n  girl: {reference: demo-data/00.png}\n  boy: {reference: demo-data/01.png}\n"
+        "scenes:\n  - {id: a, prompt: x, seed: 0, characters: [girl]}\n"
+        "  - {id: b, prompt: y, seed: 1, characters: [boy]}\nsubmission: {images: 2, rules: none}\n", "utf-8")
+    assert run_cli("validate", project / "specs/two.yaml", cwd=project).returncode == 0
+    (project / "specs/sweep.yaml").write_text(sweep.format("two.yaml").replace(
+        "    characters.girl.scale: [0.3, 0.8]\n", "").replace("generation.refine.strength", "generation.cfg_scale"),
+        "utf-8")
+    r = run_cli("validate", project / "specs/sweep.yaml", cwd=project)
+    assert r.returncode == 1 and "weighs character_consistency, which this story does not measure" in r.stderr
