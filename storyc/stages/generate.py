@@ -344,7 +344,7 @@ def guided_steps(scheduler, cfg: float, interval=None) -> list[bool]:
     """Which of the scheduler's timesteps (as set) run classifier-free guidance: none at cfg 1, every one without an
     ``interval``, else those whose noise level sigma = sqrt((1 - alpha_bar) / alpha_bar) is in (lo, hi]. Guidance
     harms at high noise and does little at low noise (the paper above); an unguided step costs about half a guided
-    one (0.535x at 2048² on an H200: bench/RESULTS.md).
+    one (0.50-0.54x at 2048² on an H200, replayed from a CUDA graph: bench/RESULTS.md).
     sigma is the schedule's noise-to-signal ratio, so an interval means the same noise levels under Kolors' 1100-step
     schedule as under SD-XL's 1000."""
     n = len(scheduler.timesteps)
