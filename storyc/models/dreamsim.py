@@ -58,3 +58,9 @@ class DreamSim:
                 e = self.model.embed(self.preprocess(im.convert("RGB")).to(self.device))
                 out.append(self.torch.nn.functional.normalize(e.float(), dim=-1)[0].cpu().tolist())
         return out
+
+    def embed_shown(self, images, shown: list) -> list:
+        """The embeddings of the images that show a character (``shown[i]``: image i's character ids), None for the
+        others: what character consistency reads."""
+        got = iter(self.embed([im for im, ids in zip(images, shown) if ids]))
+        return [next(got) if ids else None for ids in shown]

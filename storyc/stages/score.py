@@ -308,9 +308,7 @@ def score_folder(folder: Path, model: Path, gate: float, device: str | None = No
         if dreamsim is not None and any(who):  # the images that show a character, as the score stage embeds them
             from ..models.dreamsim import DreamSim
 
-            ds = DreamSim(dreamsim, resources.for_score(device).device)
-            got = iter(ds.embed([im for im, ids in zip(images, who) if ids]))
-            sims = [next(got) if ids else None for ids in who]
+            sims = DreamSim(dreamsim, resources.for_score(device).device).embed_shown(images, who)
         chars = character_consistency(who, embeds, sims)
         if chars:
             per = ", ".join(f"{k} {v['mean_pairwise_cosine']:.4f} in {v['images']}" for k, v in chars["characters"].items())

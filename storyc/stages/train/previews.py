@@ -164,13 +164,12 @@ def _dreamsim(images, shown: list, folder: Path | None, device: str) -> list | N
     from ... import resources
     from ...models.dreamsim import DreamSim
 
-    which = [i for i, ids in enumerate(shown) if ids]
     model = DreamSim(folder, resources.for_score(device).device)
-    embeds = dict(zip(which, model.embed([images[i] for i in which])))
+    embeds = model.embed_shown(images, shown)
     del model
     if device.startswith("cuda"):
         torch.cuda.empty_cache()  # the training UNet keeps the card between previews
-    return [embeds.get(i) for i in range(len(images))]
+    return embeds
 
 
 def _mean(values) -> float:
